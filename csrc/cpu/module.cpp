@@ -1,0 +1,38 @@
+// Python module qtorch._C: importing it registers the CPU kernels as torch ops in the
+// `qtorch_cpu` namespace (each kernel file adds its own TORCH_LIBRARY_FRAGMENT), plus a few
+// introspection helpers for `qtorch info` and tests.
+#include <torch/extension.h>
+
+#include "cpu_features.h"
+
+namespace qc = qtorch::cpu;
+
+static std::map<std::string, bool> cpu_features_dict() {
+  const auto& f = qc::features();
+  return {{"avx2", f.avx2},           {"fma", f.fma},
+          {"f16c", f.f16c},           {"avx512f", f.avx512f},
+          {"avx512bw", f.avx512bw},   {"avx512vl", f.avx512vl},
+          {"avx512dq", f.avx512dq},   {"avx512_vnni", f.avx512_vnni},
+          {"avx512_bf16", f.avx512_bf16}, {"amx_int8", f.amx_int8}};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qtorch C++ CPU kernels";
+  m.def("cpu_features", &cpu_features_dict, "CPU features seen by cpuid");
+  m.def("isa", []() { return std::string(qc::isa_name(qc::isa())); },
+        "the kernel ISA in use: avx512_vnni, avx2 or scalar");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        if (name == "avx512_vnni" || name == "avx512") qc::set_isa(qc::Isa::Avx512);
+        else if (name == "avx2") qc::set_isa(qc::Isa::Avx2);
+        else if (name == "scalar") qc::set_isa(qc::Isa::Scalar);
+        else throw std::invalid_argument("isa must be avx512_vnni, avx2 or scalar, got " + name);
+        return std::string(qc::isa_name(qc::isa()));
+      },
+      "force a slower kernel ISA (never above the hardware's); returns the one in force");
+}
+
+TORCH_LIBRARY(qtorch_cpu, m) {
+  // Kernel files add their schemas with TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m).
+}

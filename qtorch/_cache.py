@@ -1,0 +1,33 @@
+"""Once-per-weight caches for backend-specific weight layouts.
+
+The canonical layout (API.md) is what modules store; a backend that wants another layout
+calls `packed(weight, key, fn)` and gets `fn(weight)` computed on first use and reused
+until the weight tensor dies or is modified in place (its `_version` changes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def packed(weight: torch.Tensor, key: Any, fn: Callable[[], Any]) -> Any:
+    """Return fn() cached on (weight, key); recomputed if `weight` changed in place."""
+    slot = _CACHE.get(weight)
+    if slot is None:
+        slot = {}
+        _CACHE[weight] = slot
+    hit = slot.get(key)
+    if hit is not None and hit[0] == weight._version:
+        return hit[1]
+    value = fn()
+    slot[key] = (weight._version, value)
+    return value
+
+
+def clear() -> None:
+    _CACHE.clear()
