@@ -12,3 +12,13 @@ def status() -> tuple[bool, str]:
 
 
 # Kernel registrations are added per op by the CPU kernel files (see qtorch/backends/__init__.py).
+
+# --- int8 W8A8 kernels (quantize_int8, int8_scaled_mm, int8_linear) -------------------------
+# (section owned by the int8 CPU work)
+
+# --- weight-only kernels (int8_weight_only_linear, quantize_int4, dequantize_int4,
+#     int4_weight_only_linear) ---------------------------------------------------------------
+# (section owned by the weight-only CPU work)
+
+# --- distillation kernels (distillation_loss, fused_linear_distillation_loss) ---------------
+# (section owned by the distillation CPU work)
