@@ -10,7 +10,7 @@ import os
 import platform
 import shutil
 
-from setuptools import setup
+from setuptools import find_namespace_packages, setup
 
 ext_modules = []
 cmdclass = {}
@@ -96,4 +96,9 @@ if torch is not None:
             )
         )
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# `kernels/` is installed as `qtorch._kernels` (package-dir in pyproject.toml).
+setup(
+    packages=find_namespace_packages(include=["qtorch*"]) + ["qtorch._kernels"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
