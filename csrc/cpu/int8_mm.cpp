@@ -1,0 +1,200 @@
+// Torch binding of the W8A8 int8 kernels (csrc/cpu/kernels/int8_mm.h): schemas in the
+// `qtorch_cpu` namespace, argument checks that keep every kernel access in bounds, buffer
+// allocation and threading (at::parallel_for over weight panels x row blocks).
+//
+//   qtorch_cpu::int8_pack_weight(w s8 [N, K]) -> u8 [packed_b_bytes(N, K)]
+//       VNNI panels + compensation (layout in int8_mm.h); done once per weight (the Python
+//       side caches it with qtorch._cache.packed).
+//   qtorch_cpu::quantize_int8(x [M, K] f32/f16/bf16) -> (q s8 [M, K], scale f32 [M])
+//   qtorch_cpu::int8_scaled_mm_packed(a s8 [M, K], b_packed, N, scale_a f32 [M], scale_b f32 [N],
+//       bias f32 [N]?, out_dtype f32/f16/bf16/int32) -> [M, N]
+//       out_dtype=int32 is a test hook: the exact int32 a @ b.T, scales and bias ignored.
+//   qtorch_cpu::int8_linear_packed(x [M, K] float, w_packed, N, w_scale f32 [N], bias [N]?)
+//       -> [M, N] x.dtype; x is quantized per row straight into the packed-A buffer.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "kernels/int8_mm.h"
+
+namespace im = qtorch::cpu::int8mm;
+
+namespace {
+
+im::DType kernel_dtype(at::ScalarType t, const char* what, bool allow_int32) {
+  switch (t) {
+    case at::kFloat: return im::DType::F32;
+    case at::kHalf: return im::DType::F16;
+    case at::kBFloat16: return im::DType::BF16;
+    case at::kInt:
+      if (allow_int32) return im::DType::S32;
+      [[fallthrough]];
+    default:
+      TORCH_CHECK_TYPE(false, what, " must be float32, float16 or bfloat16", allow_int32 ? " (or int32)" : "",
+                       ", got ", t);
+  }
+}
+
+void check_2d(const at::Tensor& t, const char* what, at::ScalarType dt) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dt, what, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2, what, " must be 2-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), what, " must be a CPU tensor");
+}
+
+at::Tensor f32_vector(const at::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, what, " must have shape [", n, "], got ",
+                    t.sizes());
+  return t.to(at::kFloat).contiguous();
+}
+
+void check_packed(const at::Tensor& bp, int64_t N, int64_t K) {
+  TORCH_CHECK_TYPE(bp.scalar_type() == at::kByte, "packed weight must be uint8");
+  TORCH_CHECK_VALUE(bp.dim() == 1 && bp.is_contiguous() && bp.numel() == im::packed_b_bytes(N, K),
+                    "packed weight does not match N=", N, ", K=", K, " (", bp.numel(),
+                    " bytes, expected ", im::packed_b_bytes(N, K), ")");
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(bp.data_ptr()) % 64 == 0,
+                    "packed weight must be 64-byte aligned");
+}
+
+// Threads: items are (panel, row block) pairs, panel-major, so a thread's contiguous share
+// walks consecutive panels and reuses each 64 x K weight panel (L2-resident) across all of its
+// rows. Rows are split only when there are too few panels to keep every thread busy.
+void run_gemm(const uint8_t* ap, int64_t M, int64_t K, const uint8_t* bp, int64_t N,
+              const im::Epilogue& ep) {
+  if (M == 0 || N == 0) return;
+  const int64_t np = im::num_panels(N);
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nmb = 1;
+  if (np < 4 * nt) nmb = std::min<int64_t>((M + 23) / 24, (4 * nt + np - 1) / np);
+  nmb = std::max<int64_t>(nmb, 1);
+  const int64_t mb = (M + nmb - 1) / nmb;
+  at::parallel_for(0, np * nmb, 1, [&](int64_t b, int64_t e) {
+    for (int64_t it = b; it < e; ++it) {
+      const int64_t p = it / nmb, m0 = (it % nmb) * mb, m1 = std::min(M, m0 + mb);
+      if (m0 < m1) im::gemm(ap, K, bp, N, m0, m1, p, p + 1, ep);
+    }
+  });
+}
+
+at::Tensor int8_pack_weight(const at::Tensor& w_in) {
+  check_2d(w_in, "w", at::kChar);
+  const at::Tensor w = w_in.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t bytes = im::packed_b_bytes(N, K);
+  // Large packed weights are streamed from DRAM at small M: 2 MiB alignment lets the kernel
+  // back them with transparent huge pages (fewer TLB misses, measurably faster streaming).
+  const size_t huge = size_t(2) << 20;
+  const bool use_huge = size_t(bytes) >= huge;
+  const size_t align = use_huge ? huge : 64;
+  const size_t alloc = (size_t(std::max<int64_t>(bytes, 1)) + align - 1) / align * align;
+  void* ptr = nullptr;
+  TORCH_CHECK(posix_memalign(&ptr, align, alloc) == 0, "int8_pack_weight: out of memory (",
+              alloc, " bytes)");
+  if (use_huge) (void)madvise(ptr, alloc, MADV_HUGEPAGE);  // best effort
+  im::pack_b(w.data_ptr<int8_t>(), N, K, K, static_cast<uint8_t*>(ptr));
+  return at::from_blob(ptr, {bytes}, [](void* p) { std::free(p); },
+                       at::TensorOptions().dtype(at::kByte));
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x_in) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D, got shape ", x_in.sizes());
+  const im::DType xt = kernel_dtype(x_in.scalar_type(), "x", false);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
+  if (K == 0) return {q, s.fill_(1.0)};
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t b, int64_t e) {
+    im::quantize_rows(x.data_ptr(), xt, K, K, b, e, s.data_ptr<float>(), q.data_ptr<int8_t>(),
+                      K, nullptr);
+  });
+  return {q, s};
+}
+
+at::Tensor int8_scaled_mm_packed(const at::Tensor& a_in, const at::Tensor& bp, int64_t N,
+                                 const at::Tensor& scale_a, const at::Tensor& scale_b,
+                                 const std::optional<at::Tensor>& bias,
+                                 at::ScalarType out_dtype) {
+  check_2d(a_in, "a", at::kChar);
+  const im::DType ot = kernel_dtype(out_dtype, "out_dtype", true);
+  const at::Tensor a = a_in.contiguous();
+  const int64_t M = a.size(0), K = a.size(1);
+  TORCH_CHECK_VALUE(K >= 1 && N >= 0, "int8_scaled_mm: need K >= 1, got K=", K);
+  check_packed(bp, N, K);
+  const at::Tensor sa = f32_vector(scale_a, M, "scale_a"), sb = f32_vector(scale_b, N, "scale_b");
+  at::Tensor b32;
+  if (bias.has_value()) b32 = f32_vector(*bias, N, "bias");
+  at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return out;
+  const int64_t Kp = im::padded_k(K);
+  at::Tensor ap = at::empty({M, Kp}, a.options().dtype(at::kByte));
+  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / Kp), [&](int64_t b, int64_t e) {
+    im::pack_a(a.data_ptr<int8_t>(), K, K, b, e, ap.data_ptr<uint8_t>());
+  });
+  im::Epilogue ep;
+  ep.scale_a = sa.data_ptr<float>();
+  ep.scale_b = sb.data_ptr<float>();
+  ep.bias = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  ep.out = out.data_ptr();
+  ep.ldo = N;
+  ep.type = ot;
+  run_gemm(ap.data_ptr<uint8_t>(), M, K, bp.data_ptr<uint8_t>(), N, ep);
+  return out;
+}
+
+at::Tensor int8_linear_packed(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
+                              const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D, got shape ", x_in.sizes());
+  const im::DType xt = kernel_dtype(x_in.scalar_type(), "x", false);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK_VALUE(K >= 1, "int8_linear: need K >= 1, got K=", K);
+  check_packed(wp, N, K);
+  const at::Tensor sb = f32_vector(w_scale, N, "w_scale");
+  at::Tensor b32;
+  if (bias.has_value()) b32 = f32_vector(*bias, N, "bias");
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const int64_t Kp = im::padded_k(K);
+  // Fused activation quantization: rows are quantized straight into packed A (u8, +128).
+  at::Tensor ap = at::empty({M, Kp}, x.options().dtype(at::kByte));
+  at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / Kp), [&](int64_t b, int64_t e) {
+    im::quantize_rows(x.data_ptr(), xt, K, K, b, e, sa.data_ptr<float>(), nullptr, 0,
+                      ap.data_ptr<uint8_t>());
+  });
+  im::Epilogue ep;
+  ep.scale_a = sa.data_ptr<float>();
+  ep.scale_b = sb.data_ptr<float>();
+  ep.bias = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  ep.out = out.data_ptr();
+  ep.ldo = N;
+  ep.type = xt;
+  run_gemm(ap.data_ptr<uint8_t>(), M, K, wp.data_ptr<uint8_t>(), N, ep);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
+  m.def("int8_pack_weight(Tensor w) -> Tensor");
+  m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)");
+  m.def(
+      "int8_scaled_mm_packed(Tensor a, Tensor b_packed, int N, Tensor scale_a, Tensor scale_b, "
+      "Tensor? bias, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "int8_linear_packed(Tensor x, Tensor w_packed, int N, Tensor w_scale, Tensor? bias) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
+  m.impl("int8_pack_weight", &int8_pack_weight);
+  m.impl("quantize_int8", &quantize_int8);
+  m.impl("int8_scaled_mm_packed", &int8_scaled_mm_packed);
+  m.impl("int8_linear_packed", &int8_linear_packed);
+}

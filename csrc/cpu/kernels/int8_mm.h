@@ -1,0 +1,107 @@
+// W8A8 int8 GEMM kernels for the CPU backend: torch-free (raw pointers + sizes only), so the
+// C++ sanitizer test links them without libtorch. The binding (csrc/cpu/int8_mm.cpp) owns
+// allocation, argument checks and threading; every kernel here processes a caller-given range.
+//
+// Math. vpdpbusd multiplies u8 x s8, so activations are shifted into u8: a_u = a + 128. Then
+//     sum_k a[m,k] w[n,k] = sum_k a_u[m,k] w[n,k] - 128 * sum_k w[n,k]
+// and the second term ("compensation", comp[n] = 128 * colsum[n]) is computed once, when the
+// weight is packed. Accumulation is int32 and exact for K < 2^31 / (255 * 127) ~ 66k (vpdpbusd
+// wraps, never saturates; the subtraction is done modulo 2^32, so the result is exact whenever
+// the true dot product fits in int32).
+//
+// Layouts.
+//   Packed A (activations): u8 [M, Kp] row-major, Kp = K rounded up to 4, a_u = a + 128, pad
+//     columns hold 128 (= 0 before the shift; they meet zero weights anyway).
+//   Packed B (weights): panels of kPanel = 64 output channels. Panel p is u8 [Kp/4][64][4]:
+//     byte (g * 256 + j * 4 + t) holds w[64p + j, 4g + t] (as s8), i.e. the 4 consecutive k of
+//     one channel share one 32-bit lane, which is what vpdpbusd reduces. Channels >= N and
+//     k >= K are 0. After the Np panels: int32 comp[Np * 64] (0 for pad channels).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace qtorch::cpu::int8mm {
+
+constexpr int64_t kPanel = 64;  // output channels per packed weight panel (4 zmm of 16 lanes)
+constexpr int64_t kGroup = 4;   // k per 32-bit lane (vpdpbusd reduces 4 u8*s8 products)
+
+inline int64_t padded_k(int64_t K) { return (K + kGroup - 1) / kGroup * kGroup; }
+inline int64_t num_panels(int64_t N) { return (N + kPanel - 1) / kPanel; }
+inline int64_t packed_b_panel_bytes(int64_t N, int64_t K) {
+  return num_panels(N) * kPanel * padded_k(K);
+}
+// Total bytes of a packed weight: panels, then int32 compensation per (padded) channel.
+inline int64_t packed_b_bytes(int64_t N, int64_t K) {
+  return packed_b_panel_bytes(N, K) + num_panels(N) * kPanel * int64_t(sizeof(int32_t));
+}
+inline const int32_t* packed_b_comp(const uint8_t* bp, int64_t N, int64_t K) {
+  return reinterpret_cast<const int32_t*>(bp + packed_b_panel_bytes(N, K));
+}
+
+enum class DType { F32 = 0, F16 = 1, BF16 = 2, S32 = 3 };
+
+// Result epilogue, applied to the exact int32 dot product d[m, n]:
+//   S32:       out[m, n] = d                                  (test hook; scales/bias unused)
+//   otherwise: out[m, n] = cast(float(d) * scale_a[m] * scale_b[n] + bias[n])   (fp32 math,
+//              in that order, as the reference; bias may be null; one RNE rounding to F16/BF16)
+struct Epilogue {
+  const float* scale_a = nullptr;  // [M]
+  const float* scale_b = nullptr;  // [N]
+  const float* bias = nullptr;     // [N] or null
+  void* out = nullptr;             // [M, ldo] of `type`
+  int64_t ldo = 0;                 // elements
+  DType type = DType::F32;
+};
+
+// ---- dispatching entry points (pick the ISA chosen by cpu_features.h isa()) ----------------
+
+// w: s8 [N, ldw] row-major (ldw >= K). out: packed_b_bytes(N, K) bytes, 64-byte aligned.
+// Scalar only: it runs once per weight.
+void pack_b(const int8_t* w, int64_t N, int64_t K, int64_t ldw, uint8_t* out);
+
+// Per-row symmetric quantization of rows [m0, m1) of x (F32/F16/BF16 [M, ldx]):
+//   amax = max_k |x|, scale = amax / 127 (1 where amax == 0), q = clamp(rne(x / scale), -127, 127)
+// scale[m] is written. If q != null, q[m, 0..K) gets q (s8, row stride ldq). If ap != null,
+// row m of packed A (stride padded_k(K)) gets q + 128 with the pad columns set to 128.
+void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
+                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap);
+
+// Rows [m0, m1) of s8 a [M, lda] into packed A (stride padded_k(K)).
+void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap);
+
+// out rows [m0, m1) x channels of panels [p0, p1) (clipped to N) = epilogue(A_p B_p^T - comp).
+void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0, int64_t m1,
+          int64_t p0, int64_t p1, const Epilogue& ep);
+
+// ---- per-ISA implementations (same contracts) -------------------------------------------
+#define QTORCH_INT8MM_DECLARE(ns)                                                             \
+  namespace ns {                                                                              \
+  void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1, \
+                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap);                      \
+  void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap);  \
+  void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0,           \
+            int64_t m1, int64_t p0, int64_t p1, const Epilogue& ep);                          \
+  }
+QTORCH_INT8MM_DECLARE(scalar)
+QTORCH_INT8MM_DECLARE(avx2)
+QTORCH_INT8MM_DECLARE(avx512)
+#undef QTORCH_INT8MM_DECLARE
+
+// Scalar helpers shared by the ISA files for tails (round-to-nearest-even conversions).
+float half_to_float(uint16_t h);
+uint16_t float_to_half(float f);
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                                         // RNE
+  return uint16_t(u >> 16);
+}
+
+}  // namespace qtorch::cpu::int8mm

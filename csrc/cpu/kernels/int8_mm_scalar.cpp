@@ -1,0 +1,171 @@
+// Scalar W8A8 kernels (the portable path and the definition the SIMD paths are tested
+// against), weight packing, and the per-process ISA dispatch of int8_mm.h.
+#include <cmath>
+#include <cstring>
+
+#include "cpu_features.h"
+#include "kernels/int8_mm.h"
+
+namespace qtorch::cpu::int8mm {
+
+float half_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  uint32_t bits;
+  if (e == 0) {  // zero or subnormal: m * 2^-24, exact in fp32
+    float f = float(m) * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  } else if (e == 31) {
+    bits = sign | 0x7f800000u | (m << 13);
+  } else {
+    bits = sign | ((e + 112u) << 23) | (m << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return uint16_t(sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (ax < 0x38800000u) {
+    // Half subnormal range (< 2^-14): adding 0.5 puts the fp32 ulp at 2^-24, the half
+    // subnormal step, so the fp32 add performs the RNE rounding for us.
+    float af;
+    std::memcpy(&af, &ax, 4);
+    af += 0.5f;
+    uint32_t r;
+    std::memcpy(&r, &af, 4);
+    return uint16_t(sign | (r - 0x3f000000u));
+  }
+  uint32_t odd = (ax >> 13) & 1u;
+  ax += 0xc8000fffu + odd;  // rebias exponent (-112 << 23, mod 2^32) and round half to even
+  return uint16_t(sign | (ax >> 13));
+}
+
+void pack_b(const int8_t* w, int64_t N, int64_t K, int64_t ldw, uint8_t* out) {
+  const int64_t Kp = padded_k(K), np = num_panels(N);
+  std::memset(out, 0, size_t(packed_b_bytes(N, K)));
+  int32_t* comp = reinterpret_cast<int32_t*>(out + packed_b_panel_bytes(N, K));
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t p = n / kPanel, j = n % kPanel;
+    uint8_t* panel = out + p * kPanel * Kp;
+    int32_t colsum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int8_t v = w[n * ldw + k];
+      panel[(k / kGroup) * kPanel * kGroup + j * kGroup + (k % kGroup)] = uint8_t(v);
+      colsum += v;
+    }
+    comp[n] = int32_t(uint32_t(colsum) * 128u);
+  }
+  (void)np;
+}
+
+namespace scalar {
+
+static inline float load_x(const void* x, DType t, int64_t i) {
+  switch (t) {
+    case DType::F16: return half_to_float(static_cast<const uint16_t*>(x)[i]);
+    case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(x)[i]);
+    default: return static_cast<const float*>(x)[i];
+  }
+}
+
+void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
+                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
+  const int64_t Kp = padded_k(K);
+  for (int64_t m = m0; m < m1; ++m) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(load_x(x, xt, m * ldx + k)));
+    const float s = amax == 0.f ? 1.f : amax / 127.f;
+    scale[m] = s;
+    for (int64_t k = 0; k < K; ++k) {
+      float r = std::nearbyint(load_x(x, xt, m * ldx + k) / s);  // RNE (default rounding mode)
+      r = std::fmin(std::fmax(r, -127.f), 127.f);
+      const int v = int(r);
+      if (q) q[m * ldq + k] = int8_t(v);
+      if (ap) ap[m * Kp + k] = uint8_t(v + 128);
+    }
+    if (ap)
+      for (int64_t k = K; k < Kp; ++k) ap[m * Kp + k] = 128;
+  }
+}
+
+void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap) {
+  const int64_t Kp = padded_k(K);
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t k = 0; k < K; ++k) ap[m * Kp + k] = uint8_t(int(a[m * lda + k]) + 128);
+    for (int64_t k = K; k < Kp; ++k) ap[m * Kp + k] = 128;
+  }
+}
+
+void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0, int64_t m1,
+          int64_t p0, int64_t p1, const Epilogue& ep) {
+  const int64_t Kp = padded_k(K);
+  const int32_t* comp = packed_b_comp(bp, N, K);
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = bp + p * kPanel * Kp;
+    const int64_t n0 = p * kPanel, nn = N - n0 < kPanel ? N - n0 : kPanel;
+    for (int64_t m = m0; m < m1; ++m) {
+      uint32_t acc[kPanel] = {};  // wraps like vpdpbusd; exact mod 2^32
+      const uint8_t* a = ap + m * Kp;
+      for (int64_t g = 0; g < Kp / kGroup; ++g) {
+        const uint8_t* b = panel + g * kPanel * kGroup;
+        for (int64_t j = 0; j < kPanel; ++j)
+          for (int64_t t = 0; t < kGroup; ++t)
+            acc[j] += uint32_t(int32_t(a[g * kGroup + t]) * int32_t(int8_t(b[j * kGroup + t])));
+      }
+      for (int64_t j = 0; j < nn; ++j) {
+        const int64_t n = n0 + j;
+        const int32_t d = int32_t(acc[j] - uint32_t(comp[n]));
+        const int64_t o = m * ep.ldo + n;
+        if (ep.type == DType::S32) {
+          static_cast<int32_t*>(ep.out)[o] = d;
+          continue;
+        }
+        float v = float(d) * ep.scale_a[m] * ep.scale_b[n];
+        if (ep.bias) v += ep.bias[n];
+        if (ep.type == DType::F32) static_cast<float*>(ep.out)[o] = v;
+        else if (ep.type == DType::F16) static_cast<uint16_t*>(ep.out)[o] = float_to_half(v);
+        else static_cast<uint16_t*>(ep.out)[o] = float_to_bf16(v);
+      }
+    }
+  }
+}
+
+}  // namespace scalar
+
+// ---- dispatch ----------------------------------------------------------------------------
+
+void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
+                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
+  switch (isa()) {
+    case Isa::Avx512: return avx512::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap);
+    case Isa::Avx2: return avx2::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap);
+    default: return scalar::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap);
+  }
+}
+
+void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap) {
+  switch (isa()) {
+    case Isa::Avx512: return avx512::pack_a(a, K, lda, m0, m1, ap);
+    case Isa::Avx2: return avx2::pack_a(a, K, lda, m0, m1, ap);
+    default: return scalar::pack_a(a, K, lda, m0, m1, ap);
+  }
+}
+
+void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0, int64_t m1,
+          int64_t p0, int64_t p1, const Epilogue& ep) {
+  switch (isa()) {
+    case Isa::Avx512: return avx512::gemm(ap, K, bp, N, m0, m1, p0, p1, ep);
+    case Isa::Avx2: return avx2::gemm(ap, K, bp, N, m0, m1, p0, p1, ep);
+    default: return scalar::gemm(ap, K, bp, N, m0, m1, p0, p1, ep);
+  }
+}
+
+}  // namespace qtorch::cpu::int8mm
