@@ -48,6 +48,40 @@ def _int8_linear(x, w_q, w_scale, bias):
 # --- weight-only kernels (int8_weight_only_linear, quantize_int4, dequantize_int4,
 #     int4_weight_only_linear) ---------------------------------------------------------------
 # (section owned by the weight-only CPU work)
+# Weights are repacked once into 16-channel blocks (layout in csrc/cpu/kernels/wo_mm.h) and
+# dequantized inside the kernel; quantize_int4 / dequantize_int4 run once per weight, so the
+# reference serves them.
+
+
+def _wo_int4_weight(qweight, scales, zeros, group_size):
+    """Canonical int4 (qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G]) -> [w, scale,
+    bias] packed once per weight. The packed form also depends on scales and zeros, so their
+    identity and version are part of the key (a module holds all three for its lifetime)."""
+    key = ("cpu_wo_int4", group_size, scales.data_ptr(), scales._version, zeros.data_ptr(),
+           zeros._version)
+    return _packed(qweight, key, lambda: torch.ops.qtorch_cpu.wo_pack_int4(
+        qweight, scales.float(), zeros, group_size))
+
+
+def _wo_int8_weight(w_q, w_scale):
+    """w_q s8 [N, K], w_scale [N] -> [w, scale] packed once per weight."""
+    key = ("cpu_wo_int8", w_scale.data_ptr(), w_scale._version)
+    return _packed(w_q, key, lambda: torch.ops.qtorch_cpu.wo_pack_int8(w_q, w_scale.float()))
+
+
+@register_kernel("int8_weight_only_linear", "cpu")
+def _int8_weight_only_linear(x, w_q, w_scale, bias):
+    w, s = _wo_int8_weight(w_q, w_scale)
+    return torch.ops.qtorch_cpu.wo_int8_linear(x, w, s, w_q.shape[0], w_q.shape[1], bias)
+
+
+@register_kernel("int4_weight_only_linear", "cpu")
+def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
+    w, s, b = _wo_int4_weight(qweight, scales, zeros, group_size)
+    return torch.ops.qtorch_cpu.wo_int4_linear(
+        x, w, s, b, qweight.shape[0], qweight.shape[1] * 2, group_size, bias
+    )
+
 
 # --- distillation kernels (distillation_loss, fused_linear_distillation_loss) ---------------
 # (section owned by the distillation CPU work)

@@ -1,0 +1,110 @@
+// Weight-only (W8A16 / W4A16) matmul kernels for the CPU backend: torch-free (raw pointers +
+// sizes only), so the C++ sanitizer test links them without libtorch. The binding
+// (csrc/cpu/wo_mm.cpp) owns allocation, argument checks and threading; every kernel here
+// computes a caller-given range of 16-column weight blocks for all M rows.
+//
+// Math. The weights stay quantized in memory and are dequantized inside the kernel, in
+// registers; activations are used as they are (fp32, or bf16 on the AVX-512 path; no hidden
+// activation quantization). For int4, per output channel n and group g of `gs` k's:
+//     sum_{k in g} x[m,k] * (q[n,k] - z[n,g]) * s[n,g]
+//         = s[n,g] * sum_{k in g} x[m,k] q[n,k]  +  b[n,g] * xsum[m,g],     b = -s * z
+// where xsum[m,g] = sum_{k in g} x[m,k] (fp32, computed once per call). The inner loop thus
+// multiplies by the raw nibble q in [0, 15]: exactly representable in fp32 and in bf16, and
+// x * q is exact in fp32 for bf16 x, so the only roundings are fp32 accumulations (the
+// reference's own error class). On the bf16 path the nibble is turned into a bf16 with one
+// OR: the bits 0x4300 | q are the bf16 number 128 + q (exponent 2^7, mantissa unit 1), so
+// the kernel accumulates sum x (128 + q) and uses b' = b - 128 s in the group epilogue.
+// For int8 there is one "group" spanning K, no zero point, and s is the per-channel scale:
+//     out[m,n] = s[n] * sum_k x[m,k] q[n,k]            (q in [-127, 127], exact in bf16)
+//
+// Packed layouts (block = 16 consecutive output channels; N is padded to a block multiple
+// with q = 0, s = 0, b = 0, so pad columns compute 0 and are never stored):
+//   int4 weights: u8 [Nb][K/4][32]. In block nb, k-quad t (k0 = 4t), byte j (0..31) holds
+//     channel n = 16 nb + j/2:  low nibble = q[n, k0 + j%2],  high nibble = q[n, k0 + 2 + j%2].
+//     Widening the 32 bytes to 16-bit lanes gives, after the nibble split, two bf16 vectors
+//     whose lane pair (2i, 2i+1) is channel i at two consecutive k: what vdpbf16ps reduces.
+//     Widening 16 bytes to 32-bit lanes gives fp32 vectors of 8 channels x 2 k (interleaved).
+//   int4 scale / bias: fp32 [Nb][G][16] each (s and b = -s*z), G = K / gs.
+//   int8 weights: s8 [Nb][Kp/2][32], Kp = K rounded up to 2; byte j of k-pair t holds
+//     q[16 nb + j/2, 2t + j%2] (0 for k >= K).   int8 scale: fp32 [Nb][16].
+// Activations: x [M][ldx] fp32 or bf16 (raw uint16 bits). The int8 kernels read Kp columns
+// (the caller zero-pads an odd K); the int4 kernels read K columns (K % gs == 0, gs >= 32).
+// Output: y fp32 [M][ldy], only the N real columns are written; y = x @ ŵ.T + bias (bias fp32
+// [N] or null), added in fp32 as the reference does. The caller casts to x.dtype.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace qtorch::cpu::womm {
+
+constexpr int64_t kBlock = 16;  // output channels per packed block (one zmm of fp32)
+
+inline int64_t num_blocks(int64_t N) { return (N + kBlock - 1) / kBlock; }
+inline int64_t int8_padded_k(int64_t K) { return (K + 1) / 2 * 2; }
+inline int64_t int4_packed_bytes(int64_t N, int64_t K) { return num_blocks(N) * (K / 4) * 32; }
+inline int64_t int4_meta_floats(int64_t N, int64_t K, int64_t gs) {
+  return num_blocks(N) * (K / gs) * kBlock;
+}
+inline int64_t int8_packed_bytes(int64_t N, int64_t K) {
+  return num_blocks(N) * (int8_padded_k(K) / 2) * 32;
+}
+
+enum class Act { F32 = 0, BF16 = 1 };
+
+struct Int4Weights {
+  const uint8_t* w = nullptr;   // int4_packed_bytes(N, K)
+  const float* scale = nullptr; // [Nb][G][16]
+  const float* bias = nullptr;  // [Nb][G][16], -scale * zero
+  int64_t N = 0, K = 0, gs = 0;
+};
+
+struct Int8Weights {
+  const int8_t* w = nullptr;    // int8_packed_bytes(N, K)
+  const float* scale = nullptr; // [Nb][16]
+  int64_t N = 0, K = 0;
+};
+
+// One call computes y[0:M, 16*nb0 : min(16*nb1, N)].
+struct Problem {
+  const void* x = nullptr;      // [M][ldx] fp32 or bf16 bits
+  Act act = Act::F32;
+  int64_t M = 0, ldx = 0;
+  const float* xsum = nullptr;  // int4 only: [M][G] group sums of x (group_sums below)
+  const float* col_bias = nullptr;  // [N] fp32 or null
+  float* y = nullptr;           // [M][ldy] fp32
+  int64_t ldy = 0;
+  int64_t nb0 = 0, nb1 = 0;     // block range
+};
+
+// ---- packing (scalar; runs once per weight) -------------------------------------------------
+// qweight: canonical u8 [N][K/2] (k even in the low nibble); scales fp32 [N][G]; zeros u8
+// [N][G]. Requires K % gs == 0 and gs % 4 == 0.
+void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros, int64_t N,
+               int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, float* bias_out);
+// w_q: s8 [N][K]; w_scale fp32 [N].
+void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, int8_t* w_out,
+               float* scale_out);
+
+// xsum[m][g] = sum of x[m][g*gs : (g+1)*gs] in fp32 (bf16 widened exactly).
+void group_sums(const void* x, Act act, int64_t M, int64_t ldx, int64_t K, int64_t gs,
+                float* xsum);
+
+// ---- kernels ----------------------------------------------------------------------------------
+// Which activation types the ISA in force takes natively (others are widened to fp32 by the
+// caller): AVX-512 takes F32 and BF16, AVX2 and scalar take F32.
+bool supports_act(Act act);
+// Dispatching entry points (ISA from cpu_features.h isa()).
+void int4_mm(const Int4Weights& w, const Problem& p);
+void int8_mm(const Int8Weights& w, const Problem& p);
+// Per-ISA entry points (the test program calls each one it can run).
+void int4_mm_scalar(const Int4Weights& w, const Problem& p);
+void int8_mm_scalar(const Int8Weights& w, const Problem& p);
+void int4_mm_avx2(const Int4Weights& w, const Problem& p);
+void int8_mm_avx2(const Int8Weights& w, const Problem& p);
+void int4_mm_avx512(const Int4Weights& w, const Problem& p);
+void int8_mm_avx512(const Int8Weights& w, const Problem& p);
+
+// Name of the kernel variant the dispatcher uses for `act` (for `qtorch info`).
+const char* kernel_name(Act act);
+
+}  // namespace qtorch::cpu::womm

@@ -1,0 +1,155 @@
+// Weight-only matmul: packing, group sums, the portable scalar kernels and the ISA dispatch.
+// See wo_mm.h for the math and the layouts.
+#include "wo_mm.h"
+
+#include <cstring>
+
+#include "../cpu_features.h"
+
+namespace qtorch::cpu::womm {
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline float x_at(const void* x, Act act, int64_t i) {
+  return act == Act::F32 ? static_cast<const float*>(x)[i]
+                         : bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
+}
+
+void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros, int64_t N,
+               int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, float* bias_out) {
+  const int64_t Nb = num_blocks(N), G = K / gs, Kq = K / 4;
+  auto q = [&](int64_t n, int64_t k) -> uint8_t {
+    if (n >= N) return 0;
+    uint8_t byte = qweight[n * (K / 2) + k / 2];
+    return (k & 1) ? (byte >> 4) : (byte & 0xF);
+  };
+  for (int64_t nb = 0; nb < Nb; ++nb) {
+    for (int64_t t = 0; t < Kq; ++t) {
+      uint8_t* dst = w_out + (nb * Kq + t) * 32;
+      for (int j = 0; j < 32; ++j) {
+        int64_t n = nb * kBlock + j / 2, k0 = 4 * t + (j & 1);
+        dst[j] = uint8_t(q(n, k0) | (q(n, k0 + 2) << 4));
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t i = 0; i < kBlock; ++i) {
+        int64_t n = nb * kBlock + i, o = (nb * G + g) * kBlock + i;
+        float s = n < N ? scales[n * G + g] : 0.f;
+        float z = n < N ? float(zeros[n * G + g]) : 0.f;
+        scale_out[o] = s;
+        bias_out[o] = -s * z;
+      }
+    }
+  }
+}
+
+void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, int8_t* w_out,
+               float* scale_out) {
+  const int64_t Nb = num_blocks(N), Kh = int8_padded_k(K) / 2;
+  for (int64_t nb = 0; nb < Nb; ++nb) {
+    for (int64_t t = 0; t < Kh; ++t) {
+      int8_t* dst = w_out + (nb * Kh + t) * 32;
+      for (int j = 0; j < 32; ++j) {
+        int64_t n = nb * kBlock + j / 2, k = 2 * t + (j & 1);
+        dst[j] = (n < N && k < K) ? w_q[n * K + k] : 0;
+      }
+    }
+    for (int64_t i = 0; i < kBlock; ++i) {
+      int64_t n = nb * kBlock + i;
+      scale_out[nb * kBlock + i] = n < N ? w_scale[n] : 0.f;
+    }
+  }
+}
+
+void group_sums(const void* x, Act act, int64_t M, int64_t ldx, int64_t K, int64_t gs,
+                float* xsum) {
+  const int64_t G = K / gs;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += x_at(x, act, m * ldx + k);
+      xsum[m * G + g] = s;
+    }
+}
+
+// Stores acc[0:16] (+ bias) into y row m, columns 16*nb .. min(16*nb+16, N).
+static void store_block(const Problem& p, int64_t N, int64_t m, int64_t nb, const float* acc) {
+  const int64_t n0 = nb * kBlock, nn = N - n0 < kBlock ? N - n0 : kBlock;
+  float* yr = p.y + m * p.ldy + n0;
+  for (int64_t i = 0; i < nn; ++i) yr[i] = acc[i] + (p.col_bias ? p.col_bias[n0 + i] : 0.f);
+}
+
+void int4_mm_scalar(const Int4Weights& w, const Problem& p) {
+  const int64_t K = w.K, gs = w.gs, G = K / gs, Kq = K / 4;
+  for (int64_t nb = p.nb0; nb < p.nb1; ++nb) {
+    const uint8_t* wb = w.w + nb * Kq * 32;
+    for (int64_t m = 0; m < p.M; ++m) {
+      float out[kBlock] = {0};
+      for (int64_t g = 0; g < G; ++g) {
+        float acc[kBlock] = {0};
+        for (int64_t t = g * gs / 4; t < (g + 1) * gs / 4; ++t) {
+          const uint8_t* src = wb + t * 32;
+          for (int j = 0; j < 32; ++j) {
+            int64_t k = 4 * t + (j & 1);
+            float xl = x_at(p.x, p.act, m * p.ldx + k), xh = x_at(p.x, p.act, m * p.ldx + k + 2);
+            acc[j / 2] += xl * float(src[j] & 0xF) + xh * float(src[j] >> 4);
+          }
+        }
+        const float* s = w.scale + (nb * G + g) * kBlock;
+        const float* b = w.bias + (nb * G + g) * kBlock;
+        float xs = p.xsum[m * G + g];
+        for (int i = 0; i < kBlock; ++i) out[i] += s[i] * acc[i] + b[i] * xs;
+      }
+      store_block(p, w.N, m, nb, out);
+    }
+  }
+}
+
+void int8_mm_scalar(const Int8Weights& w, const Problem& p) {
+  const int64_t Kh = int8_padded_k(w.K) / 2;
+  for (int64_t nb = p.nb0; nb < p.nb1; ++nb) {
+    const int8_t* wb = w.w + nb * Kh * 32;
+    for (int64_t m = 0; m < p.M; ++m) {
+      float acc[kBlock] = {0};
+      for (int64_t t = 0; t < Kh; ++t)
+        for (int j = 0; j < 32; ++j)
+          acc[j / 2] += x_at(p.x, p.act, m * p.ldx + 2 * t + (j & 1)) * float(wb[t * 32 + j]);
+      const float* s = w.scale + nb * kBlock;
+      for (int i = 0; i < kBlock; ++i) acc[i] *= s[i];
+      store_block(p, w.N, m, nb, acc);
+    }
+  }
+}
+
+bool supports_act(Act act) { return act == Act::F32 || isa() == Isa::Avx512; }
+
+void int4_mm(const Int4Weights& w, const Problem& p) {
+  switch (isa()) {
+    case Isa::Avx512: return int4_mm_avx512(w, p);
+    case Isa::Avx2: return int4_mm_avx2(w, p);
+    default: return int4_mm_scalar(w, p);
+  }
+}
+
+void int8_mm(const Int8Weights& w, const Problem& p) {
+  switch (isa()) {
+    case Isa::Avx512: return int8_mm_avx512(w, p);
+    case Isa::Avx2: return int8_mm_avx2(w, p);
+    default: return int8_mm_scalar(w, p);
+  }
+}
+
+const char* kernel_name(Act act) {
+  switch (isa()) {
+    case Isa::Avx512: return act == Act::BF16 ? "avx512_bf16 (vdpbf16ps)" : "avx512 (fp32 fma)";
+    case Isa::Avx2: return "avx2 (fp32 fma)";
+    default: return "scalar";
+  }
+}
+
+}  // namespace qtorch::cpu::womm

@@ -1,0 +1,222 @@
+// Torch binding of the weight-only kernels (csrc/cpu/kernels/wo_mm.h): schemas in the
+// `qtorch_cpu` namespace, argument checks that keep every kernel access in bounds, buffer
+// allocation and threading (at::parallel_for over 16-column weight blocks).
+//
+//   qtorch_cpu::wo_pack_int4(qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G], group_size)
+//       -> [w u8 [int4_packed_bytes], scale f32 [Nb*G*16], bias f32 [Nb*G*16]]
+//   qtorch_cpu::wo_pack_int8(w_q s8 [N, K], w_scale f32 [N]) -> [w s8 [int8_packed_bytes],
+//       scale f32 [Nb*16]]
+//       Both run once per weight (the Python side caches them with qtorch._cache.packed); the
+//       weight buffer is 2 MiB aligned and madvise(MADV_HUGEPAGE)d: streaming it through 4 KiB
+//       pages costs a TLB miss every 4 KiB, which halves the DRAM bandwidth a core sees here.
+//   qtorch_cpu::wo_int4_linear(x [M, K] f32/f16/bf16, w, scale, bias_packed, N, K, group_size,
+//       bias [N]?) -> [M, N] x.dtype
+//   qtorch_cpu::wo_int8_linear(x [M, K] f32/f16/bf16, w, scale, N, K, bias [N]?) -> [M, N] x.dtype
+//
+// Activation numerics: fp32 x runs as is (fp32 FMA); bf16 x runs natively on AVX-512
+// (vdpbf16ps: exact bf16 x small-integer products, fp32 accumulation) and is widened exactly to
+// fp32 elsewhere; fp16 x is widened exactly to fp32. Nothing is rounded below the input's
+// precision; the fp32 result (+ bias in fp32) is rounded once to x.dtype, as the reference.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "kernels/wo_mm.h"
+
+namespace wm = qtorch::cpu::womm;
+
+namespace {
+
+void check_tensor(const at::Tensor& t, const char* what, at::ScalarType dt, int64_t dim) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dt, what, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == dim, what, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), what, " must be a CPU tensor");
+}
+
+// A 1-D tensor of `n` elements in memory aligned for streaming; huge pages once it spans one.
+at::Tensor alloc_aligned(int64_t n, at::ScalarType dt) {
+  const size_t bytes = size_t(std::max<int64_t>(n, 1)) * at::elementSize(dt);
+  const size_t huge = size_t(2) << 20;
+  const bool use_huge = bytes >= huge;
+  const size_t align = use_huge ? huge : 64;
+  const size_t alloc = (bytes + align - 1) / align * align;
+  void* ptr = nullptr;
+  TORCH_CHECK(posix_memalign(&ptr, align, alloc) == 0, "wo_pack: out of memory (", alloc,
+              " bytes)");
+  if (use_huge) (void)madvise(ptr, alloc, MADV_HUGEPAGE);  // best effort
+  return at::from_blob(ptr, {n}, [](void* p) { std::free(p); }, at::TensorOptions().dtype(dt));
+}
+
+std::vector<at::Tensor> wo_pack_int4(const at::Tensor& qweight, const at::Tensor& scales,
+                                     const at::Tensor& zeros, int64_t gs) {
+  check_tensor(qweight, "qweight", at::kByte, 2);
+  check_tensor(scales, "scales", at::kFloat, 2);
+  check_tensor(zeros, "zeros", at::kByte, 2);
+  TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128 || gs == 256,
+                    "group_size must be 32, 64, 128 or 256, got ", gs);
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
+  TORCH_CHECK_VALUE(K % gs == 0, "K=", K, " must be a multiple of group_size=", gs);
+  const int64_t G = K / gs;
+  TORCH_CHECK_VALUE(scales.size(0) == N && scales.size(1) == G, "scales must have shape [", N,
+                    ", ", G, "], got ", scales.sizes());
+  TORCH_CHECK_VALUE(zeros.size(0) == N && zeros.size(1) == G, "zeros must have shape [", N,
+                    ", ", G, "], got ", zeros.sizes());
+  const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
+  at::Tensor w = alloc_aligned(wm::int4_packed_bytes(N, K), at::kByte);
+  at::Tensor ps = alloc_aligned(wm::int4_meta_floats(N, K, gs), at::kFloat);
+  at::Tensor pb = alloc_aligned(wm::int4_meta_floats(N, K, gs), at::kFloat);
+  wm::pack_int4(q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<uint8_t>(), N, K, gs,
+                w.data_ptr<uint8_t>(), ps.data_ptr<float>(), pb.data_ptr<float>());
+  return {w, ps, pb};
+}
+
+std::vector<at::Tensor> wo_pack_int8(const at::Tensor& w_q, const at::Tensor& w_scale) {
+  check_tensor(w_q, "w_q", at::kChar, 2);
+  check_tensor(w_scale, "w_scale", at::kFloat, 1);
+  const int64_t N = w_q.size(0), K = w_q.size(1);
+  TORCH_CHECK_VALUE(w_scale.size(0) == N, "w_scale must have shape [", N, "], got ",
+                    w_scale.sizes());
+  const at::Tensor q = w_q.contiguous(), s = w_scale.contiguous();
+  at::Tensor w = alloc_aligned(wm::int8_packed_bytes(N, K), at::kChar);
+  at::Tensor ps = alloc_aligned(wm::num_blocks(N) * wm::kBlock, at::kFloat);
+  wm::pack_int8(q.data_ptr<int8_t>(), s.data_ptr<float>(), N, K, w.data_ptr<int8_t>(),
+                ps.data_ptr<float>());
+  return {w, ps};
+}
+
+// x as the kernel takes it: bf16 stays bf16 where the ISA has vdpbf16ps, everything else is
+// widened (exactly) to fp32; `kp` columns, zero-padded past K.
+std::pair<at::Tensor, wm::Act> kernel_activations(const at::Tensor& x, int64_t kp) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
+                       x.scalar_type() == at::kBFloat16,
+                   "x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor");
+  const bool native_bf16 = x.scalar_type() == at::kBFloat16 && wm::supports_act(wm::Act::BF16);
+  const at::ScalarType kt = native_bf16 ? at::kBFloat16 : at::kFloat;
+  const wm::Act act = native_bf16 ? wm::Act::BF16 : wm::Act::F32;
+  const int64_t K = x.size(1);
+  if (kp == K) return {x.to(kt).contiguous(), act};
+  at::Tensor xp = at::zeros({x.size(0), kp}, x.options().dtype(kt));
+  xp.narrow(1, 0, K).copy_(x);
+  return {xp, act};
+}
+
+at::Tensor col_bias_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N,
+                    "], got ", bias->sizes());
+  return bias->to(at::kFloat).contiguous();
+}
+
+// Splits the weight blocks over threads. Each thread streams a contiguous run of blocks (a
+// contiguous range of the packed buffer), which is what a DRAM-bound decode wants.
+template <class F>
+void for_blocks(int64_t M, int64_t N, int64_t K, F&& fn) {
+  const int64_t Nb = wm::num_blocks(N);
+  // Keep tiny problems on one thread: a block is 16 * K MACs per row.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, 16 * K * M));
+  at::parallel_for(0, Nb, grain, [&](int64_t b, int64_t e) { fn(b, e); });
+}
+
+at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+at::Tensor wo_int4_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
+                          const at::Tensor& bias_packed, int64_t N, int64_t K, int64_t gs,
+                          const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128 || gs == 256,
+                    "group_size must be 32, 64, 128 or 256, got ", gs);
+  TORCH_CHECK_VALUE(N >= 1 && K >= 1 && K % gs == 0, "bad N=", N, ", K=", K, " for group_size ",
+                    gs);
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == K, "x must have shape [M, ", K, "], got ",
+                    x_in.sizes());
+  check_tensor(w, "packed weight", at::kByte, 1);
+  check_tensor(scale, "packed scale", at::kFloat, 1);
+  check_tensor(bias_packed, "packed bias", at::kFloat, 1);
+  TORCH_CHECK_VALUE(w.numel() == wm::int4_packed_bytes(N, K) && w.is_contiguous(),
+                    "packed weight does not match N=", N, ", K=", K);
+  TORCH_CHECK_VALUE(scale.numel() == wm::int4_meta_floats(N, K, gs) && scale.is_contiguous() &&
+                        bias_packed.numel() == scale.numel() && bias_packed.is_contiguous(),
+                    "packed scale/bias do not match N=", N, ", K=", K, ", group_size=", gs);
+  const int64_t M = x_in.size(0);
+  at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
+  if (M == 0) return finish(y, x_in);
+  auto [x, act] = kernel_activations(x_in, K);
+  const at::Tensor cb = col_bias_f32(bias, N);
+  at::Tensor xsum = at::empty({M, K / gs}, x.options().dtype(at::kFloat));
+  wm::group_sums(x.data_ptr(), act, M, K, K, gs, xsum.data_ptr<float>());
+  wm::Int4Weights wt;
+  wt.w = w.data_ptr<uint8_t>();
+  wt.scale = scale.data_ptr<float>();
+  wt.bias = bias_packed.data_ptr<float>();
+  wt.N = N, wt.K = K, wt.gs = gs;
+  for_blocks(M, N, K, [&](int64_t b, int64_t e) {
+    wm::Problem p;
+    p.x = x.data_ptr(), p.act = act, p.M = M, p.ldx = K;
+    p.xsum = xsum.data_ptr<float>();
+    p.col_bias = cb.defined() ? cb.data_ptr<float>() : nullptr;
+    p.y = y.data_ptr<float>(), p.ldy = N, p.nb0 = b, p.nb1 = e;
+    wm::int4_mm(wt, p);
+  });
+  return finish(y, x_in);
+}
+
+at::Tensor wo_int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
+                          int64_t N, int64_t K, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(N >= 1 && K >= 1, "bad N=", N, ", K=", K);
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == K, "x must have shape [M, ", K, "], got ",
+                    x_in.sizes());
+  check_tensor(w, "packed weight", at::kChar, 1);
+  check_tensor(scale, "packed scale", at::kFloat, 1);
+  TORCH_CHECK_VALUE(w.numel() == wm::int8_packed_bytes(N, K) && w.is_contiguous(),
+                    "packed weight does not match N=", N, ", K=", K);
+  TORCH_CHECK_VALUE(scale.numel() == wm::num_blocks(N) * wm::kBlock && scale.is_contiguous(),
+                    "packed scale does not match N=", N);
+  const int64_t M = x_in.size(0), kp = wm::int8_padded_k(K);
+  at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
+  if (M == 0) return finish(y, x_in);
+  auto [x, act] = kernel_activations(x_in, kp);
+  const at::Tensor cb = col_bias_f32(bias, N);
+  wm::Int8Weights wt;
+  wt.w = w.data_ptr<int8_t>();
+  wt.scale = scale.data_ptr<float>();
+  wt.N = N, wt.K = K;
+  for_blocks(M, N, K, [&](int64_t b, int64_t e) {
+    wm::Problem p;
+    p.x = x.data_ptr(), p.act = act, p.M = M, p.ldx = kp;
+    p.col_bias = cb.defined() ? cb.data_ptr<float>() : nullptr;
+    p.y = y.data_ptr<float>(), p.ldy = N, p.nb0 = b, p.nb1 = e;
+    wm::int8_mm(wt, p);
+  });
+  return finish(y, x_in);
+}
+
+std::string wo_kernel_name(const std::string& act) {
+  return wm::kernel_name(act == "bfloat16" ? wm::Act::BF16 : wm::Act::F32);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
+  m.def("wo_pack_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor[]");
+  m.def("wo_pack_int8(Tensor w_q, Tensor w_scale) -> Tensor[]");
+  m.def(
+      "wo_int4_linear(Tensor x, Tensor w, Tensor scale, Tensor bias_packed, int N, int K, "
+      "int group_size, Tensor? bias=None) -> Tensor");
+  m.def("wo_int8_linear(Tensor x, Tensor w, Tensor scale, int N, int K, Tensor? bias=None) -> Tensor");
+  m.def("wo_kernel_name(str act) -> str", &wo_kernel_name);
+}
+
+TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
+  m.impl("wo_pack_int4", &wo_pack_int4);
+  m.impl("wo_pack_int8", &wo_pack_int8);
+  m.impl("wo_int4_linear", &wo_int4_linear);
+  m.impl("wo_int8_linear", &wo_int8_linear);
+}
