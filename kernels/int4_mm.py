@@ -1,0 +1,202 @@
+"""int4_weight_only_linear (W4A16): out = x @ ŵ.T + bias,  ŵ[n, k] = (q[n, k] − zero[n, g]) · scale[n, g],
+g = k // group_size.
+
+Kernel layout, prepared once per weight from the canonical one (API.md) by `kernel_layout`
+and cached with `qtorch._cache.packed`:
+    qweight_t uint8 [K // 2, N]   canonical bytes transposed: byte j of column n holds
+                                  q[n, 2j] (low nibble) and q[n, 2j + 1] (high nibble), and
+                                  consecutive n are adjacent, so a [BLOCK_K / 2, BLOCK_N] tile
+                                  load is coalesced along N
+    scales_t  fp32  [K // gs, N]  and  zeros_t fp32 [K // gs, N]: one row per group, the
+                                  BLOCK_N values of a tile are one contiguous load
+Inside the K loop the packed bytes are split into nibbles in registers, dequantized in fp32
+((q − zero) · scale, as the reference computes it), cast to x's 16-bit type and fed to
+`tl.dot` with fp32 accumulation. Low and high nibbles hold the even and odd k, so instead of
+interleaving them the kernel issues two dots: x[:, 0::2] @ ŵ_even + x[:, 1::2] @ ŵ_odd.
+BLOCK_K divides group_size (both powers of two, BLOCK_K <= group_size), so every K tile lies
+in one group and K % BLOCK_K == 0: no K masks.
+For M <= 16 (decode) a split-K launch covers the SMs; fp32 partials [SPLIT_K, M, N] are
+reduced by torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qtorch import _cache
+from qtorch._kernels import INTERPRET, for_device, gpu_configs, pow2_bucket
+from qtorch._kernels.int8_mm import split_k_for, tile_ids
+
+
+def _cfg(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+        num_warps=warps, num_stages=stages,
+    )
+
+
+_AMPERE = [
+    _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(32, 128, 128, 4, 4),
+    _cfg(64, 128, 32, 4, 4), _cfg(128, 128, 32, 4, 4),
+]
+_HOPPER = [
+    _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 5),
+    _cfg(128, 64, 64, 4, 5), _cfg(64, 64, 64, 4, 6), _cfg(32, 128, 128, 4, 5),
+    _cfg(64, 128, 32, 4, 5), _cfg(128, 128, 32, 8, 4),
+]
+AMPERE_CONFIGS = {"_w4a16_kernel": _AMPERE}
+HOPPER_CONFIGS = {"_w4a16_kernel": _HOPPER}
+# Decode launch: 16 rows, narrow N tiles, long K tiles (capped at the group size).
+_DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+_INTERP = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4)
+
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr,  # [M, K] fp32/fp16/bf16, row stride K
+    qw_ptr,  # [K // 2, N] uint8 (kernel layout, see module doc)
+    s_ptr,  # [K // GROUP_SIZE, N] fp32 scales
+    z_ptr,  # [K // GROUP_SIZE, N] fp32 zero points (integers 0..15)
+    bias_ptr,  # [N] or dummy
+    out_ptr,  # SPLIT_K == 1: [M, N] x.dtype;  else fp32 partials [SPLIT_K, M, N]
+    M, N, K,
+    K_PER_SPLIT,  # K range of one split (a multiple of BLOCK_K)
+    M_BUCKET,  # autotune key only
+    GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    DOT_F32: tl.constexpr,  # fp32 x, or the interpreter: fp32 operands, IEEE dot
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    tl.static_assert(GROUP_SIZE % BLOCK_K == 0)
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rj = tl.arange(0, HALF_K)  # byte index within the K tile
+    ra = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
+    rb = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_PER_SPLIT)
+    # x[:, k0 + 2j] (even k) and x[:, k0 + 2j + 1] (odd k)
+    x_ptrs = x_ptr + ra[:, None].to(tl.int64) * K + (k_lo + 2 * rj)[None, :]
+    q_ptrs = qw_ptr + ((k_lo // 2) + rj)[:, None].to(tl.int64) * N + rb[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        g = k0 // GROUP_SIZE
+        scale = tl.load(s_ptr + g * N + rb)[None, :]
+        zero = tl.load(z_ptr + g * N + rb)[None, :]
+        packed = tl.load(q_ptrs)  # [HALF_K, BLOCK_N] uint8
+        w_even = ((packed & 0xF).to(tl.float32) - zero) * scale
+        w_odd = ((packed >> 4).to(tl.float32) - zero) * scale
+        x_even = tl.load(x_ptrs)
+        x_odd = tl.load(x_ptrs + 1)
+        if DOT_F32:
+            acc = tl.dot(x_even.to(tl.float32), w_even, acc, input_precision="ieee")
+            acc = tl.dot(x_odd.to(tl.float32), w_odd, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x_even, w_even.to(x_even.dtype), acc)
+            acc = tl.dot(x_odd, w_odd.to(x_odd.dtype), acc)
+        x_ptrs += BLOCK_K
+        q_ptrs += HALF_K * N
+    omask = (rm[:, None] < M) & (rn[None, :] < N)
+    if SPLIT_K == 1:
+        out = acc
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        o_ptrs = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        o_ptrs = out_ptr + (pid_k * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
+        tl.store(o_ptrs, acc, mask=omask)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Hopper/Ampere list for the device, then only BLOCK_K <= group size (one group per tile)."""
+    gs = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
+    configs = for_device(_AMPERE, _HOPPER)(configs, named_args, **kwargs)
+    return [c for c in configs if c.kwargs["BLOCK_K"] <= gs]
+
+
+_w4a16_tuned = triton.autotune(
+    configs=gpu_configs(_AMPERE, _HOPPER),
+    key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS", "DOT_F32"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_w4a16_kernel)
+
+
+def kernel_layout(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Canonical (qweight uint8 [N, K//2], scales fp32 [N, G], zeros uint8 [N, G]) ->
+    (qweight_t uint8 [K//2, N], scales_t fp32 [G, N], zeros_t fp32 [G, N]), contiguous."""
+    return (
+        qweight.t().contiguous(),
+        scales.float().t().contiguous(),
+        zeros.float().t().contiguous(),
+    )
+
+
+def _packed(qweight, scales, zeros):
+    # Keyed on qweight (the big tensor); scales/zeros are part of the key by identity and
+    # version so a module that swaps them in place gets a fresh layout.
+    key = ("triton_w4a16", id(scales), scales._version, id(zeros), zeros._version)
+    return _cache.packed(qweight, key, lambda: kernel_layout(qweight, scales, zeros))
+
+
+def int4_weight_only_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [M, K] fp32/fp16/bf16, canonical int4 weight (N rows, K % group_size == 0,
+    group_size in {32, 64, 128, 256}) -> [M, N] x.dtype."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    if m == 0 or n == 0:
+        return torch.empty((m, n), dtype=x.dtype, device=x.device)
+    qw_t, s_t, z_t = _packed(qweight, scales, zeros)
+    dot_f32 = INTERPRET or x.dtype == torch.float32
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else s_t
+    if m <= 16:
+        cfg = dict(_DECODE, BLOCK_K=min(_DECODE["BLOCK_K"], group_size))
+        if INTERPRET:
+            cfg.update(num_warps=1, num_stages=1)
+        split = split_k_for(m, n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
+        per = triton.cdiv(triton.cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        split = triton.cdiv(k, per)
+        if split > 1:
+            part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+            grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+            _w4a16_kernel[grid](
+                x, qw_t, s_t, z_t, bias_arg, part, m, n, k, per, 16,
+                GROUP_SIZE=group_size, HAS_BIAS=False, SPLIT_K=split, DOT_F32=dot_f32, **cfg,
+            )
+            out = part.sum(0)
+            if has_bias:
+                out += bias.float()
+            return out.to(x.dtype)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    args = (x, qw_t, s_t, z_t, bias_arg, out, m, n, k, k, pow2_bucket(m))
+    if INTERPRET:
+        cfg = dict(_INTERP, BLOCK_K=min(_INTERP["BLOCK_K"], group_size))
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), 1)
+        _w4a16_kernel[grid](
+            *args, GROUP_SIZE=group_size, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=True, **cfg
+        )
+    else:
+        grid = lambda meta: (
+            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1,
+        )
+        _w4a16_tuned[grid](
+            *args, GROUP_SIZE=group_size, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32
+        )
+    return out
