@@ -164,6 +164,11 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
     return "reference", impls["reference"]
 
 
+def reference_kernel(op: str) -> Callable:
+    _load_backends()
+    return _KERNELS[op]["reference"]
+
+
 def kernel_coverage() -> dict[str, list[str]]:
     """{op: [backends that implement it]} (for `qtorch info`)."""
     _load_backends()

@@ -1,18 +1,171 @@
-// avx512 W8A8 kernels (placeholder: forwards to scalar until the SIMD path lands).
+// AVX-512 VNNI W8A8 kernels (compiled with -mavx512{f,bw,vl,dq,vnni,bf16}; chosen at run time
+// only on CPUs that have them). Contracts and layouts: int8_mm.h.
+//
+// Micro-kernel: MR (<= 6) rows x one 64-channel panel, full K. Per group of 4 k it loads the
+// panel's 4 zmm (64 channels x 4 k, 256 contiguous bytes), broadcasts each row's 4 u8 as one
+// 32-bit lane and issues MR x 4 vpdpbusd into 24 zmm int32 accumulators (24 + 4 B registers
+// fit the 32 zmm; 24 independent chains cover vpdpbusd's latency at one issue per cycle).
+// A 64 x K weight panel (256 KiB at K = 4096) stays in L2 while every row block of the
+// thread's share walks it; A rows are read sequentially (MR streams).
+#include <immintrin.h>
+
+#include <cstring>
+
 #include "kernels/int8_mm.h"
 
 namespace qtorch::cpu::int8mm::avx512 {
 
+namespace {
+
+constexpr int kMR = 6;
+
+inline __mmask16 tail16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+inline __mmask64 tail64(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+
+template <DType T>
+inline __m512 load16(const void* x, int64_t i, __mmask16 m) {
+  if constexpr (T == DType::F16) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + i));
+  } else if constexpr (T == DType::BF16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(x) + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(x) + i);
+  }
+}
+
+template <DType T>
+void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
+                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
+  const int64_t Kp = padded_k(K);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  const __m512i shift = _mm512_set1_epi32(128);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t base = m * ldx;
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16)
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16<T>(x, base + k, tail16(K - k))));
+    const float amax = _mm512_reduce_max_ps(vmax);
+    const float s = amax == 0.f ? 1.f : amax / 127.f;
+    scale[m] = s;
+    // q = clamp(rne(x / s)): true division (not x * (127 / amax)) so the result is bitwise the
+    // reference's; cvtps2dq rounds half to even under the default MXCSR.
+    const __m512 vs = _mm512_set1_ps(s);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = tail16(K - k);
+      __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(load16<T>(x, base + k, mk), vs));
+      v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+      if (q) _mm512_mask_cvtepi32_storeu_epi8(q + m * ldq + k, mk, v);
+      if (ap) _mm512_mask_cvtepi32_storeu_epi8(ap + m * Kp + k, mk, _mm512_add_epi32(v, shift));
+    }
+    if (ap)
+      for (int64_t k = K; k < Kp; ++k) ap[m * Kp + k] = 128;
+  }
+}
+
+inline __m512i bcast4(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// Epilogue for one row of one panel: d = acc - comp, then the fused scale/bias/cast.
+inline void store_row(__m512i a0, __m512i a1, __m512i a2, __m512i a3, int64_t m, int64_t n0,
+                      int64_t nn, const int32_t* comp, const Epilogue& ep) {
+  const __m512i acc[4] = {a0, a1, a2, a3};
+  const __m512 sa = ep.type == DType::S32 ? _mm512_setzero_ps() : _mm512_set1_ps(ep.scale_a[m]);
+  for (int v = 0; v < 4; ++v) {
+    const int64_t j = 16 * v;
+    if (j >= nn) break;
+    const int64_t n = n0 + j;
+    const __mmask16 mk = tail16(nn - j);
+    const __m512i d = _mm512_sub_epi32(acc[v], _mm512_loadu_si512(comp + n));
+    const int64_t o = m * ep.ldo + n;
+    if (ep.type == DType::S32) {
+      _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.out) + o, mk, d);
+      continue;
+    }
+    __m512 f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), sa),
+                             _mm512_maskz_loadu_ps(mk, ep.scale_b + n));
+    if (ep.bias) f = _mm512_add_ps(f, _mm512_maskz_loadu_ps(mk, ep.bias + n));
+    if (ep.type == DType::F32) {
+      _mm512_mask_storeu_ps(static_cast<float*>(ep.out) + o, mk, f);
+    } else if (ep.type == DType::F16) {
+      const __m256i h = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + o, mk, h);
+    } else {
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(f);
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + o, mk, h);
+    }
+  }
+}
+
+template <int MR>
+void tile(const uint8_t* a, int64_t Kp, const uint8_t* panel, int64_t m, int64_t n0, int64_t nn,
+          const int32_t* comp, const Epilogue& ep) {
+  __m512i acc[MR][4];
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_si512();
+  const int64_t ng = Kp / kGroup;
+  const uint8_t* b = panel;
+  for (int64_t g = 0; g < ng; ++g, b += kPanel * kGroup) {
+    const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
+    const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
+      const __m512i av = bcast4(a + r * Kp + g * kGroup);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, b2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, b3);
+    }
+  }
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
+    store_row(acc[r][0], acc[r][1], acc[r][2], acc[r][3], m + r, n0, nn, comp, ep);
+}
+
+}  // namespace
+
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
                    float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
-  scalar::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap);
+  switch (xt) {
+    case DType::F16: return quantize_rows_t<DType::F16>(x, K, ldx, m0, m1, scale, q, ldq, ap);
+    case DType::BF16: return quantize_rows_t<DType::BF16>(x, K, ldx, m0, m1, scale, q, ldq, ap);
+    default: return quantize_rows_t<DType::F32>(x, K, ldx, m0, m1, scale, q, ldq, ap);
+  }
 }
+
 void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap) {
-  scalar::pack_a(a, K, lda, m0, m1, ap);
+  const int64_t Kp = padded_k(K);
+  const __m512i flip = _mm512_set1_epi8(char(0x80));  // s8 -> u8 + 128 is a sign-bit flip
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t k = 0; k < K; k += 64) {
+      const __mmask64 mk = tail64(K - k);
+      const __m512i v = _mm512_maskz_loadu_epi8(mk, a + m * lda + k);
+      _mm512_mask_storeu_epi8(ap + m * Kp + k, mk, _mm512_xor_si512(v, flip));
+    }
+    for (int64_t k = K; k < Kp; ++k) ap[m * Kp + k] = 128;
+  }
 }
+
 void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0, int64_t m1,
           int64_t p0, int64_t p1, const Epilogue& ep) {
-  scalar::gemm(ap, K, bp, N, m0, m1, p0, p1, ep);
+  const int64_t Kp = padded_k(K);
+  const int32_t* comp = packed_b_comp(bp, N, K);
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = bp + p * kPanel * Kp;
+    const int64_t n0 = p * kPanel, nn = N - n0 < kPanel ? N - n0 : kPanel;
+    for (int64_t m = m0; m < m1; m += kMR) {
+      const uint8_t* a = ap + m * Kp;
+      switch (m1 - m < kMR ? m1 - m : kMR) {
+        case 1: tile<1>(a, Kp, panel, m, n0, nn, comp, ep); break;
+        case 2: tile<2>(a, Kp, panel, m, n0, nn, comp, ep); break;
+        case 3: tile<3>(a, Kp, panel, m, n0, nn, comp, ep); break;
+        case 4: tile<4>(a, Kp, panel, m, n0, nn, comp, ep); break;
+        case 5: tile<5>(a, Kp, panel, m, n0, nn, comp, ep); break;
+        default: tile<6>(a, Kp, panel, m, n0, nn, comp, ep); break;
+      }
+    }
+  }
 }
 
 }  // namespace qtorch::cpu::int8mm::avx512

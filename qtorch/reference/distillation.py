@@ -1,0 +1,253 @@
+"""Distillation loss references (API.md, "Distillation loss semantics").
+
+Per token (row) i, all in float32:
+
+    z = s / T,  u = t / T,   q = softmax(z),  p = softmax(u)
+    "kl"          D = KL(p ‖ q) = Σ_j p_j (log p_j − log q_j)
+    "reverse_kl"  D = KL(q ‖ p) = Σ_j q_j (log q_j − log p_j)
+    "jsd"         D = β·KL(p ‖ m) + (1 − β)·KL(q ‖ m),   m = β·p + (1 − β)·q
+    loss_i = α · T² · D + (1 − α) · CE(s, label_i)      (CE on the un-tempered student)
+
+A teacher logit of −inf is a masked vocabulary entry: p_j = 0 and every term of entry j is 0.
+Ignored tokens (label == ignore_index) give loss 0 and a zero gradient whatever they hold.
+The kernels return per-token losses and, when asked, d loss_i / d s_i; `qtorch.ops` reduces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+
+def _token_losses(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Per-token loss [M] from fp32 logits s, t [M, V] (differentiable w.r.t. s)."""
+    if labels is not None:
+        valid = labels != ignore_index
+        # Ignored rows are zeroed so whatever they hold (NaN included) cannot leak.
+        s = torch.where(valid[:, None], s, torch.zeros((), dtype=s.dtype, device=s.device))
+        t = torch.where(valid[:, None], t, torch.zeros((), dtype=t.dtype, device=t.device))
+    else:
+        valid = None
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    log_p = torch.log_softmax(t / temperature, dim=-1)
+    # Entries the teacher masked with -inf contribute 0 (not 0 * inf = NaN). NaN or +inf
+    # teacher logits are not masked, so they still poison the row as they should.
+    live = t != float("-inf")
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    p, q = log_p.exp(), log_q.exp()
+
+    def on_live(x):  # masked entries are set to 0 before any product (no 0 · inf anywhere)
+        return torch.where(live, x, zero)
+
+    if divergence == "kl":
+        d = (p * on_live(log_p - log_q)).sum(-1)
+    elif divergence == "reverse_kl":
+        d = (q * on_live(log_q - log_p)).sum(-1)
+    elif divergence == "jsd":
+        log_m = _log_mix(log_p, log_q, beta)
+        # A term whose weight is 0 is left out, so β ∈ {0, 1} cannot produce 0 · inf.
+        d = torch.zeros_like(s[:, 0])
+        if beta != 0:
+            d = d + beta * (p * on_live(log_p - log_m)).sum(-1)
+        if beta != 1:
+            d = d + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+    else:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    loss = alpha * temperature**2 * d
+    if labels is not None:
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        hard = torch.logsumexp(s, dim=-1) - s.gather(1, safe[:, None]).squeeze(1)
+        loss = loss + (1 - alpha) * hard
+        loss = torch.where(valid, loss, zero)
+    return loss
+
+
+def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
+    """log m = log(β·p + (1 − β)·q), finite wherever p or q is representable in log space
+    (torch.log of the sum would give -inf, and 0 · inf = NaN, where both underflow)."""
+    if beta == 1:
+        return log_p
+    if beta == 0:
+        return log_q
+    lb = torch.log(torch.tensor(beta, dtype=log_p.dtype, device=log_p.device))
+    l1b = torch.log(torch.tensor(1 - beta, dtype=log_p.dtype, device=log_p.device))
+    return torch.logaddexp(lb + log_p, l1b + log_q)
+
+
+def _token_losses_and_grads(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss [M] and its gradient d loss_i / d s_i [M, V], in closed form.
+
+    With z = s / T and the softmax Jacobian dq_j/dz_k = q_j (δ_jk − q_k):
+        "kl"          dD/dz = q − p
+        "reverse_kl"  r = log q − log p on live entries (p > 0);
+                      dD/dz_k = [live_k] q_k (r_k + 1) − q_k (D + Σ_live q)   (= q (r − D) unmasked)
+        "jsd"         ∂D/∂q_j = (1 − β)(log q_j − log m_j), hence
+                      dD/dz = (1 − β) q (log q − log m − KL(q ‖ m))
+        soft: d(T² D)/ds = T · dD/dz;   hard: softmax(s) − onehot(label)
+    `tests/test_reference.py` checks this against autograd of `_token_losses`.
+    """
+    loss = _token_losses(s, t, labels, temperature, alpha, divergence, beta, ignore_index)
+    if labels is not None:
+        valid = labels != ignore_index
+        zero = torch.zeros((), dtype=s.dtype, device=s.device)
+        s = torch.where(valid[:, None], s, zero)
+        t = torch.where(valid[:, None], t, zero)
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    log_p = torch.log_softmax(t / temperature, dim=-1)
+    q, p = log_q.exp(), log_p.exp()
+    live = t != float("-inf")
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    if divergence == "kl":
+        dz = q - p
+    elif divergence == "reverse_kl":
+        r = torch.where(live, log_q - log_p, zero)
+        d = torch.where(live, q * r, zero).sum(-1, keepdim=True)
+        q_live = torch.where(live, q, zero).sum(-1, keepdim=True)
+        dz = torch.where(live, q * (r + 1), zero) - q * (d + q_live)
+    else:
+        if beta == 1:
+            dz = torch.zeros_like(q)
+        else:
+            a = log_q - _log_mix(log_p, log_q, beta)
+            kl_qm = (q * a).sum(-1, keepdim=True)
+            dz = (1 - beta) * q * (a - kl_qm)
+    grad = (alpha * temperature) * dz
+    if labels is not None:
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        hard = torch.softmax(s, dim=-1)
+        hard.scatter_add_(1, safe[:, None], -torch.ones_like(hard[:, :1]))
+        grad = grad + (1 - alpha) * hard
+        grad = torch.where(valid[:, None], grad, zero)
+    return loss, grad
+
+
+def check_labels(labels: torch.Tensor | None, vocab: int, ignore_index: int) -> None:
+    """Labels outside [0, V) other than ignore_index are an error (a data-dependent check,
+    so it runs in the kernels, not in the fake impl)."""
+    if labels is None or labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"labels: value {first} is outside [0, {vocab}) and is not ignore_index={ignore_index}"
+        )
+
+
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    compute_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """student, teacher [M, V] -> (loss fp32 [M], d loss_i / d student_i [M, V] in student.dtype
+    or None), computed in fp32 (float64 inputs: in float64)."""
+    check_labels(labels, student.shape[-1], ignore_index)
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s, t = student.to(acc), teacher.to(acc)
+    args = (labels, temperature, alpha, divergence, beta, ignore_index)
+    if not compute_grad:
+        return _token_losses(s, t, *args), None
+    loss, grad = _token_losses_and_grads(s, t, *args)
+    grad = grad.to(student.dtype)
+    return loss, grad
+
+
+def default_chunk_size(num_tokens: int, vocab: int) -> int:
+    """Rows per chunk so one [chunk, V] fp32 block is about 8 MiB (Liger picks a similar size)."""
+    return max(1, min(num_tokens, (2 * 1024 * 1024) // max(vocab, 1)))
+
+
+def fused_linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    student_bias: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    token_scale: torch.Tensor | None,
+    chunk_size: int,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    compute_grad: bool = True,
+    loss_kernel=distillation_loss,
+):
+    """The distillation loss of s = h_s @ W_s.T (+ b_s) and t = h_t @ W_t.T (+ b_t), chunked
+    over tokens so only one [chunk, V] block of logits exists at a time.
+
+    Gradients of Σ_i token_scale_i · loss_i are computed chunk by chunk in the same pass:
+        g = d loss / d s  (from `loss_kernel`, [chunk, V])
+        dh_s = g @ W_s,   dW_s += g.T @ h_s,   db_s += Σ_rows g        (fp32 accumulators)
+    Returns (loss fp32 [M], grad_hidden [M, H] | None, grad_weight [V, H] | None,
+    grad_bias [V] | None), each grad in the dtype of its tensor. `loss_kernel` has the
+    signature of `distillation_loss`; compiled backends pass their own to reuse this loop.
+    """
+    m = student_hidden.shape[0]
+    vocab = student_weight.shape[0]
+    check_labels(labels, vocab, ignore_index)
+    dev = student_hidden.device
+    w_s = student_weight.float()
+    w_t = teacher_weight.float()
+    b_s = student_bias.float() if student_bias is not None else None
+    b_t = teacher_bias.float() if teacher_bias is not None else None
+    loss = torch.empty(m, dtype=torch.float32, device=dev)
+    grad_h = grad_w = grad_b = None
+    if compute_grad:
+        grad_h = torch.empty_like(student_hidden)
+        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=dev)
+        grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if b_s is not None else None
+    for start in range(0, m, chunk_size):
+        end = min(start + chunk_size, m)
+        h_s = student_hidden[start:end].float()
+        s = h_s @ w_s.T
+        t = teacher_hidden[start:end].float() @ w_t.T
+        if b_s is not None:
+            s += b_s
+        if b_t is not None:
+            t += b_t
+        lab = labels[start:end] if labels is not None else None
+        l_c, g = loss_kernel(
+            s, t, lab, temperature, alpha, divergence, beta, ignore_index, compute_grad
+        )
+        loss[start:end] = l_c
+        if compute_grad:
+            if token_scale is not None:
+                g = g * token_scale[start:end, None]
+            grad_h[start:end] = (g @ w_s).to(grad_h.dtype)
+            grad_w.addmm_(g.T, h_s)
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        del s, t
+    if compute_grad:
+        grad_w = grad_w.to(student_weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(student_bias.dtype)
+    return loss, grad_h, grad_w, grad_b
