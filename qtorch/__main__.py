@@ -1,0 +1,5 @@
+import sys
+
+from qtorch.cli import main
+
+sys.exit(main())

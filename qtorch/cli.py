@@ -1,0 +1,108 @@
+"""`qtorch` command line: info, validate, bench (`python -m qtorch ...` is the same)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import qtorch
+    from qtorch import _backend
+
+    print(f"qtorch {qtorch.__version__}  torch {torch.__version__}  python {platform.python_version()}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    print(f"CPU: {_cpu_model()}  ({torch.get_num_threads()} torch threads)")
+    try:
+        import qtorch._C as C
+
+        feats = C.cpu_features()
+        print("CPU features: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in sorted(feats.items())))
+        print(f"CPU kernel ISA in use: {C.isa()}")
+    except ImportError as e:
+        print(f"CPU features: unknown (qtorch._C not built: {e})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"CUDA device {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB")
+    else:
+        print("CUDA: no device")
+    print("\nbackends:")
+    for name, (ok, why) in _backend.backend_status().items():
+        print(f"  {name:<10} {'available  ' if ok else 'unavailable'}  {why}")
+    print(f"backend in force: {_backend.get_backend()}")
+    print("\nkernels per op (auto on CPU / on CUDA):")
+    for op, backends in _backend.kernel_coverage().items():
+        if op.endswith("_grad_input"):
+            continue
+        picks = []
+        for dev in ("cpu", "cuda"):
+            try:
+                picks.append(_backend.resolve(op, torch.device(dev))[0])
+            except RuntimeError as e:  # a bad QTORCH_BACKEND, named at the first op
+                picks.append(f"error: {e}")
+        print(f"  {op:<32} {', '.join(backends):<32} auto: {picks[0]} / {picks[1]}")
+    try:
+        from qtorch.bench.roofline import get_roofline
+
+        roof = get_roofline(measure=False)
+        if roof:
+            print("\nroofline (cached, from `qtorch bench`):")
+            for k, v in roof.items():
+                print(f"  {k}: {v}")
+    except ImportError:
+        pass
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from qtorch.validate import run_validate
+
+    return run_validate(backends=args.backend, quick=args.quick, verbose=args.verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qtorch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="versions, devices, CPU features, available backends")
+    p_info.set_defaults(func=cmd_info)
+    p_val = sub.add_parser(
+        "validate", help="every available backend against the references; exit 1 on mismatch"
+    )
+    p_val.add_argument("--backend", action="append", help="only these backends (repeatable)")
+    p_val.add_argument("--quick", action="store_true", help="fewer shapes")
+    p_val.add_argument("-v", "--verbose", action="store_true", help="one row per case")
+    p_val.set_defaults(func=cmd_validate)
+    p_bench = sub.add_parser("bench", help="microbenchmarks against PyTorch and installed peers")
+    try:
+        from qtorch import bench
+
+        bench.add_arguments(p_bench)
+        p_bench.set_defaults(func=lambda a: bench.run(a))
+    except ImportError as e:
+        p_bench.set_defaults(func=lambda a, e=e: print(f"qtorch bench unavailable: {e}") or 1)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
