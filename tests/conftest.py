@@ -1,0 +1,41 @@
+"""Test setup. Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be
+switched on before triton is first imported."""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import qtorch  # noqa: E402
+from qtorch import _backend  # noqa: E402
+
+try:
+    from hypothesis import settings
+
+    settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a test dependency; tests that need it import it themselves
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend_choice():
+    """No test leaks a set_backend() into the next."""
+    yield
+    _backend._global_choice = None
+
+
+def kernel_backends() -> list[str]:
+    """Available backends, each one the tests compare against the reference."""
+    return qtorch.available_backends()
+
+
+def device_for(backend: str) -> torch.device:
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
