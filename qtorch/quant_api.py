@@ -1,0 +1,132 @@
+"""`quantize_(model, config, filter_fn)`: swap `nn.Linear` layers for the `qtorch.nn`
+quantized modules, in place. Weights are quantized once, here; the modules only run them.
+
+    qtorch.quantize_(model, qtorch.Int8DynamicConfig())            # W8A8 dynamic
+    qtorch.quantize_(model, qtorch.Int8WeightOnlyConfig())         # W8A16
+    qtorch.quantize_(model, qtorch.Int4WeightOnlyConfig(group_size=64))   # W4A16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Callable
+
+from torch import nn
+
+from qtorch import _checks
+from qtorch.nn.linear import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
+
+__all__ = ["Int8DynamicConfig", "Int8WeightOnlyConfig", "Int4WeightOnlyConfig", "quantize_"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8DynamicConfig:
+    """W8A8: int8 weights per output channel, activations quantized to int8 per token at run
+    time, int8 GEMM with exact int32 accumulation. Takes any nn.Linear."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8WeightOnlyConfig:
+    """W8A16: int8 weights per output channel, activations stay in their float dtype.
+    Takes any nn.Linear."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4WeightOnlyConfig:
+    """W4A16: int4 weights in groups of `group_size` (32, 64, 128 or 256) along K, per output
+    channel; asymmetric (a zero point per group) unless `symmetric`. Takes an nn.Linear whose
+    in_features is divisible by group_size."""
+
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        _checks.group_size(self.group_size)
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
+
+
+_MODULE_FOR = {
+    Int8DynamicConfig: Int8DynamicLinear,
+    Int8WeightOnlyConfig: Int8WeightOnlyLinear,
+    Int4WeightOnlyConfig: Int4WeightOnlyLinear,
+}
+
+
+def _why_not(linear: nn.Linear, config) -> str | None:
+    """Why `config` cannot take this layer, or None if it can."""
+    if isinstance(linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        # nn.MultiheadAttention reads out_proj.weight directly instead of calling it.
+        return "nn.MultiheadAttention.out_proj is used through its .weight, not called"
+    if linear.weight.dtype not in _checks.FLOAT_DTYPES:
+        return f"weight dtype {linear.weight.dtype} is not float32/float16/bfloat16"
+    if linear.weight.is_meta:
+        return "weight is on the meta device (no values to quantize)"
+    if linear.in_features < 1 or linear.out_features < 1:
+        return f"empty layer ({linear.in_features} -> {linear.out_features})"
+    if isinstance(config, Int4WeightOnlyConfig) and linear.in_features % config.group_size:
+        return f"in_features={linear.in_features} is not divisible by group_size={config.group_size}"
+    return None
+
+
+def quantize_(
+    model: nn.Module,
+    config: Int8DynamicConfig | Int8WeightOnlyConfig | Int4WeightOnlyConfig,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> nn.Module:
+    """Replace, in place, every `nn.Linear` in `model` for which `filter_fn(module, fqn)` is
+    true (default: all) by the quantized module of `config`, and return `model`.
+
+    Layers the config cannot take (e.g. in_features not divisible by the int4 group size) stay
+    `nn.Linear` and are named in one UserWarning. Each weight is quantized once, on its own
+    device; the float weight is released when nothing else refers to it (a tied weight, e.g.
+    an embedding shared with an LM head, stays alive through its other user). If `model` is
+    itself an `nn.Linear` it cannot be replaced in place: the quantized module is returned.
+    """
+    if type(config) not in _MODULE_FOR:
+        raise TypeError(
+            f"config must be one of {[c.__name__ for c in _MODULE_FOR]}, got {type(config).__name__}"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    cls = _MODULE_FOR[type(config)]
+    fields = dataclasses.asdict(config)
+    skipped: list[str] = []
+
+    def convert(fqn: str, linear: nn.Linear):
+        if filter_fn is not None and not filter_fn(linear, fqn):
+            return None
+        why = _why_not(linear, config)
+        if why is not None:
+            skipped.append(f"{fqn or '<root>'} ({why})")
+            return None
+        return cls.from_float(linear, **fields)
+
+    if isinstance(model, nn.Linear):
+        new = convert("", model)
+        result = model if new is None else new
+    else:
+        # Collect first: swapping while iterating named_modules would visit the new modules.
+        # A Linear reachable under several names is quantized once and shared, as before.
+        targets = [(fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
+                   if isinstance(m, nn.Linear)]
+        done: dict[int, nn.Module | None] = {}
+        for fqn, linear in targets:
+            if id(linear) not in done:
+                done[id(linear)] = convert(fqn, linear)
+            new = done[id(linear)]
+            if new is None:
+                continue
+            parent_name, _, child = fqn.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+        result = model
+    if skipped:
+        warnings.warn(
+            f"quantize_: {len(skipped)} nn.Linear layer(s) left unquantized, {config} cannot "
+            f"take them: " + "; ".join(skipped),
+            UserWarning,
+            stacklevel=2,
+        )
+    return result
