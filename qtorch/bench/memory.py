@@ -1,0 +1,95 @@
+"""Peak memory of one call.
+
+CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus what was
+allocated before the call: the extra memory the op needs beyond its inputs.
+
+CPU: peak RSS in a *fresh child process* (`python -m qtorch.bench.memory`, spec on stdin), so
+the parent's allocator history and the benchmark's own buffers do not pollute it. The child
+builds the case, runs every implementation once (warm: one-time weight repacking is a
+resident cost of the layout, not of a call), then per implementation resets the kernel's
+high-water mark (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0), makes one call and reads
+VmHWM from /proc/self/status. `ru_maxrss` is not used: it cannot be reset, so it would report
+the largest of all implementations for each.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import subprocess
+import sys
+
+import torch
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) if m else -1
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cuda_peak_extra(fn) -> int:
+    """Bytes allocated at the peak of one call of `fn`, beyond what was allocated before."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _child(spec: dict) -> dict:
+    from qtorch.bench.cases import Shape, build
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    dtype = getattr(torch, spec["dtype"])
+    out = {}
+    for sd in spec["shapes"]:
+        shape = Shape(sd["M"], sd["K"], sd["N"], K2=sd.get("K2"))
+        built = build(spec["op"], shape, dtype, "cpu", spec["backends"], spec["peers"])
+        for impl in built.impls:
+            if impl.name not in spec["impls"]:
+                continue
+            impl.fn()  # warm
+            gc.collect()
+            base = _status_kib("VmRSS")
+            if not _reset_hwm():
+                return {"error": "cannot reset VmHWM (/proc/self/clear_refs not writable)"}
+            impl.fn()
+            peak = _status_kib("VmHWM")
+            out[f"{shape.M},{shape.K},{shape.N}|{impl.name}"] = max(peak - base, 0) * 1024
+        del built
+        gc.collect()
+    return out
+
+
+def cpu_peak_extra(op: str, shapes: list, dtype: torch.dtype, backends: list[str],
+                   impls: list[str], with_peers: bool, threads: int | None,
+                   timeout_s: float = 600) -> dict:
+    """{"M,K,N|impl": bytes} of peak RSS above the pre-call RSS, measured in one fresh child
+    process for this op; {"error": why} if the child failed."""
+    spec = {"op": op, "shapes": [s.as_dict() for s in shapes], "dtype": str(dtype).split(".")[1],
+            "backends": backends, "impls": impls, "peers": with_peers, "threads": threads}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "qtorch.bench.memory"], input=json.dumps(spec),
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"memory child timed out after {timeout_s:.0f} s"}
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["child failed"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(json.loads(sys.stdin.read()))))

@@ -1,0 +1,165 @@
+"""Rows -> the terminal table, the JSON file (schema: docs/bench_json_schema.md), the plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+SCHEMA = "qtorch-bench/1"
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def _num(v, spec=".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def format_table(rows: list[dict], roof: dict | None) -> str:
+    """One block per (op, dtype): every implementation of every shape, fastest first."""
+    out = []
+    blocks: OrderedDict = OrderedDict()
+    for r in rows:
+        blocks.setdefault((r["op"], r["dtype"]), []).append(r)
+    head = (f"{'shape':<24} {'impl':<36} {'median':>10} {'p20..p80':>19} {'T(FL)OP/s':>9} "
+            f"{'GB/s':>7} {'%roof':>6} {'vs base':>8} {'vs peer':>8}")
+    for (op, dtype), rs in blocks.items():
+        r0 = rs[0]
+        cold = " cold-cache decode" if any(r["cold"] for r in rs) else ""
+        out.append(f"\n== {op}  [{dtype}, {r0['device']}, {r0['threads']} threads{cold}]")
+        out.append(head)
+        out.append("-" * len(head))
+        last = None
+        for r in rs:
+            shape = r["shape_text"] if r["shape_text"] != last else ""
+            last = r["shape_text"]
+            band = f"{fmt_time(r['p20_s'])}..{fmt_time(r['p80_s'])}"
+            gbps = r["weight_gbps"] if r["weight_gbps"] is not None else r["gbps"]
+            roofp = None if r["roofline_pct"] is None else f"{r['roofline_pct']:.0f}"
+            mark = "*" if r["kind"] == "qtorch" else " "
+            out.append(
+                f"{shape:<24} {mark}{r['impl']:<35} {fmt_time(r['median_s']):>10} {band:>19} "
+                f"{_num(r['tflops'], '.3f'):>9} {_num(gbps, '.1f'):>7} {roofp or '-':>6} "
+                f"{_ratio(r['speedup_vs_baseline']):>8} {_ratio(r['speedup_vs_best_peer']):>8}")
+    out.append("\n* qtorch rows.  GB/s: weight bytes / time for ops with a weight, else all "
+               "bytes / time.\n%roof: roofline-bound time / measured time "
+               "(max(flop / peak, bytes / bandwidth)).  vs base: plain-PyTorch median / this "
+               "median;\nvs peer: fastest installed peer's median / this median (>1: this is "
+               "faster).")
+    if roof:
+        out.append(
+            f"roofline ({roof.get('threads')} threads, measured {roof.get('measured_at')}): "
+            f"fp32 {roof['fp32_tflops']:.3f} TFLOP/s, bf16 {roof['bf16_tflops']:.3f} TFLOP/s, "
+            f"int8 {roof['int8_tops']:.3f} TOP/s ({roof.get('int8_path')}), "
+            f"{roof['bandwidth_gbps']:.1f} GB/s")
+    return "\n".join(out)
+
+
+def format_skipped(skipped: list[dict]) -> str:
+    """Distinct skip reasons, one line each (an impl skipped at many shapes is listed once)."""
+    seen: OrderedDict = OrderedDict()
+    for s in skipped:
+        seen.setdefault((s["op"], s["impl"], s["reason"]), 0)
+        seen[(s["op"], s["impl"], s["reason"])] += 1
+    lines = [f"  {op:<31} {impl:<36} {reason}" + (f"  ({n} shapes)" if n > 1 else "")
+             for (op, impl, reason), n in seen.items()]
+    return "not run:\n" + "\n".join(lines) if lines else ""
+
+
+def write_json(path: str, doc: dict) -> None:
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------------ plots
+
+
+def plot_paths(path: str, ops: list[str]) -> dict[str, Path]:
+    """--plot PATH: a file name (one op: that file; several: NAME_<op>.EXT) or a directory."""
+    p = Path(path)
+    if p.suffix.lower() in (".png", ".svg", ".pdf"):
+        if len(ops) == 1:
+            return {ops[0]: p}
+        return {op: p.with_name(f"{p.stem}_{op}{p.suffix}") for op in ops}
+    return {op: p / f"{op}.png" for op in ops}
+
+
+def plot(rows: list[dict], roof: dict | None, path: str) -> list[Path]:
+    """One figure per op: throughput (TFLOP/s or TOP/s; GB/s for ops without a FLOP count)
+    against the x axis of the op (tokens M, or weight size), one line per implementation,
+    with the roofline of the qtorch implementation's storage drawn dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qtorch.bench.roofline import compute_peak
+
+    ops = list(OrderedDict.fromkeys(r["op"] for r in rows))
+    written = []
+    for op, fpath in plot_paths(path, ops).items():
+        rs = [r for r in rows if r["op"] == op]
+        # one panel per (dtype, weight shape): within a panel only the x-axis quantity varies
+        panels: OrderedDict = OrderedDict()
+        for r in rs:
+            key = (r["dtype"], r["panel"])
+            panels.setdefault(key, []).append(r)
+        n = len(panels)
+        cols = min(n, 3)
+        nrows = math.ceil(n / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.9 * nrows), squeeze=False)
+        for ax, ((dtype, panel), prs) in zip(axes.flat, panels.items(), strict=False):
+            use_flop = all(r["tflops"] is not None for r in prs)
+            ylab = ("TOP/s" if prs[0]["unit"] == "TOP/s" else "TFLOP/s") if use_flop else "GB/s"
+            impls = list(OrderedDict.fromkeys(r["impl"] for r in prs))
+            for impl in impls:
+                pts = sorted((r["x"], r["tflops"] if use_flop else r["gbps"]) for r in prs
+                             if r["impl"] == impl)
+                kind = next(r["kind"] for r in prs if r["impl"] == impl)
+                style = "-o" if kind == "qtorch" else ("-s" if kind == "baseline" else "--^")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, ms=4,
+                        lw=2 if kind == "qtorch" else 1.2)
+            if roof:
+                q = [r for r in prs if r["kind"] == "qtorch"] or prs
+                model = sorted({(r["x"], r["roofline_s"], r["flop"], r["bytes"]) for r in q
+                                if r["impl"] == q[0]["impl"] and r["roofline_s"]})
+                if model:
+                    ys = [(f / t / 1e12) if use_flop else (b / t / 1e9) for _, t, f, b in model]
+                    ax.plot([m[0] for m in model], ys, "k--", lw=1,
+                            label=f"roofline ({q[0]['impl']} bytes)")
+                peak = (compute_peak(roof, prs[0]["compute"]) or 0) / 1e12 if use_flop else \
+                    roof.get("bandwidth_gbps")
+                if peak:
+                    ax.axhline(peak, color="gray", ls=":", lw=1)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(prs[0]["x_label"])
+            ax.set_ylabel(ylab)
+            ax.set_title(f"{panel} [{dtype}]", fontsize=9)
+            ax.grid(True, which="both", alpha=0.25)
+            ax.legend(fontsize=6.5, loc="best")
+        for ax in list(axes.flat)[n:]:
+            ax.set_visible(False)
+        r0 = rs[0]
+        fig.suptitle(f"qtorch bench: {op}  ({r0['device']}, {r0['threads']} threads)", fontsize=11)
+        fig.tight_layout()
+        fpath.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(fpath, dpi=110)
+        plt.close(fig)
+        written.append(fpath)
+    return written
