@@ -84,4 +84,32 @@ def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
 
 
 # --- distillation kernels (distillation_loss, fused_linear_distillation_loss) ---------------
-# (section owned by the distillation CPU work)
+# (section owned by the distillation CPU work) csrc/cpu/distill.cpp: one pass per row for the
+# online softmax statistics of s/T, s and t/T, then the loss terms and d loss / d s; rows in
+# parallel. The fused-linear op chunks tokens (fp32 logits by BLAS, gradient written over the
+# chunk's logits in place), so [M, V] never exists.
+
+
+@register_kernel("distillation_loss", "cpu")
+def _distillation_loss(student, teacher, labels, temperature, alpha, divergence, beta,
+                       ignore_index, compute_grad):
+    loss, grad = torch.ops.qtorch_cpu.distillation_loss(
+        student, teacher, labels, temperature, alpha, divergence, beta, ignore_index,
+        compute_grad,
+    )
+    return loss, grad if compute_grad else None
+
+
+@register_kernel("fused_linear_distillation_loss", "cpu")
+def _fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidden,
+                                    teacher_weight, labels, student_bias, teacher_bias,
+                                    token_scale, chunk_size, temperature, alpha, divergence,
+                                    beta, ignore_index, compute_grad):
+    loss, gh, gw, gb = torch.ops.qtorch_cpu.fused_linear_distillation_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+        teacher_bias, token_scale, chunk_size if chunk_size is not None else 0, temperature,
+        alpha, divergence, beta, ignore_index, compute_grad,
+    )
+    if not compute_grad:
+        return loss, None, None, None
+    return loss, gh, gw, gb if student_bias is not None else None

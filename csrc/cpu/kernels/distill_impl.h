@@ -108,6 +108,13 @@ static float row_t(const void* sp, const void* tp, int64_t V, int64_t label, con
     fill(kNaN);
     return kNaN;
   }
+  // Read before any gradient is written: the fused-linear caller writes the gradient over the
+  // student row in place (each sweep reads element j before it writes element j).
+  float s_label = 0.0f;
+  if (hard) {
+    const Vec sl = Vt::template load_part<SD>(sp, label, 1, 0.0f);
+    s_label = Vt::hsum(Vt::select(Vt::part(1), sl, vzero));
+  }
   // Combine lanes: Z = Σ_lanes z_lane * exp((m_lane - M) / T).
   const float Ms = Vt::hmax(ms), Mt = Vt::hmax(mt);
   const Vec vMs = Vt::set1(Ms), vMt = Vt::set1(Mt);
@@ -215,10 +222,14 @@ static float row_t(const void* sp, const void* tp, int64_t V, int64_t label, con
     const float Kp = Vt::hsum(accp), K = Vt::hsum(accq);
     D = (beta != 0.0f ? beta * Kp : 0.0f) + (beta != 1.0f ? (1.0f - beta) * K : 0.0f);
     if (want_grad) {
-      const Vec vK = Vt::set1(K), v1b = Vt::set1(beta != 1.0f ? 1.0f - beta : 0.0f);
+      const Vec vK = Vt::set1(K), v1b = Vt::set1(1.0f - beta);
       sweep([&](int64_t i, int n, Vec s, Vec t) {
         const Vec lq = Vt::fmadd(s, vinvT, va_s), lp = Vt::fmadd(t, vinvT, va_t);
         const Vec q = Vt::exp(lq);
+        if (beta == 1.0f) {  // D = KL(p || p) does not depend on z; K may be inf here
+          emit(i, n, s, q, vzero);
+          return;
+        }
         const Vec lm = log_m(lp, lq);
         const Vec gz = Vt::select(Vt::gt(q, vzero),
                                   Vt::mul(v1b, Vt::mul(q, Vt::sub(Vt::sub(lq, lm), vK))), vzero);
@@ -234,12 +245,7 @@ static float row_t(const void* sp, const void* tp, int64_t V, int64_t label, con
   }
 
   float loss = soft ? P.alpha * T * T * D : 0.0f;
-  if (hard) {
-    // CE = log Σ exp(s) − s_label = c_s − s_label
-    const Vec sl = Vt::template load_part<SD>(sp, label, 1, 0.0f);
-    const float s_label = Vt::hsum(Vt::select(Vt::part(1), sl, vzero));
-    loss += (1.0f - P.alpha) * (c_s - s_label);
-  }
+  if (hard) loss += (1.0f - P.alpha) * (c_s - s_label);  // CE = log Σ exp(s) − s_label
   return loss;
 }
 

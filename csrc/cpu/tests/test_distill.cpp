@@ -137,7 +137,9 @@ void check_case(const char* isa, RowFn fn, int64_t V, DType sdt, DType gdt, cons
   std::snprintf(tag, sizeof tag, "%s V=%lld %s->%s %s T=%g a=%g b=%g label=%lld mask=%d", isa,
                 static_cast<long long>(V), dname(sdt), dname(gdt), vname(P.divergence),
                 P.temperature, P.alpha, P.beta, static_cast<long long>(label), mask_teacher);
-  // fp32 math over V terms: relative 1e-5 of the loss scale, plus absolute 2e-5.
+  // fp32 math over V terms: relative 1e-5 of the loss scale, plus absolute 2e-5; gradients
+  // within the storage dtype's rounding plus 3e-5 of the row's largest |gradient| (fp32 log q
+  // carries ~|s/T| ulps, and the reverse-KL gradient q (r + 1 - D - Q) cancels).
   const double ltol = 2e-5 + 1e-5 * std::fabs(lref) + 2e-7 * std::sqrt(static_cast<double>(V));
   if (!(std::fabs(l - lref) <= ltol)) {
     fail(std::string(tag) + " loss " + std::to_string(l) + " vs " + std::to_string(lref));
@@ -148,7 +150,7 @@ void check_case(const char* isa, RowFn fn, int64_t V, DType sdt, DType gdt, cons
   for (double g : gref) gmax = std::max(gmax, std::fabs(0.5 * g));
   for (int64_t j = 0; j < V; ++j) {
     const double g = decode1(gbuf.data() + 64, gdt, j), r = 0.5 * gref[j];
-    if (!(std::fabs(g - r) <= gtol_rel * std::fabs(r) + 1e-6 * gmax + 1e-7)) {
+    if (!(std::fabs(g - r) <= gtol_rel * std::fabs(r) + 3e-5 * gmax + 1e-7)) {
       fail(std::string(tag) + " grad[" + std::to_string(j) + "] " + std::to_string(g) + " vs " +
            std::to_string(r));
       return;
@@ -172,7 +174,8 @@ void check_nonfinite(const char* isa, RowFn fn, int64_t V) {
         P.alpha = 0.5f;
         const float l = fn(sb.data(), DType::F32, tb.data(), DType::F32, V, (pos + 1) % V, P,
                            g.data(), DType::F32, 1.0f);
-        const bool masked = who == 1 && bad == -kInf;
+        // (V = 1: the only teacher entry masked leaves p undefined, NaN like the reference)
+        const bool masked = who == 1 && bad == -kInf && V > 1;
         char tag[160];
         std::snprintf(tag, sizeof tag, "%s nonfinite V=%lld pos=%lld %s=%g", isa,
                       static_cast<long long>(V), static_cast<long long>(pos),
