@@ -116,6 +116,12 @@ print(f"\ncuda_check: {len(rows)} kernel instances compiled for sm_80 + sm_90a, 
 EOF
 
 # ---- the torch binding -------------------------------------------------------------------------
+# torch's cpp_extension finds CUDA through CUDA_HOME; nvcc may be a wrapper on PATH, so take
+# the toolkit root nvcc itself reports.
+if [ -z "${CUDA_HOME:-}" ]; then
+  top="$("$NVCC" -v -E -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)"
+  [ -n "$top" ] && export CUDA_HOME="$(cd "$top" && pwd -P)"
+fi
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
   echo "== building qtorch._C_cuda against torch $("$PY" -c 'import torch; print(torch.__version__)') ($PY)"
   BIND_BUILD="$BUILD/ext"
