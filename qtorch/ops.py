@@ -437,6 +437,10 @@ def _loss_kernel(op: str, x: Tensor):
     return _kernel(op, x.device)
 
 
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _reduce(tok: Tensor, valid_count, reduction: str, num_items_in_batch) -> Tensor:
     """Per-token losses [M] -> the reduced loss. Zero counted tokens (or a zero
     num_items_in_batch) give 0 and zero gradients, never NaN."""
@@ -476,7 +480,7 @@ def _distillation_loss_fwd(
 
 @_distillation_loss_fwd.register_fake
 def _(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index, compute_grad):
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(student)
     grad_shape = student.shape if compute_grad else (0,)
     return student.new_empty(student.shape[:1], dtype=acc), student.new_empty(grad_shape)
 
@@ -635,7 +639,8 @@ def _fused_linear_distillation_loss_fwd(
     if reduction == "mean":
         denom = _fused_denominator(labels, ignore_index, m, num_items_t, num_items_i)
         scale = 0.0 if denom == 0 else 1.0 / denom
-        token_scale = torch.full((m,), scale, dtype=torch.float32, device=student_hidden.device)
+        token_scale = torch.full((m,), scale, dtype=_acc_dtype(student_hidden),
+                                 device=student_hidden.device)
     compute_grad = compute_grad and reduction != "none"
     tok, gh, gw, gb = fn(
         student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.contiguous(),
@@ -659,7 +664,7 @@ def _fused_linear_distillation_loss_fwd(
 def _(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
       teacher_bias, temperature, alpha, divergence, beta, ignore_index, reduction, num_items_t,
       num_items_i, chunk_size, compute_grad):
-    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(student_hidden)
     m = student_hidden.shape[0]
     loss = student_hidden.new_empty((m,) if reduction == "none" else (), dtype=acc)
     grads = compute_grad and reduction != "none"
@@ -692,7 +697,7 @@ def _fused_linear_distillation_loss_bwd(
     _, gh, gw, gb = fn(
         student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.contiguous(),
         teacher_weight.contiguous(), _c(labels), _c(student_bias), _c(teacher_bias),
-        grad_loss.float().contiguous(), chunk_size, temperature, alpha, divergence, beta,
+        grad_loss.to(_acc_dtype(student_hidden)).contiguous(), chunk_size, temperature, alpha, divergence, beta,
         ignore_index, True,
     )
     return gh, gw, student_hidden.new_empty((0,)) if gb is None else gb

@@ -214,21 +214,22 @@ def fused_linear_distillation_loss(
     vocab = student_weight.shape[0]
     check_labels(labels, vocab, ignore_index)
     dev = student_hidden.device
-    w_s = student_weight.float()
-    w_t = teacher_weight.float()
-    b_s = student_bias.float() if student_bias is not None else None
-    b_t = teacher_bias.float() if teacher_bias is not None else None
-    loss = torch.empty(m, dtype=torch.float32, device=dev)
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    w_s = student_weight.to(acc)
+    w_t = teacher_weight.to(acc)
+    b_s = student_bias.to(acc) if student_bias is not None else None
+    b_t = teacher_bias.to(acc) if teacher_bias is not None else None
+    loss = torch.empty(m, dtype=acc, device=dev)
     grad_h = grad_w = grad_b = None
     if compute_grad:
         grad_h = torch.empty_like(student_hidden)
-        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=dev)
-        grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if b_s is not None else None
+        grad_w = torch.zeros(w_s.shape, dtype=acc, device=dev)
+        grad_b = torch.zeros(vocab, dtype=acc, device=dev) if b_s is not None else None
     for start in range(0, m, chunk_size):
         end = min(start + chunk_size, m)
-        h_s = student_hidden[start:end].float()
+        h_s = student_hidden[start:end].to(acc)
         s = h_s @ w_s.T
-        t = teacher_hidden[start:end].float() @ w_t.T
+        t = teacher_hidden[start:end].to(acc) @ w_t.T
         if b_s is not None:
             s += b_s
         if b_t is not None:
@@ -240,7 +241,7 @@ def fused_linear_distillation_loss(
         loss[start:end] = l_c
         if compute_grad:
             if token_scale is not None:
-                g = g * token_scale[start:end, None]
+                g = g * token_scale[start:end, None].to(acc)
             grad_h[start:end] = (g @ w_s).to(grad_h.dtype)
             grad_w.addmm_(g.T, h_s)
             if grad_b is not None:
