@@ -163,3 +163,74 @@ def plot(rows: list[dict], roof: dict | None, path: str) -> list[Path]:
         plt.close(fig)
         written.append(fpath)
     return written
+
+
+# ------------------------------------------------------------------------------ validation
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+_OPT_STR = (str, type(None))
+# The JSON contract (docs/bench_json_schema.md): field -> allowed Python types after json.load.
+TOP_FIELDS = {
+    "schema": str, "created": str, "command": str, "argv": list, "wall_s": _NUM,
+    "machine": dict, "versions": dict, "backends": list, "kernel_coverage": dict,
+    "timing": dict, "roofline": (dict, type(None)), "rows": list, "skipped": list,
+    "failures": list,
+}
+ROW_FIELDS = {
+    "op": str, "impl": str, "kind": str, "backend": str, "shape": dict, "shape_text": str,
+    "shape_label": str, "dtype": str, "device": str, "threads": int, "cold": bool, "n": int,
+    "median_s": _NUM, "p20_s": _NUM, "p80_s": _NUM, "flop": _OPT_NUM, "bytes": _NUM,
+    "weight_bytes": _NUM, "compute": str, "unit": str, "tflops": _OPT_NUM, "gbps": _NUM,
+    "weight_gbps": _OPT_NUM, "roofline_s": _OPT_NUM, "roofline_pct": _OPT_NUM,
+    "bound": _OPT_STR, "note": str, "x": _NUM, "x_label": str, "panel": str,
+    "peak_mem_bytes": _OPT_NUM, "mem_kind": _OPT_STR, "baseline": _OPT_STR,
+    "speedup_vs_baseline": _OPT_NUM, "best_peer": _OPT_STR, "speedup_vs_best_peer": _OPT_NUM,
+    "speedup_vs": dict,
+}
+MACHINE_FIELDS = {"device": str, "cpu_model": str, "cpu_count": int, "torch_threads": int,
+                  "cpu_features": dict}
+VERSION_FIELDS = {"qtorch": str, "torch": str, "python": str, "commit": _OPT_STR,
+                  "dirty": (bool, type(None))}
+SKIPPED_FIELDS = {"op": str, "impl": str, "shape": dict, "reason": str}
+KINDS = ("qtorch", "baseline", "peer")
+
+
+def validate(doc: dict) -> list[str]:
+    """Everything in `doc` (a loaded bench JSON) that breaks the schema; [] when valid."""
+    errs = []
+
+    def check(obj, fields, where):
+        if not isinstance(obj, dict):
+            errs.append(f"{where}: expected an object, got {type(obj).__name__}")
+            return
+        for name, types in fields.items():
+            if name not in obj:
+                errs.append(f"{where}: missing {name!r}")
+            elif not isinstance(obj[name], types) or (
+                    types in (_NUM, _OPT_NUM) and isinstance(obj[name], bool)):
+                errs.append(f"{where}.{name}: {type(obj[name]).__name__} not allowed")
+
+    check(doc, TOP_FIELDS, "doc")
+    if errs:
+        return errs
+    if doc["schema"] != SCHEMA:
+        errs.append(f"doc.schema: {doc['schema']!r}, expected {SCHEMA!r}")
+    check(doc["machine"], MACHINE_FIELDS, "machine")
+    check(doc["versions"], VERSION_FIELDS, "versions")
+    for i, s in enumerate(doc["skipped"]):
+        check(s, SKIPPED_FIELDS, f"skipped[{i}]")
+    for i, r in enumerate(doc["rows"]):
+        where = f"rows[{i}]"
+        check(r, ROW_FIELDS, where)
+        if any(e.startswith(where) for e in errs):
+            continue
+        if r["kind"] not in KINDS:
+            errs.append(f"{where}.kind: {r['kind']!r} not in {KINDS}")
+        if not (0 < r["p20_s"] <= r["median_s"] <= r["p80_s"]):
+            errs.append(f"{where}: needs 0 < p20_s <= median_s <= p80_s")
+        if r["n"] < 1:
+            errs.append(f"{where}.n: {r['n']} < 1")
+        if not all(k in r["shape"] for k in "MKN"):
+            errs.append(f"{where}.shape: needs M, K, N")
+    return errs

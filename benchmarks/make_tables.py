@@ -1,0 +1,97 @@
+"""README performance tables from `qtorch bench --json` files.
+
+    python benchmarks/make_tables.py                      # every benchmarks/results/*.json
+    python benchmarks/make_tables.py run.json --op int8_linear
+
+Prints markdown: per file, the machine, versions, the command that produced it, then one table
+per (op, dtype) with every implementation of every shape. Nothing here is measured: the
+numbers are exactly those in the JSON (schema: docs/bench_json_schema.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _t(s):
+    if s is None:
+        return "-"
+    return f"{s * 1e6:.1f} µs" if s < 1e-3 else (f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s")
+
+
+def _f(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def render(doc: dict, source: str, ops: list[str] | None = None) -> str:
+    m, v = doc["machine"], doc["versions"]
+    commit = (v.get("commit") or "unknown")[:10] + (" (dirty)" if v.get("dirty") else "")
+    out = [
+        f"### `{source}`",
+        "",
+        f"{m['cpu_model']}, {m['cpu_count']} cores, {m['torch_threads']} torch threads"
+        + (f", GPU {m['gpu']['name']}" if m.get("gpu") else "")
+        + (f", load average {m['load_avg_1m']:.1f}" if m.get("load_avg_1m") is not None else "")
+        + f"; torch {v['torch']}, qtorch {v['qtorch']} @ {commit}; {doc['created']}",
+        "",
+        f"Produced by: `{doc['command']}`",
+    ]
+    roof = doc.get("roofline")
+    if roof:
+        out += ["", f"Roofline (measured): fp32 {roof['fp32_tflops']:.3f} TFLOP/s, bf16 "
+                f"{roof['bf16_tflops']:.3f} TFLOP/s, int8 {roof['int8_tops']:.3f} TOP/s, "
+                f"{roof['bandwidth_gbps']:.1f} GB/s"]
+    blocks: OrderedDict = OrderedDict()
+    for r in doc["rows"]:
+        if ops and r["op"] not in ops:
+            continue
+        blocks.setdefault((r["op"], r["dtype"]), []).append(r)
+    for (op, dtype), rows in blocks.items():
+        out += ["", f"**{op}** ({dtype}{', cold LLC' if any(r['cold'] for r in rows) else ''})",
+                "",
+                "| shape | implementation | median | p20–p80 | TFLOP/s or TOP/s | GB/s | % roofline "
+                "| vs PyTorch | vs best peer |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            gbps = r["weight_gbps"] if r["weight_gbps"] is not None else r["gbps"]
+            name = f"**{r['impl']}**" if r["kind"] == "qtorch" else r["impl"]
+            out.append(
+                f"| {r['shape_text']} | {name} | {_t(r['median_s'])} | "
+                f"{_t(r['p20_s'])}–{_t(r['p80_s'])} | {_f(r['tflops'], '.3f')} | "
+                f"{_f(gbps, '.1f')} | {_f(r['roofline_pct'], '.0f')} | "
+                f"{_f(r['speedup_vs_baseline'], '.2f')}× | {_f(r['speedup_vs_best_peer'], '.2f')}"
+                f"{'×' if r['speedup_vs_best_peer'] is not None else ''} |")
+    out += ["", "GB/s counts weight bytes for ops with a weight, all bytes otherwise; "
+            "speedups are medians of the same run (> 1: faster)."]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("files", nargs="*", help="bench JSON files (default: benchmarks/results/*.json)")
+    p.add_argument("--op", nargs="+", help="only these ops")
+    args = p.parse_args(argv)
+    files = [Path(f) for f in args.files] or sorted(RESULTS.glob("*.json"))
+    if not files:
+        print(f"no JSON files given and none in {RESULTS}", file=sys.stderr)
+        return 1
+    parts = []
+    for f in files:
+        doc = json.loads(f.read_text())
+        try:
+            source = str(f.resolve().relative_to(RESULTS.parent.parent))
+        except ValueError:
+            source = str(f)
+        parts.append(render(doc, source, args.op))
+    print("\n\n".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""`qtorch bench`: a tiny run through `run()` gives schema-valid JSON, the peers time the same
+job as qtorch, the roofline cache, the timing loop, argument errors, peak-RSS child, plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qtorch
+from qtorch import bench
+from qtorch.bench import cases, report, roofline, timing
+from qtorch.bench.cases import LINEAR_OPS, OPS, Shape, build
+from qtorch.testing import assert_close, sqnr
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_ROOF = {"fp32_tflops": 0.1, "bf16_tflops": 0.2, "int8_tops": 0.4, "int8_path": "fake",
+             "bandwidth_gbps": 20.0, "device": "cpu", "threads": 1}
+# One tiny shape that every op accepts: K=64 is a multiple of the int4 group size 64;
+# distillation: 4 tokens, vocab 128; fused: hidden 64 (teacher 96), vocab 128.
+TINY = ["4,64,128,96"]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    return p.parse_args(argv)
+
+
+@pytest.fixture
+def fake_roofline(tmp_path, monkeypatch):
+    """An isolated roofline cache whose measurement is instant and counted."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_measure(device="cpu"):
+        calls.append(device)
+        return dict(FAKE_ROOF, device=device)
+
+    monkeypatch.setattr(roofline, "measure_peaks", fake_measure)
+    return calls
+
+
+def _tiny_run(tmp_path, extra=(), backends=("reference",)):
+    out = tmp_path / "run.json"
+    args = _parse(["--shapes", *TINY, "--target-time", "0.002", "--threads", "1",
+                   "--json", str(out), "--backend", *backends, *extra])
+    rc = bench.run(args)
+    return rc, json.loads(out.read_text())
+
+
+# ------------------------------------------------------------------------------- whole run
+
+
+def test_tiny_run_gives_schema_valid_json(tmp_path, fake_roofline, capsys):
+    rc, doc = _tiny_run(tmp_path)
+    assert rc == 0
+    assert report.validate(doc) == []
+    # every op ran: qtorch reference row + plain-PyTorch baseline row at least
+    for op in OPS:
+        kinds = {r["kind"] for r in doc["rows"] if r["op"] == op}
+        assert {"qtorch", "baseline"} <= kinds, op
+    for r in doc["rows"]:
+        assert r["threads"] == 1 and r["dtype"] == "float32" and r["device"] == "cpu"
+        assert r["speedup_vs_baseline"] == pytest.approx(
+            next(b for b in doc["rows"] if b["op"] == r["op"] and b["impl"] == r["baseline"])
+            ["median_s"] / r["median_s"])
+        assert r["roofline_pct"] is not None and r["roofline_pct"] > 0
+    lin = next(r for r in doc["rows"] if r["op"] == "int8_linear" and r["kind"] == "qtorch")
+    assert lin["flop"] == 2 * 4 * 64 * 128 and lin["unit"] == "TOP/s"
+    assert lin["weight_bytes"] == 128 * 64 + 4 * 128  # int8 weight + fp32 scales
+    assert doc["versions"]["torch"] == torch.__version__
+    assert doc["versions"]["qtorch"] == qtorch.__version__
+    assert doc["roofline"]["int8_path"] == "fake" and fake_roofline == ["cpu"]
+    assert doc["command"].startswith("qtorch bench --backend reference --shapes 4,64,128,96")
+    text = capsys.readouterr().out
+    assert "== int8_linear" in text and "qtorch:reference" in text and "wall time" in text
+
+
+def test_default_backends_skip_the_triton_interpreter(tmp_path, fake_roofline):
+    """Default backends: every available one for the device except Triton's CPU interpreter;
+    an op without a kernel in a backend is listed as skipped, a failing kernel makes rc 1."""
+    out = tmp_path / "d.json"
+    rc = bench.run(_parse(["--op", "quantize_int8", "--shapes", "3,64,0", "--target-time",
+                           "0.002", "--json", str(out)]))
+    doc = json.loads(out.read_text())
+    assert "triton" not in doc["backends"]
+    assert set(doc["backends"]) == {b for b in qtorch.available_backends() if b != "triton"}
+    assert rc == (1 if doc["failures"] else 0)
+    ran = {r["impl"] for r in doc["rows"]} | {s["impl"] for s in doc["skipped"]}
+    assert {f"qtorch:{b}" for b in doc["backends"]} <= ran
+
+
+def test_validate_catches_broken_rows(tmp_path, fake_roofline):
+    _, doc = _tiny_run(tmp_path, ["--op", "int8_linear"])
+    assert len(doc["rows"]) >= 3
+    bad = json.loads(json.dumps(doc))
+    del bad["rows"][0]["median_s"]
+    bad["rows"][1]["kind"] = "mystery"
+    bad["rows"][2]["p20_s"] = bad["rows"][2]["p80_s"] * 2
+    errs = report.validate(bad)
+    assert any("missing 'median_s'" in e for e in errs)
+    assert any("mystery" in e for e in errs)
+    assert any("p20_s <= median_s" in e for e in errs)
+
+
+def test_plot_writes_one_png_per_op(tmp_path, fake_roofline):
+    pytest.importorskip("matplotlib")
+    rc, doc = _tiny_run(tmp_path, ["--op", "int8_linear", "dequantize_int4", "--plot",
+                                   str(tmp_path / "fig.png")])
+    assert rc == 0
+    for op in ("int8_linear", "dequantize_int4"):
+        png = tmp_path / f"fig_{op}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_tables_renders_markdown(tmp_path, fake_roofline, capsys):
+    _, doc = _tiny_run(tmp_path, ["--op", "int8_linear"])
+    capsys.readouterr()
+    make_tables = runpy.run_path(str(ROOT / "benchmarks" / "make_tables.py"))
+    assert make_tables["main"]([str(tmp_path / "run.json")]) == 0
+    md = capsys.readouterr().out
+    assert doc["command"] in md
+    assert "| M=4 K=64 N=128 |" in md and "qtorch:reference" in md
+
+
+# ---------------------------------------------------------------------- argument errors
+
+
+@pytest.mark.parametrize("argv", [
+    ["--shapes", "1,2"],  # M,K,N needs three numbers
+    ["--shapes", "1,x,3"],
+    ["--shapes", "1,-2,3"],
+    ["--op", "no_such_op"],
+    ["--backend", "tpu"],
+    ["--threads", "0"],
+    ["--dtype", "int8"],
+])
+def test_bad_arguments_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        _parse(argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_unavailable_backend_is_exit_2_naming_it(monkeypatch, capsys, fake_roofline):
+    from qtorch import _backend
+
+    monkeypatch.setattr(_backend, "available_backends", lambda: ["reference"])
+    assert bench.run(_parse(["--backend", "cpu", "--quick"])) == 2
+    assert "'cpu' is not available" in capsys.readouterr().err
+
+
+def test_bad_target_time_is_exit_2(capsys, fake_roofline):
+    assert bench.run(_parse(["--target-time", "-1", "--backend", "reference"])) == 2
+    assert "--target-time" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_says_so(monkeypatch, capsys, fake_roofline):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert bench.run(_parse(["--plot", "x.png", "--backend", "reference"])) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_shape_that_does_not_fit_an_op_is_skipped_not_fatal(tmp_path, fake_roofline):
+    rc, doc = _tiny_run(tmp_path, ["--op", "int4_weight_only_linear", "--shapes", "2,48,16"])
+    assert rc == 0 and doc["rows"] == []
+    assert "multiple of 32" in doc["skipped"][0]["reason"]
+
+
+# ------------------------------------------------------- peers and baselines: the same job
+
+
+@pytest.mark.parametrize("op", LINEAR_OPS)
+def test_linear_peers_compute_the_same_result(op):
+    """Peers get the same quantized weights, so they match the reference to a few ulps
+    (exact-int paths) or the activation-quantization error (fbgemm quantizes x per tensor);
+    the float baseline differs by the weight-quantization error only."""
+    built = build(op, Shape(5, 128, 96), torch.float32, "cpu", ["reference"])
+    names = {i.name for i in built.impls}
+    assert "qtorch:reference" in names and any(i.kind == "baseline" for i in built.impls)
+    with torch.no_grad():
+        ref = next(i for i in built.impls if i.name == "qtorch:reference").fn()
+        for impl in built.impls:
+            db = sqnr(ref, impl.fn())
+            if impl.kind == "baseline":
+                # int8: ~40 dB, int4 (asymmetric 4-bit groups): ~20 dB of quantization noise
+                assert db > (14 if "int4" in op else 30), (impl.name, db)
+            elif impl.name == "fbgemm:dynamic_linear":
+                assert db > 30, (impl.name, db)
+            else:
+                assert db > 70, (impl.name, db)
+    if op == "int4_weight_only_linear" and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        assert "torch:_weight_int4pack_mm_for_cpu" in names  # the zero-point conversion ran
+
+
+@pytest.mark.parametrize("op", ["distillation_loss", "fused_linear_distillation_loss"])
+def test_eager_distillation_baseline_matches_the_reference(op):
+    shape = Shape(6, 0, 50) if op == "distillation_loss" else Shape(6, 16, 50, K2=24)
+    built = build(op, shape, torch.float32, "cpu", ["reference"])
+    base = next(i for i in built.impls if i.kind == "baseline").fn()
+    ours = next(i for i in built.impls if i.name == "qtorch:reference").fn()
+    assert len(base) == len(ours)
+    for b, o in zip(base, ours, strict=True):
+        assert_close(o, b)
+
+
+def test_reference_row_only_where_cheap():
+    small = build("int8_linear", Shape(1, 64, 64), torch.float32, "cpu", ["reference", "cpu"])
+    assert "qtorch:reference" in {i.name for i in small.impls}
+    if "cpu" in qtorch.available_backends():
+        big = cases._reference_is_cheap("int8_linear", Shape(16, 4096, 11008))
+        assert big is False
+
+
+# ------------------------------------------------------------------------- roofline cache
+
+
+def test_roofline_cache_roundtrip(fake_roofline, tmp_path):
+    assert roofline.get_roofline(measure=False, device="cpu") is None
+    first = roofline.get_roofline(measure=True, device="cpu")
+    assert fake_roofline == ["cpu"]
+    path = tmp_path / "cache" / "qtorch" / "roofline.json"
+    assert roofline.cache_path() == path and path.exists()
+    assert roofline.get_roofline(measure=True, device="cpu") == first  # cached: no re-measure
+    assert roofline.get_roofline(measure=False, device="cpu") == first
+    assert fake_roofline == ["cpu"]
+    roofline.get_roofline(measure=True, device="cpu", refresh=True)
+    assert fake_roofline == ["cpu", "cpu"]
+    path.write_text("{not json")
+    assert roofline.get_roofline(measure=False, device="cpu") is None
+
+
+def test_roofline_cache_is_per_thread_count(fake_roofline):
+    threads = torch.get_num_threads()
+    roofline.get_roofline(measure=True, device="cpu")
+    try:
+        torch.set_num_threads(threads + 1)
+        assert roofline.get_roofline(measure=False, device="cpu") is None
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_roofline_time_model():
+    roof = dict(FAKE_ROOF)  # 0.4 TOP/s int8, 20 GB/s
+    t, bound = roofline.roofline_time(roof, flop=4e9, nbytes=1e6, kind="int8")
+    assert bound == "compute" and t == pytest.approx(4e9 / 0.4e12)
+    t, bound = roofline.roofline_time(roof, flop=1e6, nbytes=2e9, kind="fp32")
+    assert bound == "memory" and t == pytest.approx(0.1)
+    assert roofline.roofline_time(None, 1.0, 1.0, "fp32") == (None, None)
+
+
+def test_real_peak_measurements_are_positive():
+    """The measuring kernels themselves, at tiny sizes (the cached run uses large ones)."""
+    assert 0 < roofline._matmul_peak(torch.float32, 64, "cpu", 2) < math.inf
+    assert 0 < roofline._bandwidth(1 << 20, "cpu", 2) < math.inf
+    rate, path = roofline._int8_peak(64, "cpu", 2)
+    assert rate > 0 and path != "none"
+
+
+# ------------------------------------------------------------------------------- timing
+
+
+def test_quantiles():
+    s = timing.Stats.of([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (s.median, s.p20, s.p80, s.n) == (3.0, 1.8, 4.2, 5)
+
+
+def test_time_group_interleaves_and_rotates():
+    order = []
+    fns = {n: (lambda n=n: order.append(n)) for n in "abc"}
+    cfg = timing.TimingConfig(target_s=0.0, min_reps=4, max_reps=4, warmup=1,
+                              batch_below_s=0.0)
+    stats = timing.time_group(fns, "cpu", cfg)
+    assert {n: s.n for n, s in stats.items()} == {"a": 4, "b": 4, "c": 4}
+    timed = order[3:]  # after one estimate call each
+    assert timed == list("abc" "bca" "cab" "abc")
+
+
+def test_cold_flush_touches_a_buffer_larger_than_the_llc():
+    f = timing.Flusher("cpu", 1 << 20)
+    assert f.buf.numel() == 2 << 20
+    f()
+    assert int(f.buf[0]) == 1
+
+
+# ------------------------------------------------------------------------------- memory
+
+
+def test_peak_rss_in_a_child_process():
+    """quantize_int8 of a 2048 x 4096 fp32 x returns 8 MiB of int8 and makes fp32 temporaries
+    of 32 MiB: the child sees at least the output and far less than a GiB."""
+    from qtorch.bench.memory import cpu_peak_extra
+
+    res = cpu_peak_extra("quantize_int8", [Shape(2048, 4096, 0)], torch.float32,
+                         ["reference"], ["torch:eager", "qtorch:reference"], False, 1)
+    assert "error" not in res, res
+    for impl in ("torch:eager", "qtorch:reference"):
+        assert 8 << 20 <= res[f"2048,4096,0|{impl}"] < 1 << 30
