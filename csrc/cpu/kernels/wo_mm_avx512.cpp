@@ -1,7 +1,295 @@
-// Placeholder: forwards to the scalar kernels until the avx512 kernels land.
+// Weight-only matmul, AVX-512 (F/BW/DQ/VL + BF16). Math and layouts: wo_mm.h.
+//
+// Structure. A tile is MR rows x NR blocks (16 channels each) over the whole K; the
+// accumulators live in registers, the int4/int8 weights are widened in registers right before
+// the multiply, so the packed weights are the only large stream. A thread walks its block
+// range in chunks of about 512 KiB of packed weights (L2-resident) and, inside a chunk, every
+// MR-row slice of x over every NR-block tile: for M <= MR (decode) that is a single pass that
+// reads each weight byte once from DRAM; for larger M the chunk is re-read from L2, not DRAM.
+//
+// bf16 activations: vdpbf16ps on (x pair) x (weight pair) per fp32 lane; the weight is the
+//   exact bf16 of 128 + q (int4, 0x4300 | q) or of q (int8, via fp32), the product is exact in
+//   fp32 and accumulation is fp32.
+// fp32 activations: fp32 FMA; a 16-byte slice widened to 32-bit lanes holds 8 channels x 2
+//   consecutive k, multiplied by the broadcast x pair (x[k], x[k+1]); the two lanes of a
+//   channel are added at each group end (vpermt2ps even/odd + add).
 #include "wo_mm.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+#include <array>
+#include <cstring>
+#include <utility>
+
+namespace qtorch::cpu::womm {
+namespace {
+
+using TileFn = void (*)(const void* w, const Problem& p, int64_t m0, int64_t nb);
+
+inline __m512 bcast_pair_f32(const float* x) {  // (x[0], x[1]) in every 64-bit lane
+  double d;
+  std::memcpy(&d, x, 8);
+  return _mm512_castpd_ps(_mm512_set1_pd(d));
+}
+inline __m512bh bcast_pair_bf16(const uint16_t* x) {  // (x[0], x[1]) in every 32-bit lane
+  int32_t v;
+  std::memcpy(&v, x, 4);
+  return (__m512bh)_mm512_set1_epi32(v);
+}
+// Channel sums of two pair-interleaved accumulators: a = (c0k0, c0k1, ..., c7k1),
+// b = (c8k0, ..., c15k1) -> (c0, ..., c15).
+inline __m512 pair_reduce(__m512 a, __m512 b) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  return _mm512_add_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b));
+}
+inline __mmask16 col_mask(int64_t N, int64_t nb) {
+  const int64_t left = N - nb * kBlock;
+  return left >= kBlock ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+// y[m, 16 nb ...] = v + col_bias, only the real columns.
+inline void store_cols(const Problem& p, int64_t N, int64_t m, int64_t nb, __m512 v) {
+  const __mmask16 k = col_mask(N, nb);
+  if (p.col_bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, p.col_bias + nb * kBlock));
+  _mm512_mask_storeu_ps(p.y + m * p.ldy + nb * kBlock, k, v);
+}
+
+// ---------------------------------------------------------------- int4, bf16 activations
+template <int MR, int NR>
+void int4_bf16_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
+  const Int4Weights& w = *static_cast<const Int4Weights*>(wv);
+  const int64_t K = w.K, G = K / w.gs, Kq = K / 4, qpg = w.gs / 4;
+  const uint16_t* x = static_cast<const uint16_t*>(p.x) + m0 * p.ldx;
+  const uint8_t* wb = w.w + nb * Kq * 32;
+  const __m512i lo_mask = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  __m512 out[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) out[r][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[MR][NR];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t t = g * qpg; t < (g + 1) * qpg; ++t) {
+      __m512bh wl[NR], wh[NR];
+      for (int j = 0; j < NR; ++j) {
+        // 32 bytes -> 32 u16 lanes; lane i: channel i/2, low nibble k0 + i%2, high k0 + 2 + i%2.
+        const __m512i v = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (j * Kq + t) * 32)));
+        wl[j] = (__m512bh)_mm512_ternarylogic_epi32(magic, v, lo_mask, 0xF8);  // magic | (v & 15)
+        wh[j] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh xl = bcast_pair_bf16(x + r * p.ldx + 4 * t);
+        const __m512bh xh = bcast_pair_bf16(x + r * p.ldx + 4 * t + 2);
+        for (int j = 0; j < NR; ++j) {
+          acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wl[j], xl);
+          acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wh[j], xh);
+        }
+      }
+    }
+    // out += s * acc + (b - 128 s) * xsum   (acc holds sum x (128 + q))
+    for (int j = 0; j < NR; ++j) {
+      const __m512 s = _mm512_loadu_ps(w.scale + ((nb + j) * G + g) * kBlock);
+      const __m512 b = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), s,
+                                        _mm512_loadu_ps(w.bias + ((nb + j) * G + g) * kBlock));
+      for (int r = 0; r < MR; ++r) {
+        out[r][j] = _mm512_fmadd_ps(acc[r][j], s, out[r][j]);
+        out[r][j] = _mm512_fmadd_ps(b, _mm512_set1_ps(p.xsum[(m0 + r) * G + g]), out[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) store_cols(p, w.N, m0 + r, nb + j, out[r][j]);
+}
+
+// ---------------------------------------------------------------- int4, fp32 activations
+template <int MR, int NR>
+void int4_f32_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
+  const Int4Weights& w = *static_cast<const Int4Weights*>(wv);
+  const int64_t K = w.K, G = K / w.gs, Kq = K / 4, qpg = w.gs / 4;
+  const float* x = static_cast<const float*>(p.x) + m0 * p.ldx;
+  const uint8_t* wb = w.w + nb * Kq * 32;
+  const __m512i lo_mask = _mm512_set1_epi32(0xF);
+  __m512 out[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) out[r][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[MR][NR][2];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NR; ++j) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_ps();
+    for (int64_t t = g * qpg; t < (g + 1) * qpg; ++t) {
+      __m512 wf[NR][4];  // [half][nibble]: channels 0-7 / 8-15, k pair (k0, k0+1) / (k0+2, k0+3)
+      for (int j = 0; j < NR; ++j) {
+        const uint8_t* src = wb + (j * Kq + t) * 32;
+        for (int h = 0; h < 2; ++h) {
+          const __m512i v = _mm512_cvtepu8_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * h)));
+          wf[j][2 * h] = _mm512_cvtepi32_ps(_mm512_and_si512(v, lo_mask));
+          wf[j][2 * h + 1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m512 xl = bcast_pair_f32(x + r * p.ldx + 4 * t);
+        const __m512 xh = bcast_pair_f32(x + r * p.ldx + 4 * t + 2);
+        for (int j = 0; j < NR; ++j)
+          for (int h = 0; h < 2; ++h) {
+            acc[r][j][h] = _mm512_fmadd_ps(wf[j][2 * h], xl, acc[r][j][h]);
+            acc[r][j][h] = _mm512_fmadd_ps(wf[j][2 * h + 1], xh, acc[r][j][h]);
+          }
+      }
+    }
+    for (int j = 0; j < NR; ++j) {  // out += s * acc + b * xsum
+      const __m512 s = _mm512_loadu_ps(w.scale + ((nb + j) * G + g) * kBlock);
+      const __m512 b = _mm512_loadu_ps(w.bias + ((nb + j) * G + g) * kBlock);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 a = pair_reduce(acc[r][j][0], acc[r][j][1]);
+        out[r][j] = _mm512_fmadd_ps(a, s, out[r][j]);
+        out[r][j] = _mm512_fmadd_ps(b, _mm512_set1_ps(p.xsum[(m0 + r) * G + g]), out[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) store_cols(p, w.N, m0 + r, nb + j, out[r][j]);
+}
+
+// ---------------------------------------------------------------- int8, bf16 activations
+template <int MR, int NR>
+void int8_bf16_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
+  const Int8Weights& w = *static_cast<const Int8Weights*>(wv);
+  const int64_t Kh = int8_padded_k(w.K) / 2;
+  const uint16_t* x = static_cast<const uint16_t*>(p.x) + m0 * p.ldx;
+  const int8_t* wb = w.w + nb * Kh * 32;
+  __m512 acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < Kh; ++t) {
+    __m512bh wq[NR];
+    for (int j = 0; j < NR; ++j) {
+      // q in [-128, 127] is exact in bf16 (8 significant bits); widen via fp32.
+      const int8_t* src = wb + (j * Kh + t) * 32;
+      const __m512 f0 = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+      const __m512 f1 = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
+      wq[j] = _mm512_cvtne2ps_pbh(f1, f0);  // lanes 0-15 from f0, 16-31 from f1
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh xp = bcast_pair_bf16(x + r * p.ldx + 2 * t);
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wq[j], xp);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    const __m512 s = _mm512_loadu_ps(w.scale + (nb + j) * kBlock);
+    for (int r = 0; r < MR; ++r) store_cols(p, w.N, m0 + r, nb + j, _mm512_mul_ps(acc[r][j], s));
+  }
+}
+
+// ---------------------------------------------------------------- int8, fp32 activations
+template <int MR, int NR>
+void int8_f32_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
+  const Int8Weights& w = *static_cast<const Int8Weights*>(wv);
+  const int64_t Kh = int8_padded_k(w.K) / 2;
+  const float* x = static_cast<const float*>(p.x) + m0 * p.ldx;
+  const int8_t* wb = w.w + nb * Kh * 32;
+  __m512 acc[MR][NR][2];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < Kh; ++t) {
+    __m512 wf[NR][2];
+    for (int j = 0; j < NR; ++j)
+      for (int h = 0; h < 2; ++h)
+        wf[j][h] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + (j * Kh + t) * 32 + 16 * h))));
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xp = bcast_pair_f32(x + r * p.ldx + 2 * t);
+      for (int j = 0; j < NR; ++j)
+        for (int h = 0; h < 2; ++h) acc[r][j][h] = _mm512_fmadd_ps(wf[j][h], xp, acc[r][j][h]);
+    }
+  }
+  for (int j = 0; j < NR; ++j) {
+    const __m512 s = _mm512_loadu_ps(w.scale + (nb + j) * kBlock);
+    for (int r = 0; r < MR; ++r)
+      store_cols(p, w.N, m0 + r, nb + j,
+                 _mm512_mul_ps(pair_reduce(acc[r][j][0], acc[r][j][1]), s));
+  }
+}
+
+// ---------------------------------------------------------------- tiling driver
+constexpr int kMaxMR = 8, kMaxNR = 4;
+using Table = std::array<TileFn, kMaxMR * kMaxNR>;
+
+template <template <int, int> class Tile, int... I>
+constexpr Table make_table(std::integer_sequence<int, I...>) {
+  return {{&Tile<I / kMaxNR + 1, I % kMaxNR + 1>::run...}};
+}
+template <int MR, int NR> struct Int4Bf16 { static void run(const void* w, const Problem& p, int64_t m, int64_t n) { int4_bf16_tile<MR, NR>(w, p, m, n); } };
+template <int MR, int NR> struct Int8Bf16 { static void run(const void* w, const Problem& p, int64_t m, int64_t n) { int8_bf16_tile<MR, NR>(w, p, m, n); } };
+// The fp32 tiles hold 2 accumulators per (row, block): at most 4 rows (the table maps MR > 4
+// to MR = 4 entries that are never selected).
+template <int MR, int NR> struct Int4F32 { static void run(const void* w, const Problem& p, int64_t m, int64_t n) { int4_f32_tile<(MR < 4 ? MR : 4), NR>(w, p, m, n); } };
+template <int MR, int NR> struct Int8F32 { static void run(const void* w, const Problem& p, int64_t m, int64_t n) { int8_f32_tile<(MR < 4 ? MR : 4), NR>(w, p, m, n); } };
+
+const Table kInt4Bf16 = make_table<Int4Bf16>(std::make_integer_sequence<int, kMaxMR * kMaxNR>{});
+const Table kInt8Bf16 = make_table<Int8Bf16>(std::make_integer_sequence<int, kMaxMR * kMaxNR>{});
+const Table kInt4F32 = make_table<Int4F32>(std::make_integer_sequence<int, kMaxMR * kMaxNR>{});
+const Table kInt8F32 = make_table<Int8F32>(std::make_integer_sequence<int, kMaxMR * kMaxNR>{});
+
+// Runs tiles of up to mr_max x nr_max over rows [0, M) and blocks [nb0, nb1), walking blocks
+// in chunks of `chunk` (L2-sized), rows inside a chunk.
+void drive(const Table& table, const void* w, const Problem& p, int mr_max, int nr_max,
+           int64_t chunk) {
+  for (int64_t c0 = p.nb0; c0 < p.nb1; c0 += chunk) {
+    const int64_t c1 = c0 + chunk < p.nb1 ? c0 + chunk : p.nb1;
+    for (int64_t m0 = 0; m0 < p.M; m0 += mr_max) {
+      const int mr = int(p.M - m0 < mr_max ? p.M - m0 : mr_max);
+      for (int64_t j0 = c0; j0 < c1; j0 += nr_max) {
+        const int nr = int(c1 - j0 < nr_max ? c1 - j0 : nr_max);
+        table[(mr - 1) * kMaxNR + (nr - 1)](w, p, m0, j0);
+      }
+    }
+  }
+}
+
+int64_t chunk_blocks(int64_t block_bytes, int nr) {
+  int64_t c = (int64_t(512) << 10) / (block_bytes > 0 ? block_bytes : 1);
+  c = c / nr * nr;
+  return c < nr ? nr : c;
+}
+
+}  // namespace
+
+void int4_mm_avx512(const Int4Weights& w, const Problem& p) {
+  const int64_t block_bytes = (w.K / 4) * 32;
+  if (p.act == Act::BF16) {
+    // Registers: MR*NR accumulators + 2 NR weight vectors + 2 x + 2 constants <= 32.
+    const int mr = p.M <= 3 ? int(p.M) : 8, nr = p.M <= 3 ? 4 : 2;
+    drive(kInt4Bf16, &w, p, mr, nr, chunk_blocks(block_bytes, nr));
+  } else {
+    // 2 MR NR accumulators + 4 NR weight vectors + 2 x.
+    const int mr = p.M == 1 ? 1 : 4, nr = p.M == 1 ? 4 : 2;
+    drive(kInt4F32, &w, p, mr, nr, chunk_blocks(block_bytes, nr));
+  }
+}
+
+void int8_mm_avx512(const Int8Weights& w, const Problem& p) {
+  const int64_t block_bytes = (int8_padded_k(w.K) / 2) * 32;
+  if (p.act == Act::BF16) {
+    const int mr = p.M <= 3 ? int(p.M) : 8, nr = p.M <= 3 ? 4 : 2;
+    drive(kInt8Bf16, &w, p, mr, nr, chunk_blocks(block_bytes, nr));
+  } else {
+    const int mr = p.M == 1 ? 1 : 4, nr = p.M == 1 ? 4 : 2;
+    drive(kInt8F32, &w, p, mr, nr, chunk_blocks(block_bytes, nr));
+  }
+}
+
+}  // namespace qtorch::cpu::womm
+
+#else  // not compiled for AVX-512: never selected (isa() says so), but must link.
 
 namespace qtorch::cpu::womm {
 void int4_mm_avx512(const Int4Weights& w, const Problem& p) { int4_mm_scalar(w, p); }
 void int8_mm_avx512(const Int8Weights& w, const Problem& p) { int8_mm_scalar(w, p); }
 }  // namespace qtorch::cpu::womm
+
+#endif

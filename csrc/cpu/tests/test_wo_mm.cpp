@@ -1,0 +1,239 @@
+// Weight-only matmul kernels (every ISA this CPU runs) against a plain double-precision loop
+// over the canonical storage, over odd shapes: M in 1..17 (tile tails), N not a multiple of
+// the 16-channel block, K a few groups (int4) or odd (int8), every group size, symmetric and
+// asymmetric zeros, fp32 and bf16 activations, with and without bias, and block ranges split
+// as threads split them. Buffers are exact-sized and the output carries NaN guard columns, so
+// under -fsanitize=address,undefined (.ci/cpp_tests.sh) any out-of-bounds access is caught.
+// Returns non-zero on any mismatch.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu_features.h"
+#include "kernels/wo_mm.h"
+
+using namespace qtorch::cpu::womm;
+namespace qc = qtorch::cpu;
+
+namespace {
+
+std::mt19937 rng(1234);
+int failures = 0, checks = 0;
+
+uint16_t f32_to_bf16(float f) {  // round to nearest even (inputs are finite)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return uint16_t(u >> 16);
+}
+float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct Act2 {  // activations in both storage forms; `val` is what the kernel sees, widened
+  std::vector<float> f32, val;
+  std::vector<uint16_t> bf16;
+};
+
+Act2 make_x(int64_t M, int64_t ldx, int64_t K, Act act) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  Act2 a;
+  a.val.assign(M * ldx, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      float v = nd(rng);
+      if (act == Act::BF16) v = bf16_to_f32(f32_to_bf16(v));
+      a.val[m * ldx + k] = v;
+    }
+  a.f32 = a.val;
+  a.bf16.resize(M * ldx);
+  for (size_t i = 0; i < a.val.size(); ++i) a.bf16[i] = f32_to_bf16(a.val[i]);
+  return a;
+}
+
+using Int4Fn = void (*)(const Int4Weights&, const Problem&);
+using Int8Fn = void (*)(const Int8Weights&, const Problem&);
+
+struct Isa {
+  const char* name;
+  Int4Fn int4;
+  Int8Fn int8;
+  bool bf16;  // takes bf16 activations natively
+};
+
+// |y - ref| <= tol: fp32 accumulation error bound depth * 2^-24 * (sum of |terms|), x2.
+bool close(double y, double ref, double mag, int64_t depth) {
+  const double tol = 2.0 * double(depth + 8) * 5.97e-8 * mag + 1e-30;
+  return std::fabs(y - ref) <= tol;
+}
+
+void check_output(const char* what, const std::string& cfg, const std::vector<float>& y,
+                  const std::vector<double>& ref, const std::vector<double>& mag, int64_t M,
+                  int64_t N, int64_t ldy, int64_t depth) {
+  ++checks;
+  int bad = 0;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < ldy; ++n) {
+      const float v = y[m * ldy + n];
+      if (n >= N) {
+        if (!std::isnan(v)) {
+          if (bad++ < 3) std::printf("  %s %s: guard column (%lld,%lld) overwritten\n", what,
+                                     cfg.c_str(), (long long)m, (long long)n);
+        }
+        continue;
+      }
+      if (!close(v, ref[m * N + n], mag[m * N + n], depth)) {
+        if (bad++ < 3)
+          std::printf("  %s %s: y(%lld,%lld) = %.9g, ref %.9g (mag %.3g)\n", what, cfg.c_str(),
+                      (long long)m, (long long)n, v, ref[m * N + n], mag[m * N + n]);
+      }
+    }
+  }
+  if (bad) {
+    ++failures;
+    std::printf("FAIL %s %s: %d bad values\n", what, cfg.c_str(), bad);
+  }
+}
+
+void run_int4(const Isa& isa, Act act, int64_t M, int64_t N, int64_t K, int64_t gs, bool sym,
+              bool with_bias, int splits) {
+  const int64_t G = K / gs;
+  std::uniform_int_distribution<int> byte(0, 255), nib(0, 15);
+  std::uniform_real_distribution<float> sd(-0.2f, 0.2f);
+  std::vector<uint8_t> qw(N * K / 2), zeros(N * G);
+  std::vector<float> scales(N * G), bias(N);
+  for (auto& b : qw) b = uint8_t(byte(rng));
+  for (auto& z : zeros) z = uint8_t(sym ? 8 : nib(rng));
+  for (auto& s : scales) s = sd(rng);
+  for (auto& b : bias) b = sd(rng) * 10;
+  std::vector<uint8_t> pw(int4_packed_bytes(N, K));
+  std::vector<float> ps(int4_meta_floats(N, K, gs)), pb(ps.size());
+  pack_int4(qw.data(), scales.data(), zeros.data(), N, K, gs, pw.data(), ps.data(), pb.data());
+
+  const Act2 x = make_x(M, K, K, act);
+  std::vector<float> xsum(M * G);
+  group_sums(act == Act::F32 ? (const void*)x.f32.data() : (const void*)x.bf16.data(), act, M, K,
+             K, gs, xsum.data());
+
+  std::vector<double> ref(M * N), mag(M * N);
+  const double offset = act == Act::BF16 ? 128.0 : 0.0;  // the bf16 path carries 128 + q
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = with_bias ? bias[n] : 0.0, mg = std::fabs(acc);
+      for (int64_t k = 0; k < K; ++k) {
+        const int q = (qw[n * (K / 2) + k / 2] >> (4 * (k & 1))) & 0xF;
+        const int z = zeros[n * G + k / gs];
+        const double s = scales[n * G + k / gs], xv = x.val[m * K + k];
+        acc += xv * (q - z) * s;
+        mg += std::fabs(xv) * (q + z + 2 * offset) * std::fabs(s);
+      }
+      ref[m * N + n] = acc, mag[m * N + n] = mg;
+    }
+
+  const int64_t ldy = N + 3;
+  std::vector<float> y(M * ldy, NAN);
+  Int4Weights w;
+  w.w = pw.data(), w.scale = ps.data(), w.bias = pb.data(), w.N = N, w.K = K, w.gs = gs;
+  const int64_t Nb = num_blocks(N);
+  for (int s = 0; s < splits; ++s) {
+    Problem p;
+    p.x = act == Act::F32 ? (const void*)x.f32.data() : (const void*)x.bf16.data();
+    p.act = act, p.M = M, p.ldx = K, p.xsum = xsum.data();
+    p.col_bias = with_bias ? bias.data() : nullptr;
+    p.y = y.data(), p.ldy = ldy;
+    p.nb0 = Nb * s / splits, p.nb1 = Nb * (s + 1) / splits;
+    if (p.nb0 < p.nb1) isa.int4(w, p);
+  }
+  char cfg[160];
+  std::snprintf(cfg, sizeof cfg, "[%s %s M=%lld N=%lld K=%lld gs=%lld %s bias=%d splits=%d]",
+                isa.name, act == Act::F32 ? "f32" : "bf16", (long long)M, (long long)N,
+                (long long)K, (long long)gs, sym ? "sym" : "asym", int(with_bias), splits);
+  check_output("int4", cfg, y, ref, mag, M, N, ldy, gs + G);
+}
+
+void run_int8(const Isa& isa, Act act, int64_t M, int64_t N, int64_t K, bool with_bias,
+              int splits) {
+  std::uniform_int_distribution<int> qd(-128, 127);
+  std::uniform_real_distribution<float> sd(0.001f, 0.05f);
+  std::vector<int8_t> wq(N * K);
+  std::vector<float> scales(N), bias(N);
+  for (auto& q : wq) q = int8_t(qd(rng));
+  for (auto& s : scales) s = sd(rng);
+  for (auto& b : bias) b = sd(rng) * 100;
+  std::vector<int8_t> pw(int8_packed_bytes(N, K));
+  std::vector<float> ps(num_blocks(N) * kBlock);
+  pack_int8(wq.data(), scales.data(), N, K, pw.data(), ps.data());
+
+  const int64_t kp = int8_padded_k(K);  // the kernel reads kp columns, zero past K
+  const Act2 x = make_x(M, kp, K, act);
+  std::vector<double> ref(M * N), mag(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = 0.0, mg = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        acc += double(x.val[m * kp + k]) * wq[n * K + k];
+        mg += std::fabs(x.val[m * kp + k] * wq[n * K + k]);
+      }
+      acc *= scales[n], mg *= scales[n];
+      if (with_bias) acc += bias[n], mg += std::fabs(bias[n]);
+      ref[m * N + n] = acc, mag[m * N + n] = mg;
+    }
+
+  const int64_t ldy = N + 3;
+  std::vector<float> y(M * ldy, NAN);
+  Int8Weights w;
+  w.w = pw.data(), w.scale = ps.data(), w.N = N, w.K = K;
+  const int64_t Nb = num_blocks(N);
+  for (int s = 0; s < splits; ++s) {
+    Problem p;
+    p.x = act == Act::F32 ? (const void*)x.f32.data() : (const void*)x.bf16.data();
+    p.act = act, p.M = M, p.ldx = kp;
+    p.col_bias = with_bias ? bias.data() : nullptr;
+    p.y = y.data(), p.ldy = ldy;
+    p.nb0 = Nb * s / splits, p.nb1 = Nb * (s + 1) / splits;
+    if (p.nb0 < p.nb1) isa.int8(w, p);
+  }
+  char cfg[160];
+  std::snprintf(cfg, sizeof cfg, "[%s %s M=%lld N=%lld K=%lld bias=%d splits=%d]", isa.name,
+                act == Act::F32 ? "f32" : "bf16", (long long)M, (long long)N, (long long)K,
+                int(with_bias), splits);
+  check_output("int8", cfg, y, ref, mag, M, N, ldy, kp / 2 + 2);
+}
+
+}  // namespace
+
+int main() {
+  const auto& f = qc::features();
+  std::vector<Isa> isas = {{"scalar", int4_mm_scalar, int8_mm_scalar, true}};
+  if (f.avx2 && f.fma && f.f16c) isas.push_back({"avx2", int4_mm_avx2, int8_mm_avx2, false});
+  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_bf16)
+    isas.push_back({"avx512", int4_mm_avx512, int8_mm_avx512, true});
+  else
+    std::printf("note: no AVX-512 BF16 on this CPU; avx512 kernels not run\n");
+
+  const int64_t Ms[] = {1, 2, 3, 4, 5, 8, 9, 17};
+  const int64_t Ns[] = {1, 15, 16, 17, 40, 70};
+  for (const Isa& isa : isas) {
+    for (Act act : {Act::F32, Act::BF16}) {
+      if (act == Act::BF16 && !isa.bf16) continue;
+      int i = 0;
+      for (int64_t M : Ms)
+        for (int64_t N : Ns) {
+          ++i;
+          const int64_t gs = int64_t(32) << (i % 4);
+          const int64_t K = gs * (1 + i % 3);
+          run_int4(isa, act, M, N, K, gs, i % 2 == 0, i % 3 != 0, 1 + i % 3);
+          run_int8(isa, act, M, N, 1 + (i * 37) % 300, i % 2 == 1, 1 + i % 3);
+        }
+      run_int8(isa, act, 3, 33, 1, true, 2);  // K = 1: one padded k pair
+    }
+  }
+  std::printf("%s: %d checks, %d failures\n", failures ? "FAIL" : "OK", checks, failures);
+  return failures ? 1 : 0;
+}
