@@ -33,12 +33,14 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
 
 
 # int8 tiles: K blocks of 128 bytes fill the 128-byte shared-memory rows of the MMA swizzle.
-# Shared memory per stage = (BM + BN) · BK bytes; 3 stages of 128×256×128 = 144 KiB (A100
-# allows 163 KiB), 4 stages = 192 KiB (H100/H200 allow 227 KiB).
+# Shared memory per stage = (BM + BN) · BK bytes. On sm_80 (mma.sync, accumulators in the
+# registers of all warps) 128×256 tiles spill registers whatever BK (checked by
+# tests/test_triton_aot.py), so Ampere stops at 128×128; Hopper's wgmma keeps 128×256 with
+# 4 stages = 192 KiB of the 227 KiB.
 _INT8_AMPERE = [
-    _cfg(128, 256, 128, 8, 3), _cfg(256, 128, 128, 8, 3), _cfg(128, 128, 128, 4, 4),
-    _cfg(128, 64, 128, 4, 4), _cfg(64, 128, 128, 4, 4), _cfg(64, 64, 128, 4, 4),
-    _cfg(16, 128, 256, 4, 4), _cfg(32, 64, 256, 4, 4),
+    _cfg(128, 128, 128, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 128, 4, 4),
+    _cfg(64, 128, 128, 4, 4), _cfg(64, 64, 128, 4, 4), _cfg(16, 128, 256, 4, 4),
+    _cfg(32, 64, 256, 4, 4),
 ]
 _INT8_HOPPER = [
     _cfg(128, 256, 128, 8, 4), _cfg(256, 128, 128, 8, 4), _cfg(128, 128, 128, 8, 4),
@@ -47,8 +49,9 @@ _INT8_HOPPER = [
 ]
 # 16-bit activations, int8 weights converted in registers: BK = 64 halves = 128 bytes.
 _W8A16_AMPERE = [
-    _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
-    _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 4), _cfg(32, 128, 64, 4, 4),
+    _cfg(128, 256, 32, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(64, 256, 64, 8, 3),
+    _cfg(128, 128, 32, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4), _cfg(32, 128, 64, 4, 4),
 ]
 _W8A16_HOPPER = [
     _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
