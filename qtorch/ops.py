@@ -8,6 +8,8 @@ this call, and restores the leading dims. The kernel signatures are in
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -592,6 +594,9 @@ def distillation_loss(
     labels [...] integer or None. Returns a float32 scalar ("mean"/"sum") or per-token [...]
     ("none"); differentiable w.r.t. student_logits, the gradient in the student's dtype.
     """
+    _check_loss_call_types({"student_logits": (student_logits, False),
+                            "teacher_logits": (teacher_logits, False), "labels": (labels, True)},
+                           num_items_in_batch)
     return torch.ops.qtorch.distillation_loss(
         student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha,
         divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
@@ -848,9 +853,55 @@ def fused_linear_distillation_loss(
     teacher_weight [V, Ht]. Differentiable w.r.t. student_hidden, student_weight, student_bias;
     their gradients are computed during the forward pass, accumulated in fp32.
     """
+    _check_loss_call_types({"student_hidden": (student_hidden, False),
+                            "student_weight": (student_weight, False),
+                            "teacher_hidden": (teacher_hidden, False),
+                            "teacher_weight": (teacher_weight, False), "labels": (labels, True),
+                            "student_bias": (student_bias, True),
+                            "teacher_bias": (teacher_bias, True)}, num_items_in_batch)
     return torch.ops.qtorch.fused_linear_distillation_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
         teacher_bias, chunk_size, temperature=temperature, alpha=alpha, divergence=divergence,
         beta=beta, ignore_index=ignore_index, reduction=reduction,
         num_items_in_batch=num_items_in_batch,
     )
+
+
+# ------------------------------------------------------------------------ public entry points
+#
+# The dispatcher rejects a non-tensor where a Tensor is declared with a RuntimeError; the
+# contract wants a TypeError naming the argument, so the public functions check that first.
+# `torch.ops.qtorch.<name>` stays the op itself.
+
+
+def _public(opdef):
+    fn = opdef._init_fn
+    sig = inspect.signature(fn)
+    tensor_params = {n: "None" in str(p.annotation) for n, p in sig.parameters.items()
+                     if str(p.annotation).startswith("Tensor")}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            if name in tensor_params:
+                chk.tensor(name, value, optional=tensor_params[name])
+        return opdef(*args, **kwargs)
+
+    wrapper.op = opdef
+    return wrapper
+
+
+def _check_loss_call_types(tensors: dict, num_items_in_batch) -> None:
+    for name, (value, optional) in tensors.items():
+        chk.tensor(name, value, optional=optional)
+    _check_num_items(num_items_in_batch)
+
+
+quantize_int8 = _public(quantize_int8)
+int8_scaled_mm = _public(int8_scaled_mm)
+int8_linear = _public(int8_linear)
+int8_weight_only_linear = _public(int8_weight_only_linear)
+quantize_int4 = _public(quantize_int4)
+dequantize_int4 = _public(dequantize_int4)
+int4_weight_only_linear = _public(int4_weight_only_linear)

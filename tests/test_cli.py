@@ -1,0 +1,39 @@
+"""The command line: `qtorch info` and `qtorch validate` (in-process and as `python -m`)."""
+
+import subprocess
+import sys
+
+from qtorch import _backend
+from qtorch.cli import main
+
+
+def test_info_lists_backends_and_features(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("reference", "cpu", "triton", "cuda"):
+        assert name in out
+    assert "torch" in out and "kernels per op" in out
+    if "cpu" in _backend.available_backends():
+        assert "avx512_vnni=" in out and "CPU kernel ISA in use" in out
+
+
+def test_validate_reference_quick(capsys):
+    assert main(["validate", "--backend", "reference", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "MISMATCH" not in out and " 0 failed" in out
+
+
+def test_validate_detects_a_wrong_kernel(capsys):
+    """A kernel that is off by a little must make validate fail (exit 1)."""
+    ref = _backend._KERNELS["int8_weight_only_linear"]["reference"]
+    _backend._KERNELS["int8_weight_only_linear"]["reference"] = lambda *a: ref(*a) * 1.01
+    try:
+        assert main(["validate", "--backend", "reference", "--quick"]) == 1
+    finally:
+        _backend._KERNELS["int8_weight_only_linear"]["reference"] = ref
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_python_m_qtorch():
+    out = subprocess.run([sys.executable, "-m", "qtorch", "info"], capture_output=True, text=True)
+    assert out.returncode == 0 and "backends:" in out.stdout
