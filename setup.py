@@ -88,8 +88,9 @@ if torch is not None:
                 cuda_sources,
                 include_dirs=[os.path.abspath("csrc/cuda")],
                 extra_compile_args={
-                    "cxx": ["-O3", "-std=c++17"],
-                    "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                    # torch >= 2.14 headers require C++20 (the CUDA torch this builds against)
+                    "cxx": ["-O3", "-std=c++20"],
+                    "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr",
                              "-gencode", "arch=compute_80,code=sm_80",
                              "-gencode", "arch=compute_90a,code=sm_90a"],
                 },

@@ -9,7 +9,7 @@
 #   1. nvcc -gencode sm_80 -gencode sm_90a -Xptxas -v on every csrc/cuda/*.cu (no torch headers);
 #   2. per kernel and arch: registers, spill bytes; any spill in a kernel fails the check;
 #   3. SASS via cuobjdump (from the Triton wheel when not on PATH): IMMA count must be > 0 in
-#      every int8_mm_kernel instance, HMMA > 0 in every int4_mm_kernel instance;
+#      every int8_mm_kernel instance, HMMA > 0 in every wo_mm_kernel (W4A16 / W8A16) instance;
 #   4. the torch binding: built with `python setup.py build_ext` only when $QTORCH_CUDA_PYTHON
 #      (default: python) has a CUDA build of torch; otherwise skipped, with a message.
 set -euo pipefail
@@ -35,7 +35,7 @@ fi
 
 echo "== nvcc: $("$NVCC" --version | tail -1)"
 echo "== cuobjdump: $CUOBJDUMP"
-FLAGS=(-std=c++17 -O3 --expt-relaxed-constexpr
+FLAGS=(-std=c++20 -O3 --expt-relaxed-constexpr
        -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a
        -Xptxas -v -I "$ROOT/csrc/cuda")
 
@@ -99,7 +99,7 @@ for log in sorted(glob.glob(os.path.join(build, "*.ptxas.log"))):
             failures.append(f"{dn} [{arch}]: {spill} bytes of register spills")
         if "int8_mm_kernel" in dn and c["IMMA"] == 0:
             failures.append(f"{dn} [{arch}]: no IMMA in SASS")
-        if "int4_mm_kernel" in dn and c["HMMA"] == 0:
+        if "wo_mm_kernel" in dn and c["HMMA"] == 0:
             failures.append(f"{dn} [{arch}]: no HMMA in SASS")
 
 hdr = ("unit", "kernel", "arch", "regs", "spill B", "IMMA", "HMMA", "LDSM", "LDGSTS", "instrs")
@@ -112,7 +112,7 @@ if failures:
     print("\ncuda_check: FAILED\n  " + "\n  ".join(failures), file=sys.stderr)
     sys.exit(1)
 print(f"\ncuda_check: {len(rows)} kernel instances compiled for sm_80 + sm_90a, no spills, "
-      "IMMA in every int8 GEMM, HMMA in every int4 GEMM")
+      "IMMA in every int8 GEMM, HMMA in every weight-only (W4A16/W8A16) GEMM")
 EOF
 
 # ---- the torch binding -------------------------------------------------------------------------

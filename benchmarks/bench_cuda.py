@@ -10,6 +10,8 @@ message (status 0) when there is no CUDA device or the cuda backend is not built
 Goals (issue 6): int8 GEMM >= 0.9x torch._int_mm at 8192^3; W4A16 >= 3x bf16 at M <= 16.
 """
 
+# Closures below capture loop variables on purpose: each is timed inside its own iteration.
+# ruff: noqa: B023
 from __future__ import annotations
 
 import argparse
@@ -27,8 +29,9 @@ from qtorch import reference as R
 def _bench(fn, quick):
     from triton.testing import do_bench
 
-    p20, p50, p80 = do_bench(fn, warmup=10 if quick else 50, rep=30 if quick else 200,
-                             quantiles=[0.2, 0.5, 0.8])
+    p20, p50, p80 = do_bench(
+        fn, warmup=10 if quick else 50, rep=30 if quick else 200, quantiles=[0.2, 0.5, 0.8]
+    )
     return p20, p50, p80
 
 
@@ -45,8 +48,9 @@ def _row(rows, case, impl, times, baseline=None, flops=None, bytes_=None):
     extra = "".join(
         f"  {k}={r[k]:.3f}" for k in ("speedup_vs_baseline", "tflops", "gb_per_s") if k in r
     )
-    print(f"{case:<34} {impl:<22} p50 {p50:9.4f} ms (p20 {p20:.4f}, p80 {p80:.4f}){extra}",
-          flush=True)
+    print(
+        f"{case:<34} {impl:<22} p50 {p50:9.4f} ms (p20 {p20:.4f}, p80 {p80:.4f}){extra}", flush=True
+    )
 
 
 def bench_int8(rows, quick, triton_ok):
@@ -68,25 +72,46 @@ def bench_int8(rows, quick, triton_ok):
             _row(rows, case, "torch._int_mm (s32 out)", base, base[1], flops)
         xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        _row(rows, case, "bf16 matmul", _bench(lambda: xb @ wb.T, quick),
-             base[1] if base else None, flops)
-        _row(rows, case, "cuda int8_scaled_mm",
-             _bench(lambda: torch.ops.qtorch_cuda.int8_scaled_mm(a, b, sa, sb, None,
-                                                                   torch.bfloat16), quick),
-             base[1] if base else None, flops)
+        _row(
+            rows,
+            case,
+            "bf16 matmul",
+            _bench(lambda: xb @ wb.T, quick),
+            base[1] if base else None,
+            flops,
+        )
+        _row(
+            rows,
+            case,
+            "cuda int8_scaled_mm",
+            _bench(
+                lambda: torch.ops.qtorch_cuda.int8_scaled_mm(a, b, sa, sb, None, torch.bfloat16),
+                quick,
+            ),
+            base[1] if base else None,
+            flops,
+        )
         if triton_ok:
+
             def tri():
                 with qtorch.use_backend("triton"):
                     return ops.int8_scaled_mm(a, b, sa, sb, None, torch.bfloat16)
-            _row(rows, case, "triton int8_scaled_mm", _bench(tri, quick),
-                 base[1] if base else None, flops)
+
+            _row(
+                rows,
+                case,
+                "triton int8_scaled_mm",
+                _bench(tri, quick),
+                base[1] if base else None,
+                flops,
+            )
 
 
 def bench_int4(rows, quick, triton_ok):
     ks_ns = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
     ms = [1, 4, 16, 64] if not quick else [1, 16]
     gs = 128
-    for k, n in (ks_ns if not quick else ks_ns[:1]):
+    for k, n in ks_ns if not quick else ks_ns[:1]:
         w = torch.randn(n, k, device="cuda")
         q, s, z = R.quantize_int4(w, gs)
         wb = w.to(torch.bfloat16)
@@ -96,21 +121,49 @@ def bench_int4(rows, quick, triton_ok):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 wd = wb.to(dtype)
                 base = _bench(lambda: x @ wd.T, quick)
-                _row(rows, case, f"{str(dtype)[6:]} matmul", base, base[1], 2 * m * n * k,
-                     2 * n * k)
+                _row(
+                    rows, case, f"{str(dtype)[6:]} matmul", base, base[1], 2 * m * n * k, 2 * n * k
+                )
 
                 def cuda_fn():
                     with qtorch.use_backend("cuda"):
                         return ops.int4_weight_only_linear(x, q, s, z, gs)
+
                 cuda_fn()  # packs the weight once (cached)
-                _row(rows, case, "cuda int4 (Marlin-style)", _bench(cuda_fn, quick), base[1],
-                     2 * m * n * k, n * k // 2)
+                _row(
+                    rows,
+                    case,
+                    "cuda int4 (Marlin-style)",
+                    _bench(cuda_fn, quick),
+                    base[1],
+                    2 * m * n * k,
+                    n * k // 2,
+                )
                 if triton_ok:
+
                     def tri():
                         with qtorch.use_backend("triton"):
                             return ops.int4_weight_only_linear(x, q, s, z, gs)
+
                     tri()
                     _row(rows, case, "triton int4", _bench(tri, quick), base[1])
+                if m in (1, 16) and dtype == torch.bfloat16:
+                    w8, s8 = R.quantize_int8(w)
+
+                    def w8_fn():
+                        with qtorch.use_backend("cuda"):
+                            return ops.int8_weight_only_linear(x, w8, s8)
+
+                    w8_fn()
+                    _row(
+                        rows,
+                        case.replace("W4A16", "W8A16"),
+                        "cuda W8A16",
+                        _bench(w8_fn, quick),
+                        base[1],
+                        2 * m * n * k,
+                        n * k,
+                    )
 
 
 def bench_quantize(rows, quick):
@@ -119,8 +172,15 @@ def bench_quantize(rows, quick):
         case = f"quantize_int8 bf16 M={m} K={k}"
         base = _bench(lambda: R.quantize_int8(x), quick)
         _row(rows, case, "reference (torch ops)", base, base[1], None, 3 * m * k)
-        _row(rows, case, "cuda", _bench(lambda: torch.ops.qtorch_cuda.quantize_int8(x), quick),
-             base[1], None, 3 * m * k)
+        _row(
+            rows,
+            case,
+            "cuda",
+            _bench(lambda: torch.ops.qtorch_cuda.quantize_int8(x), quick),
+            base[1],
+            None,
+            3 * m * k,
+        )
 
 
 def bench_distill(rows, quick, triton_ok):
@@ -137,14 +197,26 @@ def bench_distill(rows, quick, triton_ok):
             nbytes = m * v * 2 * 3
             _row(rows, case, "reference (torch ops)", base, base[1], None, nbytes)
             code = {"kl": 0, "reverse_kl": 1, "jsd": 2}[div]
-            _row(rows, case, "cuda",
-                 _bench(lambda: torch.ops.qtorch_cuda.distillation_loss(
-                     s, t, labels, 2.0, 0.5, code, 0.5, -100, True), quick),
-                 base[1], None, nbytes)
+            _row(
+                rows,
+                case,
+                "cuda",
+                _bench(
+                    lambda: torch.ops.qtorch_cuda.distillation_loss(
+                        s, t, labels, 2.0, 0.5, code, 0.5, -100, True
+                    ),
+                    quick,
+                ),
+                base[1],
+                None,
+                nbytes,
+            )
             if triton_ok:
+
                 def tri():
                     with qtorch.use_backend("triton"):
                         return _backend.resolve("distillation_loss", s.device)[1](s, t, *args)
+
                 _row(rows, case, "triton", _bench(tri, quick), base[1], None, nbytes)
 
 

@@ -24,7 +24,12 @@ import torch
 import qtorch
 from qtorch import _backend, ops
 from qtorch import reference as R
-from qtorch.backends._cuda_pack import emulate_int4_fragments, pack_int4
+from qtorch.backends._cuda_pack import (
+    emulate_int4_fragments,
+    emulate_int8_fragments,
+    pack_int4,
+    pack_int8,
+)
 from qtorch.reference.quantize import unpack_int4
 from qtorch.testing import assert_close
 
@@ -36,8 +41,9 @@ def _cuda_backend_ready() -> bool:
     return torch.cuda.is_available() and _backend.backend_status()["cuda"][0]
 
 
-gpu = pytest.mark.skipif(not _cuda_backend_ready(),
-                         reason="needs a CUDA device and the qtorch._C_cuda extension")
+gpu = pytest.mark.skipif(
+    not _cuda_backend_ready(), reason="needs a CUDA device and the qtorch._C_cuda extension"
+)
 
 
 def _gen(seed):
@@ -48,13 +54,16 @@ def _gen(seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,k,gs,symmetric", [
-    (1, 32, 32, False),     # one column, K < one 64-wide chunk (padded)
-    (17, 96, 32, True),     # N not a multiple of 16, K = 1.5 chunks
-    (40, 128, 64, False),
-    (33, 256, 128, False),
-    (16, 512, 256, True),
-])
+@pytest.mark.parametrize(
+    "n,k,gs,symmetric",
+    [
+        (1, 32, 32, False),  # one column, K < one 64-wide chunk (padded)
+        (17, 96, 32, True),  # N not a multiple of 16, K = 1.5 chunks
+        (40, 128, 64, False),
+        (33, 256, 128, False),
+        (16, 512, 256, True),
+    ],
+)
 def test_int4_pack_is_the_mma_fragment_layout(dtype, n, k, gs, symmetric):
     """Decoding the packed words the way the kernel does (lop3 magic numbers, 16-bit
     (p - (MAGIC + z)) * s) and placing each value where the m16n8k16 B fragment puts it
@@ -72,6 +81,18 @@ def test_int4_pack_is_the_mma_fragment_layout(dtype, n, k, gs, symmetric):
     assert (got[n:] == 0).all() and (got[:, k:] == 0).all()
     # and that is the reference's dequantization up to the 16-bit rounding of the scale
     assert_close(got[:n, :k].float(), R.dequantize_int4(q, s, z, gs), dtype=dtype)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (17, 100), (40, 128), (33, 257), (16, 4096)])
+def test_int8_pack_is_the_mma_fragment_layout(n, k):
+    """W8A16: the bytes each lane's B registers get, placed by the m16n8k16 fragment layout,
+    are the weights; K and N padding holds 0."""
+    w_q = torch.randint(-127, 128, (n, k), generator=_gen(n + k), dtype=torch.int8)
+    qp = pack_int8(w_q)
+    assert qp.dtype == torch.int32 and qp.shape == (-(-k // 64), -(-n // 16), 2, 32, 4)
+    got = emulate_int8_fragments(qp)
+    assert torch.equal(got[:n, :k], w_q.long())
+    assert (got[n:] == 0).all() and (got[:, k:] == 0).all()
 
 
 def test_int4_pack_rejects_fp32():
@@ -121,8 +142,9 @@ def test_distillation_closed_forms(divergence, temperature, beta):
     safe = labels.clamp(min=0)
     hard = log_zs.squeeze(-1) - s.gather(1, safe[:, None]).squeeze(1)
     loss = alpha * T * T * d.squeeze(-1) + (1 - alpha) * hard
-    grad = alpha * T * soft + (1 - alpha) * ((s - log_zs).exp()
-                                            - torch.nn.functional.one_hot(safe, v))
+    grad = alpha * T * soft + (1 - alpha) * (
+        (s - log_zs).exp() - torch.nn.functional.one_hot(safe, v)
+    )
     valid = labels != -100
     loss = torch.where(valid, loss, zero)
     grad = torch.where(valid[:, None], grad, zero)
@@ -130,8 +152,9 @@ def test_distillation_closed_forms(divergence, temperature, beta):
     torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("qtorch._C_cuda") is not None,
-                    reason="qtorch._C_cuda is built here")
+@pytest.mark.skipif(
+    importlib.util.find_spec("qtorch._C_cuda") is not None, reason="qtorch._C_cuda is built here"
+)
 def test_backend_reports_not_built():
     with pytest.raises(ImportError):
         importlib.import_module("qtorch.backends.cuda")
@@ -145,19 +168,36 @@ def test_backend_reports_not_built():
 def test_cuda_compile_check(tmp_path):
     """.ci/cuda_check.sh: every .cu compiles for sm_80 and sm_90a without torch, no kernel
     spills registers, the int8 GEMMs contain IMMA and the int4 GEMMs HMMA."""
-    r = subprocess.run(["bash", os.path.join(ROOT, ".ci", "cuda_check.sh"), str(tmp_path)],
-                       capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(
+        ["bash", os.path.join(ROOT, ".ci", "cuda_check.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "no spills" in r.stdout
-    for kernel in ("int8_mm_kernel", "int4_mm_kernel", "quantize_int8_kernel", "distill_kernel"):
+    for kernel in (
+        "int8_mm_kernel",
+        "wo_mm_kernel<fp16, false",
+        "wo_mm_kernel<bf16, true",
+        "quantize_int8_kernel",
+        "distill_kernel",
+    ):
         assert kernel in r.stdout
 
 
 # ------------------------------------------------------------------------------------ GPU tests
 
 # (M, K, N) around the int8 tiles (BM 64 | 128, BN 128, BK 64, K padded to 16)
-INT8_SHAPES = [(1, 1, 1), (1, 16, 128), (17, 33, 129), (64, 64, 127), (65, 200, 257),
-               (129, 1000, 130), (256, 4096, 512)]
+INT8_SHAPES = [
+    (1, 1, 1),
+    (1, 16, 128),
+    (17, 33, 129),
+    (64, 64, 127),
+    (65, 200, 257),
+    (129, 1000, 130),
+    (256, 4096, 512),
+]
 
 
 @gpu
@@ -227,9 +267,16 @@ def test_int8_linear_exact(dtype, m, k, n):
 
 
 # (M, K, N, group_size) around the int4 tiles (BM 16 | 32 | 64, BN 256 | 128, K chunk 64)
-INT4_SHAPES = [(1, 32, 1, 32), (1, 4096, 4096, 128), (5, 96, 17, 32), (16, 256, 300, 64),
-               (17, 512, 257, 128), (33, 1024, 130, 256), (100, 384, 70, 128),
-               (300, 2048, 512, 128)]
+INT4_SHAPES = [
+    (1, 32, 1, 32),
+    (1, 4096, 4096, 128),
+    (5, 96, 17, 32),
+    (16, 256, 300, 64),
+    (17, 512, 257, 128),
+    (33, 1024, 130, 256),
+    (100, 384, 70, 128),
+    (300, 2048, 512, 128),
+]
 
 
 @gpu
@@ -249,6 +296,33 @@ def test_int4_weight_only_linear(dtype, m, k, n, gs, symmetric):
     assert torch.isfinite(out).all()
     # ŵ is rounded to x's dtype before the MMA (the reference keeps it fp32): one 16-bit
     # rounding per weight, the same order as a 16-bit matmul's input rounding.
+    assert_close(out, ref, dtype=dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "m,k,n",
+    [
+        (1, 1, 1),
+        (1, 4096, 4096),
+        (5, 100, 17),
+        (16, 256, 300),
+        (17, 515, 257),
+        (33, 1024, 130),
+        (100, 384, 70),
+    ],
+)
+def test_int8_weight_only_linear(dtype, m, k, n):
+    g = _gen(m + 3 * k + n)
+    w_q, w_s = (t.cuda() for t in R.quantize_int8(torch.randn(n, k, generator=g)))
+    x = torch.randn(m, k, generator=g).to("cuda", dtype)
+    bias = torch.randn(n, generator=g).to("cuda", dtype)
+    with qtorch.use_backend("cuda"):
+        out = ops.int8_weight_only_linear(x, w_q, w_s, bias)
+    ref = R.int8_weight_only_linear(x, w_q, w_s, bias)
+    assert out.dtype == dtype and out.shape == (m, n)
+    # the MMA sees the exact integers; the scale is applied to the fp32 sum
     assert_close(out, ref, dtype=dtype)
 
 
@@ -284,10 +358,12 @@ def test_distillation_loss(dtype, divergence, m, v, temperature):
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     assert_close(loss, loss_ref, dtype=torch.float32)
     assert_close(grad, grad_ref, dtype=dtype)
-    loss_nl, grad_nl = cb._distillation_loss(s[1:], t[1:], None, temperature, 1.0, divergence,
-                                             0.4, -100, False)
-    ref_nl, _ = R.distillation_loss(s[1:], t[1:], None, temperature, 1.0, divergence, 0.4, -100,
-                                    False)
+    loss_nl, grad_nl = cb._distillation_loss(
+        s[1:], t[1:], None, temperature, 1.0, divergence, 0.4, -100, False
+    )
+    ref_nl, _ = R.distillation_loss(
+        s[1:], t[1:], None, temperature, 1.0, divergence, 0.4, -100, False
+    )
     assert grad_nl is None
     assert_close(loss_nl, ref_nl, dtype=torch.float32)
 

@@ -3,9 +3,10 @@
 // the fake impls; qtorch/backends/cuda.py calls these from the `cuda` backend. The checks here
 // are the ones the raw-pointer launchers rely on (device, dtype, contiguity, alignment).
 //
-// Built only where a CUDA build of torch and nvcc exist (setup.py -> qtorch._C_cuda).
-#include <ATen/cuda/CUDAContext.h>
+// Only c10/cuda headers (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers
+// the kernels never use). Built only where a CUDA build of torch and nvcc exist (setup.py -> qtorch._C_cuda).
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -56,7 +57,7 @@ std::tuple<Tensor, Tensor> quantize_int8(const Tensor& x) {
   Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
   CHECK_LAUNCH(launch_quantize_int8(xc.data_ptr(), dtype_code(x.scalar_type()), q.data_ptr<int8_t>(),
                                     s.data_ptr<float>(), M, K, K,
-                                    at::cuda::getCurrentCUDAStream()));
+                                    c10::cuda::getCurrentCUDAStream()));
   return {q, s};
 }
 
@@ -72,7 +73,7 @@ Tensor scaled_mm_impl(const Tensor& a, const Tensor& b, const Tensor& scale_a,
   CHECK_LAUNCH(launch_int8_scaled_mm(a.data_ptr<int8_t>(), b.data_ptr<int8_t>(), sa.data_ptr<float>(),
                                      sb.data_ptr<float>(), bf.defined() ? bf.data_ptr<float>() : nullptr,
                                      out.data_ptr(), dtype_code(out_dtype), M, N, Kp, Kp, Kp,
-                                     at::cuda::getCurrentCUDAStream()));
+                                     c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -103,7 +104,7 @@ Tensor int8_linear(const Tensor& x, const Tensor& w_q, const Tensor& w_scale,
   Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
   CHECK_LAUNCH(launch_quantize_int8(xc.data_ptr(), dtype_code(x.scalar_type()), q.data_ptr<int8_t>(),
                                     s.data_ptr<float>(), M, K, Kp,
-                                    at::cuda::getCurrentCUDAStream()));
+                                    c10::cuda::getCurrentCUDAStream()));
   return scaled_mm_impl(q, w, s, w_scale, bias, x.scalar_type(), w.size(0));
 }
 
@@ -125,14 +126,46 @@ Tensor int4_linear(const Tensor& x, const Tensor& qpacked, const Tensor& szpacke
   Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->to(x.scalar_type()).contiguous();
   Tensor out = at::empty({M, N}, x.options());
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sms = 0;
+  CHECK_LAUNCH(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
   const int split = int4_pick_split_k(M, N, K, sms);
   Tensor ws;
   if (split > 1) ws = at::zeros({M, N}, x.options().dtype(at::kFloat));
   CHECK_LAUNCH(launch_int4_linear(xc.data_ptr(), dtype_code(x.scalar_type()), qpacked.data_ptr<int32_t>(),
                                   szpacked.data_ptr<int32_t>(), b.defined() ? b.data_ptr() : nullptr,
                                   out.data_ptr(), ws.defined() ? ws.data_ptr<float>() : nullptr, M, N, K,
-                                  group_size, split, sms, at::cuda::getCurrentCUDAStream()));
+                                  group_size, split, sms, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// W8A16 with weights from qtorch/backends/_cuda_pack.py (pack_int8); x's K % 8 == 0 (the
+// Python side zero-pads x otherwise; the packed weight is zero past the real K).
+Tensor int8wo_linear(const Tensor& x, const Tensor& qpacked, const Tensor& w_scale, int64_t N,
+                     const c10::optional<Tensor>& bias) {
+  CHECK_CUDA_TENSOR(x);
+  CHECK_CUDA_TENSOR(qpacked);
+  CHECK_CONTIG(qpacked);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, "x must be fp16/bf16");
+  TORCH_CHECK(qpacked.scalar_type() == at::kInt && qpacked.dim() == 5, "qpacked: int32 [Kp/64, Np/16, 2, 32, 4]");
+  c10::cuda::CUDAGuard guard(x.device());
+  Tensor xc = x.contiguous();
+  if (!aligned16(xc)) xc = xc.clone();
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % 8 == 0 && qpacked.size(0) * 64 >= K && qpacked.size(1) * 16 >= N,
+              "qpacked does not match x / N");
+  const Tensor sc = w_scale.to(at::kFloat).contiguous();
+  Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->to(x.scalar_type()).contiguous();
+  Tensor out = at::empty({M, N}, x.options());
+  int sms = 0;
+  CHECK_LAUNCH(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  const int split = int4_pick_split_k(M, N, K, sms);
+  Tensor ws;
+  if (split > 1) ws = at::zeros({M, N}, x.options().dtype(at::kFloat));
+  CHECK_LAUNCH(launch_w8a16_linear(xc.data_ptr(), dtype_code(x.scalar_type()), qpacked.data_ptr<int32_t>(),
+                                   sc.data_ptr<float>(), b.defined() ? b.data_ptr() : nullptr, out.data_ptr(),
+                                   ws.defined() ? ws.data_ptr<float>() : nullptr, M, N, K, split, sms,
+                                   c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -155,7 +188,7 @@ std::tuple<Tensor, Tensor> distillation_loss(const Tensor& student, const Tensor
                                         loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr,
                                         dtype_code(s.scalar_type()), M, V, (float)temperature,
                                         (float)alpha, (int)divergence, (float)beta, ignore_index,
-                                        at::cuda::getCurrentCUDAStream()));
+                                        c10::cuda::getCurrentCUDAStream()));
   return {loss, grad};
 }
 
@@ -167,6 +200,7 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cuda, m) {
   m.def("int8_scaled_mm(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor qpacked, Tensor szpacked, int N, int group_size, Tensor? bias) -> Tensor");
+  m.def("int8wo_linear(Tensor x, Tensor qpacked, Tensor w_scale, int N, Tensor? bias) -> Tensor");
   m.def("distillation_loss(Tensor student, Tensor teacher, Tensor? labels, float temperature, float alpha, int divergence, float beta, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
 }
 
@@ -175,6 +209,7 @@ TORCH_LIBRARY_IMPL(qtorch_cuda, CUDA, m) {
   m.impl("int8_scaled_mm", &qtorch_cuda::int8_scaled_mm);
   m.impl("int8_linear", &qtorch_cuda::int8_linear);
   m.impl("int4_linear", &qtorch_cuda::int4_linear);
+  m.impl("int8wo_linear", &qtorch_cuda::int8wo_linear);
   m.impl("distillation_loss", &qtorch_cuda::distillation_loss);
 }
 

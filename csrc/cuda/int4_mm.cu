@@ -23,6 +23,16 @@
 // accumulators; split-K across blockIdx.z for small M, where N / BN blocks alone cannot fill
 // the GPU: partial sums go to an fp32 workspace with atomicAdd (order-dependent in the last
 // bits) and a second kernel adds the bias and casts.
+//
+// W8A16 (int8_weight_only_linear) runs on the same kernel with W8 = true:
+//   qpacked int32 [Kp/64][Np/16][2 units][32 lanes][4 words] (unit-major: each 16-byte
+//   shared-memory read of a warp is contiguous); words 2 ks, 2 ks + 1 of lane l hold,
+//   for columns n0 and n1, the bytes q[n][2t], q[n][2t+1], q[n][2t+8], q[n][2t+9] (low byte
+//   first), each stored as q + 128 (0..255). fp16: prmt places two bytes under 0x64 (1024 + u,
+//   exact), minus 1152 gives q exactly. bf16 has too few mantissa bits for 1024 + u, so the
+//   bytes go through fp32 (0x4B000000 | u = 2^23 + u) and are packed back to bf16 (exact:
+//   |q| <= 127 needs 7 bits). The per-channel scale is applied to the fp32 accumulator in the
+//   epilogue, so the MMA sees the exact integers.
 #include <algorithm>
 
 #include "common.cuh"
@@ -72,6 +82,34 @@ __device__ __forceinline__ void dequant_word(uint32_t q, uint32_t sz0, uint32_t 
   b1[1] = dq_pair<T>(lop3_and_or(q >> 12, kMask, kMagic), z1, s1);  // nibbles 3, 7
 }
 
+// One W8 packed word (bytes u = q + 128 for k 2t, 2t+1, 2t+8, 2t+9 of one column) -> the two
+// B registers of that column, holding q exactly.
+template <typename T>
+__device__ __forceinline__ void dequant_w8(uint32_t w, uint32_t (&b)[2]);
+
+template <>
+__device__ __forceinline__ void dequant_w8<__half>(uint32_t w, uint32_t (&b)[2]) {
+  const uint32_t lo = __byte_perm(w, 0x64646464u, 0x4140);  // {1024 + u0, 1024 + u1}
+  const uint32_t hi = __byte_perm(w, 0x64646464u, 0x4342);  // {1024 + u2, 1024 + u3}
+  const __half2 bias = __half2half2(__ushort_as_half(0x6480));  // 1152 = 1024 + 128
+  const __half2 r0 = __hsub2(*reinterpret_cast<const __half2*>(&lo), bias);
+  const __half2 r1 = __hsub2(*reinterpret_cast<const __half2*>(&hi), bias);
+  b[0] = *reinterpret_cast<const uint32_t*>(&r0);
+  b[1] = *reinterpret_cast<const uint32_t*>(&r1);
+}
+
+template <>
+__device__ __forceinline__ void dequant_w8<__nv_bfloat16>(uint32_t w, uint32_t (&b)[2]) {
+  constexpr float kBias = 8388736.f;  // 2^23 + 128
+  const float f0 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7440)) - kBias;
+  const float f1 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7441)) - kBias;
+  const float f2 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7442)) - kBias;
+  const float f3 = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7443)) - kBias;
+  const __nv_bfloat162 r0 = __floats2bfloat162_rn(f0, f1), r1 = __floats2bfloat162_rn(f2, f3);
+  b[0] = *reinterpret_cast<const uint32_t*>(&r0);
+  b[1] = *reinterpret_cast<const uint32_t*>(&r1);
+}
+
 // x tile rows are 64 halves = 128 bytes = 8 chunks; chunk c of row r lives at c ^ (r & 7), so
 // the 8 rows one ldmatrix phase reads fall on 8 different 16-byte bank groups.
 __device__ __forceinline__ int xswz(int row, int chunk) {
@@ -83,12 +121,19 @@ __device__ __forceinline__ void store_out(T* p, float v) {
   *p = from_float<T>(v);
 }
 
+// Weight format of the shared kernel: int4 with group scales/zeros (W4A16) or int8 with a
+// per-channel scale (W8A16).
+template <bool W8> struct WFmt {
+  static constexpr int kUnitsPerLane = W8 ? 2 : 1;  // 16-byte packed units per lane per chunk
+};
+
 // MT: m16 tiles per block (block rows = 16 MT); NW: n16 blocks per warp (BN = 64 NW).
-template <typename T, int MT, int NW, int STAGES>
+template <typename T, bool W8, int MT, int NW, int STAGES>
 __global__ void __launch_bounds__(kWarps * 32)
-    int4_mm_kernel(const T* __restrict__ x,              // [M, K]
-                   const int4* __restrict__ qp,           // [Kp/64][Np/16][32] x 16 bytes
-                   const uint32_t* __restrict__ szp,      // [Kp/gs][Np]
+    wo_mm_kernel(const T* __restrict__ x,              // [M, K]
+                   const int4* __restrict__ qp,           // [Kp/64][Np/16][UPL][32 lanes] x 16 B
+                   const uint32_t* __restrict__ szp,      // int4: [Kp/gs][Np]; W8: unused
+                   const float* __restrict__ wscale,      // W8: [N] per-channel scale; int4: unused
                    const T* __restrict__ bias,            // [N] or nullptr
                    T* __restrict__ out,                   // [M, N]   (split_k == 1)
                    float* __restrict__ ws,                // [M, N]   (split_k > 1)
@@ -96,8 +141,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int NT = kWarps * 32;
   constexpr int BM = 16 * MT, BN = kWarps * NW * 16;
   constexpr int X_BYTES = BM * kKC * 2;
-  constexpr int W_UNITS = kWarps * NW * 32;  // 16-byte units of packed weights per stage
-  constexpr int SZ_WORDS = 2 * BN;           // two group rows
+  constexpr int UPL = WFmt<W8>::kUnitsPerLane;
+  constexpr int W_UNITS = kWarps * NW * 32 * UPL;  // 16-byte units of packed weights per stage
+  constexpr int SZ_WORDS = W8 ? 0 : 2 * BN;        // two group rows (int4 only)
   constexpr int STAGE_BYTES = X_BYTES + W_UNITS * 16 + SZ_WORDS * 4;
 
   extern __shared__ __align__(128) uint8_t smem[];
@@ -123,18 +169,18 @@ __global__ void __launch_bounds__(kWarps * 32)
       cp_async16(base + xswz(r, c), x + (ok ? (size_t)gm * K + gk : 0), ok);
     }
     // packed weights: the block's n16 blocks of chunk kc are contiguous.
-    const int4* wsrc = qp + ((size_t)kc * Nb16 + (n0 >> 4)) * 32;
+    const int4* wsrc = qp + ((size_t)kc * Nb16 + (n0 >> 4)) * 32 * UPL;
     int4* wdst = reinterpret_cast<int4*>(base + X_BYTES);
 #pragma unroll
     for (int u = tid; u < W_UNITS; u += NT) {
-      const bool ok = (n0 >> 4) + (u >> 5) < Nb16;
+      const bool ok = (n0 >> 4) + u / (32 * UPL) < Nb16;
       cp_async16_stream(wdst + u, ok ? wsrc + u : qp, ok);
     }
     // group scales: rows of k = 64 kc and 64 kc + 32 (group_size >= 32, so each k16 step
     // of the chunk lies in one of them; for group_size >= 64 both rows are the same).
     uint32_t* sdst = reinterpret_cast<uint32_t*>(base + X_BYTES + W_UNITS * 16);
 #pragma unroll
-    for (int u = tid; u < SZ_WORDS / 4; u += NT) {
+    for (int u = tid; u < SZ_WORDS / 4; u += NT) {  // (no iterations for W8)
       const int h = u / (BN / 4), c = (u % (BN / 4)) * 4;
       const int g = (kc * kKC + 32 * h) / group_size;
       const bool ok = n0 + c < Np;
@@ -170,9 +216,11 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int4* wsm = reinterpret_cast<const int4*>(base + X_BYTES);
     const uint32_t* ssm = reinterpret_cast<const uint32_t*>(base + X_BYTES + W_UNITS * 16);
 
-    int4 wq[NW];
+    int4 wq[NW][UPL];
 #pragma unroll
-    for (int j = 0; j < NW; ++j) wq[j] = wsm[(warp * NW + j) * 32 + lane];
+    for (int j = 0; j < NW; ++j)
+#pragma unroll
+      for (int h = 0; h < UPL; ++h) wq[j][h] = wsm[((warp * NW + j) * UPL + h) * 32 + lane];
 
 #pragma unroll
     for (int ks = 0; ks < kKC / 16; ++ks) {
@@ -183,16 +231,24 @@ __global__ void __launch_bounds__(kWarps * 32)
         const int r = i * 16 + (lane & 15);
         ldmatrix_x4(af[i], base + xswz(r, ks * 2 + (lane >> 4)));
       }
-      const uint32_t* srow = ssm + (ks >= 2 ? BN : 0);
 #pragma unroll
       for (int j = 0; j < NW; ++j) {
-        const int col = (warp * NW + j) * 16 + gid;  // n0 of this lane, block-relative
-        const uint32_t word = ks == 0   ? (uint32_t)wq[j].x
-                              : ks == 1 ? (uint32_t)wq[j].y
-                              : ks == 2 ? (uint32_t)wq[j].z
-                                        : (uint32_t)wq[j].w;
         uint32_t b0[2], b1[2];
-        dequant_word<T>(word, srow[col], srow[col + 8], b0, b1);
+        if constexpr (W8) {
+          // words 2 ks (column n0) and 2 ks + 1 (column n1) of the lane's 8
+          const int4 v = wq[j][ks >> 1];
+          dequant_w8<T>((ks & 1) ? (uint32_t)v.z : (uint32_t)v.x, b0);
+          dequant_w8<T>((ks & 1) ? (uint32_t)v.w : (uint32_t)v.y, b1);
+        } else {
+          const uint32_t* srow = ssm + (ks >= 2 ? BN : 0);
+          const int col = (warp * NW + j) * 16 + gid;  // n0 of this lane, block-relative
+          const int4 v = wq[j][0];
+          const uint32_t word = ks == 0   ? (uint32_t)v.x
+                                : ks == 1 ? (uint32_t)v.y
+                                : ks == 2 ? (uint32_t)v.z
+                                          : (uint32_t)v.w;
+          dequant_word<T>(word, srow[col], srow[col + 8], b0, b1);
+        }
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
           mma_16816<T>(acc[i][j][0], af[i], b0);
@@ -217,7 +273,8 @@ __global__ void __launch_bounds__(kWarps * 32)
         for (int e = 0; e < 4; ++e) {
           const int row = m0 + i * 16 + gid + 8 * (e >> 1), col = colb + (e & 1);
           if (row >= M || col >= N) continue;
-          const float v = acc[i][j][h][e];
+          float v = acc[i][j][h][e];
+          if constexpr (W8) v *= wscale[col];  // ŵ = q * scale[n], applied once per output
           if (split) {
             atomicAdd(ws + (size_t)row * N + col, v);
           } else {
@@ -239,14 +296,15 @@ __global__ void splitk_finish_kernel(const float* __restrict__ ws, const T* __re
   }
 }
 
-template <typename T, int MT, int NW, int STAGES>
-cudaError_t run_int4(const void* x, const int32_t* qp, const int32_t* szp, const void* bias,
-                     void* out, float* ws, int M, int N, int K, int group_size, int split_k,
-                     cudaStream_t stream) {
+template <typename T, bool W8, int MT, int NW, int STAGES>
+cudaError_t run_wo(const void* x, const int32_t* qp, const int32_t* szp, const float* wscale,
+                   const void* bias, void* out, float* ws, int M, int N, int K, int group_size,
+                   int split_k, cudaStream_t stream) {
   constexpr int BM = 16 * MT, BN = kWarps * NW * 16;
-  constexpr int STAGE_BYTES = BM * kKC * 2 + kWarps * NW * 32 * 16 + 2 * BN * 4;
+  constexpr int STAGE_BYTES =
+      BM * kKC * 2 + kWarps * NW * 32 * 16 * WFmt<W8>::kUnitsPerLane + (W8 ? 0 : 2 * BN * 4);
   constexpr int smem = STAGES * STAGE_BYTES;
-  auto kernel = int4_mm_kernel<T, MT, NW, STAGES>;
+  auto kernel = wo_mm_kernel<T, W8, MT, NW, STAGES>;
   static bool attr_set = false;
   if (!attr_set) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -259,7 +317,8 @@ cudaError_t run_int4(const void* x, const int32_t* qp, const int32_t* szp, const
   dim3 grid(ceil_div(N, BN), ceil_div(M, BM), splits);
   kernel<<<grid, kWarps * 32, smem, stream>>>(
       static_cast<const T*>(x), reinterpret_cast<const int4*>(qp),
-      reinterpret_cast<const uint32_t*>(szp), static_cast<const T*>(bias), static_cast<T*>(out),
+      reinterpret_cast<const uint32_t*>(szp), wscale, static_cast<const T*>(bias),
+      static_cast<T*>(out),
       ws, M, N, K, group_size, per);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || splits == 1) return e;
@@ -278,13 +337,15 @@ inline void pick_shape(int M, int& bm, int& bn) {
   else { bm = 64; bn = 128; }
 }
 
-template <typename T>
-cudaError_t dispatch_int4(const void* x, const int32_t* qp, const int32_t* szp, const void* bias,
-                          void* out, float* ws, int M, int N, int K, int group_size,
-                          int split_k, cudaStream_t stream) {
-  if (M <= 16) return run_int4<T, 1, 4, 4>(x, qp, szp, bias, out, ws, M, N, K, group_size, split_k, stream);
-  if (M <= 32) return run_int4<T, 2, 4, 4>(x, qp, szp, bias, out, ws, M, N, K, group_size, split_k, stream);
-  return run_int4<T, 4, 2, 4>(x, qp, szp, bias, out, ws, M, N, K, group_size, split_k, stream);
+template <typename T, bool W8>
+cudaError_t dispatch_wo(const void* x, const int32_t* qp, const int32_t* szp, const float* wscale,
+                        const void* bias, void* out, float* ws, int M, int N, int K,
+                        int group_size, int split_k, cudaStream_t stream) {
+  if (M <= 16)
+    return run_wo<T, W8, 1, 4, 4>(x, qp, szp, wscale, bias, out, ws, M, N, K, group_size, split_k, stream);
+  if (M <= 32)
+    return run_wo<T, W8, 2, 4, 4>(x, qp, szp, wscale, bias, out, ws, M, N, K, group_size, split_k, stream);
+  return run_wo<T, W8, 4, 2, 4>(x, qp, szp, wscale, bias, out, ws, M, N, K, group_size, split_k, stream);
 }
 
 }  // namespace
@@ -315,9 +376,26 @@ cudaError_t launch_int4_linear(const void* x, int x_dtype, const int32_t* qpacke
   if (split_k > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   switch (x_dtype) {
     case kFloat16:
-      return dispatch_int4<__half>(x, qpacked, szpacked, bias, out, workspace, M, N, K, group_size, split_k, stream);
+      return dispatch_wo<__half, false>(x, qpacked, szpacked, nullptr, bias, out, workspace, M, N, K, group_size, split_k, stream);
     case kBFloat16:
-      return dispatch_int4<__nv_bfloat16>(x, qpacked, szpacked, bias, out, workspace, M, N, K, group_size, split_k, stream);
+      return dispatch_wo<__nv_bfloat16, false>(x, qpacked, szpacked, nullptr, bias, out, workspace, M, N, K, group_size, split_k, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_w8a16_linear(const void* x, int x_dtype, const int32_t* qpacked,
+                                const float* w_scale, const void* bias, void* out,
+                                float* workspace, int M, int N, int K, int split_k, int num_sms,
+                                cudaStream_t stream) {
+  if (M == 0 || N == 0) return cudaSuccess;
+  if (K % 8 || reinterpret_cast<uintptr_t>(x) % 16) return cudaErrorInvalidValue;
+  if (split_k <= 0) split_k = int4_pick_split_k(M, N, K, num_sms);
+  if (split_k > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  switch (x_dtype) {
+    case kFloat16:
+      return dispatch_wo<__half, true>(x, qpacked, nullptr, w_scale, bias, out, workspace, M, N, K, 64, split_k, stream);
+    case kBFloat16:
+      return dispatch_wo<__nv_bfloat16, true>(x, qpacked, nullptr, w_scale, bias, out, workspace, M, N, K, 64, split_k, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -44,7 +44,17 @@ cudaError_t launch_int4_linear(const void* x, int x_dtype, const int32_t* qpacke
                                float* workspace, int M, int N, int K, int group_size,
                                int split_k, int num_sms, cudaStream_t stream);
 
-// The split_k the launcher would use for this problem (so the caller can size the workspace).
+// W8A16: out[M, N] = (x[M, K] @ q.T) * w_scale[None, :] (+ bias), fp32 accumulation, on the
+// W4A16 kernel's skeleton.
+//   x [M, K] fp16/bf16, K % 8 == 0 (the caller zero-pads x otherwise), 16-byte aligned.
+//   qpacked: int32 [Kp/64][Np/16][2][32 lanes][4] from _cuda_pack.pack_int8 (bytes q + 128).
+//   w_scale fp32 [N]; bias [N] x_dtype or nullptr; workspace and split_k as for int4.
+cudaError_t launch_w8a16_linear(const void* x, int x_dtype, const int32_t* qpacked,
+                                const float* w_scale, const void* bias, void* out,
+                                float* workspace, int M, int N, int K, int split_k, int num_sms,
+                                cudaStream_t stream);
+
+// The split_k the int4 / W8A16 launchers would use (so the caller can size the workspace).
 int int4_pick_split_k(int M, int N, int K, int num_sms);
 
 // ---- distillation.cu ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Weight repacking for the CUDA W4A16 kernel (csrc/cuda/int4_mm.cu), in plain torch.
+"""Weight repacking for the CUDA weight-only kernels (csrc/cuda/int4_mm.cu), in plain torch.
 
 Runs once per weight (through `qtorch._cache.packed`), on the weight's device. Kept apart from
 `qtorch.backends.cuda` so it imports (and is tested) without the compiled extension.
@@ -16,6 +16,12 @@ to 16 (padding holds q = 0, scale = 0, so padded weights dequantize to exactly 0
     szpacked int32 [Kp/gs, Np]
         low 16 bits: the scale in x's dtype; high 16 bits: MAGIC + zero in x's dtype, where
         MAGIC = 1024 (fp16) or 128 (bf16) is the value the kernel's lop3 trick adds to q.
+
+W8A16 (`pack_int8`): w_q int8 [N, K] -> int32 [Kp/64, Np/16, 2, 32, 4]: lane l's 8 words are
+two 16-byte units (unit-major, so a warp's 16-byte shared-memory reads are contiguous); its word
+w = 2 ks + h (unit w // 4, slot w % 4) holds, for column n = 16 nb + g + 8 h, the bytes q[n, 2t], q[n, 2t+1], q[n, 2t+8], q[n, 2t+9]
+(k relative to 64 c + 16 ks, low byte first), each stored as q + 128 in 0..255 (padding: q = 0).
+The per-channel scale stays a separate fp32 [N] vector (applied in the kernel's epilogue).
 """
 
 from __future__ import annotations
@@ -36,6 +42,57 @@ def _fragment_index(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     dk = 16 * ks + 2 * t + (i >= 4).long() + 8 * (i % 2)
     dn, dk = torch.broadcast_tensors(dn, dk)
     return dn, dk
+
+
+def _byte_index(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dn, dk) int64 [32, 8, 4]: column/k offset inside a 64 x 16 (k x n) block of byte i of
+    word w of lane l for the W8A16 layout (module docstring)."""
+    lane = torch.arange(32, device=device).view(32, 1, 1)
+    w = torch.arange(8, device=device).view(1, 8, 1)
+    i = torch.arange(4, device=device).view(1, 1, 4)
+    g, t = lane // 4, lane % 4
+    dn = g + 8 * (w % 2)
+    dk = 16 * (w // 2) + 2 * t + (i % 2) + 8 * (i // 2)
+    dn, dk = torch.broadcast_tensors(dn, dk)
+    return dn, dk
+
+
+def pack_int8(w_q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> the W8A16 kernel's fragment-ordered int32 [Kp/64, Np/16, 2, 32, 4]."""
+    n, k = w_q.shape
+    kp, np_ = -(-k // 64) * 64, -(-n // 16) * 16
+    u = torch.nn.functional.pad(w_q.long(), (0, kp - k, 0, np_ - n)) + 128
+    blocks = u.view(np_ // 16, 16, kp // 64, 64).permute(2, 0, 1, 3)
+    dn, dk = _byte_index(w_q.device)
+    b = blocks[:, :, dn, dk]  # [Kp/64, Np/16, 32, 8, 4]
+    shifts = 8 * torch.arange(4, device=w_q.device)
+    words = _to_int32((b << shifts).sum(-1))  # [Kp/64, Np/16, 32 lanes, 8 words]
+    return words.view(kp // 64, np_ // 16, 32, 2, 4).permute(0, 1, 3, 2, 4).contiguous()
+
+
+def emulate_int8_fragments(qpacked: torch.Tensor) -> torch.Tensor:
+    """The integer weights [Np, Kp] the W8A16 kernel's B registers hold, rebuilt from the packed
+    words by the mma.m16n8k16 B-fragment layout (b0 = {B[2t][g], B[2t+1][g]}, b1 = {B[2t+8][g],
+    B[2t+9][g]}). The kernel's byte -> 16-bit conversion is exact for |q| <= 127 (fp16:
+    (1024 + u) - 1152; bf16: via fp32 2^23 + u), so integers are all there is to check."""
+    kc, nb = qpacked.shape[0], qpacked.shape[1]
+    words = qpacked.long() & 0xFFFFFFFF  # [kc, nb, 2 units, 32 lanes, 4]
+    words = words.permute(0, 1, 3, 2, 4).reshape(kc, nb, 32, 8)  # lane l's words 0..7
+    w = torch.empty(16 * nb, 64 * kc, dtype=torch.long)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for ks in range(4):
+            for h in range(2):  # word 2 ks + h: column n0 (h = 0) or n1 = n0 + 8 (h = 1)
+                word = words[:, :, lane, 2 * ks + h]
+                for reg, k_off in enumerate((0, 8)):  # b0: k 2t, 2t+1; b1: k 2t+8, 2t+9
+                    for half in range(2):
+                        u = (word >> (16 * reg + 8 * half)) & 0xFF
+                        n = (16 * torch.arange(nb).view(1, nb) + g + 8 * h).expand(kc, nb)
+                        k = (
+                            64 * torch.arange(kc).view(kc, 1) + 16 * ks + 2 * t + k_off + half
+                        ).expand(kc, nb)
+                        w[n, k] = u - 128
+    return w
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -108,7 +165,7 @@ def emulate_int4_fragments(
                     v = (word >> (4 * pair + 16 * half)) & 0xF
                     p = (v.to(torch.float32) + magic).to(dtype)  # exact: MAGIC | v
                     n = (16 * torch.arange(nb).view(1, nb) + g + n_off).expand(kc, nb)
-                    k = (64 * torch.arange(kc).view(kc, 1) + 16 * ks + 2 * t + k_off + half)
+                    k = 64 * torch.arange(kc).view(kc, 1) + 16 * ks + 2 * t + k_off + half
                     k = k.expand(kc, nb)
                     grp = k // group_size
                     val = (p - zb[grp, n]) * s[grp, n]  # two 16-bit roundings, as __hsub2/__hmul2
