@@ -279,8 +279,8 @@ def test_time_group_interleaves_and_rotates():
                               batch_below_s=0.0)
     stats = timing.time_group(fns, "cpu", cfg)
     assert {n: s.n for n, s in stats.items()} == {"a": 4, "b": 4, "c": 4}
-    timed = order[3:]  # after one estimate call each
-    assert timed == list("abc" "bca" "cab" "abc")
+    # per implementation: one warm-up + one sizing call (kept as sample 1), then 3 rounds
+    assert order == list("aa" "bb" "cc" "abc" "bca" "cab")
 
 
 def test_cold_flush_touches_a_buffer_larger_than_the_llc():

@@ -254,8 +254,8 @@ def run(args: argparse.Namespace) -> int:
     ops = list(args.op or cases.OPS)
     threads = torch.get_num_threads()
 
-    cfg = timing.TimingConfig(target_s=0.04, min_reps=3, max_reps=30, warmup=2) if args.quick \
-        else timing.TimingConfig()
+    cfg = timing.TimingConfig(target_s=0.04, min_reps=3, max_reps=30, warmup=1) if args.quick \
+        else timing.TimingConfig(warmup=2)
     if args.target_time is not None:
         cfg.target_s = args.target_time
     cold_cfg = timing.TimingConfig(**{**cfg.__dict__, "cold": True})
@@ -312,6 +312,9 @@ def run(args: argparse.Namespace) -> int:
         rows.extend(case_rows)
         del built, fns
     progress.close()
+    load = machine.machine_info(device).get("load_avg_1m")
+    oversubscribed = (device == "cpu" and load is not None and threads > 1
+                      and load > (machine.os_cpu_count() or 1))
 
     if args.memory and device == "cpu":
         _cpu_memory(rows, ops, dtypes, backends, not args.no_peers, args.threads, err)
@@ -325,6 +328,10 @@ def run(args: argparse.Namespace) -> int:
           f"{torch.__version__}, {machine.cpu_model()}, {threads} threads, load average "
           f"{machine.machine_info(device).get('load_avg_1m', float('nan')):.2f} "
           f"(timings on a shared machine are noisy: compare ratios within one run)")
+    if oversubscribed:
+        print(f"warning: load average {load:.1f} on {machine.os_cpu_count()} cores: the machine "
+              f"is oversubscribed, so {threads}-thread timings include waits for preempted "
+              f"worker threads; --threads 1 gives steadier ratios", file=err)
     if args.json:
         doc = {
             "schema": report.SCHEMA,

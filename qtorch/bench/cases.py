@@ -115,7 +115,7 @@ QUICK_SHAPES: dict[str, list[Shape]] = {
     "dequantize_int4": [Shape(0, 576, 1536, "SmolLM2 ffn")],
     "distillation_loss": [Shape(64, 0, SMOLLM2_VOCAB, "SmolLM2 vocab, 64 tok")],
     "fused_linear_distillation_loss": [
-        Shape(32, 576, SMOLLM2_VOCAB, "SmolLM2 360M->135M, 32 tok", K2=SMOLLM2_360M_HIDDEN)],
+        Shape(16, 576, SMOLLM2_VOCAB, "SmolLM2 360M->135M, 16 tok", K2=SMOLLM2_360M_HIDDEN)],
 }
 
 
@@ -195,6 +195,10 @@ def _reference_is_cheap(op: str, s: Shape) -> bool:
         return s.M * s.K * s.N <= 1e8 and s.N * s.K <= 4e6
     if op in ("int8_weight_only_linear", "int4_weight_only_linear"):
         return s.N * s.K <= 4e6 and s.M * s.K * s.N <= 4e8
+    if op == "distillation_loss":
+        return s.M * s.N <= 1e6
+    if op == "fused_linear_distillation_loss":
+        return s.M * s.N * (s.K + (s.K2 or s.K)) <= 1e9
     return True
 
 

@@ -21,6 +21,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def os_cpu_count() -> int | None:
+    """CPUs this process may run on (the affinity mask), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
 def llc_bytes() -> int | None:
     """Size of the last-level cache of CPU 0 (from sysfs), or None where unknown."""
     base = Path("/sys/devices/system/cpu/cpu0/cache")

@@ -52,7 +52,7 @@ class TimingConfig:
     target_s: float = 0.4  # time budget per implementation per case
     min_reps: int = 5
     max_reps: int = 200
-    warmup: int = 2
+    warmup: int = 1  # untimed calls before the first timed one
     cold: bool = False  # CPU: flush the LLC before every sample
     batch_below_s: float = 1e-4  # calls shorter than this are timed in batches
 
@@ -107,9 +107,11 @@ def time_group(fns: dict[str, Callable], device: str, cfg: TimingConfig,
     flush = flusher if (cuda or cfg.cold) else None
     gc.collect()
 
+    # Warm-up calls, then one timed call per implementation that sizes its repetitions; that
+    # call is kept as the first sample where samples are single un-flushed calls (CPU, warm).
     est: dict[str, float] = {}
     for name, fn in fns.items():
-        for _ in range(max(cfg.warmup - 1, 0)):
+        for _ in range(cfg.warmup):
             fn()
         if cuda:
             torch.cuda.synchronize()
@@ -122,7 +124,8 @@ def time_group(fns: dict[str, Callable], device: str, cfg: TimingConfig,
     reps = {n: int(min(cfg.max_reps, max(cfg.min_reps, cfg.target_s / t))) for n, t in est.items()}
     inner = {n: 1 if (cuda or cfg.cold or t >= cfg.batch_below_s)
              else min(100, math.ceil(cfg.batch_below_s / t)) for n, t in est.items()}
-    samples: dict[str, list] = {n: [] for n in fns}
+    samples: dict[str, list] = {
+        n: [est[n]] if not (cuda or cfg.cold) and inner[n] == 1 else [] for n in fns}
     names = list(fns)
     for rnd in range(max(reps.values())):
         order = names[rnd % len(names):] + names[: rnd % len(names)]  # rotate who goes first
