@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from qtorch._kernels import INTERPRET
+
 from qtorch.reference.distillation import DIVERGENCES, check_labels
 
 _NEG_INF = float("-inf")

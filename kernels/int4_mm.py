@@ -24,10 +24,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from qtorch import _cache
 from qtorch._kernels import INTERPRET, for_device, gpu_configs, pow2_bucket
 from qtorch._kernels.int8_mm import split_k_for, tile_ids
+
+from qtorch import _cache
 
 
 def _cfg(bm, bn, bk, warps, stages, group_m=8):

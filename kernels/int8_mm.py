@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from qtorch._kernels import INTERPRET, for_device, gpu_configs, num_sms, pow2_bucket
 from qtorch._kernels.quantize import quantize_int8
 

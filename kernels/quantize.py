@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from qtorch._kernels import INTERPRET
 
 if not INTERPRET:

@@ -34,9 +34,8 @@ pytestmark = pytest.mark.skipif(
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     import triton
-    from triton.backends.compiler import GPUTarget
-
     from qtorch._kernels import SMEM_LIMIT, distillation, int4_mm, int8_mm, quantize
+    from triton.backends.compiler import GPUTarget
 
 CUOBJDUMP = None
 if os.environ.get("TRITON_INTERPRET") != "1":
