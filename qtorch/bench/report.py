@@ -119,13 +119,18 @@ def plot(rows: list[dict], roof: dict | None, path: str) -> list[Path]:
         for r in rs:
             key = (r["dtype"], r["panel"])
             panels.setdefault(key, []).append(r)
+        # one colour per implementation across all panels of the figure
+        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        color = {impl: palette[i % len(palette)]
+                 for i, impl in enumerate(OrderedDict.fromkeys(r["impl"] for r in rs))}
         n = len(panels)
         cols = min(n, 3)
         nrows = math.ceil(n / cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.9 * nrows), squeeze=False)
         for ax, ((dtype, panel), prs) in zip(axes.flat, panels.items(), strict=False):
             use_flop = all(r["tflops"] is not None for r in prs)
-            ylab = ("TOP/s" if prs[0]["unit"] == "TOP/s" else "TFLOP/s") if use_flop else "GB/s"
+            units = {r["unit"] for r in prs}
+            ylab = ("T(FL)OP/s" if len(units) > 1 else units.pop()) if use_flop else "GB/s"
             impls = list(OrderedDict.fromkeys(r["impl"] for r in prs))
             for impl in impls:
                 pts = sorted((r["x"], r["tflops"] if use_flop else r["gbps"]) for r in prs
@@ -133,19 +138,24 @@ def plot(rows: list[dict], roof: dict | None, path: str) -> list[Path]:
                 kind = next(r["kind"] for r in prs if r["impl"] == impl)
                 style = "-o" if kind == "qtorch" else ("-s" if kind == "baseline" else "--^")
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, ms=4,
-                        lw=2 if kind == "qtorch" else 1.2)
+                        lw=2 if kind == "qtorch" else 1.2, color=color[impl])
             if roof:
+                # the roofline of the first qtorch implementation's storage and compute kind
                 q = [r for r in prs if r["kind"] == "qtorch"] or prs
+                q = [r for r in q if r["impl"] == q[0]["impl"]]
                 model = sorted({(r["x"], r["roofline_s"], r["flop"], r["bytes"]) for r in q
-                                if r["impl"] == q[0]["impl"] and r["roofline_s"]})
+                                if r["roofline_s"]})
                 if model:
                     ys = [(f / t / 1e12) if use_flop else (b / t / 1e9) for _, t, f, b in model]
-                    ax.plot([m[0] for m in model], ys, "k--", lw=1,
-                            label=f"roofline ({q[0]['impl']} bytes)")
-                peak = (compute_peak(roof, prs[0]["compute"]) or 0) / 1e12 if use_flop else \
-                    roof.get("bandwidth_gbps")
+                    ax.plot([m[0] for m in model], ys, "k--x", lw=1, ms=5,
+                            label=f"roofline ({q[0]['impl']})")
+                if use_flop:
+                    peak = (compute_peak(roof, q[0]["compute"]) or 0) / 1e12
+                    peak_label = f"peak {q[0]['compute']} ({q[0]['unit']})"
+                else:
+                    peak, peak_label = roof.get("bandwidth_gbps"), "copy bandwidth"
                 if peak:
-                    ax.axhline(peak, color="gray", ls=":", lw=1)
+                    ax.axhline(peak, color="gray", ls=":", lw=1, label=peak_label)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel(prs[0]["x_label"])
@@ -234,3 +244,13 @@ def validate(doc: dict) -> list[str]:
         if not all(k in r["shape"] for k in "MKN"):
             errs.append(f"{where}.shape: needs M, K, N")
     return errs
+
+
+if __name__ == "__main__":  # re-render a saved run: python -m qtorch.bench.report RUN.json [PLOT]
+    import sys
+
+    _doc = json.loads(Path(sys.argv[1]).read_text())
+    print(format_table(_doc["rows"], _doc["roofline"]))
+    if len(sys.argv) > 2:
+        for _p in plot(_doc["rows"], _doc["roofline"], sys.argv[2]):
+            print(f"wrote {_p}")

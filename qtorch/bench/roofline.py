@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -107,7 +108,9 @@ def _int8_peak(n: int, device: str, reps: int) -> tuple[float, str]:
 def _fbgemm_rate(n: int, reps: int) -> float:
     import torch.ao.nn.quantized.dynamic as nnqd
 
-    lin = nnqd.Linear(n, n, dtype=torch.qint8)
+    with warnings.catch_warnings():  # torch.ao's deprecation notice for quantized tensors
+        warnings.simplefilter("ignore")
+        lin = nnqd.Linear(n, n, dtype=torch.qint8)
     x = torch.randn(n, n)
     with torch.inference_mode():
         return 2 * n**3 / _best_time(lambda: lin(x), "cpu", reps)
