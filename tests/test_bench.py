@@ -303,3 +303,19 @@ def test_peak_rss_in_a_child_process():
     assert "error" not in res, res
     for impl in ("torch:eager", "qtorch:reference"):
         assert 8 << 20 <= res[f"2048,4096,0|{impl}"] < 1 << 30
+
+
+def test_qtorch_impls_run_under_their_backend():
+    """Each qtorch:<b> implementation really dispatches to backend b (not to auto)."""
+    from qtorch import _backend
+
+    for b in qtorch.available_backends():
+        if b == "triton":
+            continue
+        probe = cases._in_backend(b, lambda: _backend.resolve("quantize_int8",
+                                                              torch.device("cpu"))[0])
+        expected = b if b in _backend.kernel_coverage()["quantize_int8"] else "reference"
+        assert probe() == expected
+    assert _backend.get_backend() == "auto"  # the scope does not leak
+    with pytest.raises(RuntimeError):
+        cases._in_backend("cuda" if not torch.cuda.is_available() else "nope", lambda: None)

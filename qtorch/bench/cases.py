@@ -181,9 +181,19 @@ def _compute_kind(dtype: torch.dtype) -> str:
 
 
 def _in_backend(backend: str, fn: Callable) -> Callable:
+    """fn run with `backend` chosen, as `qtorch.use_backend(backend)` does. The name is
+    validated once here; per call only the scoped context variable is set, because
+    use_backend's validation costs about as much as a small op and would be timed with it."""
+    with qtorch.use_backend(backend):
+        pass
+    choice = _backend._scoped_choice
+
     def run():
-        with qtorch.use_backend(backend):
+        token = choice.set(backend)
+        try:
             return fn()
+        finally:
+            choice.reset(token)
 
     return run
 
