@@ -391,13 +391,17 @@ def build(op: str, shape: Shape, dtype: torch.dtype, device: str, backends: list
     problem = shape_problem(op, shape)
     if problem:
         raise ValueError(problem)
+    if op in LINEAR_OPS:
+        return _no_grad_build(_build_linear, op, shape, dtype, device, backends, with_peers)
+    if op == "quantize_int8":
+        return _no_grad_build(_build_quantize_int8, shape, dtype, device, backends, with_peers)
+    if op == "dequantize_int4":
+        return _no_grad_build(_build_dequantize_int4, shape, dtype, device, backends, with_peers)
+    if op == "distillation_loss":  # the losses time a backward: their inputs require grad
+        return _build_distillation(shape, dtype, device, backends, with_peers)
+    return _build_fused(shape, dtype, device, backends, with_peers)
+
+
+def _no_grad_build(builder, *args):
     with torch.no_grad():
-        if op in LINEAR_OPS:
-            return _build_linear(op, shape, dtype, device, backends, with_peers)
-    builder = {"quantize_int8": _build_quantize_int8, "dequantize_int4": _build_dequantize_int4,
-               "distillation_loss": _build_distillation,
-               "fused_linear_distillation_loss": _build_fused}[op]
-    if op in ("quantize_int8", "dequantize_int4"):
-        with torch.no_grad():
-            return builder(shape, dtype, device, backends, with_peers)
-    return builder(shape, dtype, device, backends, with_peers)
+        return builder(*args)
