@@ -13,7 +13,7 @@ import importlib
 import logging
 import os
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -22,7 +22,7 @@ def test_unknown_or_unavailable_backend_raises_at_once():
     with pytest.raises(RuntimeError, match="unknown backend"):
         with qtorch.use_backend("nope"):
             pass
-    for name, (ok, why) in _backend.backend_status().items():
+    for name, (ok, _why) in _backend.backend_status().items():
         if not ok:
             with pytest.raises(RuntimeError, match=f"'{name}' is not available"):
                 qtorch.set_backend(name)
