@@ -7,7 +7,8 @@ until the weight tensor dies or is modified in place (its `_version` changes).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
