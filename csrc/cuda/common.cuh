@@ -11,15 +11,9 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "kernels.h"  // DType codes
+
 namespace qtorch_cuda {
-
-// ---- dtype codes shared with the binding (int, so launchers need no torch types) ---------
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
-template <typename T> struct TypeCode;
-template <> struct TypeCode<float> { static constexpr int value = kFloat32; };
-template <> struct TypeCode<__half> { static constexpr int value = kFloat16; };
-template <> struct TypeCode<__nv_bfloat16> { static constexpr int value = kBFloat16; };
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

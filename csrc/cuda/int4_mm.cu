@@ -305,12 +305,10 @@ cudaError_t run_wo(const void* x, const int32_t* qp, const int32_t* szp, const f
       BM * kKC * 2 + kWarps * NW * 32 * 16 * WFmt<W8>::kUnitsPerLane + (W8 ? 0 : 2 * BN * 4);
   constexpr int smem = STAGES * STAGE_BYTES;
   auto kernel = wo_mm_kernel<T, W8, MT, NW, STAGES>;
-  static bool attr_set = false;
-  if (!attr_set) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-    attr_set = true;
-  }
+  // Over 48 KiB of dynamic shared memory needs an opt-in, per device: set it on every launch
+  // (a cheap host call) rather than caching it and missing a second GPU.
+  cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (attr != cudaSuccess) return attr;
   const int chunks = ceil_div(K, kKC);
   const int per = ceil_div(chunks, split_k);
   const int splits = ceil_div(chunks, per);  // no empty trailing splits

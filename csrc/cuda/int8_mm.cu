@@ -222,12 +222,10 @@ cudaError_t run_mm(const int8_t* a, const int8_t* b, const float* sa, const floa
                    cudaStream_t stream) {
   auto kernel = int8_mm_kernel<BM, BN, WM, WN, STAGES, OutT>;
   constexpr int smem = STAGES * (BM + BN) * kBK;
-  static bool attr_set = false;  // per instantiation; idempotent, so a race is harmless
-  if (!attr_set) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-    attr_set = true;
-  }
+  // Over 48 KiB of dynamic shared memory needs an opt-in, per device: set it on every launch
+  // (a cheap host call) rather than caching it and missing a second GPU.
+  cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (attr != cudaSuccess) return attr;
   const int blocks = ceil_div(M, BM) * ceil_div(N, BN);
   kernel<<<blocks, WM * WN * 32, smem, stream>>>(a, b, sa, sb, bias, static_cast<OutT*>(out), M,
                                                  N, Kp, lda, ldb);

@@ -10,6 +10,9 @@
 
 namespace qtorch_cuda {
 
+// dtype codes of the launchers' `*_dtype` arguments (ints, so launchers need no torch types)
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
 // ---- int8_mm.cu -----------------------------------------------------------------------------
 
 // Per-row symmetric int8 quantization (API.md "int8, symmetric, per row"):
