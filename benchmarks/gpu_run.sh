@@ -29,6 +29,12 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record status
   return 0
 }
 
+# torch's cpp_extension locates CUDA through CUDA_HOME; take the toolkit nvcc reports.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  top="$(nvcc -v -E -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)"
+  [ -n "$top" ] && export CUDA_HOME="$(cd "$top" && pwd -P)"
+fi
+
 step machine 60 bash -c "nvidia-smi; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'; nvcc --version; git log --oneline -1"
 
 # 1. build (qtorch._C and qtorch._C_cuda; setup.py builds the CUDA one when torch has CUDA)
