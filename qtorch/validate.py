@@ -153,8 +153,13 @@ def run_validate(backends=None, quick: bool = False, verbose: bool = False) -> i
         all_rows += _run_backend(b, quick, gen)
     print(f"{'backend':<10} {'op':<38} {'dtype':<9} {'cases':>5} {'max abs err':>12} {'max rel err':>12} {'min SQNR dB':>12}  result")
     groups: dict[tuple, list[Row]] = {}
+    op_order: dict[str, int] = {}
     for r in all_rows:
+        op_order.setdefault(r.op, len(op_order))
         groups.setdefault((r.backend, r.op, r.dtype), []).append(r)
+    dtype_order = {"float32": 0, "float16": 1, "bfloat16": 2}
+    groups = dict(sorted(groups.items(), key=lambda kv: (kv[0][0], op_order[kv[0][1]],
+                                                         dtype_order.get(kv[0][2], 3))))
     failed = 0
     for (b, op, dt), rs in groups.items():
         bad = [r for r in rs if not r.ok]

@@ -346,6 +346,11 @@ def _op_samples():
         (q.fused_linear_distillation_loss.default, (hs, ws, ht, wt, lab6), {"chunk_size": 4}),
         (q.fused_linear_distillation_loss.default, (hs, ws, ht, wt, lab6),
          {"reduction": "none", "chunk_size": 4}),
+        (q.int8_linear_grad_input.default, (torch.randn(5, 7), w_q, w_s), {}),
+        (q.int4_linear_grad_input.default, (torch.randn(5, 7), *qw, 32), {}),
+        (q._distillation_loss_fwd.default,
+         (s.detach().reshape(6, 11), t.reshape(6, 11), labels.reshape(6), 2.0, 0.5, "jsd", 0.3,
+          -100, True), {}),
     ]
 
 
