@@ -28,14 +28,19 @@ def _ratio(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _mib(v):
+    return None if v is None else v / 2**20
+
+
 def format_table(rows: list[dict], roof: dict | None) -> str:
     """One block per (op, dtype): every implementation of every shape, fastest first."""
     out = []
     blocks: OrderedDict = OrderedDict()
     for r in rows:
         blocks.setdefault((r["op"], r["dtype"]), []).append(r)
+    mem = any(r.get("peak_mem_bytes") is not None for r in rows)
     head = (f"{'shape':<24} {'impl':<36} {'median':>10} {'p20..p80':>19} {'T(FL)OP/s':>9} "
-            f"{'GB/s':>7} {'%roof':>6} {'vs base':>8} {'vs peer':>8}")
+            f"{'GB/s':>7} {'%roof':>6} {'vs base':>8} {'vs peer':>8}" + (" peak MiB" if mem else ""))
     for (op, dtype), rs in blocks.items():
         r0 = rs[0]
         cold = " cold-cache decode" if any(r["cold"] for r in rs) else ""
@@ -53,12 +58,14 @@ def format_table(rows: list[dict], roof: dict | None) -> str:
             out.append(
                 f"{shape:<24} {mark}{r['impl']:<35} {fmt_time(r['median_s']):>10} {band:>19} "
                 f"{_num(r['tflops'], '.3f'):>9} {_num(gbps, '.1f'):>7} {roofp or '-':>6} "
-                f"{_ratio(r['speedup_vs_baseline']):>8} {_ratio(r['speedup_vs_best_peer']):>8}")
+                f"{_ratio(r['speedup_vs_baseline']):>8} {_ratio(r['speedup_vs_best_peer']):>8}"
+                + (f" {_num(_mib(r.get('peak_mem_bytes')), '.1f'):>8}" if mem else ""))
     out.append("\n* qtorch rows.  GB/s: weight bytes / time for ops with a weight, else all "
                "bytes / time.\n%roof: roofline-bound time / measured time "
                "(max(flop / peak, bytes / bandwidth)).  vs base: plain-PyTorch median / this "
                "median;\nvs peer: fastest installed peer's median / this median (>1: this is "
-               "faster).")
+               "faster).\npeak MiB: memory of one call beyond its inputs (CPU: peak RSS in a child "
+               "process; CUDA: max allocated)." if mem else "faster).")
     if roof:
         out.append(
             f"roofline ({roof.get('threads')} threads, measured {roof.get('measured_at')}): "
