@@ -124,15 +124,19 @@ def _bandwidth(nbytes: int, device: str, reps: int) -> float:
 
 
 def measure_peaks(device: str = "cpu") -> dict:
-    """Measure the peaks now (~2-5 s on a CPU). Rates in TFLOP/s, TOP/s and GB/s."""
+    """Measure the peaks now (~3-8 s on a CPU). Rates in TFLOP/s, TOP/s and GB/s; also the
+    load average at the time, since a busy machine measures low peaks."""
     cuda = device == "cuda"
-    n, reps = (8192, 10) if cuda else (1024, 5)
+    # best of 10: on a shared CPU most calls lose time slices to other processes, and the
+    # peak is what the machine does when it gets them
+    n, reps = (8192, 10) if cuda else (1024, 10)
     out = {
         "device": device,
         "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "fp32_tflops": _matmul_peak(torch.float32, n, device, reps) / 1e12,
         "bf16_tflops": _matmul_peak(torch.bfloat16, n, device, reps) / 1e12,
     }
