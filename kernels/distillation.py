@@ -23,7 +23,8 @@ fused_linear_distillation_loss chunks the tokens: per chunk, the logits s = h_s 
 and t = h_t W_tᵀ (+ b_t) by torch matmuls (cuBLAS on GPU) in the inputs' dtype, the loss kernel
 overwrites s with token_scale_i · dloss_i/ds, then dh_s = g W_s, dW_s += gᵀ h_s and
 db_s += Σ_rows g, with dW_s and db_s accumulated in fp32. Peak memory beyond the inputs and
-gradients: two [chunk, V] logits blocks.
+gradients (dW_s is held in fp32): two [chunk, V] logits blocks and, on CUDA, one
+[16384, H] fp32 block of dW_s.
 """
 
 from __future__ import annotations
@@ -237,12 +238,26 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype) -> 
     return torch.addmm(b.to(dtype), h, w.T)
 
 
+# torch.mm(a, b, out_dtype=torch.float32): a 16-bit GEMM that writes fp32 (torch >= 2.8, CUDA).
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+# Rows of dW formed per GEMM on CUDA: bounds the fp32 temporary to 16384 × H (256 MiB at
+# H = 4096) instead of a second [V, H] fp32 buffer.
+_GW_ROWS = 16384
+
+
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b. On CUDA a 16-bit GEMM writes straight into the fp32 accumulator
-    (cuBLAS with C in fp32, beta = 1), so neither an fp32 copy of a/b nor a rounded 16-bit
-    partial product is made. Elsewhere the product is formed in fp32."""
-    if acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    """acc [V, H] fp32 += a [V, c] @ b [c, H].
+
+    CUDA, 16-bit a/b: cuBLAS forms each block of rows of the product in fp32 straight from the
+    16-bit operands (no rounding of the chunk's contribution to 16 bits, no fp32 copies of
+    a/b), then it is added to the accumulator. Elsewhere (CPU, the interpreter, fp32) the
+    product is formed in fp32."""
+    if acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and _MM_OUT_DTYPE:
+        for r0 in range(0, a.shape[0], _GW_ROWS):
+            acc[r0:r0 + _GW_ROWS] += torch.mm(a[r0:r0 + _GW_ROWS], b, out_dtype=torch.float32)
+    elif acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        # Older torch: the chunk's product is rounded to 16 bits once, then summed in fp32.
+        acc += a @ b
     else:
         acc.addmm_(a.float(), b.float())
 

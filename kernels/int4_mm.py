@@ -52,8 +52,9 @@ _HOPPER = [
 ]
 AMPERE_CONFIGS = {"_w4a16_kernel": _AMPERE}
 HOPPER_CONFIGS = {"_w4a16_kernel": _HOPPER}
-# Decode launch: 16 rows, narrow N tiles, long K tiles (capped at the group size).
-_DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+# Decode launch: 16 rows (the smallest MMA M), narrow N tiles so many programs stream the
+# weight, long K tiles (capped at the group size); split-K when N is small.
+_DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
 _INTERP = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4)
 
 
@@ -169,24 +170,29 @@ def int4_weight_only_linear(
     dot_f32 = INTERPRET or x.dtype == torch.float32
     has_bias = bias is not None
     bias_arg = bias if has_bias else s_t
-    if m <= 16:
+    if m <= 16:  # decode: narrow column tiles, K split when they do not cover the SMs
         cfg = dict(_DECODE, BLOCK_K=min(_DECODE["BLOCK_K"], group_size))
         if INTERPRET:
             cfg.update(num_warps=1, num_stages=1)
-        split = split_k_for(m, n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
-        per = triton.cdiv(triton.cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        split = triton.cdiv(k, per)
-        if split > 1:
-            part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+        split, per = split_k_for(n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+        common = dict(GROUP_SIZE=group_size, DOT_F32=dot_f32, **cfg)
+        if split == 1:
+            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
             _w4a16_kernel[grid](
-                x, qw_t, s_t, z_t, bias_arg, part, m, n, k, per, 16,
-                GROUP_SIZE=group_size, HAS_BIAS=False, SPLIT_K=split, DOT_F32=dot_f32, **cfg,
+                x, qw_t, s_t, z_t, bias_arg, out, m, n, k, k, 16,
+                HAS_BIAS=has_bias, SPLIT_K=1, **common,
             )
-            out = part.sum(0)
-            if has_bias:
-                out += bias.float()
-            return out.to(x.dtype)
+            return out
+        part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        _w4a16_kernel[grid](
+            x, qw_t, s_t, z_t, bias_arg, part, m, n, k, per, 16,
+            HAS_BIAS=False, SPLIT_K=split, **common,
+        )
+        out = part.sum(0)
+        if has_bias:
+            out += bias.float()
+        return out.to(x.dtype)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     args = (x, qw_t, s_t, z_t, bias_arg, out, m, n, k, k, pow2_bucket(m))
     if INTERPRET:

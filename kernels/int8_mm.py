@@ -58,8 +58,9 @@ _W8A16_HOPPER = [
 ]
 AMPERE_CONFIGS = {"_int8_scaled_mm_kernel": _INT8_AMPERE, "_w8a16_kernel": _W8A16_AMPERE}
 HOPPER_CONFIGS = {"_int8_scaled_mm_kernel": _INT8_HOPPER, "_w8a16_kernel": _W8A16_HOPPER}
-# Decode (M <= 16) split-K launch of the W8A16 kernel: one 16-row block, narrow N tiles.
-_W8A16_DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+# Decode (M <= 16) launch of the W8A16 kernel: one 16-row block (the smallest MMA M), narrow
+# N tiles so that many programs stream the weight, split-K when N is small.
+_W8A16_DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
 # Under the interpreter: few, large programs (its cost grows with the program count).
 _INTERP = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
 
@@ -224,16 +225,25 @@ _w8a16_tuned = triton.autotune(
 )(_w8a16_kernel)
 
 
-def split_k_for(m: int, n: int, k: int, block_n: int, block_k: int, device) -> int:
-    """Splits of K for a decode launch: enough programs to cover every SM about twice, each
-    split at least two K blocks long. Under the interpreter 2 (when K allows), so tests run
-    the split path."""
+def split_k_for(n: int, k: int, block_n: int, block_k: int, device) -> tuple[int, int]:
+    """(splits, K per split) for a decode launch over cdiv(n, block_n) column tiles.
+
+    Decode is bound by reading the weight once, which needs every SM streaming: when the
+    column tiles alone cover the SMs (N = 8192 with 32-wide tiles is 256 tiles) K is not split
+    and the epilogue stays in the kernel (one launch); otherwise K is split until tiles ×
+    splits covers the SMs, each split at least two K blocks long. Under the interpreter
+    2 splits whenever K has two blocks, so tests run the split path.
+    K per split is a multiple of block_k."""
     k_blocks = triton.cdiv(k, block_k)
-    if INTERPRET:
-        return 2 if k_blocks >= 2 else 1
     tiles = triton.cdiv(n, block_n)
-    want = triton.cdiv(2 * num_sms(device), tiles)
-    return max(1, min(want, k_blocks // 2, 32))
+    if INTERPRET:
+        want = 2 if k_blocks >= 2 else 1
+    elif tiles >= num_sms(device):
+        want = 1
+    else:
+        want = max(1, min(triton.cdiv(num_sms(device), tiles), k_blocks // 2, 32))
+    per = triton.cdiv(k_blocks, want) * block_k
+    return triton.cdiv(k, per), per
 
 
 def int8_weight_only_linear(
@@ -248,24 +258,28 @@ def int8_weight_only_linear(
         return (out + bias.float() if bias is not None else out).to(x.dtype)
     has_bias = bias is not None
     bias_arg = bias if has_bias else w_scale
-    if m <= 16:  # decode: split K so the weight streams through every SM
+    if m <= 16:  # decode: narrow column tiles, K split when they do not cover the SMs
         cfg = dict(_W8A16_DECODE)
         if INTERPRET:
-            cfg.update(BLOCK_N=64, BLOCK_K=64, num_warps=1, num_stages=1)
-        split = split_k_for(m, n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
-        per = triton.cdiv(triton.cdiv(k, split), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        split = triton.cdiv(k, per)
-        if split > 1:
-            part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+            cfg.update(BLOCK_K=64, num_warps=1, num_stages=1)
+        split, per = split_k_for(n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
+        if split == 1:
+            out = torch.empty((m, n), dtype=x.dtype, device=x.device)
             _w8a16_kernel[grid](
-                x, w_q, w_scale, bias_arg, part, m, n, k, per, 16,
-                HAS_BIAS=False, SPLIT_K=split, DOT_F32=dot_f32, **cfg,
+                x, w_q, w_scale, bias_arg, out, m, n, k, k, 16,
+                HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32, **cfg,
             )
-            out = part.sum(0) * w_scale[None, :]
-            if has_bias:
-                out += bias.float()
-            return out.to(x.dtype)
+            return out
+        part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        _w8a16_kernel[grid](
+            x, w_q, w_scale, bias_arg, part, m, n, k, per, 16,
+            HAS_BIAS=False, SPLIT_K=split, DOT_F32=dot_f32, **cfg,
+        )
+        out = part.sum(0) * w_scale[None, :]
+        if has_bias:
+            out += bias.float()
+        return out.to(x.dtype)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     args = (x, w_q, w_scale, bias_arg, out, m, n, k, k, pow2_bucket(m))
     if INTERPRET:

@@ -145,16 +145,20 @@ def _cases():
                               _w8a16_args(_tile(c), dt), c.num_warps, c.num_stages, "f16"))
         tile, w, s = _split_decode(int8_mm._W8A16_DECODE)
         for dt in ("bf16", "fp16"):
-            cases.append((f"w8a16-decode-splitk-{dt}-sm{cc}", cc, int8_mm._w8a16_kernel,
-                          _w8a16_args(tile, dt, split=4), w, s, "f16"))
+            for split in (1, 4):
+                cases.append((f"w8a16-decode-split{split}-{dt}-sm{cc}", cc,
+                              int8_mm._w8a16_kernel, _w8a16_args(tile, dt, split=split), w, s,
+                              "f16"))
         for i, c in enumerate(_configs(int4_mm, "_w4a16_kernel", cc)):
             for dt in (("bf16", "fp16") if i == 0 else ("bf16",)):
                 cases.append((f"w4a16-{dt}-sm{cc}-cfg{i}", cc, int4_mm._w4a16_kernel,
                               _w4a16_args(_tile(c), dt), c.num_warps, c.num_stages, "f16"))
         tile, w, s = _split_decode(int4_mm._DECODE)
         for dt in ("bf16", "fp16"):
-            cases.append((f"w4a16-decode-splitk-{dt}-sm{cc}", cc, int4_mm._w4a16_kernel,
-                          _w4a16_args(tile, dt, split=4), w, s, "f16"))
+            for split in (1, 4):
+                cases.append((f"w4a16-decode-split{split}-{dt}-sm{cc}", cc,
+                              int4_mm._w4a16_kernel, _w4a16_args(tile, dt, split=split), w, s,
+                              "f16"))
         for dt in ("fp32", "fp16", "bf16"):
             for one, block in ((True, quantize.MAX_ONE_BLOCK), (False, 2048)):
                 args = [("x_ptr", f"*{dt}"), ("q_ptr", "*i8"), ("scale_ptr", "*fp32"),

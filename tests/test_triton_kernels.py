@@ -144,9 +144,21 @@ def test_int8_weight_only_linear(m, n, k, dtype):
 
 
 def test_int8_weight_only_decode_uses_split_k():
-    # The decode path must actually split K (else the test above would not cover it).
-    split = K8.split_k_for(4, 64, 300, 64, 64, DEV)
-    assert split >= 2
+    # Under the interpreter the decode launch splits K whenever it has two blocks, so the
+    # decode shapes above run the split path (K = 100 and 300 with 64-wide K blocks).
+    split, per = K8.split_k_for(64, 300, 32, 64, DEV)
+    assert split >= 2 and per % 64 == 0 and (split - 1) * per < 300 <= split * per
+
+
+@pytest.mark.parametrize("n,k,want_split", [(8192, 8192, 1), (1024, 8192, 5), (64, 256, 1)])
+def test_split_k_rule_on_gpu_sizes(monkeypatch, n, k, want_split):
+    # The GPU rule (132 SMs, as on an H100/H200): no split when the 32-wide column tiles cover
+    # the SMs, else enough splits to cover them, each at least two 128-wide K blocks.
+    monkeypatch.setattr(K8, "INTERPRET", False)
+    monkeypatch.setattr(K8, "num_sms", lambda device: 132)
+    split, per = K8.split_k_for(n, k, 32, 128, DEV)
+    assert split == want_split
+    assert per % 128 == 0 and (split - 1) * per < k <= split * per
 
 
 # --------------------------------------------------------------------------------- W4A16
