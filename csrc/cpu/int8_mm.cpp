@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #include "kernels/int8_mm.h"
 
@@ -57,8 +58,11 @@ void check_packed(const at::Tensor& bp, int64_t N, int64_t K) {
   TORCH_CHECK_VALUE(bp.dim() == 1 && bp.is_contiguous() && bp.numel() == im::packed_b_bytes(N, K),
                     "packed weight does not match N=", N, ", K=", K, " (", bp.numel(),
                     " bytes, expected ", im::packed_b_bytes(N, K), ")");
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(bp.data_ptr()) % 64 == 0,
-                    "packed weight must be 64-byte aligned");
+  int64_t trailer[3];  // memcpy: a user-made tensor need not be 8-byte aligned
+  std::memcpy(trailer, im::packed_b_trailer(bp.data_ptr<uint8_t>(), bp.numel()), sizeof trailer);
+  TORCH_CHECK_VALUE(trailer[0] == im::kPackMagic && trailer[1] == N && trailer[2] == K,
+                    "packed weight was packed for another shape (N=", trailer[1], ", K=",
+                    trailer[2], "), not N=", N, ", K=", K);
 }
 
 // Threads: items are (panel, row block) pairs, panel-major, so a thread's contiguous share

@@ -20,10 +20,14 @@ from qtorch._backend import register_kernel  # noqa: E402
 from qtorch._cache import packed as _packed  # noqa: E402
 
 
+def _int8_pack_weight_op(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.qtorch_cpu.int8_pack_weight(w)
+
+
 def _int8_vnni_weight(w: torch.Tensor) -> torch.Tensor:
     """w int8 [N, K] -> the VNNI-packed weight (u8 bytes; layout in csrc/cpu/kernels/int8_mm.h),
     packed once per weight tensor and reused until it dies or changes in place."""
-    return _packed(w, "cpu_int8_vnni", lambda: torch.ops.qtorch_cpu.int8_pack_weight(w))
+    return _packed(w, "cpu_int8_vnni", lambda: _int8_pack_weight_op(w))
 
 
 @register_kernel("quantize_int8", "cpu")

@@ -15,7 +15,9 @@
 //   Packed B (weights): panels of kPanel = 64 output channels. Panel p is u8 [Kp/4][64][4]:
 //     byte (g * 256 + j * 4 + t) holds w[64p + j, 4g + t] (as s8), i.e. the 4 consecutive k of
 //     one channel share one 32-bit lane, which is what vpdpbusd reduces. Channels >= N and
-//     k >= K are 0. After the Np panels: int32 comp[Np * 64] (0 for pad channels).
+//     k >= K are 0. After the Np panels: int32 comp[Np * 64] (0 for pad channels), then a
+//     64-byte trailer int64 {kPackMagic, N, K} so the binding can reject a packed weight used
+//     with another shape (different N can give the same byte count).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -30,9 +32,16 @@ inline int64_t num_panels(int64_t N) { return (N + kPanel - 1) / kPanel; }
 inline int64_t packed_b_panel_bytes(int64_t N, int64_t K) {
   return num_panels(N) * kPanel * padded_k(K);
 }
-// Total bytes of a packed weight: panels, then int32 compensation per (padded) channel.
+constexpr int64_t kPackMagic = 0x3842564e4e4951LL;  // "QINNVB8"
+constexpr int64_t kTrailerBytes = 64;
+// Total bytes of a packed weight: panels, int32 compensation per (padded) channel, trailer.
 inline int64_t packed_b_bytes(int64_t N, int64_t K) {
-  return packed_b_panel_bytes(N, K) + num_panels(N) * kPanel * int64_t(sizeof(int32_t));
+  return packed_b_panel_bytes(N, K) + num_panels(N) * kPanel * int64_t(sizeof(int32_t)) +
+         kTrailerBytes;
+}
+// The {magic, N, K} trailer of a packed weight of `bytes` bytes.
+inline const int64_t* packed_b_trailer(const uint8_t* bp, int64_t bytes) {
+  return reinterpret_cast<const int64_t*>(bp + bytes - kTrailerBytes);
 }
 inline const int32_t* packed_b_comp(const uint8_t* bp, int64_t N, int64_t K) {
   return reinterpret_cast<const int32_t*>(bp + packed_b_panel_bytes(N, K));

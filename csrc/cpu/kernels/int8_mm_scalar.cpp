@@ -49,7 +49,7 @@ uint16_t float_to_half(float f) {
 }
 
 void pack_b(const int8_t* w, int64_t N, int64_t K, int64_t ldw, uint8_t* out) {
-  const int64_t Kp = padded_k(K), np = num_panels(N);
+  const int64_t Kp = padded_k(K);
   std::memset(out, 0, size_t(packed_b_bytes(N, K)));
   int32_t* comp = reinterpret_cast<int32_t*>(out + packed_b_panel_bytes(N, K));
   for (int64_t n = 0; n < N; ++n) {
@@ -63,7 +63,10 @@ void pack_b(const int8_t* w, int64_t N, int64_t K, int64_t ldw, uint8_t* out) {
     }
     comp[n] = int32_t(uint32_t(colsum) * 128u);
   }
-  (void)np;
+  int64_t* trailer = reinterpret_cast<int64_t*>(out + packed_b_bytes(N, K) - kTrailerBytes);
+  trailer[0] = kPackMagic;
+  trailer[1] = N;
+  trailer[2] = K;
 }
 
 namespace scalar {
