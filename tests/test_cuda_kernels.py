@@ -14,6 +14,7 @@ Three kinds of test:
 """
 
 import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
