@@ -25,12 +25,21 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import (
+    CONFIGS,
+    DATA,
+    count_quantized,
+    environment_line,
+    linear_bytes,
+    minilm_path,
+    print_table,
+    reset_vm_hwm,
+    tensor_bytes,
+    vm_hwm_kib,
+)
 from torch import nn
 
 import qtorch
-
-from _common import (CONFIGS, DATA, count_quantized, environment_line, linear_bytes, minilm_path,
-                     print_table, reset_vm_hwm, tensor_bytes, vm_hwm_kib)
 
 RUN_CONFIGS = ["fp32", "int8_dynamic (W8A8)", "int8_weight_only (W8A16)",
                "int4 g64 asym (W4A16)", "int4 g32 sym (W4A16)"]

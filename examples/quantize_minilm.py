@@ -18,12 +18,19 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from _common import (
+    CONFIGS,
+    count_quantized,
+    environment_line,
+    interleaved_latency,
+    linear_bytes,
+    minilm_path,
+    print_table,
+    tensor_bytes,
+)
 
 import qtorch
 from qtorch.testing import sqnr
-
-from _common import (CONFIGS, count_quantized, environment_line, interleaved_latency,
-                     linear_bytes, minilm_path, print_table, tensor_bytes)
 
 # 16 pairs of paraphrases: sentence 2i and 2i+1 say the same thing in other words, so the
 # nearest neighbour of each sentence should be its partner.
@@ -141,7 +148,6 @@ def main() -> None:
         print(f"[{name}] median ms: fp32 b32 {lat['fp32_b32'][0] * 1e3:.1f}, quantized b32 "
               f"{lat['q_b32'][0] * 1e3:.1f}, fp32 b1 {lat['fp32_b1'][0] * 1e3:.1f}, quantized b1 "
               f"{lat['q_b1'][0] * 1e3:.1f}", flush=True)
-        del model
     print()
     print_table(rows)
     print("\nspeed columns: median fp32 time / median quantized time in the same run (>1: faster)")

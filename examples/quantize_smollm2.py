@@ -28,12 +28,20 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bar
 
 import torch
 import torch.nn.functional as F
+from _common import (
+    CONFIGS,
+    DATA,
+    count_quantized,
+    environment_line,
+    interleaved_latency,
+    linear_bytes,
+    print_table,
+    smollm2_gguf,
+    tensor_bytes,
+)
 
 import qtorch
 from qtorch.testing import sqnr
-
-from _common import (CONFIGS, DATA, count_quantized, environment_line, interleaved_latency,
-                     linear_bytes, print_table, smollm2_gguf, tensor_bytes)
 
 PROMPT = "The three primary colors are"
 
@@ -153,7 +161,6 @@ def main() -> None:
               f"fp32 {lat['fp32_prefill'][0] * 1e3:.0f} / quantized {lat['q_prefill'][0] * 1e3:.0f},"
               f" {args.new_tokens}-token greedy fp32 {lat['fp32_gen'][0] * 1e3:.0f} / quantized "
               f"{lat['q_gen'][0] * 1e3:.0f}", flush=True)
-        del model
     print()
     print(f"perplexity over {n_scored} scored tokens")
     print_table(rows)

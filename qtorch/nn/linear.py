@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qtorch import _backend, ops
+from qtorch import _backend, _checks, ops
 
 __all__ = ["Int8DynamicLinear", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear"]
 
@@ -47,7 +47,7 @@ class _QuantizedLinear(nn.Module):
     def _check_linear(linear: nn.Module) -> None:
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        if linear.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if linear.weight.dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(
                 f"linear.weight must be float32, float16 or bfloat16, got {linear.weight.dtype}"
             )
@@ -78,8 +78,12 @@ class _QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         choice = _backend.get_backend()
-        served = _backend.resolve(self._OP, self._buffers["qweight"].device)[0]
-        backend = served if choice == served else f"{choice} -> {served}"
+        device = self._buffers["qweight"].device
+        try:
+            served = _backend.resolve(self._OP, device)[0]
+            backend = served if choice == served else f"{choice} -> {served}"
+        except RuntimeError:  # e.g. use_backend("cuda") while the module is on the CPU
+            backend = f"{choice} (cannot run on {device.type})"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, {self._format()}, backend={backend}"
@@ -175,8 +179,6 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         device=None,
     ) -> None:
         """An empty module, e.g. to `load_state_dict` into; `from_float` fills one."""
-        from qtorch import _checks
-
         _checks.group_size(group_size)
         if in_features % group_size:
             raise ValueError(
