@@ -85,7 +85,7 @@ void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros
 void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, int8_t* w_out,
                float* scale_out);
 
-// xsum[m][g] = sum of x[m][g*gs : (g+1)*gs] in fp32 (bf16 widened exactly).
+// xsum[m][g] = sum of x[m][g*gs : (g+1)*gs] in fp32 (bf16 widened exactly); gs % 16 == 0.
 void group_sums(const void* x, Act act, int64_t M, int64_t ldx, int64_t K, int64_t gs,
                 float* xsum);
 
