@@ -18,9 +18,12 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu_features.h"
 #include "kernels/int8_mm.h"
 
 namespace im = qtorch::cpu::int8mm;
@@ -183,10 +186,26 @@ at::Tensor int8_linear_packed(const at::Tensor& x_in, const at::Tensor& wp, int6
   return out;
 }
 
+// The VNNI peak of this machine, in int ops/s (TOP/s * 1e12): every intra-op thread runs the
+// register-only vpdpbusd loop for `iters` iterations; ops of all threads / wall time.
+double int8_vnni_peak(int64_t iters) {
+  const auto& f = qtorch::cpu::features();
+  TORCH_CHECK(f.avx512f && f.avx512_vnni, "int8_vnni_peak: this CPU has no AVX-512 VNNI");
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  std::atomic<int64_t> ops{0};
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) ops += im::avx512::vnni_spin(iters);
+  });
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return double(ops.load()) / s;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
   m.def("int8_pack_weight(Tensor w) -> Tensor");
+  m.def("int8_vnni_peak(int iters) -> float", &int8_vnni_peak);  // no tensors: catch-all
   m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)");
   m.def(
       "int8_scaled_mm_packed(Tensor a, Tensor b_packed, int N, Tensor scale_a, Tensor scale_b, "

@@ -94,6 +94,10 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
 QTORCH_INT8MM_DECLARE(scalar)
 QTORCH_INT8MM_DECLARE(avx2)
 QTORCH_INT8MM_DECLARE(avx512)
+namespace avx512 {
+// Runs iters x 24 register-only zmm vpdpbusd and returns the int ops done (the VNNI peak probe).
+int64_t vnni_spin(int64_t iters);
+}
 #undef QTORCH_INT8MM_DECLARE
 
 // Scalar helpers shared by the ISA files for tails (round-to-nearest-even conversions).

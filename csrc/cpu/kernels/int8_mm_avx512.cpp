@@ -168,4 +168,30 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
   }
 }
 
+// The VNNI roofline: `iters` x 24 independent zmm vpdpbusd (no memory traffic, registers
+// only, in asm so the compiler cannot drop or spill them). Returns the int ops done
+// (each vpdpbusd zmm = 64 u8*s8 products + 64 adds = 128 ops).
+int64_t vnni_spin(int64_t iters) {
+  if (iters <= 0) return 0;
+  const int64_t n = iters;
+  __asm__ volatile(
+      "vpternlogd $0xff, %%zmm30, %%zmm30, %%zmm30\n"
+      "vpternlogd $0xff, %%zmm31, %%zmm31, %%zmm31\n"
+      "1:\n"
+#define QTORCH_DP(i) "vpdpbusd %%zmm31, %%zmm30, %%zmm" #i "\n"
+      QTORCH_DP(0) QTORCH_DP(1) QTORCH_DP(2) QTORCH_DP(3) QTORCH_DP(4) QTORCH_DP(5)
+      QTORCH_DP(6) QTORCH_DP(7) QTORCH_DP(8) QTORCH_DP(9) QTORCH_DP(10) QTORCH_DP(11)
+      QTORCH_DP(12) QTORCH_DP(13) QTORCH_DP(14) QTORCH_DP(15) QTORCH_DP(16) QTORCH_DP(17)
+      QTORCH_DP(18) QTORCH_DP(19) QTORCH_DP(20) QTORCH_DP(21) QTORCH_DP(22) QTORCH_DP(23)
+#undef QTORCH_DP
+      "dec %0\n"
+      "jnz 1b\n"
+      : "+r"(iters)
+      :
+      : "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18",
+        "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm30", "xmm31");
+  return n * 24 * 128;
+}
+
 }  // namespace qtorch::cpu::int8mm::avx512
