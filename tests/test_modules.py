@@ -257,6 +257,28 @@ def test_sqnr_against_float_layer(name):
     assert sqnr(F.linear(x_hat, mod.dequantize(), mod.bias), out) > 80
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_quantize_half_precision_model(name, dtype):
+    # Weights already in fp16/bf16 are quantized from those values (statistics in fp32).
+    model = MLP().to(dtype)
+    w = model.up.weight.detach().clone()
+    qtorch.quantize_(model, CONFIGS[name])
+    if isinstance(model.up, Int4WeightOnlyLinear):
+        q, s, z = R.quantize_int4(w, model.up.group_size, model.up.symmetric)
+        assert torch.equal(model.up.qweight, q) and torch.equal(model.up.zeros, z)
+        torch.testing.assert_close(model.up.scales, s, rtol=1e-6, atol=0)
+    else:
+        q, s = R.quantize_int8(w)
+        assert (model.up.qweight.int() - q.int()).abs().max() <= 1
+        torch.testing.assert_close(model.up.weight_scale, s, rtol=1e-6, atol=0)
+    assert model.up.bias.dtype == dtype
+    x = _randn(2, 3, 128, dtype=dtype, seed=12)
+    out = model(x)
+    assert out.dtype == dtype and out.shape == (2, 3, 10)
+    assert_close(model.up(x), _reference_out(model.up, x))
+
+
 # ---------------------------------------------------------------------------- state dict
 
 
