@@ -28,6 +28,11 @@ import triton
 #: True when kernels run in Triton's CPU interpreter (must be decided before `import triton`).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+#: tl.dot precision for fp32 operands. On GPU "tf32x3" (three TF32 tensor-core products that
+#: recover ~fp32 accuracy; an IEEE fp32 dot runs on FFMA and spills registers at GEMM tile
+#: sizes, see tests/test_triton_aot.py); the interpreter computes an exact fp32 dot anyway.
+F32_PRECISION = "ieee" if INTERPRET else "tf32x3"
+
 #: Shared memory per block a kernel may use, bytes (opt-in maximum per SM).
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 

@@ -1,5 +1,5 @@
-"""int4_weight_only_linear (W4A16): out = x @ ŵ.T + bias,  ŵ[n, k] = (q[n, k] − zero[n, g]) · scale[n, g],
-g = k // group_size.
+"""int4_weight_only_linear (W4A16): out = x @ ŵ.T + bias, with
+ŵ[n, k] = (q[n, k] − zero[n, g]) · scale[n, g],  g = k // group_size.
 
 Kernel layout, prepared once per weight from the canonical one (API.md) by `kernel_layout`
 and cached with `qtorch._cache.packed`:
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from qtorch._kernels import INTERPRET, for_device, gpu_configs, pow2_bucket
+from qtorch._kernels import F32_PRECISION, INTERPRET, for_device, gpu_configs, pow2_bucket
 from qtorch._kernels.int8_mm import split_k_for, tile_ids
 
 from qtorch import _cache
@@ -56,6 +56,9 @@ HOPPER_CONFIGS = {"_w4a16_kernel": _HOPPER}
 # weight, long K tiles (capped at the group size); split-K when N is small.
 _DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
 _INTERP = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4)
+# fp32 activations on GPU (tf32x3 dot): the 16-bit tile lists spill or overflow shared memory
+# with operands twice as wide; one modest tile instead of autotuning (BLOCK_K <= any group).
+_F32_CFG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -72,7 +75,8 @@ def _w4a16_kernel(
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    DOT_F32: tl.constexpr,  # fp32 x, or the interpreter: fp32 operands, IEEE dot
+    DOT_F32: tl.constexpr,  # fp32 x, or the interpreter: fp32 operands
+    F32_PRECISION: tl.constexpr,  # their tl.dot precision: "tf32x3" on GPU, "ieee" interpreted
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0)
@@ -100,8 +104,8 @@ def _w4a16_kernel(
         x_even = tl.load(x_ptrs)
         x_odd = tl.load(x_ptrs + 1)
         if DOT_F32:
-            acc = tl.dot(x_even.to(tl.float32), w_even, acc, input_precision="ieee")
-            acc = tl.dot(x_odd.to(tl.float32), w_odd, acc, input_precision="ieee")
+            acc = tl.dot(x_even.to(tl.float32), w_even, acc, input_precision=F32_PRECISION)
+            acc = tl.dot(x_odd.to(tl.float32), w_odd, acc, input_precision=F32_PRECISION)
         else:
             acc = tl.dot(x_even, w_even.to(x_even.dtype), acc)
             acc = tl.dot(x_odd, w_odd.to(x_odd.dtype), acc)
@@ -176,7 +180,7 @@ def int4_weight_only_linear(
             cfg.update(num_warps=1, num_stages=1)
         split, per = split_k_for(n, k, cfg["BLOCK_N"], cfg["BLOCK_K"], x.device)
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), split)
-        common = dict(GROUP_SIZE=group_size, DOT_F32=dot_f32, **cfg)
+        common = dict(GROUP_SIZE=group_size, DOT_F32=dot_f32, F32_PRECISION=F32_PRECISION, **cfg)
         if split == 1:
             out = torch.empty((m, n), dtype=x.dtype, device=x.device)
             _w4a16_kernel[grid](
@@ -195,17 +199,19 @@ def int4_weight_only_linear(
         return out.to(x.dtype)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     args = (x, qw_t, s_t, z_t, bias_arg, out, m, n, k, k, pow2_bucket(m))
-    if INTERPRET:
-        cfg = dict(_INTERP, BLOCK_K=min(_INTERP["BLOCK_K"], group_size))
+    if INTERPRET or dot_f32:
+        cfg = dict(_INTERP, BLOCK_K=min(_INTERP["BLOCK_K"], group_size)) if INTERPRET else _F32_CFG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), 1)
         _w4a16_kernel[grid](
-            *args, GROUP_SIZE=group_size, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=True, **cfg
+            *args, GROUP_SIZE=group_size, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=True,
+            F32_PRECISION=F32_PRECISION, **cfg,
         )
     else:
         grid = lambda meta: (
             triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1,
         )
         _w4a16_tuned[grid](
-            *args, GROUP_SIZE=group_size, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32
+            *args, GROUP_SIZE=group_size, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32,
+            F32_PRECISION=F32_PRECISION,
         )
     return out

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from qtorch._kernels import INTERPRET, for_device, gpu_configs, num_sms, pow2_bucket
+from qtorch._kernels import F32_PRECISION, INTERPRET, for_device, gpu_configs, num_sms, pow2_bucket
 from qtorch._kernels.quantize import quantize_int8
 
 
@@ -63,6 +63,9 @@ HOPPER_CONFIGS = {"_int8_scaled_mm_kernel": _INT8_HOPPER, "_w8a16_kernel": _W8A1
 _W8A16_DECODE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
 # Under the interpreter: few, large programs (its cost grows with the program count).
 _INTERP = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4)
+# fp32 activations on GPU (tf32x3 dot): operands twice the bytes of 16-bit ones, so the 16-bit
+# tile lists spill or overflow shared memory; one modest tile instead of autotuning.
+_F32_CFG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -179,7 +182,8 @@ def _w8a16_kernel(
     M_BUCKET,  # autotune key only
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,  # > 1: write fp32 partial sums, no epilogue
-    DOT_F32: tl.constexpr,  # fp32 x, or the interpreter: fp32 operands, IEEE dot
+    DOT_F32: tl.constexpr,  # fp32 x, or the interpreter: fp32 operands
+    F32_PRECISION: tl.constexpr,  # their tl.dot precision: "tf32x3" on GPU, "ieee" interpreted
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -199,7 +203,7 @@ def _w8a16_kernel(
         x = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=kmask[:, None], other=0)
         if DOT_F32:
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=F32_PRECISION)
         else:
             # int8 -> fp16/bf16 is exact (|q| <= 127 < 2^8); fp32 accumulation in the MMA.
             acc = tl.dot(x, w.to(x.dtype), acc)
@@ -268,13 +272,15 @@ def int8_weight_only_linear(
             out = torch.empty((m, n), dtype=x.dtype, device=x.device)
             _w8a16_kernel[grid](
                 x, w_q, w_scale, bias_arg, out, m, n, k, k, 16,
-                HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32, **cfg,
+                HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32, F32_PRECISION=F32_PRECISION,
+                **cfg,
             )
             return out
         part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _w8a16_kernel[grid](
             x, w_q, w_scale, bias_arg, part, m, n, k, per, 16,
-            HAS_BIAS=False, SPLIT_K=split, DOT_F32=dot_f32, **cfg,
+            HAS_BIAS=False, SPLIT_K=split, DOT_F32=dot_f32, F32_PRECISION=F32_PRECISION,
+            **cfg,
         )
         out = part.sum(0) * w_scale[None, :]
         if has_bias:
@@ -282,12 +288,15 @@ def int8_weight_only_linear(
         return out.to(x.dtype)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     args = (x, w_q, w_scale, bias_arg, out, m, n, k, k, pow2_bucket(m))
-    if INTERPRET:
-        grid = (triton.cdiv(m, _INTERP["BLOCK_M"]) * triton.cdiv(n, _INTERP["BLOCK_N"]), 1)
-        _w8a16_kernel[grid](*args, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=True, **_INTERP)
+    if INTERPRET or dot_f32:
+        cfg = _INTERP if INTERPRET else _F32_CFG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), 1)
+        _w8a16_kernel[grid](*args, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=True,
+                            F32_PRECISION=F32_PRECISION, **cfg)
     else:
         grid = lambda meta: (
             triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1,
         )
-        _w8a16_tuned[grid](*args, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32)
+        _w8a16_tuned[grid](*args, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32,
+                           F32_PRECISION=F32_PRECISION)
     return out

@@ -50,13 +50,13 @@ _RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 def _compile(fn, args: list[tuple[str, object]], cc: int, num_warps: int, num_stages: int,
              div16: tuple[str, ...] = ()):
     """Compile `fn` (a @triton.jit function) for sm_`cc`. `args` lists every parameter in
-    order as (name, type string) or (name, constexpr value). Pointers and the ints named in
+    order as (name, type string), or (name, value) for a tl.constexpr parameter. Pointers and the ints named in
     `div16` get the 16-divisibility hint a real launch gives aligned tensors and sizes."""
     names = fn.arg_names
     assert [a for a, _ in args] == names, f"argument list out of date for {fn.__name__}"
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, kind) in enumerate(args):
-        if isinstance(kind, str):
+        if not fn.params[i].is_constexpr:
             signature[name] = kind
             if kind.startswith("*") or name in div16:
                 attrs[(i,)] = [["tt.divisibility", 16]]
@@ -106,19 +106,20 @@ def _int8_mm_args(cfg, out="bf16"):
 
 def _w8a16_args(tile, dt="bf16", split=1):
     out = "fp32" if split > 1 else dt
-    return [("x_ptr", f"*{dt}"), ("w_ptr", "*i8"), ("ws_ptr", "*fp32"), ("bias_ptr", f"*{dt}"),
+    return ([("x_ptr", f"*{dt}"), ("w_ptr", "*i8"), ("ws_ptr", "*fp32"), ("bias_ptr", f"*{dt}"),
             ("out_ptr", f"*{out}"), ("M", "i32"), ("N", "i32"), ("K", "i32"),
             ("K_PER_SPLIT", "i32"), ("M_BUCKET", "i32"), ("HAS_BIAS", split == 1),
-            ("SPLIT_K", split), ("DOT_F32", False)] + list(tile.items())
+            ("SPLIT_K", split), ("DOT_F32", False), ("F32_PRECISION", "tf32x3")]
+            + list(tile.items()))
 
 
 def _w4a16_args(tile, dt="bf16", split=1, group=128):
     out = "fp32" if split > 1 else dt
-    return [("x_ptr", f"*{dt}"), ("qw_ptr", "*u8"), ("s_ptr", "*fp32"), ("z_ptr", "*fp32"),
+    return ([("x_ptr", f"*{dt}"), ("qw_ptr", "*u8"), ("s_ptr", "*fp32"), ("z_ptr", "*fp32"),
             ("bias_ptr", f"*{dt}"), ("out_ptr", f"*{out}"), ("M", "i32"), ("N", "i32"),
             ("K", "i32"), ("K_PER_SPLIT", "i32"), ("M_BUCKET", "i32"),
             ("GROUP_SIZE", group), ("HAS_BIAS", split == 1), ("SPLIT_K", split),
-            ("DOT_F32", False)] + list(tile.items())
+            ("DOT_F32", False), ("F32_PRECISION", "tf32x3")] + list(tile.items()))
 
 
 _GEMM_DIV16 = ("N", "K", "K_PER_SPLIT")
@@ -133,7 +134,8 @@ def _split_decode(cfg: dict) -> tuple[dict, int, int]:
 
 
 def _cases():
-    """(id, module, kernel fn, args, num_warps, num_stages, kind), kind in int8|f16|none."""
+    """[(id, cc, kernel fn, args, num_warps, num_stages, kind)],
+    kind in int8 | f16 | f32 | quant | none."""
     cases = []
     for cc in ARCHS:
         for i, c in enumerate(_configs(int8_mm, "_int8_scaled_mm_kernel", cc)):
@@ -143,6 +145,18 @@ def _cases():
             for dt in (("bf16", "fp16") if i == 0 else ("bf16",)):
                 cases.append((f"w8a16-{dt}-sm{cc}-cfg{i}", cc, int8_mm._w8a16_kernel,
                               _w8a16_args(_tile(c), dt), c.num_warps, c.num_stages, "f16"))
+        # fp32 activations (tf32x3 dot: 3 TF32 MMAs ~ fp32 accuracy): the fixed fp32 tile and
+        # the decode tile.
+        for mod, fn, make, decode in (
+            (int8_mm, int8_mm._w8a16_kernel, _w8a16_args, int8_mm._W8A16_DECODE),
+            (int4_mm, int4_mm._w4a16_kernel, _w4a16_args, int4_mm._DECODE),
+        ):
+            for label, cfg, split in (("tile", mod._F32_CFG, 1), ("decode", decode, 4)):
+                tile, w, s = _split_decode(cfg)
+                args = make(tile, "fp32", split=split)
+                args[args.index(("DOT_F32", False))] = ("DOT_F32", True)
+                cases.append((f"{fn.__name__[1:6]}-fp32-{label}-sm{cc}", cc, fn, args, w, s,
+                              "f32"))
         tile, w, s = _split_decode(int8_mm._W8A16_DECODE)
         for dt in ("bf16", "fp16"):
             for split in (1, 4):
@@ -184,7 +198,7 @@ CASES = _cases() if os.environ.get("TRITON_INTERPRET") != "1" else []
 
 def _check(case) -> dict:
     name, cc, fn, args, warps, stages, kind = case
-    div16 = _GEMM_DIV16 if kind in ("int8", "f16") else ("K", "stride_x", "V", "stride_s",
+    div16 = _GEMM_DIV16 if kind in ("int8", "f16", "f32") else ("K", "stride_x", "V", "stride_s",
                                                          "stride_t", "stride_g")
     info = _inspect(_compile(fn, args, cc, warps, stages, div16))
     assert info["shared"] <= SMEM_LIMIT[cc], (
@@ -193,7 +207,7 @@ def _check(case) -> dict:
     # than a smaller tile and does not belong in the autotune list.
     assert info["spill"] == 0, f"{name}: {info['spill']} B of stack/local memory (spills)"
     mma = info["mma"]
-    cfg = dict((k, v) for k, v in args if not isinstance(v, str))
+    cfg = dict((k, v) for i, (k, v) in enumerate(args) if fn.params[i].is_constexpr)
     big_tile = cfg.get("BLOCK_M", 0) >= 64 and warps >= 4
     if kind == "int8":
         want = ("IGMMA",) if cc == 90 and big_tile else ("IMMA",) if cc == 80 else ("IGMMA", "IMMA")
@@ -201,6 +215,9 @@ def _check(case) -> dict:
         assert not mma.get("HMMA") and not mma.get("HGMMA"), f"{name}: float MMA in an int8 GEMM"
     elif kind == "f16":
         want = ("HGMMA",) if cc == 90 and big_tile else ("HMMA",) if cc == 80 else ("HGMMA", "HMMA")
+        assert any(mma.get(w) for w in want), f"{name}: no {'/'.join(want)} in SASS, got {mma}"
+    elif kind == "f32":  # TF32 MMAs: HMMA.*.F32.TF32 on sm_80, HGMMA (or HMMA) on sm_90
+        want = ("HGMMA", "HMMA") if cc == 90 else ("HMMA",)
         assert any(mma.get(w) for w in want), f"{name}: no {'/'.join(want)} in SASS, got {mma}"
     else:
         assert not mma, f"{name}: unexpected MMA {mma} in a memory-bound kernel"

@@ -203,6 +203,21 @@ def test_int4_kernel_layout_prepared_once(monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("major", [8, 9])
+def test_autotune_configs_follow_the_device(monkeypatch, major):
+    # Hopper (sm_90) gets the Hopper list, Ampere the Ampere list; W4A16 also drops K tiles
+    # longer than the group (a K tile must lie in one group).
+    from qtorch import _kernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (major, 0))
+    prune = _kernels.for_device(K8._INT8_AMPERE, K8._INT8_HOPPER)
+    got = prune(K8._int8_scaled_mm_tuned.configs, {})
+    assert got == (K8._INT8_HOPPER if major == 9 else K8._INT8_AMPERE)
+    got = K4._prune(K4._w4a16_tuned.configs, {}, GROUP_SIZE=32)
+    want = K4._HOPPER if major == 9 else K4._AMPERE
+    assert got and got == [c for c in want if c.kwargs["BLOCK_K"] <= 32]
+
+
 # -------------------------------------------------------------------------- distillation
 
 
