@@ -47,6 +47,29 @@ float b2f(uint16_t b) {
   return f;
 }
 
+// An exact-size buffer between two guard zones. ASan checks ordinary accesses, but not the
+// SIMD masked loads/stores (compiler builtins it does not instrument), so every buffer a
+// kernel writes is also checked for writes outside [0, n) by its untouched guard pattern.
+template <typename T>
+struct Guarded {
+  static constexpr size_t kGuard = 256 / sizeof(T);
+  std::vector<T> buf;
+  T pattern;
+  Guarded(size_t n, T fill, T guard) : buf(n + 2 * kGuard, guard), pattern(guard) {
+    for (size_t i = 0; i < n; ++i) buf[kGuard + i] = fill;
+  }
+  T* data() { return buf.data() + kGuard; }
+  T& operator[](size_t i) { return buf[kGuard + i]; }
+  size_t size() const { return buf.size() - 2 * kGuard; }
+  bool intact() const {
+    for (size_t i = 0; i < kGuard; ++i)
+      if (std::memcmp(&buf[i], &pattern, sizeof(T)) != 0 ||
+          std::memcmp(&buf[buf.size() - 1 - i], &pattern, sizeof(T)) != 0)
+        return false;
+    return true;
+  }
+};
+
 std::string cfg(const char* what, int64_t M, int64_t N, int64_t K) {
   char buf[128];
   std::snprintf(buf, sizeof buf, "%s [%s M=%lld N=%lld K=%lld]", what, qc::isa_name(qc::isa()),
@@ -77,8 +100,9 @@ void check_gemm(int64_t M, int64_t N, int64_t K, int splits, std::mt19937& rng) 
   std::vector<uint8_t> bp(size_t(packed_b_bytes(N, K)));
   pack_b(w.data(), N, K, K, bp.data());
   const int64_t Kp = padded_k(K);
-  std::vector<uint8_t> ap(size_t(M * Kp));
+  Guarded<uint8_t> ap(size_t(M * Kp), 0, 0xa5);
   for (int i = 0; i < splits; ++i) pack_a(a.data(), K, K, M * i / splits, M * (i + 1) / splits, ap.data());
+  if (!ap.intact()) fail(cfg("pack_a wrote out of bounds", M, N, K));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < Kp; ++k) {
       const int want = k < K ? int(a[size_t(m * K + k)]) + 128 : 128;
@@ -100,13 +124,14 @@ void check_gemm(int64_t M, int64_t N, int64_t K, int splits, std::mt19937& rng) 
   // int32 hook: exact.
   {
     const int64_t ldo = N + 3;  // a padded output row: the kernel must honour ldo
-    std::vector<int32_t> out(size_t((M - 1) * ldo + N), 0x5a5a5a5a);
+    Guarded<int32_t> out(size_t((M - 1) * ldo + N), 0x5a5a5a5a, 0x3c3c3c3c);
     Epilogue ep;
     ep.out = out.data();
     ep.ldo = ldo;
     ep.type = DType::S32;
     run(ep);
     ++checks;
+    if (!out.intact()) fail(cfg("int32 out of bounds", M, N, K));
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < ldo && m * ldo + n < int64_t(out.size()); ++n) {
         const int32_t got = out[size_t(m * ldo + n)];
@@ -128,8 +153,8 @@ void check_gemm(int64_t M, int64_t N, int64_t K, int splits, std::mt19937& rng) 
   for (auto& v : bias) v = ub(rng);
   for (DType t : {DType::F32, DType::F16, DType::BF16}) {
     for (bool with_bias : {false, true}) {
-      std::vector<float> of(t == DType::F32 ? size_t(M * N) : 0);
-      std::vector<uint16_t> oh(t == DType::F32 ? 0 : size_t(M * N));
+      Guarded<float> of(t == DType::F32 ? size_t(M * N) : 0, 0.f, -77.f);
+      Guarded<uint16_t> oh(t == DType::F32 ? 0 : size_t(M * N), 0, 0x7e01);
       Epilogue ep;
       ep.scale_a = sa.data();
       ep.scale_b = sb.data();
@@ -139,6 +164,7 @@ void check_gemm(int64_t M, int64_t N, int64_t K, int splits, std::mt19937& rng) 
       ep.type = t;
       run(ep);
       ++checks;
+      if (!of.intact() || !oh.intact()) fail(cfg("epilogue out of bounds", M, N, K));
       for (int64_t i = 0; i < M * N; ++i) {
         const int64_t m = i / N, n = i % N;
         float want = float(int32_t(ref[size_t(i)])) * sa[size_t(m)] * sb[size_t(n)];
@@ -193,12 +219,14 @@ void check_quantize(int64_t M, int64_t K, DType xt, std::mt19937& rng) {
     }
     x = xh.data();
   }
-  std::vector<float> scale(size_t(M), -1.f);
-  std::vector<int8_t> q(size_t(M * K));
+  Guarded<float> scale(size_t(M), -1.f, -3.f);
+  Guarded<int8_t> q(size_t(M * K), 0, 0x55);
   const int64_t Kp = padded_k(K);
-  std::vector<uint8_t> ap(size_t(M * Kp));
+  Guarded<uint8_t> ap(size_t(M * Kp), 0, 0xa5);
   quantize_rows(x, xt, K, K, 0, M, scale.data(), q.data(), K, ap.data());
   ++checks;
+  if (!scale.intact() || !q.intact() || !ap.intact())
+    fail(cfg("quantize out of bounds", M, 0, K));
   for (int64_t m = 0; m < M; ++m) {
     float amax = 0.f;
     for (int64_t k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(xf[size_t(m * K + k)]));
