@@ -87,8 +87,9 @@ def build_impls(m: int, dtype=torch.bfloat16) -> dict:
             q = torch.stack([qw & 15, qw >> 4], -1).reshape(N, K).to(torch.int32)
             sz = torch.stack([s, (8 - z.float()) * s], -1).transpose(0, 1).contiguous().to(dtype)
             peer4.append((x, torch._convert_weight_to_int4pack_for_cpu(q, 1), GROUP, sz))
-        impls["torch:_weight_int4pack_mm_for_cpu"] = _Rotating(torch._weight_int4pack_mm_for_cpu,
-                                                               peer4)
+        impls["torch:_weight_int4pack_mm_for_cpu"] = _Rotating(
+            torch._weight_int4pack_mm_for_cpu, peer4
+        )
 
     n8 = _copies(N * K)
     q8 = [R.quantize_int8(_weights(100 + i)) for i in range(n8)]
@@ -102,14 +103,16 @@ def build_impls(m: int, dtype=torch.bfloat16) -> dict:
     impls["qtorch:cpu W8A16 kernel"] = _Rotating(torch.ops.qtorch_cpu.wo_int8_linear, packed8)
     if hasattr(torch, "_weight_int8pack_mm"):
         impls["torch:_weight_int8pack_mm"] = _Rotating(
-            torch._weight_int8pack_mm, [(x, w_q, s.to(dtype)) for w_q, s in q8])
+            torch._weight_int8pack_mm, [(x, w_q, s.to(dtype)) for w_q, s in q8]
+        )
 
     for wdt in (torch.bfloat16, torch.float32):
         nd = _copies(N * K * torch.empty((), dtype=wdt).element_size())
         ws = [_weights(200 + i).to(wdt) for i in range(nd)]
         xd = x.to(wdt)
-        impls[f"torch:F.linear({str(wdt)[6:]})"] = _Rotating(lambda w, xd=xd: F.linear(xd, w),
-                                                              [(w,) for w in ws])
+        impls[f"torch:F.linear({str(wdt)[6:]})"] = _Rotating(
+            lambda w, xd=xd: F.linear(xd, w), [(w,) for w in ws]
+        )
     return impls
 
 
@@ -128,8 +131,12 @@ def check_peers(m: int = 3) -> dict:
             "qtorch:cpu W4A16": (ops.int4_weight_only_linear(x, qw, s, z, GROUP), ref4),
             "qtorch:cpu W8A16": (ops.int8_weight_only_linear(x, w_q, ws), ref8),
         }
-    got["torch:_weight_int4pack_mm_for_cpu"] = (torch._weight_int4pack_mm_for_cpu(
-        x, torch._convert_weight_to_int4pack_for_cpu(q, 1), GROUP, sz), ref4)
+    got["torch:_weight_int4pack_mm_for_cpu"] = (
+        torch._weight_int4pack_mm_for_cpu(
+            x, torch._convert_weight_to_int4pack_for_cpu(q, 1), GROUP, sz
+        ),
+        ref4,
+    )
     got["torch:_weight_int8pack_mm"] = (torch._weight_int8pack_mm(x, w_q, ws.to(x.dtype)), ref8)
     return {k: ((o.float() - r).norm() / r.norm()).item() for k, (o, r) in got.items()}
 
@@ -165,11 +172,19 @@ def stream_bandwidth(nbytes: int = 256 << 20) -> float:
 
 # ------------------------------------------------------------------------- pytest-benchmark
 
-needs_cpu = pytest.mark.skipif("cpu" not in qtorch.available_backends(),
-                               reason="qtorch._C (the cpu backend) is not built")
-IMPL_NAMES = ["qtorch:cpu W4A16", "qtorch:cpu W4A16 kernel", "torch:_weight_int4pack_mm_for_cpu",
-              "qtorch:cpu W8A16", "qtorch:cpu W8A16 kernel", "torch:_weight_int8pack_mm",
-              "torch:F.linear(bfloat16)", "torch:F.linear(float32)"]
+needs_cpu = pytest.mark.skipif(
+    "cpu" not in qtorch.available_backends(), reason="qtorch._C (the cpu backend) is not built"
+)
+IMPL_NAMES = [
+    "qtorch:cpu W4A16",
+    "qtorch:cpu W4A16 kernel",
+    "torch:_weight_int4pack_mm_for_cpu",
+    "qtorch:cpu W8A16",
+    "qtorch:cpu W8A16 kernel",
+    "torch:_weight_int8pack_mm",
+    "torch:F.linear(bfloat16)",
+    "torch:F.linear(float32)",
+]
 
 
 @needs_cpu
@@ -180,8 +195,9 @@ def test_weight_only_linear(benchmark, m, impl):
     if impl not in impls:
         pytest.skip(f"{impl} is not in this torch build")
     benchmark.group = f"weight-only linear M={m} N=K={N} bf16, cold weights"
-    benchmark.extra_info.update(device="cpu", torch=torch.__version__,
-                                threads=torch.get_num_threads(), flop=2 * m * N * K)
+    benchmark.extra_info.update(
+        device="cpu", torch=torch.__version__, threads=torch.get_num_threads(), flop=2 * m * N * K
+    )
     benchmark.pedantic(impls[impl], rounds=20, warmup_rounds=2)
 
 
@@ -193,9 +209,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
-                    help="wall: perf_counter; thread: this thread's CPU time (needs --threads 1; "
-                         "immune to time-slicing when other processes load the machine)")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="wall: perf_counter; thread: this thread's CPU time (needs --threads 1; "
+        "immune to time-slicing when other processes load the machine)",
+    )
     ap.add_argument("--ms", type=int, nargs="*", default=list(MS))
     args = ap.parse_args()
     if args.threads:
@@ -203,20 +223,31 @@ def main() -> None:
     if args.clock == "thread" and torch.get_num_threads() != 1:
         ap.error("--clock thread measures one thread: use --threads 1")
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, clock {args.clock}, "
-          f"qtorch cpu ISA {qtorch._C.isa()}, kernel "
-          f"{torch.ops.qtorch_cpu.wo_kernel_name('bfloat16')}")
-    print("rel. error vs qtorch.reference (M=3):",
-          ", ".join(f"{k} {v:.1e}" for k, v in check_peers().items()))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, clock {args.clock}, "
+        f"qtorch cpu ISA {qtorch._C.isa()}, kernel "
+        f"{torch.ops.qtorch_cpu.wo_kernel_name('bfloat16')}"
+    )
+    print(
+        "rel. error vs qtorch.reference (M=3):",
+        ", ".join(f"{k} {v:.1e}" for k, v in check_peers().items()),
+    )
     print(f"streaming read (torch.sum, 256 MiB): {stream_bandwidth():.1f} GB/s")
     # (peer, [qtorch rows it is compared with]); ratio = peer p50 / qtorch p50, > 1: qtorch faster
-    groups = [("torch:_weight_int4pack_mm_for_cpu", ["qtorch:cpu W4A16 kernel", "qtorch:cpu W4A16"]),
-              ("torch:_weight_int8pack_mm", ["qtorch:cpu W8A16 kernel", "qtorch:cpu W8A16"]),
-              ("torch:F.linear(bfloat16)", []),
-              ("torch:F.linear(float32)", [])]
-    print("speedup = peer p50 / qtorch p50 (> 1: qtorch faster). 'kernel' rows call the op on "
-          "its prepacked weight, as the peers are called; the others go through qtorch.ops.")
-    print(f"{'M':>4s} {'implementation':36s} {'p20/p50/p80 ms':>24s} {'GOP/s':>6s}  speedup")
+    groups = [
+        ("torch:_weight_int4pack_mm_for_cpu", ["qtorch:cpu W4A16 kernel", "qtorch:cpu W4A16"]),
+        ("torch:_weight_int8pack_mm", ["qtorch:cpu W8A16 kernel", "qtorch:cpu W8A16"]),
+        ("torch:F.linear(bfloat16)", []),
+        ("torch:F.linear(float32)", []),
+    ]
+    print(
+        "speedup = peer time / qtorch time at p50 (and at p20, the figure least disturbed by "
+        "other processes on a shared machine); > 1: qtorch faster. 'kernel' rows call the op "
+        "on its prepacked weight, as the peers are called; the others go through qtorch.ops."
+    )
+    print(
+        f"{'M':>4s} {'implementation':36s} {'p20/p50/p80 ms':>24s} {'GOP/s':>6s}  speedup p50 (p20)"
+    )
     for m in args.ms:
         impls = build_impls(m)
         res = time_interleaved(impls, rounds=30 if m <= 8 else 12, clock=clock)
@@ -225,9 +256,15 @@ def main() -> None:
                 if name not in res:
                     continue
                 p = res[name]
-                sp = f"{res[peer][1] / p[1]:.2f}x" if name != peer and peer in res else ""
-                print(f"{m:4d} {name:36s} {'/'.join(f'{v * 1e3:.3f}' for v in p):>24s} "
-                      f"{2 * m * N * K / p[1] / 1e9:6.0f}  {sp}")
+                sp = (
+                    f"{res[peer][1] / p[1]:.2f}x ({res[peer][0] / p[0]:.2f}x)"
+                    if name != peer and peer in res
+                    else ""
+                )
+                print(
+                    f"{m:4d} {name:36s} {'/'.join(f'{v * 1e3:.3f}' for v in p):>24s} "
+                    f"{2 * m * N * K / p[1] / 1e9:6.0f}  {sp}"
+                )
 
 
 if __name__ == "__main__":

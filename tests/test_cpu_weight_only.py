@@ -101,7 +101,7 @@ def test_fp32_path_is_fp32_accurate(isa):
     w_q, w_scale = R.quantize_int8(w)
     x = _randn(5, 1024, seed=4)
     ref4 = x.double() @ R.dequantize_int4(qweight, scales, zeros, 64).double().T
-    ref8 = (x.double() @ (w_q.double() * w_scale.double()[:, None]).T)
+    ref8 = x.double() @ (w_q.double() * w_scale.double()[:, None]).T
     with qtorch.use_backend("cpu"):
         out4 = ops.int4_weight_only_linear(x, qweight, scales, zeros, 64)
         out8 = ops.int8_weight_only_linear(x, w_q, w_scale)
