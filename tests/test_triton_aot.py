@@ -14,7 +14,8 @@ the cubin is disassembled with the `cuobjdump` shipped inside the Triton wheel:
   * shared memory of every config fits the chip (163 KiB sm_80, 227 KiB sm_90);
    * no config spills registers (stack frame or local memory);
   * the memory-bound kernels (quantize, distillation loss) issue no MMA, and quantize rounds with the hardware FRND instruction (libdevice.rint).
-`python tests/test_triton_aot.py` prints the per-kernel findings as a table.
+`TRITON_INTERPRET=0 python tests/test_triton_aot.py` prints the per-kernel findings as a table
+(committed as benchmarks/results/triton_aot_sass.txt).
 """
 
 from __future__ import annotations
@@ -181,15 +182,20 @@ def _cases():
                 name = f"quantize_int8-{dt}-{'one' if one else 'two'}pass-sm{cc}"
                 cases.append((name, cc, quantize._quantize_int8_kernel, args, 8, 1, "quant"))
         block, warps = 4096, 16
-        for div in range(3):
-            args = [("s_ptr", "*bf16"), ("t_ptr", "*bf16"), ("lab_ptr", "*i64"),
-                    ("loss_ptr", "*fp32"), ("g_ptr", "*bf16"), ("scale_ptr", "*fp32"),
-                    ("V", "i32"), ("stride_s", "i32"), ("stride_t", "i32"), ("stride_g", "i32"),
-                    ("inv_temp", "fp32"), ("temp", "fp32"), ("alpha", "fp32"), ("beta", "fp32"),
-                    ("ignore_index", "i32"), ("HAS_LABELS", True), ("COMPUTE_GRAD", True),
-                    ("HAS_SCALE", True), ("DIV", div), ("BLOCK_V", block)]
-            name = f"distillation-{('kl', 'reverse_kl', 'jsd')[div]}-bf16-sm{cc}"
-            cases.append((name, cc, distillation._distill_kernel, args, warps, 1, "none"))
+        # (dtype, labels + grad + token scale): the fused-linear launch, and a plain
+        # forward-only one without labels.
+        for dt, full in (("bf16", True), ("fp32", False)):
+            for div in range(3):
+                args = [("s_ptr", f"*{dt}"), ("t_ptr", f"*{dt}"), ("lab_ptr", "*i64"),
+                        ("loss_ptr", "*fp32"), ("g_ptr", f"*{dt}"), ("scale_ptr", "*fp32"),
+                        ("V", "i32"), ("stride_s", "i32"), ("stride_t", "i32"),
+                        ("stride_g", "i32"), ("inv_temp", "fp32"), ("temp", "fp32"),
+                        ("alpha", "fp32"), ("beta", "fp32"), ("ignore_index", "i32"),
+                        ("HAS_LABELS", full), ("COMPUTE_GRAD", full), ("HAS_SCALE", full),
+                        ("DIV", div), ("BLOCK_V", block)]
+                what = "labels+grad" if full else "nolabels-nograd"
+                name = f"distillation-{('kl', 'reverse_kl', 'jsd')[div]}-{dt}-{what}-sm{cc}"
+                cases.append((name, cc, distillation._distill_kernel, args, warps, 1, "none"))
     return cases
 
 
@@ -236,7 +242,7 @@ def test_cuobjdump_ships_with_triton():
 
 
 if __name__ == "__main__":
-    print(f"{'kernel':44s} {'MMA (SASS count)':28s} {'smem KiB':>8s} {'regs':>5s} {'spill':>5s}")
+    print(f"{'kernel':52s} {'MMA (SASS count)':28s} {'smem KiB':>8s} {'regs':>5s} {'spill':>5s}")
     for case in CASES:
         try:
             info = _check(case)
@@ -244,8 +250,8 @@ if __name__ == "__main__":
         except AssertionError as e:
             info, ok = None, f"FAIL: {e}"
         if info is None:
-            print(f"{case[0]:44s} {ok}")
+            print(f"{case[0]:52s} {ok}")
             continue
         mma = ", ".join(f"{k} x{v}" for k, v in sorted(info["mma"].items())) or "-"
-        print(f"{case[0]:44s} {mma:28s} {info['shared'] / 1024:8.1f} {info['regs']:5d} "
+        print(f"{case[0]:52s} {mma:28s} {info['shared'] / 1024:8.1f} {info['regs']:5d} "
               f"{info['spill']:5d}")
