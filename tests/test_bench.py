@@ -81,6 +81,7 @@ def test_tiny_run_gives_schema_valid_json(tmp_path, fake_roofline, capsys):
     assert doc["command"].startswith("qtorch bench --backend reference --shapes 4,64,128,96")
     text = capsys.readouterr().out
     assert "== int8_linear" in text and "qtorch:reference" in text and "wall time" in text
+    assert "vs peer: fastest installed peer's median / this median (>1: this is faster)" in text
 
 
 def test_default_backends_skip_the_triton_interpreter(tmp_path, fake_roofline):

@@ -64,8 +64,10 @@ def format_table(rows: list[dict], roof: dict | None) -> str:
                "bytes / time.\n%roof: roofline-bound time / measured time "
                "(max(flop / peak, bytes / bandwidth)).  vs base: plain-PyTorch median / this "
                "median;\nvs peer: fastest installed peer's median / this median (>1: this is "
-               "faster).\npeak MiB: memory of one call beyond its inputs (CPU: peak RSS in a child "
-               "process; CUDA: max allocated)." if mem else "faster).")
+               "faster).")
+    if mem:
+        out.append("peak MiB: memory of one call beyond its inputs (CPU: peak RSS in a child "
+                   "process; CUDA: max allocated).")
     if roof:
         out.append(
             f"roofline ({roof.get('threads')} threads, measured {roof.get('measured_at')}): "
