@@ -129,8 +129,17 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev
   (cd "$ROOT" && QTORCH_BUILD_CPU=0 QTORCH_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" \
      "$PY" setup.py build_ext --build-temp "$BIND_BUILD/tmp" --build-lib "$BIND_BUILD/lib" \
      > "$BIND_BUILD/build.log" 2>&1) || { tail -40 "$BIND_BUILD/build.log" >&2; echo "cuda_check: binding build FAILED" >&2; exit 1; }
-  ls -l "$BIND_BUILD"/lib/qtorch/_C_cuda*.so
-  echo "cuda_check: binding compiled and linked (not loaded: that needs a GPU-capable runtime)"
+  so="$(ls "$BIND_BUILD"/lib/qtorch/_C_cuda*.so)"
+  ls -l "$so"
+  # Loading needs no GPU: it resolves every symbol and registers the qtorch_cuda ops.
+  "$PY" - "$so" <<'PYEOF'
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+for name in ("quantize_int8", "int8_scaled_mm", "int8_linear", "int4_linear", "int8wo_linear",
+             "distillation_loss"):
+    print("  ", getattr(torch.ops.qtorch_cuda, name).default._schema)
+PYEOF
+  echo "cuda_check: binding compiled, linked and loaded; its ops are registered (nothing ran on a GPU)"
 else
   echo "== binding: SKIPPED ($PY has no CUDA build of torch; set QTORCH_CUDA_PYTHON to one)"
 fi
