@@ -1,7 +1,7 @@
 // Weight-only matmul, AVX2 + FMA, fp32 activations (bf16/fp16 are widened by the caller).
-// Math and layouts: wo_mm.h. With 16 ymm registers a tile is MR <= 4 rows x 8 channels (half
-// a packed block): 8 bytes of a k-quad widened to 32-bit lanes hold 4 channels x 2 k, so a
-// half block is two such vectors per nibble; x pairs (x[k], x[k+1]) are broadcast per row.
+// Math and layouts: wo_mm.h. With 16 ymm registers a tile is MR rows x NR "half blocks" of 8
+// channels, MR * NR <= 4: 8 bytes of a k-quad widened to 32-bit lanes hold 4 channels x 2 k,
+// so a half block is two such vectors per nibble; x pairs (x[k], x[k+1]) are broadcast per row.
 // The two k lanes of a channel are summed at each group end (hadd + a 64-bit permute).
 #include "wo_mm.h"
 
@@ -34,110 +34,130 @@ inline void store_half(const Problem& p, int64_t N, int64_t m, int64_t h, __m256
   for (int64_t i = 0; i < nn; ++i) yr[i] = tmp[i] + (p.col_bias ? p.col_bias[n0 + i] : 0.f);
 }
 
-// Rows m0 .. m0+MR, channels 8h .. 8h+8 (h = half block).
-template <int MR>
+// Byte offset of half block h in the packed weights: block h/2, bytes 16 (h%2) .. +16 of each
+// 32-byte k-quad (int4) / k-pair (int8) row; `row_bytes` = bytes of one block.
+inline int64_t half_offset(int64_t h, int64_t row_bytes) { return (h / 2) * row_bytes + (h % 2) * 16; }
+
+// Rows m0 .. m0+MR, channels 8h .. 8(h+NR) (NR half blocks). One row alone needs NR > 1 so
+// that enough independent accumulators hide the FMA latency.
+template <int MR, int NR>
 void int4_tile(const Int4Weights& w, const Problem& p, int64_t m0, int64_t h) {
   const int64_t K = w.K, G = K / w.gs, Kq = K / 4, qpg = w.gs / 4;
   const float* x = static_cast<const float*>(p.x) + m0 * p.ldx;
-  const int64_t nb = h / 2, off = (h % 2) * 16;  // byte offset of this half in a 32-byte quad
-  const uint8_t* wb = w.w + nb * Kq * 32 + off;
+  const uint8_t* wb[NR];
+  for (int j = 0; j < NR; ++j) wb[j] = w.w + half_offset(h + j, Kq * 32);
   const __m256i lo_mask = _mm256_set1_epi32(0xF);
-  alignas(32) float out[MR][kHalf] = {};
+  alignas(32) float out[MR][NR][kHalf] = {};
   for (int64_t g = 0; g < G; ++g) {
-    __m256 acc[MR][2];
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    __m256 acc[MR][NR][2];
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NR; ++j) acc[r][j][0] = acc[r][j][1] = _mm256_setzero_ps();
     for (int64_t t = g * qpg; t < (g + 1) * qpg; ++t) {
-      __m256 wl[2], wh[2];
-      for (int q = 0; q < 2; ++q) {
-        const __m256i v =
-            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb + t * 32 + 8 * q)));
-        wl[q] = _mm256_cvtepi32_ps(_mm256_and_si256(v, lo_mask));
-        wh[q] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-      }
-      for (int r = 0; r < MR; ++r) {
-        const __m256 xl = bcast_pair(x + r * p.ldx + 4 * t), xh = bcast_pair(x + r * p.ldx + 4 * t + 2);
+      __m256 xl[MR], xh[MR];
+      for (int r = 0; r < MR; ++r)
+        xl[r] = bcast_pair(x + r * p.ldx + 4 * t), xh[r] = bcast_pair(x + r * p.ldx + 4 * t + 2);
+      for (int j = 0; j < NR; ++j)
         for (int q = 0; q < 2; ++q) {
-          acc[r][q] = _mm256_fmadd_ps(wl[q], xl, acc[r][q]);
-          acc[r][q] = _mm256_fmadd_ps(wh[q], xh, acc[r][q]);
+          // 8 bytes -> 8 u32 lanes: channel 4q + i/2, low nibble k0 + i%2, high k0 + 2 + i%2
+          const __m256i v = _mm256_cvtepu8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb[j] + t * 32 + 8 * q)));
+          const __m256 wl = _mm256_cvtepi32_ps(_mm256_and_si256(v, lo_mask));
+          const __m256 wh = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+          for (int r = 0; r < MR; ++r) {
+            acc[r][j][q] = _mm256_fmadd_ps(wl, xl[r], acc[r][j][q]);
+            acc[r][j][q] = _mm256_fmadd_ps(wh, xh[r], acc[r][j][q]);
+          }
         }
-      }
     }
-    // out += s * acc + b * xsum
-    const int64_t meta = (nb * G + g) * kBlock + (h % 2) * kHalf;
-    const __m256 s = _mm256_loadu_ps(w.scale + meta), b = _mm256_loadu_ps(w.bias + meta);
-    for (int r = 0; r < MR; ++r) {
-      __m256 o = _mm256_load_ps(out[r]);
-      o = _mm256_fmadd_ps(pair_reduce(acc[r][0], acc[r][1]), s, o);
-      o = _mm256_fmadd_ps(b, _mm256_set1_ps(p.xsum[(m0 + r) * G + g]), o);
-      _mm256_store_ps(out[r], o);
+    for (int j = 0; j < NR; ++j) {  // out += s * acc + b * xsum
+      const int64_t meta = ((h + j) / 2 * G + g) * kBlock + ((h + j) % 2) * kHalf;
+      const __m256 s = _mm256_loadu_ps(w.scale + meta), b = _mm256_loadu_ps(w.bias + meta);
+      for (int r = 0; r < MR; ++r) {
+        __m256 o = _mm256_load_ps(out[r][j]);
+        o = _mm256_fmadd_ps(pair_reduce(acc[r][j][0], acc[r][j][1]), s, o);
+        o = _mm256_fmadd_ps(b, _mm256_set1_ps(p.xsum[(m0 + r) * G + g]), o);
+        _mm256_store_ps(out[r][j], o);
+      }
     }
   }
-  for (int r = 0; r < MR; ++r) store_half(p, w.N, m0 + r, h, _mm256_load_ps(out[r]));
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) store_half(p, w.N, m0 + r, h + j, _mm256_load_ps(out[r][j]));
 }
 
-template <int MR>
+template <int MR, int NR>
 void int8_tile(const Int8Weights& w, const Problem& p, int64_t m0, int64_t h) {
   const int64_t Kh = int8_padded_k(w.K) / 2;
   const float* x = static_cast<const float*>(p.x) + m0 * p.ldx;
-  const int64_t nb = h / 2, off = (h % 2) * 16;
-  const int8_t* wb = w.w + nb * Kh * 32 + off;
-  __m256 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < Kh; ++t) {
-    __m256 wf[2];
-    for (int q = 0; q < 2; ++q)
-      wf[q] = _mm256_cvtepi32_ps(
-          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb + t * 32 + 8 * q))));
-    for (int r = 0; r < MR; ++r) {
-      const __m256 xp = bcast_pair(x + r * p.ldx + 2 * t);
-      for (int q = 0; q < 2; ++q) acc[r][q] = _mm256_fmadd_ps(wf[q], xp, acc[r][q]);
-    }
-  }
-  const __m256 s = _mm256_loadu_ps(w.scale + nb * kBlock + (h % 2) * kHalf);
+  const int8_t* wb[NR];
+  for (int j = 0; j < NR; ++j) wb[j] = w.w + half_offset(h + j, Kh * 32);
+  __m256 acc[MR][NR][2];
   for (int r = 0; r < MR; ++r)
-    store_half(p, w.N, m0 + r, h, _mm256_mul_ps(pair_reduce(acc[r][0], acc[r][1]), s));
+    for (int j = 0; j < NR; ++j) acc[r][j][0] = acc[r][j][1] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < Kh; ++t) {
+    __m256 xp[MR];
+    for (int r = 0; r < MR; ++r) xp[r] = bcast_pair(x + r * p.ldx + 2 * t);
+    for (int j = 0; j < NR; ++j)
+      for (int q = 0; q < 2; ++q) {
+        const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb[j] + t * 32 + 8 * q))));
+        for (int r = 0; r < MR; ++r) acc[r][j][q] = _mm256_fmadd_ps(wf, xp[r], acc[r][j][q]);
+      }
+  }
+  for (int j = 0; j < NR; ++j) {
+    const __m256 s = _mm256_loadu_ps(w.scale + (h + j) / 2 * kBlock + ((h + j) % 2) * kHalf);
+    for (int r = 0; r < MR; ++r)
+      store_half(p, w.N, m0 + r, h + j, _mm256_mul_ps(pair_reduce(acc[r][j][0], acc[r][j][1]), s));
+  }
 }
 
-// Rows in slices of MR <= 4 over every half block of the range; the range's packed weights
-// are walked in ~512 KiB chunks so that, for M > 4, they are re-read from L2 and not DRAM.
+// Rows in slices of up to mr_cap over the range's half blocks, MR * NR = 4 (8 accumulators);
+// int4 caps rows at 2 (its tile also keeps 2 x vectors per row live: 4 rows would spill).
+// The range's packed weights are walked in ~512 KiB chunks
+// so that, for M > 4, they are re-read from L2 and not DRAM. Half blocks made only of padding
+// columns (past N) are skipped.
 template <class W, class Tile>
-void drive(const W& w, const Problem& p, int64_t block_bytes, Tile&& tile) {
-  const int64_t h0 = 2 * p.nb0, h1 = 2 * (p.nb1 < num_blocks(w.N) ? p.nb1 : num_blocks(w.N));
+void drive(const W& w, const Problem& p, int64_t block_bytes, int mr_cap, Tile&& tile) {
+  const int64_t h0 = 2 * p.nb0, hn = (w.N + kHalf - 1) / kHalf;
+  const int64_t h1 = 2 * p.nb1 < hn ? 2 * p.nb1 : hn;
   int64_t chunk = 2 * ((int64_t(512) << 10) / (block_bytes > 0 ? block_bytes : 1));
-  if (chunk < 2) chunk = 2;
+  if (chunk < 4) chunk = 4;
+  const int mr_max = p.M >= mr_cap ? mr_cap : int(p.M), nr_max = 4 / mr_max;
   for (int64_t c0 = h0; c0 < h1; c0 += chunk) {
     const int64_t c1 = c0 + chunk < h1 ? c0 + chunk : h1;
-    for (int64_t m0 = 0; m0 < p.M; m0 += 4) {
-      const int mr = int(p.M - m0 < 4 ? p.M - m0 : 4);
-      for (int64_t h = c0; h < c1; ++h) {
-        if (h * kHalf >= w.N) break;  // a half block made only of padding
-        tile(mr, m0, h);
+    for (int64_t m0 = 0; m0 < p.M; m0 += mr_max) {
+      const int mr = int(p.M - m0 < mr_max ? p.M - m0 : mr_max);
+      for (int64_t h = c0; h < c1; h += nr_max) {
+        const int nr = int(c1 - h < nr_max ? c1 - h : nr_max);
+        tile(mr, nr, m0, h);
       }
     }
   }
 }
+
+// (mr, nr) -> Tile<mr, nr>, for the pairs drive() produces: mr * nr_max <= 4 with nr <= nr_max.
+#define QT_WO_AVX2_DISPATCH(TILE, W)                              \
+  switch (mr * 8 + nr) {                                          \
+    case 1 * 8 + 1: return TILE<1, 1>(W, p, m0, h);               \
+    case 1 * 8 + 2: return TILE<1, 2>(W, p, m0, h);               \
+    case 1 * 8 + 3: return TILE<1, 3>(W, p, m0, h);               \
+    case 1 * 8 + 4: return TILE<1, 4>(W, p, m0, h);               \
+    case 2 * 8 + 1: return TILE<2, 1>(W, p, m0, h);               \
+    case 2 * 8 + 2: return TILE<2, 2>(W, p, m0, h);               \
+    case 3 * 8 + 1: return TILE<3, 1>(W, p, m0, h);               \
+    default: return TILE<4, 1>(W, p, m0, h);                      \
+  }
 
 }  // namespace
 
 void int4_mm_avx2(const Int4Weights& w, const Problem& p) {
-  drive(w, p, (w.K / 4) * 32, [&](int mr, int64_t m0, int64_t h) {
-    switch (mr) {
-      case 1: return int4_tile<1>(w, p, m0, h);
-      case 2: return int4_tile<2>(w, p, m0, h);
-      case 3: return int4_tile<3>(w, p, m0, h);
-      default: return int4_tile<4>(w, p, m0, h);
-    }
+  drive(w, p, (w.K / 4) * 32, 2, [&](int mr, int nr, int64_t m0, int64_t h) {
+    QT_WO_AVX2_DISPATCH(int4_tile, w)
   });
 }
 
 void int8_mm_avx2(const Int8Weights& w, const Problem& p) {
-  drive(w, p, (int8_padded_k(w.K) / 2) * 32, [&](int mr, int64_t m0, int64_t h) {
-    switch (mr) {
-      case 1: return int8_tile<1>(w, p, m0, h);
-      case 2: return int8_tile<2>(w, p, m0, h);
-      case 3: return int8_tile<3>(w, p, m0, h);
-      default: return int8_tile<4>(w, p, m0, h);
-    }
+  drive(w, p, (int8_padded_k(w.K) / 2) * 32, 4, [&](int mr, int nr, int64_t m0, int64_t h) {
+    QT_WO_AVX2_DISPATCH(int8_tile, w)
   });
 }
 
