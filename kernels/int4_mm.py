@@ -15,8 +15,10 @@ Inside the K loop the packed bytes are split into nibbles in registers, dequanti
 interleaving them the kernel issues two dots: x[:, 0::2] @ ŵ_even + x[:, 1::2] @ ŵ_odd.
 BLOCK_K divides group_size (both powers of two, BLOCK_K <= group_size), so every K tile lies
 in one group and K % BLOCK_K == 0: no K masks.
-For M <= 16 (decode) a split-K launch covers the SMs; fp32 partials [SPLIT_K, M, N] are
-reduced by torch.
+For M <= 16 (decode) the launch uses 16-row, 32-column tiles so that many programs stream
+the packed weight at memory bandwidth; when those tiles do not cover the SMs, K is split too
+and torch reduces the fp32 partials [SPLIT_K, M, N]. fp32 activations use a tf32x3 dot
+(about fp32 accuracy) with one fixed tile.
 """
 
 from __future__ import annotations

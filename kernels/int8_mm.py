@@ -10,9 +10,10 @@ W8A8:  out[m, n] = (Σ_k a[m, k] · b[n, k], exact int32) · scale_a[m] · scale
 W8A16: out = (x @ w_q.T) · w_scale[n] + bias. The per-output-channel scale factors out of the
        K sum, so int8 weights are converted to x's 16-bit type in registers (exact: |q| <= 127)
        and fed to an fp16/bf16 `tl.dot` with fp32 accumulation; the scale is applied once in
-       the epilogue. For M <= 16 (decode) a split-K launch spreads K over programs so that
-       the weight, read once, streams at memory bandwidth; partial sums (fp32 [SPLIT_K, M, N])
-       are reduced by torch.
+       the epilogue. For M <= 16 (decode) the launch uses 16-row, 32-column tiles so that
+       many programs stream the weight (read once) at memory bandwidth; when those tiles do
+       not cover the SMs, K is split too and torch reduces the fp32 partials [SPLIT_K, M, N].
+       fp32 activations use a tf32x3 dot (about fp32 accuracy) with one fixed tile.
 """
 
 from __future__ import annotations
