@@ -25,6 +25,10 @@ def _t(s):
     return f"{s * 1e6:.1f} µs" if s < 1e-3 else (f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s")
 
 
+def _mib(v):
+    return None if v is None else v / 2**20
+
+
 def _f(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -53,11 +57,13 @@ def render(doc: dict, source: str, ops: list[str] | None = None) -> str:
             continue
         blocks.setdefault((r["op"], r["dtype"]), []).append(r)
     for (op, dtype), rows in blocks.items():
+        mem = any(r.get("peak_mem_bytes") is not None for r in rows)
         out += ["", f"**{op}** ({dtype}{', cold LLC' if any(r['cold'] for r in rows) else ''})",
                 "",
                 "| shape | implementation | median | p20–p80 | TFLOP/s or TOP/s | GB/s | % roofline "
-                "| vs PyTorch | vs best peer |",
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "| vs PyTorch | vs best peer |" + (" peak MiB |" if mem else ""),
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+                + (" ---: |" if mem else "")]
         for r in rows:
             gbps = r["weight_gbps"] if r["weight_gbps"] is not None else r["gbps"]
             name = f"**{r['impl']}**" if r["kind"] == "qtorch" else r["impl"]
@@ -66,9 +72,13 @@ def render(doc: dict, source: str, ops: list[str] | None = None) -> str:
                 f"{_t(r['p20_s'])}–{_t(r['p80_s'])} | {_f(r['tflops'], '.3f')} | "
                 f"{_f(gbps, '.1f')} | {_f(r['roofline_pct'], '.0f')} | "
                 f"{_f(r['speedup_vs_baseline'], '.2f')}× | {_f(r['speedup_vs_best_peer'], '.2f')}"
-                f"{'×' if r['speedup_vs_best_peer'] is not None else ''} |")
+                f"{'×' if r['speedup_vs_best_peer'] is not None else ''} |"
+                + (f" {_f(_mib(r.get('peak_mem_bytes')), '.1f')} |" if mem else ""))
     out += ["", "GB/s counts weight bytes for ops with a weight, all bytes otherwise; "
-            "speedups are medians of the same run (> 1: faster)."]
+            "speedups are medians of the same run (> 1: faster). A % roofline above 100 means "
+            "the data came from cache (weights smaller than the LLC; `--cold` flushes it) or "
+            "the measured peaks were low (a busy machine); peak MiB is memory beyond the "
+            "inputs (CPU: peak RSS in a child process)."]
     return "\n".join(out)
 
 
