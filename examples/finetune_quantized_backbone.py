@@ -91,9 +91,17 @@ def run_one(config: str, epochs: int, head_only: bool, seed: int) -> dict:
     from transformers import AutoTokenizer, BertModel
 
     torch.manual_seed(seed)
+    # Load qtorch's backends (compiled extension; triton is imported to probe it) in every
+    # configuration, fp32 included, so all children carry the same runtime.
+    qtorch.available_backends()
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     encoder = BertModel.from_pretrained(path)
+    # from_pretrained maps model.safetensors lazily: weight pages stay mapped (and count in
+    # RSS once touched) for as long as any tensor of the file lives, even after quantize_
+    # dropped the float linears. Own copies make the fp32 and quantized runs comparable.
+    for t in list(encoder.parameters()) + list(encoder.buffers()):
+        t.data = t.data.clone()
     fp32_linear_bytes = linear_bytes(encoder)
     if config != "fp32":
         qtorch.quantize_(encoder, CONFIGS[config])
