@@ -52,13 +52,11 @@ def test_copy_bandwidth(benchmark, bench_device):
     benchmark.extra_info["gbps"] = 2 * nbytes / benchmark.stats.stats.median / 1e9
 
 
-@pytest.mark.parametrize("op", ["int8_linear", "int4_weight_only_linear"])
-def test_bench_case_fixture_smoke(bench_case, op):
-    """The shared fixture the per-op suites use, on the smallest quick shape (qtorch's own
-    kernel on this device, or the reference)."""
+@pytest.mark.bench_op("int4_weight_only_linear")
+def test_bench_case_fixture_smoke(bench_case, bench_shape):
+    """The shared fixture the per-op suites use, over the op's shapes: qtorch's own kernel on
+    this device, or the reference where there is none."""
     import qtorch
-    from qtorch.bench.cases import shapes_for
 
-    shape = shapes_for(op, quick=True)[0]
     backend = "cpu" if "cpu" in qtorch.available_backends() else "reference"
-    bench_case(op, f"qtorch:{backend}", shape)
+    bench_case("int4_weight_only_linear", f"qtorch:{backend}", bench_shape)

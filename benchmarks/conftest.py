@@ -7,14 +7,13 @@
 Files are named `bench_*.py`. A suite asks for the `bench_case` fixture and times one
 implementation of one case, e.g.
 
-    from qtorch.bench.cases import shapes_for
+    @pytest.mark.bench_op("int8_linear")  # bench_shape: every shape of the op
+    @pytest.mark.parametrize("impl", ["qtorch:cpu", "torch:F.linear(float32)",
+                                      "fbgemm:dynamic_linear"])
+    def test_int8_linear(bench_case, bench_shape, impl):
+        bench_case("int8_linear", impl, bench_shape)
 
-    @pytest.mark.parametrize("shape", shapes_for("int8_linear", quick=True), ids=str)
-    @pytest.mark.parametrize("impl", ["qtorch:cpu", "torch:F.linear(float32)", "torch:_int_mm"])
-    def test_int8_linear(bench_case, shape, impl):
-        bench_case("int8_linear", impl, shape)
-
-`shapes_for(op, quick=not full_shapes(config))` gives the quick or full shape list. Unlike `qtorch bench`,
+The `bench_op` marker parametrizes `bench_shape` with the quick or full shape list. Unlike `qtorch bench`,
 pytest-benchmark times implementations one after another, not interleaved: use `qtorch bench`
 for ratios, these suites for history/regression tracking (`--benchmark-compare`).
 """
@@ -34,6 +33,20 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("python_files", "bench_*.py")
+    config.addinivalue_line(
+        "markers", "bench_op(op): parametrize the `bench_shape` argument with the op's "
+                   "`qtorch bench` shapes (quick, or full with --qtorch-full-shapes)")
+
+
+def pytest_generate_tests(metafunc):
+    """`bench_shape` + @pytest.mark.bench_op(op): one test per shape of that op."""
+    marker = metafunc.definition.get_closest_marker("bench_op")
+    if marker is None or "bench_shape" not in metafunc.fixturenames:
+        return
+    from qtorch.bench.cases import shapes_for
+
+    shapes = shapes_for(marker.args[0], quick=not full_shapes(metafunc.config))
+    metafunc.parametrize("bench_shape", shapes, ids=[s.text(marker.args[0]) for s in shapes])
 
 
 def full_shapes(config) -> bool:
