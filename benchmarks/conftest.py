@@ -27,15 +27,20 @@ import torch
 
 
 def pytest_addoption(parser):
-    parser.addoption("--qtorch-full-shapes", action="store_true",
-                     help="use the full default shape set of `qtorch bench` (default: --quick's)")
+    parser.addoption(
+        "--qtorch-full-shapes",
+        action="store_true",
+        help="use the full default shape set of `qtorch bench` (default: --quick's)",
+    )
 
 
 def pytest_configure(config):
     config.addinivalue_line("python_files", "bench_*.py")
     config.addinivalue_line(
-        "markers", "bench_op(op): parametrize the `bench_shape` argument with the op's "
-                   "`qtorch bench` shapes (quick, or full with --qtorch-full-shapes)")
+        "markers",
+        "bench_op(op): parametrize the `bench_shape` argument with the op's "
+        "`qtorch bench` shapes (quick, or full with --qtorch-full-shapes)",
+    )
 
 
 def pytest_generate_tests(metafunc):
@@ -50,8 +55,10 @@ def pytest_generate_tests(metafunc):
 
 
 def full_shapes(config) -> bool:
-    return bool(config.getoption("--qtorch-full-shapes", False)) or \
-        os.environ.get("QTORCH_BENCH_FULL") == "1"
+    return (
+        bool(config.getoption("--qtorch-full-shapes", False))
+        or os.environ.get("QTORCH_BENCH_FULL") == "1"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -75,9 +82,11 @@ def bench_case(benchmark, bench_device, bench_dtype):
 
     def run(op, impl, shape, dtype=None):
         dtype = dtype or bench_dtype
-        backends = [b for b in qtorch.available_backends()
-                    if b == "reference" or b == bench_device
-                    or (b == "triton" and bench_device == "cuda")]
+        backends = [
+            b
+            for b in qtorch.available_backends()
+            if b == "reference" or b == bench_device or (b == "triton" and bench_device == "cuda")
+        ]
         built = build(op, shape, dtype, bench_device, backends)
         found = {i.name: i for i in built.impls}
         if impl not in found:
@@ -86,13 +95,21 @@ def bench_case(benchmark, bench_device, bench_dtype):
         it = found[impl]
         fn = it.fn
         if bench_device == "cuda":
+
             def fn():
                 it.fn()
                 torch.cuda.synchronize()
+
         benchmark.extra_info.update(
-            op=op, impl=impl, kind=it.kind, shape=shape.as_dict(), dtype=str(dtype),
-            flop=built.flop, bytes=built.other_bytes + it.weight_bytes,
-            weight_bytes=it.weight_bytes)
+            op=op,
+            impl=impl,
+            kind=it.kind,
+            shape=shape.as_dict(),
+            dtype=str(dtype),
+            flop=built.flop,
+            bytes=built.other_bytes + it.weight_bytes,
+            weight_bytes=it.weight_bytes,
+        )
         return benchmark(fn)
 
     return run

@@ -48,9 +48,12 @@ def render(doc: dict, source: str, ops: list[str] | None = None) -> str:
     ]
     roof = doc.get("roofline")
     if roof:
-        out += ["", f"Roofline (measured): fp32 {roof['fp32_tflops']:.3f} TFLOP/s, bf16 "
-                f"{roof['bf16_tflops']:.3f} TFLOP/s, int8 {roof['int8_tops']:.3f} TOP/s, "
-                f"{roof['bandwidth_gbps']:.1f} GB/s"]
+        out += [
+            "",
+            f"Roofline (measured): fp32 {roof['fp32_tflops']:.3f} TFLOP/s, bf16 "
+            f"{roof['bf16_tflops']:.3f} TFLOP/s, int8 {roof['int8_tops']:.3f} TOP/s, "
+            f"{roof['bandwidth_gbps']:.1f} GB/s",
+        ]
     blocks: OrderedDict = OrderedDict()
     for r in doc["rows"]:
         if ops and r["op"] not in ops:
@@ -58,12 +61,15 @@ def render(doc: dict, source: str, ops: list[str] | None = None) -> str:
         blocks.setdefault((r["op"], r["dtype"]), []).append(r)
     for (op, dtype), rows in blocks.items():
         mem = any(r.get("peak_mem_bytes") is not None for r in rows)
-        out += ["", f"**{op}** ({dtype}{', cold LLC' if any(r['cold'] for r in rows) else ''})",
-                "",
-                "| shape | implementation | median | p20–p80 | TFLOP/s or TOP/s | GB/s | % roofline "
-                "| vs PyTorch | vs best peer |" + (" peak MiB |" if mem else ""),
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-                + (" ---: |" if mem else "")]
+        out += [
+            "",
+            f"**{op}** ({dtype}{', cold LLC' if any(r['cold'] for r in rows) else ''})",
+            "",
+            "| shape | implementation | median | p20–p80 | TFLOP/s or TOP/s | GB/s | % roofline "
+            "| vs PyTorch | vs best peer |" + (" peak MiB |" if mem else ""),
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            + (" ---: |" if mem else ""),
+        ]
         for r in rows:
             gbps = r["weight_gbps"] if r["weight_gbps"] is not None else r["gbps"]
             name = f"**{r['impl']}**" if r["kind"] == "qtorch" else r["impl"]
@@ -73,12 +79,16 @@ def render(doc: dict, source: str, ops: list[str] | None = None) -> str:
                 f"{_f(gbps, '.1f')} | {_f(r['roofline_pct'], '.0f')} | "
                 f"{_f(r['speedup_vs_baseline'], '.2f')}× | {_f(r['speedup_vs_best_peer'], '.2f')}"
                 f"{'×' if r['speedup_vs_best_peer'] is not None else ''} |"
-                + (f" {_f(_mib(r.get('peak_mem_bytes')), '.1f')} |" if mem else ""))
-    out += ["", "GB/s counts weight bytes for ops with a weight, all bytes otherwise; "
-            "speedups are medians of the same run (> 1: faster). A % roofline above 100 means "
-            "the data came from cache (weights smaller than the LLC; `--cold` flushes it) or "
-            "the measured peaks were low (a busy machine); peak MiB is memory beyond the "
-            "inputs (CPU: peak RSS in a child process)."]
+                + (f" {_f(_mib(r.get('peak_mem_bytes')), '.1f')} |" if mem else "")
+            )
+    out += [
+        "",
+        "GB/s counts weight bytes for ops with a weight, all bytes otherwise; "
+        "speedups are medians of the same run (> 1: faster). A % roofline above 100 means "
+        "the data came from cache (weights smaller than the LLC; `--cold` flushes it) or "
+        "the measured peaks were low (a busy machine); peak MiB is memory beyond the "
+        "inputs (CPU: peak RSS in a child process).",
+    ]
     return "\n".join(out)
 
 

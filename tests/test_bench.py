@@ -20,8 +20,15 @@ from qtorch.bench.cases import LINEAR_OPS, OPS, Shape, build
 from qtorch.testing import assert_close, sqnr
 
 ROOT = Path(__file__).resolve().parents[1]
-FAKE_ROOF = {"fp32_tflops": 0.1, "bf16_tflops": 0.2, "int8_tops": 0.4, "int8_path": "fake",
-             "bandwidth_gbps": 20.0, "device": "cpu", "threads": 1}
+FAKE_ROOF = {
+    "fp32_tflops": 0.1,
+    "bf16_tflops": 0.2,
+    "int8_tops": 0.4,
+    "int8_path": "fake",
+    "bandwidth_gbps": 20.0,
+    "device": "cpu",
+    "threads": 1,
+}
 # One tiny shape that every op accepts: K=64 is a multiple of the int4 group size 64;
 # distillation: 4 tokens, vocab 128; fused: hidden 64 (teacher 96), vocab 128.
 TINY = ["4,64,128,96"]
@@ -49,8 +56,21 @@ def fake_roofline(tmp_path, monkeypatch):
 
 def _tiny_run(tmp_path, extra=(), backends=("reference",)):
     out = tmp_path / "run.json"
-    args = _parse(["--shapes", *TINY, "--target-time", "0.002", "--threads", "1",
-                   "--json", str(out), "--backend", *backends, *extra])
+    args = _parse(
+        [
+            "--shapes",
+            *TINY,
+            "--target-time",
+            "0.002",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+            "--backend",
+            *backends,
+            *extra,
+        ]
+    )
     rc = bench.run(args)
     return rc, json.loads(out.read_text())
 
@@ -69,8 +89,11 @@ def test_tiny_run_gives_schema_valid_json(tmp_path, fake_roofline, capsys):
     for r in doc["rows"]:
         assert r["threads"] == 1 and r["dtype"] == "float32" and r["device"] == "cpu"
         assert r["speedup_vs_baseline"] == pytest.approx(
-            next(b for b in doc["rows"] if b["op"] == r["op"] and b["impl"] == r["baseline"])
-            ["median_s"] / r["median_s"])
+            next(b for b in doc["rows"] if b["op"] == r["op"] and b["impl"] == r["baseline"])[
+                "median_s"
+            ]
+            / r["median_s"]
+        )
         assert r["roofline_pct"] is not None and r["roofline_pct"] > 0
     lin = next(r for r in doc["rows"] if r["op"] == "int8_linear" and r["kind"] == "qtorch")
     assert lin["flop"] == 2 * 4 * 64 * 128 and lin["unit"] == "TOP/s"
@@ -88,8 +111,20 @@ def test_default_backends_skip_the_triton_interpreter(tmp_path, fake_roofline):
     """Default backends: every available one for the device except Triton's CPU interpreter;
     an op without a kernel in a backend is listed as skipped, a failing kernel makes rc 1."""
     out = tmp_path / "d.json"
-    rc = bench.run(_parse(["--op", "quantize_int8", "--shapes", "3,64,0", "--target-time",
-                           "0.002", "--json", str(out)]))
+    rc = bench.run(
+        _parse(
+            [
+                "--op",
+                "quantize_int8",
+                "--shapes",
+                "3,64,0",
+                "--target-time",
+                "0.002",
+                "--json",
+                str(out),
+            ]
+        )
+    )
     doc = json.loads(out.read_text())
     assert "triton" not in doc["backends"]
     assert set(doc["backends"]) == {b for b in qtorch.available_backends() if b != "triton"}
@@ -113,8 +148,9 @@ def test_validate_catches_broken_rows(tmp_path, fake_roofline):
 
 def test_plot_writes_one_png_per_op(tmp_path, fake_roofline):
     pytest.importorskip("matplotlib")
-    rc, doc = _tiny_run(tmp_path, ["--op", "int8_linear", "dequantize_int4", "--plot",
-                                   str(tmp_path / "fig.png")])
+    rc, doc = _tiny_run(
+        tmp_path, ["--op", "int8_linear", "dequantize_int4", "--plot", str(tmp_path / "fig.png")]
+    )
     assert rc == 0
     for op in ("int8_linear", "dequantize_int4"):
         png = tmp_path / f"fig_{op}.png"
@@ -134,15 +170,18 @@ def test_make_tables_renders_markdown(tmp_path, fake_roofline, capsys):
 # ---------------------------------------------------------------------- argument errors
 
 
-@pytest.mark.parametrize("argv", [
-    ["--shapes", "1,2"],  # M,K,N needs three numbers
-    ["--shapes", "1,x,3"],
-    ["--shapes", "1,-2,3"],
-    ["--op", "no_such_op"],
-    ["--backend", "tpu"],
-    ["--threads", "0"],
-    ["--dtype", "int8"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--shapes", "1,2"],  # M,K,N needs three numbers
+        ["--shapes", "1,x,3"],
+        ["--shapes", "1,-2,3"],
+        ["--op", "no_such_op"],
+        ["--backend", "tpu"],
+        ["--threads", "0"],
+        ["--dtype", "int8"],
+    ],
+)
 def test_bad_arguments_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         _parse(argv)
@@ -276,12 +315,11 @@ def test_quantiles():
 def test_time_group_interleaves_and_rotates():
     order = []
     fns = {n: (lambda n=n: order.append(n)) for n in "abc"}
-    cfg = timing.TimingConfig(target_s=0.0, min_reps=4, max_reps=4, warmup=1,
-                              batch_below_s=0.0)
+    cfg = timing.TimingConfig(target_s=0.0, min_reps=4, max_reps=4, warmup=1, batch_below_s=0.0)
     stats = timing.time_group(fns, "cpu", cfg)
     assert {n: s.n for n, s in stats.items()} == {"a": 4, "b": 4, "c": 4}
     # per implementation: one warm-up + one sizing call (kept as sample 1), then 3 rounds
-    assert order == list("aa" "bb" "cc" "abc" "bca" "cab")
+    assert order == list("aabbccabcbcacab")
 
 
 def test_cold_flush_touches_a_buffer_larger_than_the_llc():
@@ -299,8 +337,15 @@ def test_peak_rss_in_a_child_process():
     of 32 MiB: the child sees at least the output and far less than a GiB."""
     from qtorch.bench.memory import cpu_peak_extra
 
-    res = cpu_peak_extra("quantize_int8", [Shape(2048, 4096, 0)], torch.float32,
-                         ["reference"], ["torch:eager", "qtorch:reference"], False, 1)
+    res = cpu_peak_extra(
+        "quantize_int8",
+        [Shape(2048, 4096, 0)],
+        torch.float32,
+        ["reference"],
+        ["torch:eager", "qtorch:reference"],
+        False,
+        1,
+    )
     assert "error" not in res, res
     for impl in ("torch:eager", "qtorch:reference"):
         assert 8 << 20 <= res[f"2048,4096,0|{impl}"] < 1 << 30
@@ -313,8 +358,9 @@ def test_qtorch_impls_run_under_their_backend():
     for b in qtorch.available_backends():
         if b == "triton":
             continue
-        probe = cases._in_backend(b, lambda: _backend.resolve("quantize_int8",
-                                                              torch.device("cpu"))[0])
+        probe = cases._in_backend(
+            b, lambda: _backend.resolve("quantize_int8", torch.device("cpu"))[0]
+        )
         expected = b if b in _backend.kernel_coverage()["quantize_int8"] else "reference"
         assert probe() == expected
     assert _backend.get_backend() == "auto"  # the scope does not leak

@@ -36,7 +36,8 @@ def _shape_arg(text: str):
     if vals is None or len(vals) not in (3, 4) or any(v < 0 for v in vals):
         raise argparse.ArgumentTypeError(
             f"--shapes takes M,K,N (or M,K,N,K2 for a teacher hidden size) as non-negative "
-            f"integers, got {text!r}")
+            f"integers, got {text!r}"
+        )
     return Shape(*vals[:3], label=f"user {text}", K2=vals[3] if len(vals) == 4 else None)
 
 
@@ -55,42 +56,85 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from qtorch._backend import BACKENDS
     from qtorch.bench.cases import OPS
 
-    parser.add_argument("--op", nargs="+", choices=OPS, metavar="OP",
-                        help=f"ops to time (default: all): {', '.join(OPS)}")
-    parser.add_argument("--backend", nargs="+", choices=BACKENDS, metavar="BACKEND",
-                        help="qtorch backends to time (default: every available one; triton "
-                             "only with a GPU, its CPU interpreter is a test tool)")
-    parser.add_argument("--shapes", nargs="+", type=_shape_arg, metavar="M,K,N",
-                        help="shapes instead of the defaults; per op: quantize_int8 x[M,K]; "
-                             "linears x[M,K] @ w[N,K].T; dequantize_int4 w[N,K]; "
-                             "distillation_loss logits[M,N]; fused: hidden[M,K], vocab N "
-                             "(M,K,N,K2 sets the teacher hidden size)")
-    parser.add_argument("--dtype", nargs="+", choices=_DTYPES, metavar="DTYPE",
-                        help="activation/logit dtypes (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        help="default: cuda if available, else cpu")
-    parser.add_argument("--quick", action="store_true",
-                        help="few shapes, few repetitions (under 2 minutes on a small CPU)")
+    parser.add_argument(
+        "--op",
+        nargs="+",
+        choices=OPS,
+        metavar="OP",
+        help=f"ops to time (default: all): {', '.join(OPS)}",
+    )
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        choices=BACKENDS,
+        metavar="BACKEND",
+        help="qtorch backends to time (default: every available one; triton "
+        "only with a GPU, its CPU interpreter is a test tool)",
+    )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        type=_shape_arg,
+        metavar="M,K,N",
+        help="shapes instead of the defaults; per op: quantize_int8 x[M,K]; "
+        "linears x[M,K] @ w[N,K].T; dequantize_int4 w[N,K]; "
+        "distillation_loss logits[M,N]; fused: hidden[M,K], vocab N "
+        "(M,K,N,K2 sets the teacher hidden size)",
+    )
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=_DTYPES,
+        metavar="DTYPE",
+        help="activation/logit dtypes (default: float32 on CPU, bfloat16 on CUDA)",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="few shapes, few repetitions (under 2 minutes on a small CPU)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write all rows, machine and versions")
-    parser.add_argument("--plot", metavar="PATH",
-                        help="one figure per op (PATH.png -> PATH_<op>.png, or a directory); "
-                             "needs matplotlib (pip install qtorch-kernels[plot])")
-    parser.add_argument("--threads", type=_positive_int, metavar="N",
-                        help="torch CPU threads (default: torch's default)")
-    parser.add_argument("--cold", action="store_true",
-                        help="CPU decode cases (linear ops, M <= 16): flush the last-level cache "
-                             "before every call, so weights stream from DRAM")
-    parser.add_argument("--memory", action="store_true",
-                        help="peak memory per call (CPU: peak RSS in a child process; always "
-                             "on for CUDA)")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="one figure per op (PATH.png -> PATH_<op>.png, or a directory); "
+        "needs matplotlib (pip install qtorch-kernels[plot])",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="torch CPU threads (default: torch's default)",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="CPU decode cases (linear ops, M <= 16): flush the last-level cache "
+        "before every call, so weights stream from DRAM",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="peak memory per call (CPU: peak RSS in a child process; always on for CUDA)",
+    )
     parser.add_argument("--no-peers", action="store_true", help="only qtorch and the baseline")
-    parser.add_argument("--target-time", type=float, metavar="S",
-                        help="seconds of samples per implementation per case "
-                             "(default 0.4, --quick 0.04)")
-    parser.add_argument("--refresh-roofline", action="store_true",
-                        help="re-measure the cached roofline")
-    parser.add_argument("--no-roofline", action="store_true",
-                        help="neither measure nor use a roofline (no %%roof column)")
+    parser.add_argument(
+        "--target-time",
+        type=float,
+        metavar="S",
+        help="seconds of samples per implementation per case (default 0.4, --quick 0.04)",
+    )
+    parser.add_argument(
+        "--refresh-roofline", action="store_true", help="re-measure the cached roofline"
+    )
+    parser.add_argument(
+        "--no-roofline",
+        action="store_true",
+        help="neither measure nor use a roofline (no %%roof column)",
+    )
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -102,7 +146,8 @@ def _command_line(args: argparse.Namespace) -> str:
     if args.shapes:
         parts += ["--shapes"] + [
             ",".join(str(v) for v in (s.M, s.K, s.N) + ((s.K2,) if s.K2 else ()))
-            for s in args.shapes]
+            for s in args.shapes
+        ]
     for opt in ("device", "threads", "target_time", "json", "plot"):
         v = getattr(args, opt)
         if v is not None:
@@ -147,8 +192,11 @@ def _row(built, impl, stats, roof, cold: bool, threads: int) -> dict:
     t_roof, bound = roofline_time(roof, built.flop, nbytes, impl.compute)
     x_label, x = x_axis(built.op, s)
     med = stats.median
-    panel = s.text(built.op).split(" ", 1)[1] if built.op not in (
-        "dequantize_int4",) else "int4 weights"
+    panel = (
+        s.text(built.op).split(" ", 1)[1]
+        if built.op not in ("dequantize_int4",)
+        else "int4 weights"
+    )
     if built.op == "quantize_int8":
         panel = f"K={s.K}"
     return {
@@ -195,10 +243,12 @@ def _add_speedups(case_rows: list[dict]) -> None:
         r["baseline"] = base["impl"] if base else None
         r["speedup_vs_baseline"] = base["median_s"] / r["median_s"] if base else None
         r["best_peer"] = best_peer["impl"] if best_peer else None
-        r["speedup_vs_best_peer"] = (best_peer["median_s"] / r["median_s"]
-                                     if best_peer and r is not best_peer else None)
-        r["speedup_vs"] = {o["impl"]: o["median_s"] / r["median_s"]
-                           for o in case_rows if o is not r}
+        r["speedup_vs_best_peer"] = (
+            best_peer["median_s"] / r["median_s"] if best_peer and r is not best_peer else None
+        )
+        r["speedup_vs"] = {
+            o["impl"]: o["median_s"] / r["median_s"] for o in case_rows if o is not r
+        }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -224,38 +274,58 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             status = _backend.backend_status()
             for b in missing:
-                print(f"qtorch bench: error: backend {b!r} is not available: {status[b][1]}",
-                      file=err)
+                print(
+                    f"qtorch bench: error: backend {b!r} is not available: {status[b][1]}", file=err
+                )
             return 2
         backends = list(args.backend)
         wrong = [b for b in backends if b in ("cpu", "cuda") and b != device]
         if wrong:
-            print(f"qtorch bench: error: backend {wrong[0]!r} cannot run on {device} tensors "
-                  f"(use --device {wrong[0]})", file=err)
+            print(
+                f"qtorch bench: error: backend {wrong[0]!r} cannot run on {device} tensors "
+                f"(use --device {wrong[0]})",
+                file=err,
+            )
             return 2
         if device == "cpu" and "triton" in backends:
-            print("qtorch bench: warning: triton on CPU is the interpreter (a test tool); its "
-                  "times say nothing about GPU speed", file=err)
+            print(
+                "qtorch bench: warning: triton on CPU is the interpreter (a test tool); its "
+                "times say nothing about GPU speed",
+                file=err,
+            )
     else:  # every backend that serves this device; never the Triton CPU interpreter
-        backends = [b for b in available
-                    if b == "reference" or b == device or (b == "triton" and device == "cuda")]
+        backends = [
+            b
+            for b in available
+            if b == "reference" or b == device or (b == "triton" and device == "cuda")
+        ]
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print("qtorch bench: error: --plot needs matplotlib, which is not installed "
-                  "(pip install matplotlib, or qtorch-kernels[plot])", file=err)
+            print(
+                "qtorch bench: error: --plot needs matplotlib, which is not installed "
+                "(pip install matplotlib, or qtorch-kernels[plot])",
+                file=err,
+            )
             return 2
-    if args.target_time is not None and not (args.target_time > 0 and math.isfinite(args.target_time)):
+    if args.target_time is not None and not (
+        args.target_time > 0 and math.isfinite(args.target_time)
+    ):
         print(f"qtorch bench: error: --target-time must be > 0, got {args.target_time}", file=err)
         return 2
-    dtypes = [getattr(torch, d) for d in (args.dtype or
-                                          (["bfloat16"] if device == "cuda" else ["float32"]))]
+    dtypes = [
+        getattr(torch, d)
+        for d in (args.dtype or (["bfloat16"] if device == "cuda" else ["float32"]))
+    ]
     ops = list(args.op or cases.OPS)
     threads = torch.get_num_threads()
 
-    cfg = timing.TimingConfig(target_s=0.04, min_reps=3, max_reps=30, warmup=1) if args.quick \
+    cfg = (
+        timing.TimingConfig(target_s=0.04, min_reps=3, max_reps=30, warmup=1)
+        if args.quick
         else timing.TimingConfig(warmup=2)
+    )
     if args.target_time is not None:
         cfg.target_s = args.target_time
     cold_cfg = timing.TimingConfig(**{**cfg.__dict__, "cold": True})
@@ -268,13 +338,16 @@ def run(args: argparse.Namespace) -> int:
         t_roof = time.perf_counter()
         roof = get_roofline(measure=True, device=device, refresh=args.refresh_roofline)
         if time.perf_counter() - t_roof > 0.5:
-            print(f"bench: measured the roofline in {time.perf_counter() - t_roof:.1f} s "
-                  f"(cached for next time)", file=err)
+            print(
+                f"bench: measured the roofline in {time.perf_counter() - t_roof:.1f} s "
+                f"(cached for next time)",
+                file=err,
+            )
 
     plan = []
     for op in ops:
         for dtype in dtypes:
-            for shape in (args.shapes or cases.shapes_for(op, args.quick)):
+            for shape in args.shapes or cases.shapes_for(op, args.quick):
                 plan.append((op, dtype, shape))
     progress = _Progress(len(plan))
     rows, skipped, failures = [], [], []
@@ -294,14 +367,23 @@ def run(args: argparse.Namespace) -> int:
                 fns[impl.name] = impl.fn
             except Exception as e:  # noqa: BLE001  (any kernel error must reach the report)
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                skipped.append({"op": op, "impl": impl.name, "shape": shape.as_dict(),
-                                "reason": f"failed: {msg}"})
+                skipped.append(
+                    {
+                        "op": op,
+                        "impl": impl.name,
+                        "shape": shape.as_dict(),
+                        "reason": f"failed: {msg}",
+                    }
+                )
                 if impl.kind == "qtorch":
                     failures.append(f"{op} {impl.name} {shape.text(op)}: {msg}")
         cold = bool(args.cold and device == "cpu" and op in cases.LINEAR_OPS and shape.M <= 16)
         stats = timing.time_group(fns, device, cold_cfg if cold else cfg, flusher)
-        case_rows = [_row(built, i, stats[i.name], roof, cold, threads)
-                     for i in built.impls if i.name in stats]
+        case_rows = [
+            _row(built, i, stats[i.name], roof, cold, threads)
+            for i in built.impls
+            if i.name in stats
+        ]
         if device == "cuda":
             from qtorch.bench.memory import cuda_peak_extra
 
@@ -313,8 +395,12 @@ def run(args: argparse.Namespace) -> int:
         del built, fns
     progress.close()
     load = machine.machine_info(device).get("load_avg_1m")
-    oversubscribed = (device == "cpu" and load is not None and threads > 1
-                      and load > (machine.os_cpu_count() or 1))
+    oversubscribed = (
+        device == "cpu"
+        and load is not None
+        and threads > 1
+        and load > (machine.os_cpu_count() or 1)
+    )
 
     if args.memory and device == "cpu":
         _cpu_memory(rows, ops, dtypes, backends, not args.no_peers, args.threads, err)
@@ -324,14 +410,19 @@ def run(args: argparse.Namespace) -> int:
     if sk:
         print("\n" + sk)
     wall = time.perf_counter() - t_start
-    print(f"\nwall time {wall:.1f} s; qtorch {__import__('qtorch').__version__}, torch "
-          f"{torch.__version__}, {machine.cpu_model()}, {threads} threads, load average "
-          f"{machine.machine_info(device).get('load_avg_1m', float('nan')):.2f} "
-          f"(timings on a shared machine are noisy: compare ratios within one run)")
+    print(
+        f"\nwall time {wall:.1f} s; qtorch {__import__('qtorch').__version__}, torch "
+        f"{torch.__version__}, {machine.cpu_model()}, {threads} threads, load average "
+        f"{machine.machine_info(device).get('load_avg_1m', float('nan')):.2f} "
+        f"(timings on a shared machine are noisy: compare ratios within one run)"
+    )
     if oversubscribed:
-        print(f"warning: load average {load:.1f} on {machine.os_cpu_count()} cores: the machine "
-              f"is oversubscribed, so {threads}-thread timings include waits for preempted "
-              f"worker threads; --threads 1 gives steadier ratios", file=err)
+        print(
+            f"warning: load average {load:.1f} on {machine.os_cpu_count()} cores: the machine "
+            f"is oversubscribed, so {threads}-thread timings include waits for preempted "
+            f"worker threads; --threads 1 gives steadier ratios",
+            file=err,
+        )
     if args.json:
         doc = {
             "schema": report.SCHEMA,
@@ -373,8 +464,15 @@ def _cpu_memory(rows, ops, dtypes, backends, with_peers, threads, err) -> None:
                 continue
             shapes = list({tuple(r["shape"].items()): r["shape"] for r in rs}.values())
             shape_objs = [Shape(s["M"], s["K"], s["N"], K2=s.get("K2")) for s in shapes]
-            res = cpu_peak_extra(op, shape_objs, dtype, backends,
-                                 sorted({r["impl"] for r in rs}), with_peers, threads)
+            res = cpu_peak_extra(
+                op,
+                shape_objs,
+                dtype,
+                backends,
+                sorted({r["impl"] for r in rs}),
+                with_peers,
+                threads,
+            )
             if "error" in res:
                 print(f"bench: memory for {op}: {res['error']}", file=err)
                 continue

@@ -47,8 +47,7 @@ OPS = (
     "distillation_loss",
     "fused_linear_distillation_loss",
 )
-LINEAR_OPS = ("int8_scaled_mm", "int8_linear", "int8_weight_only_linear",
-              "int4_weight_only_linear")
+LINEAR_OPS = ("int8_scaled_mm", "int8_linear", "int8_weight_only_linear", "int4_weight_only_linear")
 
 # Loss settings timed for both distillation ops: Hinton-style KD with a hard-label term.
 LOSS_KW = dict(temperature=2.0, alpha=0.5)
@@ -95,19 +94,32 @@ def _lin(ms, k, n, label):
 
 
 DEFAULT_SHAPES: dict[str, list[Shape]] = {
-    "linear": (_lin((1, 16, 128), *MINILM) + _lin((1, 16, 128), *SMOLLM2)
-               + _lin((1, 16, 128), *LLAMA7B) + _lin((1, 16), *SMOLLM2_HEAD)),
-    "quantize_int8": [Shape(1, 4096, 0, "Llama-7B token"), Shape(16, 4096, 0, "Llama-7B 16 tok"),
-                      Shape(128, 4096, 0, "Llama-7B 128 tok"),
-                      Shape(128, 384, 0, "MiniLM 128 tok"), Shape(2048, 576, 0, "SmolLM2 2k tok")],
-    "dequantize_int4": [Shape(0, 384, 1536, "MiniLM ffn"), Shape(0, 576, 1536, "SmolLM2 ffn"),
-                        Shape(0, 4096, 11008, "Llama-7B ffn"),
-                        Shape(0, 576, SMOLLM2_VOCAB, "SmolLM2 lm_head")],
-    "distillation_loss": [Shape(m, 0, SMOLLM2_VOCAB, f"SmolLM2 vocab, {m} tok")
-                          for m in (64, 256, 1024)],
+    "linear": (
+        _lin((1, 16, 128), *MINILM)
+        + _lin((1, 16, 128), *SMOLLM2)
+        + _lin((1, 16, 128), *LLAMA7B)
+        + _lin((1, 16), *SMOLLM2_HEAD)
+    ),
+    "quantize_int8": [
+        Shape(1, 4096, 0, "Llama-7B token"),
+        Shape(16, 4096, 0, "Llama-7B 16 tok"),
+        Shape(128, 4096, 0, "Llama-7B 128 tok"),
+        Shape(128, 384, 0, "MiniLM 128 tok"),
+        Shape(2048, 576, 0, "SmolLM2 2k tok"),
+    ],
+    "dequantize_int4": [
+        Shape(0, 384, 1536, "MiniLM ffn"),
+        Shape(0, 576, 1536, "SmolLM2 ffn"),
+        Shape(0, 4096, 11008, "Llama-7B ffn"),
+        Shape(0, 576, SMOLLM2_VOCAB, "SmolLM2 lm_head"),
+    ],
+    "distillation_loss": [
+        Shape(m, 0, SMOLLM2_VOCAB, f"SmolLM2 vocab, {m} tok") for m in (64, 256, 1024)
+    ],
     "fused_linear_distillation_loss": [
         Shape(m, 576, SMOLLM2_VOCAB, f"SmolLM2 360M->135M, {m} tok", K2=SMOLLM2_360M_HIDDEN)
-        for m in (64, 256)],
+        for m in (64, 256)
+    ],
 }
 QUICK_SHAPES: dict[str, list[Shape]] = {
     "linear": _lin((1, 16), *SMOLLM2) + _lin((1,), *LLAMA7B),
@@ -115,7 +127,8 @@ QUICK_SHAPES: dict[str, list[Shape]] = {
     "dequantize_int4": [Shape(0, 576, 1536, "SmolLM2 ffn")],
     "distillation_loss": [Shape(64, 0, SMOLLM2_VOCAB, "SmolLM2 vocab, 64 tok")],
     "fused_linear_distillation_loss": [
-        Shape(16, 576, SMOLLM2_VOCAB, "SmolLM2 360M->135M, 16 tok", K2=SMOLLM2_360M_HIDDEN)],
+        Shape(16, 576, SMOLLM2_VOCAB, "SmolLM2 360M->135M, 16 tok", K2=SMOLLM2_360M_HIDDEN)
+    ],
 }
 
 
@@ -140,7 +153,9 @@ def group_size_for(k: int) -> int | None:
 
 def shape_problem(op: str, shape: Shape) -> str | None:
     """Why this op cannot run at this shape (None if it can)."""
-    need = {"quantize_int8": "MK", "dequantize_int4": "NK", "distillation_loss": "MN"}.get(op, "MKN")
+    need = {"quantize_int8": "MK", "dequantize_int4": "NK", "distillation_loss": "MN"}.get(
+        op, "MKN"
+    )
     for f in need:
         if getattr(shape, f) < 1:
             return f"{f} must be >= 1 for {op}"
@@ -212,8 +227,9 @@ def _reference_is_cheap(op: str, s: Shape) -> bool:
     return True
 
 
-def _add_qtorch(built: Built, backends: list[str], make: Callable[[], Callable],
-                weight_bytes: int, compute: str) -> None:
+def _add_qtorch(
+    built: Built, backends: list[str], make: Callable[[], Callable], weight_bytes: int, compute: str
+) -> None:
     coverage = _backend.kernel_coverage().get(built.op, [])
     compiled = [b for b in backends if b != "reference" and b in coverage]
     for b in backends:
@@ -223,8 +239,9 @@ def _add_qtorch(built: Built, backends: list[str], make: Callable[[], Callable],
         elif b == "reference" and compiled and not _reference_is_cheap(built.op, built.shape):
             built.skipped.append((name, "reference is slow at this size; rows only where cheap"))
         else:
-            built.impls.append(Impl(name, "qtorch", b, _in_backend(b, make()), weight_bytes,
-                                    compute))
+            built.impls.append(
+                Impl(name, "qtorch", b, _in_backend(b, make()), weight_bytes, compute)
+            )
 
 
 def _gen(device: str) -> torch.Generator:
@@ -244,15 +261,28 @@ def _build_linear(op, s, dtype, device, backends, with_peers):
     out_bytes = m * n * es
     built = Built(op, s, dtype, device, 2.0 * m * k * n, m * k * es + out_bytes)
     w_f = w.to(dtype)
-    built.impls.append(Impl(f"torch:F.linear({str(dtype).split('.')[1]})", "baseline", "torch",
-                            lambda: F.linear(x, w_f), n * k * es, float_kind))
+    built.impls.append(
+        Impl(
+            f"torch:F.linear({str(dtype).split('.')[1]})",
+            "baseline",
+            "torch",
+            lambda: F.linear(x, w_f),
+            n * k * es,
+            float_kind,
+        )
+    )
     int8_wbytes = n * k + 4 * n  # int8 [N, K] + fp32 scale [N]
     if op == "int8_scaled_mm":
         a, sa = R.quantize_int8(x)
         b, sb = R.quantize_int8(w)
         built.other_bytes = m * k + 4 * m + out_bytes
-        _add_qtorch(built, backends, lambda: lambda: ops.int8_scaled_mm(a, b, sa, sb, None, dtype),
-                    int8_wbytes, "int8")
+        _add_qtorch(
+            built,
+            backends,
+            lambda: lambda: ops.int8_scaled_mm(a, b, sa, sb, None, dtype),
+            int8_wbytes,
+            "int8",
+        )
         if with_peers:
             peers.add_int8_mm_peers(built, a, b, sa, sb, int8_wbytes)
     elif op in ("int8_linear", "int8_weight_only_linear"):
@@ -267,8 +297,13 @@ def _build_linear(op, s, dtype, device, backends, with_peers):
         gs = group_size_for(k)
         qw, sc, zp = R.quantize_int4(w, gs)
         int4_wbytes = n * k // 2 + 5 * n * (k // gs)  # nibbles + fp32 scale + u8 zero per group
-        _add_qtorch(built, backends, lambda: lambda: ops.int4_weight_only_linear(x, qw, sc, zp, gs),
-                    int4_wbytes, float_kind)
+        _add_qtorch(
+            built,
+            backends,
+            lambda: lambda: ops.int4_weight_only_linear(x, qw, sc, zp, gs),
+            int4_wbytes,
+            float_kind,
+        )
         if with_peers:
             peers.add_w4a16_peers(built, x, w, qw, sc, zp, gs)
     return built
@@ -276,10 +311,12 @@ def _build_linear(op, s, dtype, device, backends, with_peers):
 
 def _build_quantize_int8(s, dtype, device, backends, with_peers):
     x = _randn((s.M, s.K), dtype, device)
-    built = Built("quantize_int8", s, dtype, device, None,
-                  s.M * s.K * (_esize(dtype) + 1) + 4 * s.M)
-    built.impls.append(Impl("torch:eager", "baseline", "torch", lambda: R.quantize_int8(x), 0,
-                            "fp32"))
+    built = Built(
+        "quantize_int8", s, dtype, device, None, s.M * s.K * (_esize(dtype) + 1) + 4 * s.M
+    )
+    built.impls.append(
+        Impl("torch:eager", "baseline", "torch", lambda: R.quantize_int8(x), 0, "fp32")
+    )
     _add_qtorch(built, backends, lambda: lambda: ops.quantize_int8(x), 0, "fp32")
     return built
 
@@ -289,10 +326,19 @@ def _build_dequantize_int4(s, dtype, device, backends, with_peers):
     qw, sc, zp = R.quantize_int4(_randn((s.N, s.K), torch.float32, device, 0.02), gs)
     wbytes = s.N * s.K // 2 + 5 * s.N * (s.K // gs)
     built = Built("dequantize_int4", s, dtype, device, None, 4 * s.N * s.K)  # fp32 out
-    built.impls.append(Impl("torch:eager", "baseline", "torch",
-                            lambda: R.dequantize_int4(qw, sc, zp, gs), wbytes, "fp32"))
-    _add_qtorch(built, backends, lambda: lambda: ops.dequantize_int4(qw, sc, zp, gs), wbytes,
-                "fp32")
+    built.impls.append(
+        Impl(
+            "torch:eager",
+            "baseline",
+            "torch",
+            lambda: R.dequantize_int4(qw, sc, zp, gs),
+            wbytes,
+            "fp32",
+        )
+    )
+    _add_qtorch(
+        built, backends, lambda: lambda: ops.dequantize_int4(qw, sc, zp, gs), wbytes, "fp32"
+    )
     return built
 
 
@@ -357,8 +403,9 @@ def _build_fused(s, dtype, device, backends, with_peers):
     flop = 2.0 * m * v * (3 * h + ht)
     wbytes = v * (h + ht) * es
     # + the gradient of the student weight written once, hidden states in, grad_hidden out
-    built = Built("fused_linear_distillation_loss", s, dtype, device, flop,
-                  v * h * es + m * (2 * h + ht) * es)
+    built = Built(
+        "fused_linear_distillation_loss", s, dtype, device, flop, v * h * es + m * (2 * h + ht) * es
+    )
     kind = _compute_kind(dtype)
 
     def eager():
@@ -383,8 +430,14 @@ def _build_fused(s, dtype, device, backends, with_peers):
     return built
 
 
-def build(op: str, shape: Shape, dtype: torch.dtype, device: str, backends: list[str],
-          with_peers: bool = True) -> Built:
+def build(
+    op: str,
+    shape: Shape,
+    dtype: torch.dtype,
+    device: str,
+    backends: list[str],
+    with_peers: bool = True,
+) -> Built:
     """Inputs and every implementation of one case (see the module docstring)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")

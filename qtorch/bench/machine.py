@@ -71,9 +71,12 @@ def machine_info(device: str) -> dict:
         pass
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": p.name, "capability": f"sm_{p.major}{p.minor}",
-                       "memory_gib": round(p.total_memory / 2**30, 1),
-                       "cuda": torch.version.cuda}
+        info["gpu"] = {
+            "name": p.name,
+            "capability": f"sm_{p.major}{p.minor}",
+            "memory_gib": round(p.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+        }
     return info
 
 
@@ -81,10 +84,19 @@ def git_commit() -> dict:
     """HEAD of the checkout qtorch is imported from, and whether it had local changes."""
     root = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "-uno"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": head, "dirty": bool(dirty)}
@@ -93,8 +105,12 @@ def git_commit() -> dict:
 def versions() -> dict:
     import qtorch
 
-    out = {"qtorch": qtorch.__version__, "torch": torch.__version__,
-           "python": platform.python_version(), **git_commit()}
+    out = {
+        "qtorch": qtorch.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **git_commit(),
+    }
     from importlib.metadata import PackageNotFoundError, version
 
     for dist in ("triton", "torchao", "liger-kernel"):

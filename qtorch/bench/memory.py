@@ -74,16 +74,35 @@ def _child(spec: dict) -> dict:
     return out
 
 
-def cpu_peak_extra(op: str, shapes: list, dtype: torch.dtype, backends: list[str],
-                   impls: list[str], with_peers: bool, threads: int | None,
-                   timeout_s: float = 600) -> dict:
+def cpu_peak_extra(
+    op: str,
+    shapes: list,
+    dtype: torch.dtype,
+    backends: list[str],
+    impls: list[str],
+    with_peers: bool,
+    threads: int | None,
+    timeout_s: float = 600,
+) -> dict:
     """{"M,K,N|impl": bytes} of peak RSS above the pre-call RSS, measured in one fresh child
     process for this op; {"error": why} if the child failed."""
-    spec = {"op": op, "shapes": [s.as_dict() for s in shapes], "dtype": str(dtype).split(".")[1],
-            "backends": backends, "impls": impls, "peers": with_peers, "threads": threads}
+    spec = {
+        "op": op,
+        "shapes": [s.as_dict() for s in shapes],
+        "dtype": str(dtype).split(".")[1],
+        "backends": backends,
+        "impls": impls,
+        "peers": with_peers,
+        "threads": threads,
+    }
     try:
-        proc = subprocess.run([sys.executable, "-m", "qtorch.bench.memory"], input=json.dumps(spec),
-                              capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(
+            [sys.executable, "-m", "qtorch.bench.memory"],
+            input=json.dumps(spec),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"memory child timed out after {timeout_s:.0f} s"}
     if proc.returncode != 0:

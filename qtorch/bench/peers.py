@@ -48,8 +48,15 @@ def _try(built, name: str, setup) -> None:
             impl = setup()
             impl.fn()  # fail here, at setup, not in the middle of the timing loop
         built.impls.append(impl)
-    except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError,
-            ImportError, AssertionError) as e:
+    except (
+        RuntimeError,
+        ValueError,
+        TypeError,
+        NotImplementedError,
+        AttributeError,
+        ImportError,
+        AssertionError,
+    ) as e:
         built.skipped.append((name, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
 
 
@@ -67,8 +74,14 @@ def add_int8_mm_peers(built, a, b, sa, sb, wbytes) -> None:
 
     def setup():
         sa2, sb2 = sa[:, None], sb[None, :]
-        return _impl("torch:_int_mm", "peer", "torch",
-                     lambda: (torch._int_mm(a, bt) * sa2 * sb2).to(out_dtype), wbytes, "int8")
+        return _impl(
+            "torch:_int_mm",
+            "peer",
+            "torch",
+            lambda: (torch._int_mm(a, bt) * sa2 * sb2).to(out_dtype),
+            wbytes,
+            "int8",
+        )
 
     if hasattr(torch, "_int_mm"):
         _try(built, "torch:_int_mm", setup)
@@ -82,16 +95,25 @@ def add_w8a8_peers(built, x, w, w_q, w_s, wbytes) -> None:
         if dtype != torch.float32:
             built.skipped.append(("fbgemm:dynamic_linear", "takes float32 activations only"))
         else:
+
             def setup_fbgemm():
                 import torch.ao.nn.quantized.dynamic as nnqd
 
                 n, k = w_q.shape
                 lin = nnqd.Linear(k, n, bias_=False, dtype=torch.qint8)
                 qw = torch._make_per_channel_quantized_tensor(
-                    w_q.cpu(), w_s.double(), torch.zeros(n, dtype=torch.long), 0)
+                    w_q.cpu(), w_s.double(), torch.zeros(n, dtype=torch.long), 0
+                )
                 lin.set_weight_bias(qw, None)
-                return _impl("fbgemm:dynamic_linear", "peer", "fbgemm", lambda: lin(x), wbytes,
-                             "int8", note="activation quantized per tensor (uint8)")
+                return _impl(
+                    "fbgemm:dynamic_linear",
+                    "peer",
+                    "fbgemm",
+                    lambda: lin(x),
+                    wbytes,
+                    "int8",
+                    note="activation quantized per tensor (uint8)",
+                )
 
             _try(built, "fbgemm:dynamic_linear", setup_fbgemm)
     if hasattr(torch, "_int_mm"):
@@ -102,8 +124,15 @@ def add_w8a8_peers(built, x, w, w_q, w_s, wbytes) -> None:
                 q, s = quantize_int8(x)
                 return (torch._int_mm(q, bt) * s[:, None] * w_s[None, :]).to(dtype)
 
-            return _impl("torch:quantize+_int_mm", "peer", "torch", run, wbytes, "int8",
-                         note="eager per-token quantize, then torch._int_mm")
+            return _impl(
+                "torch:quantize+_int_mm",
+                "peer",
+                "torch",
+                run,
+                wbytes,
+                "int8",
+                note="eager per-token quantize, then torch._int_mm",
+            )
 
         _try(built, "torch:quantize+_int_mm", setup_int_mm)
     _add_torchao(built, x, w, "Int8DynamicActivationInt8WeightConfig", {}, wbytes, "int8")
@@ -115,10 +144,17 @@ def add_w8a8_peers(built, x, w, w_q, w_s, wbytes) -> None:
 def add_w8a16_peers(built, x, w, w_q, w_s, wbytes) -> None:
     dtype = built.dtype
     if hasattr(torch, "_weight_int8pack_mm"):
+
         def setup():
             s = w_s.to(dtype)
-            return _impl("torch:_weight_int8pack_mm", "peer", "torch",
-                         lambda: torch._weight_int8pack_mm(x, w_q, s), wbytes, _float_kind(dtype))
+            return _impl(
+                "torch:_weight_int8pack_mm",
+                "peer",
+                "torch",
+                lambda: torch._weight_int8pack_mm(x, w_q, s),
+                wbytes,
+                _float_kind(dtype),
+            )
 
         _try(built, "torch:_weight_int8pack_mm", setup)
     _add_torchao(built, x, w, "Int8WeightOnlyConfig", {}, wbytes, _float_kind(dtype))
@@ -133,30 +169,43 @@ def add_w4a16_peers(built, x, w, qw, sc, zp, gs) -> None:
     sz = torch.stack((sc.t(), zero_f.t()), dim=-1).contiguous()  # [K // gs, N, 2]
     wbytes = n * k // 2 + 2 * n * (k // gs) * torch.empty((), dtype=dtype).element_size()
     if device == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+
         def setup_cpu():
             packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             sz_d = sz.to(dtype)
-            return _impl("torch:_weight_int4pack_mm_for_cpu", "peer", "torch",
-                         lambda: torch._weight_int4pack_mm_for_cpu(x, packed, gs, sz_d), wbytes,
-                         _float_kind(dtype))
+            return _impl(
+                "torch:_weight_int4pack_mm_for_cpu",
+                "peer",
+                "torch",
+                lambda: torch._weight_int4pack_mm_for_cpu(x, packed, gs, sz_d),
+                wbytes,
+                _float_kind(dtype),
+            )
 
         _try(built, "torch:_weight_int4pack_mm_for_cpu", setup_cpu)
     elif device == "cuda" and hasattr(torch, "_weight_int4pack_mm"):
         if dtype != torch.bfloat16:
             built.skipped.append(("torch:_weight_int4pack_mm", "tinygemm takes bfloat16 only"))
         else:
+
             def setup_cuda():
                 # tinygemm's input packing: byte j holds k = 2j in the high nibble.
                 u8 = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)
                 packed = torch._convert_weight_to_int4pack(u8, 8)
                 sz_d = sz.to(dtype)
-                return _impl("torch:_weight_int4pack_mm", "peer", "torch",
-                             lambda: torch._weight_int4pack_mm(x, packed, gs, sz_d), wbytes,
-                             "bf16")
+                return _impl(
+                    "torch:_weight_int4pack_mm",
+                    "peer",
+                    "torch",
+                    lambda: torch._weight_int4pack_mm(x, packed, gs, sz_d),
+                    wbytes,
+                    "bf16",
+                )
 
             _try(built, "torch:_weight_int4pack_mm", setup_cuda)
-    _add_torchao(built, x, w, "Int4WeightOnlyConfig", {"group_size": gs}, wbytes,
-                 _float_kind(dtype))
+    _add_torchao(
+        built, x, w, "Int4WeightOnlyConfig", {"group_size": gs}, wbytes, _float_kind(dtype)
+    )
 
 
 def _add_torchao(built, x, w, config_name: str, config_kw: dict, wbytes: int, kind: str) -> None:
@@ -168,8 +217,9 @@ def _add_torchao(built, x, w, config_name: str, config_kw: dict, wbytes: int, ki
     def setup():
         import torchao.quantization as tq
 
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device,
-                              dtype=built.dtype)
+        lin = torch.nn.Linear(
+            w.shape[1], w.shape[0], bias=False, device=w.device, dtype=built.dtype
+        )
         with torch.no_grad():
             lin.weight.copy_(w.to(built.dtype))
         tq.quantize_(lin, getattr(tq, config_name)(**config_kw))
@@ -206,8 +256,14 @@ def add_fused_distillation_peers(built, hs, ws, ht, wt, labels) -> None:
             loss = loss_fn(hs, ws, ht, wt, labels)
             return torch.autograd.grad(loss, (hs, ws))
 
-        return _impl(name, "peer", "liger", run, ws.numel() * ws.element_size()
-                     + wt.numel() * wt.element_size(), _float_kind(built.dtype),
-                     note="JSD (beta=0.5) without the hard-label term: a near, not equal, job")
+        return _impl(
+            name,
+            "peer",
+            "liger",
+            run,
+            ws.numel() * ws.element_size() + wt.numel() * wt.element_size(),
+            _float_kind(built.dtype),
+            note="JSD (beta=0.5) without the hard-label term: a near, not equal, job",
+        )
 
     _try(built, name, setup)

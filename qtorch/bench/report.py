@@ -39,8 +39,10 @@ def format_table(rows: list[dict], roof: dict | None) -> str:
     for r in rows:
         blocks.setdefault((r["op"], r["dtype"]), []).append(r)
     mem = any(r.get("peak_mem_bytes") is not None for r in rows)
-    head = (f"{'shape':<24} {'impl':<36} {'median':>10} {'p20..p80':>19} {'T(FL)OP/s':>9} "
-            f"{'GB/s':>7} {'%roof':>6} {'vs base':>8} {'vs peer':>8}" + (" peak MiB" if mem else ""))
+    head = (
+        f"{'shape':<24} {'impl':<36} {'median':>10} {'p20..p80':>19} {'T(FL)OP/s':>9} "
+        f"{'GB/s':>7} {'%roof':>6} {'vs base':>8} {'vs peer':>8}" + (" peak MiB" if mem else "")
+    )
     for (op, dtype), rs in blocks.items():
         r0 = rs[0]
         cold = " cold-cache decode" if any(r["cold"] for r in rs) else ""
@@ -59,21 +61,27 @@ def format_table(rows: list[dict], roof: dict | None) -> str:
                 f"{shape:<24} {mark}{r['impl']:<35} {fmt_time(r['median_s']):>10} {band:>19} "
                 f"{_num(r['tflops'], '.3f'):>9} {_num(gbps, '.1f'):>7} {roofp or '-':>6} "
                 f"{_ratio(r['speedup_vs_baseline']):>8} {_ratio(r['speedup_vs_best_peer']):>8}"
-                + (f" {_num(_mib(r.get('peak_mem_bytes')), '.1f'):>8}" if mem else ""))
-    out.append("\n* qtorch rows.  GB/s: weight bytes / time for ops with a weight, else all "
-               "bytes / time.\n%roof: roofline-bound time / measured time "
-               "(max(flop / peak, bytes / bandwidth)).  vs base: plain-PyTorch median / this "
-               "median;\nvs peer: fastest installed peer's median / this median (>1: this is "
-               "faster).")
+                + (f" {_num(_mib(r.get('peak_mem_bytes')), '.1f'):>8}" if mem else "")
+            )
+    out.append(
+        "\n* qtorch rows.  GB/s: weight bytes / time for ops with a weight, else all "
+        "bytes / time.\n%roof: roofline-bound time / measured time "
+        "(max(flop / peak, bytes / bandwidth)).  vs base: plain-PyTorch median / this "
+        "median;\nvs peer: fastest installed peer's median / this median (>1: this is "
+        "faster)."
+    )
     if mem:
-        out.append("peak MiB: memory of one call beyond its inputs (CPU: peak RSS in a child "
-                   "process; CUDA: max allocated).")
+        out.append(
+            "peak MiB: memory of one call beyond its inputs (CPU: peak RSS in a child "
+            "process; CUDA: max allocated)."
+        )
     if roof:
         out.append(
             f"roofline ({roof.get('threads')} threads, measured {roof.get('measured_at')}): "
             f"fp32 {roof['fp32_tflops']:.3f} TFLOP/s, bf16 {roof['bf16_tflops']:.3f} TFLOP/s, "
             f"int8 {roof['int8_tops']:.3f} TOP/s ({roof.get('int8_path')}), "
-            f"{roof['bandwidth_gbps']:.1f} GB/s")
+            f"{roof['bandwidth_gbps']:.1f} GB/s"
+        )
     return "\n".join(out)
 
 
@@ -83,8 +91,10 @@ def format_skipped(skipped: list[dict]) -> str:
     for s in skipped:
         seen.setdefault((s["op"], s["impl"], s["reason"]), 0)
         seen[(s["op"], s["impl"], s["reason"])] += 1
-    lines = [f"  {op:<31} {impl:<36} {reason}" + (f"  ({n} shapes)" if n > 1 else "")
-             for (op, impl, reason), n in seen.items()]
+    lines = [
+        f"  {op:<31} {impl:<36} {reason}" + (f"  ({n} shapes)" if n > 1 else "")
+        for (op, impl, reason), n in seen.items()
+    ]
     return "not run:\n" + "\n".join(lines) if lines else ""
 
 
@@ -130,8 +140,10 @@ def plot(rows: list[dict], roof: dict | None, path: str) -> list[Path]:
             panels.setdefault(key, []).append(r)
         # one colour per implementation across all panels of the figure
         palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        color = {impl: palette[i % len(palette)]
-                 for i, impl in enumerate(OrderedDict.fromkeys(r["impl"] for r in rs))}
+        color = {
+            impl: palette[i % len(palette)]
+            for i, impl in enumerate(OrderedDict.fromkeys(r["impl"] for r in rs))
+        }
         n = len(panels)
         cols = min(n, 3)
         nrows = math.ceil(n / cols)
@@ -142,22 +154,39 @@ def plot(rows: list[dict], roof: dict | None, path: str) -> list[Path]:
             ylab = ("T(FL)OP/s" if len(units) > 1 else units.pop()) if use_flop else "GB/s"
             impls = list(OrderedDict.fromkeys(r["impl"] for r in prs))
             for impl in impls:
-                pts = sorted((r["x"], r["tflops"] if use_flop else r["gbps"]) for r in prs
-                             if r["impl"] == impl)
+                pts = sorted(
+                    (r["x"], r["tflops"] if use_flop else r["gbps"])
+                    for r in prs
+                    if r["impl"] == impl
+                )
                 kind = next(r["kind"] for r in prs if r["impl"] == impl)
                 style = "-o" if kind == "qtorch" else ("-s" if kind == "baseline" else "--^")
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, ms=4,
-                        lw=2 if kind == "qtorch" else 1.2, color=color[impl])
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    style,
+                    label=impl,
+                    ms=4,
+                    lw=2 if kind == "qtorch" else 1.2,
+                    color=color[impl],
+                )
             if roof:
                 # the roofline of the first qtorch implementation's storage and compute kind
                 q = [r for r in prs if r["kind"] == "qtorch"] or prs
                 q = [r for r in q if r["impl"] == q[0]["impl"]]
-                model = sorted({(r["x"], r["roofline_s"], r["flop"], r["bytes"]) for r in q
-                                if r["roofline_s"]})
+                model = sorted(
+                    {(r["x"], r["roofline_s"], r["flop"], r["bytes"]) for r in q if r["roofline_s"]}
+                )
                 if model:
                     ys = [(f / t / 1e12) if use_flop else (b / t / 1e9) for _, t, f, b in model]
-                    ax.plot([m[0] for m in model], ys, "k--x", lw=1, ms=5,
-                            label=f"roofline ({q[0]['impl']})")
+                    ax.plot(
+                        [m[0] for m in model],
+                        ys,
+                        "k--x",
+                        lw=1,
+                        ms=5,
+                        label=f"roofline ({q[0]['impl']})",
+                    )
                 if use_flop:
                     peak = (compute_peak(roof, q[0]["compute"]) or 0) / 1e12
                     peak_label = f"peak {q[0]['compute']} ({q[0]['unit']})"
@@ -191,26 +220,74 @@ _OPT_NUM = (int, float, type(None))
 _OPT_STR = (str, type(None))
 # The JSON contract (docs/bench_json_schema.md): field -> allowed Python types after json.load.
 TOP_FIELDS = {
-    "schema": str, "created": str, "command": str, "argv": list, "wall_s": _NUM,
-    "machine": dict, "versions": dict, "backends": list, "kernel_coverage": dict,
-    "timing": dict, "roofline": (dict, type(None)), "rows": list, "skipped": list,
+    "schema": str,
+    "created": str,
+    "command": str,
+    "argv": list,
+    "wall_s": _NUM,
+    "machine": dict,
+    "versions": dict,
+    "backends": list,
+    "kernel_coverage": dict,
+    "timing": dict,
+    "roofline": (dict, type(None)),
+    "rows": list,
+    "skipped": list,
     "failures": list,
 }
 ROW_FIELDS = {
-    "op": str, "impl": str, "kind": str, "backend": str, "shape": dict, "shape_text": str,
-    "shape_label": str, "dtype": str, "device": str, "threads": int, "cold": bool, "n": int,
-    "median_s": _NUM, "p20_s": _NUM, "p80_s": _NUM, "flop": _OPT_NUM, "bytes": _NUM,
-    "weight_bytes": _NUM, "compute": str, "unit": str, "tflops": _OPT_NUM, "gbps": _NUM,
-    "weight_gbps": _OPT_NUM, "roofline_s": _OPT_NUM, "roofline_pct": _OPT_NUM,
-    "bound": _OPT_STR, "note": str, "x": _NUM, "x_label": str, "panel": str,
-    "peak_mem_bytes": _OPT_NUM, "mem_kind": _OPT_STR, "baseline": _OPT_STR,
-    "speedup_vs_baseline": _OPT_NUM, "best_peer": _OPT_STR, "speedup_vs_best_peer": _OPT_NUM,
+    "op": str,
+    "impl": str,
+    "kind": str,
+    "backend": str,
+    "shape": dict,
+    "shape_text": str,
+    "shape_label": str,
+    "dtype": str,
+    "device": str,
+    "threads": int,
+    "cold": bool,
+    "n": int,
+    "median_s": _NUM,
+    "p20_s": _NUM,
+    "p80_s": _NUM,
+    "flop": _OPT_NUM,
+    "bytes": _NUM,
+    "weight_bytes": _NUM,
+    "compute": str,
+    "unit": str,
+    "tflops": _OPT_NUM,
+    "gbps": _NUM,
+    "weight_gbps": _OPT_NUM,
+    "roofline_s": _OPT_NUM,
+    "roofline_pct": _OPT_NUM,
+    "bound": _OPT_STR,
+    "note": str,
+    "x": _NUM,
+    "x_label": str,
+    "panel": str,
+    "peak_mem_bytes": _OPT_NUM,
+    "mem_kind": _OPT_STR,
+    "baseline": _OPT_STR,
+    "speedup_vs_baseline": _OPT_NUM,
+    "best_peer": _OPT_STR,
+    "speedup_vs_best_peer": _OPT_NUM,
     "speedup_vs": dict,
 }
-MACHINE_FIELDS = {"device": str, "cpu_model": str, "cpu_count": int, "torch_threads": int,
-                  "cpu_features": dict}
-VERSION_FIELDS = {"qtorch": str, "torch": str, "python": str, "commit": _OPT_STR,
-                  "dirty": (bool, type(None))}
+MACHINE_FIELDS = {
+    "device": str,
+    "cpu_model": str,
+    "cpu_count": int,
+    "torch_threads": int,
+    "cpu_features": dict,
+}
+VERSION_FIELDS = {
+    "qtorch": str,
+    "torch": str,
+    "python": str,
+    "commit": _OPT_STR,
+    "dirty": (bool, type(None)),
+}
 SKIPPED_FIELDS = {"op": str, "impl": str, "shape": dict, "reason": str}
 KINDS = ("qtorch", "baseline", "peer")
 
@@ -227,7 +304,8 @@ def validate(doc: dict) -> list[str]:
             if name not in obj:
                 errs.append(f"{where}: missing {name!r}")
             elif not isinstance(obj[name], types) or (
-                    types in (_NUM, _OPT_NUM) and isinstance(obj[name], bool)):
+                types in (_NUM, _OPT_NUM) and isinstance(obj[name], bool)
+            ):
                 errs.append(f"{where}.{name}: {type(obj[name]).__name__} not allowed")
 
     check(doc, TOP_FIELDS, "doc")

@@ -181,8 +181,12 @@ def compute_peak(roof: dict | None, kind: str) -> float | None:
     bf16 where it was not measured: on CPUs both go through the same units)."""
     if not roof:
         return None
-    field = {"int8": "int8_tops", "fp32": "fp32_tflops", "bf16": "bf16_tflops",
-             "fp16": "fp16_tflops"}[kind]
+    field = {
+        "int8": "int8_tops",
+        "fp32": "fp32_tflops",
+        "bf16": "bf16_tflops",
+        "fp16": "fp16_tflops",
+    }[kind]
     val = roof.get(field, roof.get("bf16_tflops") if kind == "fp16" else None)
     return None if not val else val * 1e12
 

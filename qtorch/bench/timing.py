@@ -94,8 +94,9 @@ def _cuda_sample(fn: Callable, flush: Flusher) -> tuple:
     return start, end
 
 
-def time_group(fns: dict[str, Callable], device: str, cfg: TimingConfig,
-               flusher: Flusher | None = None) -> dict[str, Stats]:
+def time_group(
+    fns: dict[str, Callable], device: str, cfg: TimingConfig, flusher: Flusher | None = None
+) -> dict[str, Stats]:
     """Time every callable of `fns` (the implementations of one case), interleaved.
 
     Each callable runs the whole operation (incl. backward where the case has one) and returns
@@ -122,13 +123,18 @@ def time_group(fns: dict[str, Callable], device: str, cfg: TimingConfig,
         est[name] = max(time.perf_counter() - t0, 1e-7)
 
     reps = {n: int(min(cfg.max_reps, max(cfg.min_reps, cfg.target_s / t))) for n, t in est.items()}
-    inner = {n: 1 if (cuda or cfg.cold or t >= cfg.batch_below_s)
-             else min(100, math.ceil(cfg.batch_below_s / t)) for n, t in est.items()}
+    inner = {
+        n: 1
+        if (cuda or cfg.cold or t >= cfg.batch_below_s)
+        else min(100, math.ceil(cfg.batch_below_s / t))
+        for n, t in est.items()
+    }
     samples: dict[str, list] = {
-        n: [est[n]] if not (cuda or cfg.cold) and inner[n] == 1 else [] for n in fns}
+        n: [est[n]] if not (cuda or cfg.cold) and inner[n] == 1 else [] for n in fns
+    }
     names = list(fns)
     for rnd in range(max(reps.values())):
-        order = names[rnd % len(names):] + names[: rnd % len(names)]  # rotate who goes first
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]  # rotate who goes first
         for name in order:
             if len(samples[name]) >= reps[name]:
                 continue
