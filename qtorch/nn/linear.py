@@ -33,7 +33,6 @@ class _QuantizedLinear(nn.Module):
     # friends must move them between devices but never cast them.
     _FIXED_DTYPE_BUFFERS: tuple[str, ...] = ()
     _OP: str = ""  # the qtorch op forward calls, for the backend shown in extra_repr
-    _BITS: int = 0
 
     def __init__(self, in_features: int, out_features: int, bias: nn.Parameter | None) -> None:
         super().__init__()
@@ -94,7 +93,6 @@ class _Int8Linear(_QuantizedLinear):
     """Per-output-channel symmetric int8 weight: ŵ[n, k] = qweight[n, k] * weight_scale[n]."""
 
     _FIXED_DTYPE_BUFFERS = ("weight_scale",)
-    _BITS = 8
 
     def __init__(
         self,
@@ -167,7 +165,6 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
 
     _FIXED_DTYPE_BUFFERS = ("scales",)
     _OP = "int4_weight_only_linear"
-    _BITS = 4
 
     def __init__(
         self,
