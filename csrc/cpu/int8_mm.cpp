@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x_in) {
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
   if (K == 0) return {q, s.fill_(1.0)};
-  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / K), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 18) / K), [&](int64_t b, int64_t e) {
     im::quantize_rows(x.data_ptr(), xt, K, K, b, e, s.data_ptr<float>(), q.data_ptr<int8_t>(),
                       K, nullptr);
   });
@@ -140,7 +140,7 @@ at::Tensor int8_scaled_mm_packed(const at::Tensor& a_in, const at::Tensor& bp, i
   if (M == 0 || N == 0) return out;
   const int64_t Kp = im::padded_k(K);
   at::Tensor ap = at::empty({M, Kp}, a.options().dtype(at::kByte));
-  at::parallel_for(0, M, std::max<int64_t>(1, 65536 / Kp), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 20) / Kp), [&](int64_t b, int64_t e) {
     im::pack_a(a.data_ptr<int8_t>(), K, K, b, e, ap.data_ptr<uint8_t>());
   });
   im::Epilogue ep;
@@ -171,7 +171,10 @@ at::Tensor int8_linear_packed(const at::Tensor& x_in, const at::Tensor& wp, int6
   // Fused activation quantization: rows are quantized straight into packed A (u8, +128).
   at::Tensor ap = at::empty({M, Kp}, x.options().dtype(at::kByte));
   at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / Kp), [&](int64_t b, int64_t e) {
+  // Rows per task >= 2^18 / K: the quantizer streams ~3 elements/cycle, so smaller shares
+  // cost less serially than a second fork/join (which, on a loaded machine, can cost a
+  // scheduler quantum when a worker is descheduled).
+  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 18) / Kp), [&](int64_t b, int64_t e) {
     im::quantize_rows(x.data_ptr(), xt, K, K, b, e, sa.data_ptr<float>(), nullptr, 0,
                       ap.data_ptr<uint8_t>());
   });
