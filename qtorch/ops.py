@@ -847,7 +847,7 @@ def fused_linear_distillation_loss(
 ) -> Tensor:
     """distillation_loss(student_hidden @ student_weight.T + student_bias,
     teacher_hidden @ teacher_weight.T + teacher_bias, labels, ...) without ever holding the
-    [tokens, V] logits: chunks of `chunk_size` tokens (default: ~8 MiB of fp32 logits a chunk).
+    [tokens, V] logits: chunks of `chunk_size` tokens (default: ~32 MiB of fp32 logits a chunk).
 
     student_hidden [..., H], student_weight [V, H], teacher_hidden [..., Ht],
     teacher_weight [V, Ht]. Differentiable w.r.t. student_hidden, student_weight, student_bias;
