@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import random
 import statistics
 import time
 
@@ -118,15 +119,19 @@ def _pcts(ts):
 
 
 def time_interleaved(impls: dict, rounds: int, hot: bool = False) -> dict:
-    """Round-robin over the implementations. Cold: one timed call per turn (the rotation
+    """Round-robin over the implementations, in a shuffled order each round. Cold: one timed call per turn (the rotation
     keeps weights out of cache). Hot: each turn makes one untimed call first, so the turn's
     timed call finds the weights that the other implementations evicted back in cache."""
     for fn in impls.values():  # warm-up: packing caches, thread pool
         for _ in range(len(getattr(fn, "args", [0])) + 1):
             fn()
     ts = {k: [] for k in impls}
+    order = list(impls)
+    rng = random.Random(0)
     for _ in range(rounds):
-        for k, fn in impls.items():
+        rng.shuffle(order)  # no implementation always follows the same one (e.g. the cache-
+        for k in order:     # flushing fp32 layer)
+            fn = impls[k]
             if hot:
                 fn()
             t0 = time.perf_counter()
