@@ -40,7 +40,14 @@ def _kernel(op: str, device: torch.device):
 
 def _rows(x: Tensor) -> Tensor:
     """[..., K] -> contiguous [M, K]."""
-    return x.reshape(-1, x.shape[-1]).contiguous()
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    return x.contiguous()
+
+
+def _vec(t: Tensor) -> Tensor:
+    """[N] or [N, 1] -> contiguous [N]."""
+    return (t if t.dim() == 1 else t.reshape(-1)).contiguous()
 
 
 def _c(t: Tensor | None) -> Tensor | None:
@@ -130,7 +137,30 @@ def _(a, b, scale_a, scale_b, bias=None, out_dtype=torch.float32):
 # -------------------------------------------------------------------- int8 linears (W8A8, W8A16)
 
 
+_FLOATS = frozenset(chk.FLOAT_DTYPES)
+
+
+def _int8_linear_ok(x, w_q, w_scale, bias) -> bool:
+    """The common valid case in a few comparisons (the hot path at decode sizes); anything
+    else goes through the detailed checks, which name what is wrong."""
+    try:
+        n, k = w_q.shape
+        dev = x.device
+        return (
+            x.dtype in _FLOATS and w_q.dtype is torch.int8 and w_scale.dtype is torch.float32
+            and x.dim() >= 1 and x.shape[-1] == k and k > 0 and n > 0
+            and w_scale.dim() == 1 and w_scale.shape[0] == n
+            and w_q.device == dev and w_scale.device == dev
+            and (bias is None or (bias.dtype in _FLOATS and bias.dim() == 1
+                                  and bias.shape[0] == n and bias.device == dev))
+        )
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def _check_int8_linear(x, w_q, w_scale, bias) -> None:
+    if _int8_linear_ok(x, w_q, w_scale, bias):
+        return
     for name, t in (("x", x), ("w_q", w_q), ("w_scale", w_scale)):
         chk.tensor(name, t)
     chk.dtype_in("x", x, chk.FLOAT_DTYPES)
@@ -155,14 +185,13 @@ def _linear_call(op: str, x: Tensor, n: int, *weights, bias=None) -> Tensor:
         return torch.empty(out_shape, dtype=x.dtype, device=x.device)
     b = None if bias is None else bias.to(x.dtype).contiguous()
     out = _kernel(op, x.device)(_rows(x), *weights, b)
-    return out.reshape(out_shape)
+    return out if x.dim() == 2 else out.reshape(out_shape)
 
 
 def _int8_linear_fwd(op):
     def fwd(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> Tensor:
         _check_int8_linear(x, w_q, w_scale, bias)
-        return _linear_call(op, x, w_q.shape[0], w_q.contiguous(),
-                            w_scale.reshape(-1).contiguous(), bias=bias)
+        return _linear_call(op, x, w_q.shape[0], w_q.contiguous(), _vec(w_scale), bias=bias)
 
     return fwd
 
