@@ -75,9 +75,9 @@ def eager_fused_step(hs, ws, ht, wt, lab):
     return x.grad, w.grad
 
 
-def qtorch_fused_step(hs, ws, ht, wt, lab, chunk_size=None):
+def qtorch_fused_step(hs, ws, ht, wt, lab, chunk_size=None, backend="cpu"):
     x, w = hs.detach().requires_grad_(True), ws.detach().requires_grad_(True)
-    with qtorch.use_backend("cpu"):
+    with qtorch.use_backend(backend):
         ops.fused_linear_distillation_loss(x, w, ht, wt, lab, chunk_size=chunk_size,
                                            temperature=T, alpha=ALPHA).backward()
     return x.grad, w.grad
@@ -120,20 +120,21 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 inputs = B._fused_inputs()
-chunk = int(sys.argv[2]) if len(sys.argv) > 2 else None
+chunk = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] != "0" else None
+backend = sys.argv[3] if len(sys.argv) > 3 else "cpu"
 base = status("VmRSS:")
 if sys.argv[1] == "eager":
     B.eager_fused_step(*inputs)
 else:
-    B.qtorch_fused_step(*inputs, chunk_size=chunk)
+    B.qtorch_fused_step(*inputs, chunk_size=chunk, backend=backend)
 print(json.dumps({{"peak": status("VmHWM:") - base}}))
 """
 
 
-def peak_bytes(variant: str, chunk_size: int | None = None) -> int:
+def peak_bytes(variant: str, chunk_size: int | None = None, backend: str = "cpu") -> int:
     """Peak resident memory of one fused-linear step, in a fresh interpreter."""
     code = _CHILD.format(bench_dir=os.path.dirname(os.path.abspath(__file__)))
-    argv = [sys.executable, "-c", code, variant] + ([str(chunk_size)] if chunk_size else [])
+    argv = [sys.executable, "-c", code, variant, str(chunk_size or 0), backend]
     out = subprocess.run(argv, check=True, capture_output=True,
                          text=True, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
@@ -186,12 +187,12 @@ def main() -> None:
     pe = peak_bytes("eager")
     print(f"{'fused_linear N=4096 V=32000 H=256 fp32: eager':52s} "
           f"{'/'.join(f'{x*1e3:.0f}' for x in e):>24s}   peak {pe / 2**20:.0f} MiB")
-    # None: the default chunk (ops.py: ~8 MiB of fp32 logits = 65 rows here); 256: fewer,
-    # larger GEMMs for more memory.
-    for chunk in (None, 256):
-        q = _pcts(_times(lambda: qtorch_fused_step(*inputs, chunk_size=chunk), 3))
-        pq = peak_bytes("qtorch", chunk)
-        name = f"fused_linear ... qtorch chunk_size={chunk or 'default'}"
+    # None: the default chunk (~32 MiB of fp32 logits = 262 rows here); 64: smaller GEMMs.
+    # The reference backend is the chunked pure-PyTorch path, the memory baseline.
+    for backend, chunk in (("cpu", None), ("cpu", 64), ("reference", None)):
+        q = _pcts(_times(lambda: qtorch_fused_step(*inputs, chunk_size=chunk, backend=backend), 3))
+        pq = peak_bytes("qtorch", chunk, backend)
+        name = f"fused_linear ... qtorch {backend} chunk_size={chunk or 'default'}"
         print(f"{name:52s} {'':>24s} {'/'.join(f'{x*1e3:.0f}' for x in q):>24s} "
               f"{e[1] / q[1]:7.2f}x  peak {pq / 2**20:.0f} MiB = {100 * pq / pe:.1f}% of eager")
     print("(peak = VmHWM - VmRSS once the inputs exist, each in a fresh process)")
