@@ -78,8 +78,10 @@ def build_impls(m: int, dtype=torch.bfloat16) -> dict:
 
     impls["qtorch:cpu W4A16"] = _Rotating(ours4, q4)
     # The same kernel without the op layer (custom-op dispatch, checks, backend choice, cache
-    # lookup), called like the peers: on its prepacked weight.
-    packed4 = [(x, *CPU._wo_int4_weight(qw, s, z, GROUP), N, K, GROUP, None) for qw, s, z in q4]
+    # lookup), called like the peers: on its prepacked weight. Its own weight copies: sharing
+    # the op row's would let the row timed second find the weights warm in L3.
+    q4k = [R.quantize_int4(_weights(i), GROUP, False) for i in range(n4)]
+    packed4 = [(x, *CPU._wo_int4_weight(qw, s, z, GROUP), N, K, GROUP, None) for qw, s, z in q4k]
     impls["qtorch:cpu W4A16 kernel"] = _Rotating(torch.ops.qtorch_cpu.wo_int4_linear, packed4)
     if hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         peer4 = []
@@ -99,7 +101,8 @@ def build_impls(m: int, dtype=torch.bfloat16) -> dict:
             return ops.int8_weight_only_linear(x, w_q, s)
 
     impls["qtorch:cpu W8A16"] = _Rotating(ours8, q8)
-    packed8 = [(x, *CPU._wo_int8_weight(w_q, s), N, K, None) for w_q, s in q8]
+    q8k = [R.quantize_int8(_weights(100 + i)) for i in range(n8)]
+    packed8 = [(x, *CPU._wo_int8_weight(w_q, s), N, K, None) for w_q, s in q8k]
     impls["qtorch:cpu W8A16 kernel"] = _Rotating(torch.ops.qtorch_cpu.wo_int8_linear, packed8)
     if hasattr(torch, "_weight_int8pack_mm"):
         impls["torch:_weight_int8pack_mm"] = _Rotating(
