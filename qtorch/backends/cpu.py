@@ -79,6 +79,21 @@ def _int8_weight_only_linear(x, w_q, w_scale, bias):
     return torch.ops.qtorch_cpu.wo_int8_linear(x, w, s, w_q.shape[0], w_q.shape[1], bias)
 
 
+@register_kernel("int8_linear_grad_input", "cpu")
+def _int8_linear_grad_input(grad_out, w_q, w_scale):
+    """Backward of both int8 linears w.r.t. x: grad_out [M, N] @ (w_q * w_scale[:, None]).
+
+    = (grad_out * w_scale) @ w_q, i.e. the W8A16 kernel on w_q.T [K, N] with unit channel
+    scales (transposed and packed once per weight). The scaling and the kernel run in fp32, as
+    the reference does, so low-precision gradients lose nothing before the one final rounding.
+    """
+    n, k = w_q.shape
+    wt, st = _packed(w_q, "cpu_wo_int8_T", lambda: torch.ops.qtorch_cpu.wo_pack_int8(
+        w_q.t().contiguous(), torch.ones(k, dtype=torch.float32)))
+    g = grad_out.float() * w_scale
+    return torch.ops.qtorch_cpu.wo_int8_linear(g, wt, st, k, n, None).to(grad_out.dtype)
+
+
 @register_kernel("int4_weight_only_linear", "cpu")
 def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
     w, s, b = _wo_int4_weight(qweight, scales, zeros, group_size)
