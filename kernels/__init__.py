@@ -61,6 +61,15 @@ def num_sms(device: torch.device) -> int:
     return 132
 
 
+def gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8):
+    """A GEMM autotune config: BLOCK_M × BLOCK_N tiles over BLOCK_K steps, GROUP_M rows of
+    tiles per L2-friendly group."""
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+        num_warps=warps, num_stages=stages,
+    )
+
+
 def pow2_bucket(n: int, lo: int = 16, hi: int = 4096) -> int:
     """Autotune key for M: the next power of two, clamped, so every batch size does not
     trigger a fresh tuning run."""

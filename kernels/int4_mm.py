@@ -27,17 +27,10 @@ import torch
 import triton
 import triton.language as tl
 from qtorch._kernels import F32_PRECISION, INTERPRET, for_device, gpu_configs, pow2_bucket
+from qtorch._kernels import gemm_config as _cfg
 from qtorch._kernels.int8_mm import split_k_for, tile_ids
 
 from qtorch import _cache
-
-
-def _cfg(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-        num_warps=warps, num_stages=stages,
-    )
-
 
 # Each K step holds both nibble halves dequantized (2 × [BK/2, BN] fp32) next to the
 # accumulator, so sm_80 tiles with 128×128×64 (4 or 8 warps) and 128×256×64 spill

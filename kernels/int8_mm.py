@@ -22,15 +22,8 @@ import torch
 import triton
 import triton.language as tl
 from qtorch._kernels import F32_PRECISION, INTERPRET, for_device, gpu_configs, num_sms, pow2_bucket
+from qtorch._kernels import gemm_config as _cfg
 from qtorch._kernels.quantize import quantize_int8
-
-
-def _cfg(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-        num_warps=warps, num_stages=stages,
-    )
-
 
 # int8 tiles: K blocks of 128 bytes fill the 128-byte shared-memory rows of the MMA swizzle.
 # Shared memory per stage = (BM + BN) · BK bytes. On sm_80 (mma.sync, accumulators in the
