@@ -150,15 +150,27 @@ def _pcts(ts):
 
 
 def time_interleaved(impls: dict, rounds: int, clock=time.perf_counter) -> dict:
+    """Per-call time of one pass over all of an implementation's weight copies (>= 64 MiB, so
+    every call streams its weights from DRAM, as decoding through a model's layers does),
+    the implementations in a shuffled order each round. Timing a whole pass, not single calls,
+    keeps one row from profiting from what the row before it left in cache."""
+    import random
+
     for fn in impls.values():  # warm-up: every weight copy packed once, thread pool up
         for _ in range(len(getattr(fn, "args", ())) + 2):
             fn()
     ts = {k: [] for k in impls}
+    order = list(impls)
+    rng = random.Random(0)
     for _ in range(rounds):
-        for k, fn in impls.items():
+        rng.shuffle(order)
+        for k in order:
+            fn = impls[k]
+            n = len(getattr(fn, "args", ())) or 1
             t0 = clock()
-            fn()
-            ts[k].append(clock() - t0)
+            for _ in range(n):
+                fn()
+            ts[k].append((clock() - t0) / n)
     return {k: _pcts(v) for k, v in ts.items()}
 
 

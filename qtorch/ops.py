@@ -330,7 +330,30 @@ def _(qweight, scales, zeros, group_size):
     return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 2), dtype=torch.float32)
 
 
+def _int4_linear_ok(x, qweight, scales, zeros, group_size, bias) -> bool:
+    """The common valid case in a few comparisons (see `_int8_linear_ok`)."""
+    try:
+        n, half_k = qweight.shape
+        k = 2 * half_k
+        dev = x.device
+        return (
+            type(group_size) is int and group_size in chk.INT4_GROUP_SIZES
+            and k > 0 and n > 0 and k % group_size == 0
+            and x.dtype in _FLOATS and qweight.dtype is torch.uint8
+            and scales.dtype is torch.float32 and zeros.dtype is torch.uint8
+            and x.dim() >= 1 and x.shape[-1] == k
+            and scales.shape == (n, k // group_size) and zeros.shape == (n, k // group_size)
+            and qweight.device == dev and scales.device == dev and zeros.device == dev
+            and (bias is None or (bias.dtype in _FLOATS and bias.dim() == 1
+                                  and bias.shape[0] == n and bias.device == dev))
+        )
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def _check_int4_linear(x, qweight, scales, zeros, group_size, bias) -> None:
+    if _int4_linear_ok(x, qweight, scales, zeros, group_size, bias):
+        return
     chk.tensor("x", x)
     _check_int4_weights(qweight, scales, zeros, group_size)
     chk.dtype_in("x", x, chk.FLOAT_DTYPES)
