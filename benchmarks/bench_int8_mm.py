@@ -119,8 +119,8 @@ def _pcts(ts):
 
 
 def time_interleaved(impls: dict, rounds: int, hot: bool = False) -> dict:
-    """Round-robin over the implementations, in a shuffled order each round. Cold: one timed call per turn (the rotation
-    keeps weights out of cache). Hot: each turn makes one untimed call first, so the turn's
+    """Round-robin over the implementations, in a shuffled order each round. Cold: per-call
+    time of one pass over all weight copies (the rotation keeps weights out of cache). Hot: each turn makes one untimed call first, so the turn's
     timed call finds the weights that the other implementations evicted back in cache."""
     for fn in impls.values():  # warm-up: packing caches, thread pool
         for _ in range(len(getattr(fn, "args", [0])) + 1):
@@ -134,9 +134,18 @@ def time_interleaved(impls: dict, rounds: int, hot: bool = False) -> dict:
             fn = impls[k]
             if hot:
                 fn()
+                t0 = time.perf_counter()
+                fn()
+                ts[k].append(time.perf_counter() - t0)
+                continue
+            # Cold: time a whole pass over the >= 64 MiB of weight copies, as decoding through
+            # a model's layers does; single calls were moved by what the previous row left in
+            # cache.
+            n = len(getattr(fn, "args", [0]))
             t0 = time.perf_counter()
-            fn()
-            ts[k].append(time.perf_counter() - t0)
+            for _ in range(n):
+                fn()
+            ts[k].append((time.perf_counter() - t0) / n)
     return {k: _pcts(v) for k, v in ts.items()}
 
 
