@@ -27,6 +27,7 @@ _KERNELS: dict[str, dict[str, Callable]] = {}  # op name -> backend -> kernel
 _STATUS: dict[str, tuple[bool, str]] = {}  # backend -> (available, reason)
 _loaded = False
 _load_lock = threading.Lock()
+# The C++ eager fast path (csrc/cpu/fast_path.cpp) reads these two directly: keep the names.
 _global_choice: str | None = None
 _scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "qtorch_backend", default=None

@@ -934,8 +934,8 @@ def fused_linear_distillation_loss(
 def _plain_eager(args, kwargs) -> bool:
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
         return False
-    if torch._C._is_torch_function_mode_enabled():
-        return False
+    if torch._C._is_torch_function_mode_enabled() or torch._C._get_tracing_state() is not None:
+        return False  # (a jit trace records the public op, not its kernel)
     grad = torch.is_grad_enabled()
     for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
@@ -944,14 +944,16 @@ def _plain_eager(args, kwargs) -> bool:
     return True
 
 
-def _public(opdef):
+def _public(opdef, fast=None):
+    """The public function of `opdef`. `fast`: a C function that runs the common eager call
+    on CPU tensors (valid arguments, a weight already packed, the cpu backend in force) and
+    returns None for anything else (csrc/cpu/fast_path.cpp); dynamo never traces into it."""
     fn = opdef._init_fn
     sig = inspect.signature(fn)
     tensor_params = {n: "None" in str(p.annotation) for n, p in sig.parameters.items()
                      if str(p.annotation).startswith("Tensor")}
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def slow(*args, **kwargs):
         if _plain_eager(args, kwargs):
             return fn(*args, **kwargs)  # the op's implementation: checks raise TypeError too
         bound = sig.bind(*args, **kwargs)
@@ -960,8 +962,31 @@ def _public(opdef):
                 chk.tensor(name, value, optional=tensor_params[name])
         return opdef(*args, **kwargs)
 
+    if fast is None:
+        wrapper = functools.wraps(fn)(slow)
+    else:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if not _is_compiling():
+                out = fast(*args, **kwargs)
+                if out is not None:
+                    return out
+            return slow(*args, **kwargs)
+
     wrapper.op = opdef
     return wrapper
+
+
+_is_compiling = torch.compiler.is_compiling
+try:  # the C++ eager fast path of the CPU linears (absent without the compiled extension)
+    from qtorch import _C as _cext
+
+    _cext.fast_init(_backend._scoped_choice, vars(_backend))
+    _FAST = {"int8_linear": _cext.fast_int8_linear,
+             "int8_weight_only_linear": _cext.fast_int8_weight_only_linear,
+             "int4_weight_only_linear": _cext.fast_int4_weight_only_linear}
+except (ImportError, AttributeError):
+    _FAST = {}
 
 
 def _check_loss_call_types(tensors: dict, num_items_in_batch) -> None:
@@ -972,8 +997,8 @@ def _check_loss_call_types(tensors: dict, num_items_in_batch) -> None:
 
 quantize_int8 = _public(quantize_int8)
 int8_scaled_mm = _public(int8_scaled_mm)
-int8_linear = _public(int8_linear)
-int8_weight_only_linear = _public(int8_weight_only_linear)
+int8_linear = _public(int8_linear, _FAST.get("int8_linear"))
+int8_weight_only_linear = _public(int8_weight_only_linear, _FAST.get("int8_weight_only_linear"))
 quantize_int4 = _public(quantize_int4)
 dequantize_int4 = _public(dequantize_int4)
-int4_weight_only_linear = _public(int4_weight_only_linear)
+int4_weight_only_linear = _public(int4_weight_only_linear, _FAST.get("int4_weight_only_linear"))

@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "bindings.h"
 #include "cpu_features.h"
 #include "kernels/int8_mm.h"
 
@@ -154,6 +155,10 @@ at::Tensor int8_scaled_mm_packed(const at::Tensor& a_in, const at::Tensor& bp, i
   return out;
 }
 
+}  // namespace
+
+namespace qtorch::cpu::binding {
+
 at::Tensor int8_linear_packed(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
                               const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D, got shape ", x_in.sizes());
@@ -189,6 +194,10 @@ at::Tensor int8_linear_packed(const at::Tensor& x_in, const at::Tensor& wp, int6
   return out;
 }
 
+}  // namespace qtorch::cpu::binding
+
+namespace {
+
 // The VNNI peak of this machine, in int ops/s (TOP/s * 1e12): every intra-op thread runs the
 // register-only vpdpbusd loop for `iters` iterations; ops of all threads / wall time.
 double int8_vnni_peak(int64_t iters) {
@@ -222,5 +231,5 @@ TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
   m.impl("int8_pack_weight", &int8_pack_weight);
   m.impl("quantize_int8", &quantize_int8);
   m.impl("int8_scaled_mm_packed", &int8_scaled_mm_packed);
-  m.impl("int8_linear_packed", &int8_linear_packed);
+  m.impl("int8_linear_packed", &qtorch::cpu::binding::int8_linear_packed);
 }

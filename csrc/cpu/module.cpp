@@ -7,6 +7,10 @@
 
 namespace qc = qtorch::cpu;
 
+namespace qtorch::cpu::fast {
+void register_fast_path(pybind11::module_& m);  // fast_path.cpp
+}
+
 static std::map<std::string, bool> cpu_features_dict() {
   const auto& f = qc::features();
   return {{"avx2", f.avx2},           {"fma", f.fma},
@@ -31,6 +35,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::string(qc::isa_name(qc::isa()));
       },
       "force a slower kernel ISA (never above the hardware's); returns the one in force");
+  qc::fast::register_fast_path(m);
 }
 
 TORCH_LIBRARY(qtorch_cpu, m) {

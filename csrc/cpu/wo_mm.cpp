@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include "bindings.h"
 #include "kernels/wo_mm.h"
 
 namespace wm = qtorch::cpu::womm;
@@ -107,7 +108,7 @@ std::pair<at::Tensor, wm::Act> kernel_activations(const at::Tensor& x, int64_t k
   return {xp, act};
 }
 
-at::Tensor col_bias_f32(const c10::optional<at::Tensor>& bias, int64_t N) {
+at::Tensor col_bias_f32(const std::optional<at::Tensor>& bias, int64_t N) {
   if (!bias.has_value()) return at::Tensor();
   TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N,
                     "], got ", bias->sizes());
@@ -128,9 +129,13 @@ at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+}  // namespace
+
+namespace qtorch::cpu::binding {
+
 at::Tensor wo_int4_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
                           const at::Tensor& bias_packed, int64_t N, int64_t K, int64_t gs,
-                          const c10::optional<at::Tensor>& bias) {
+                          const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128 || gs == 256,
                     "group_size must be 32, 64, 128 or 256, got ", gs);
   TORCH_CHECK_VALUE(N >= 1 && K >= 1 && K % gs == 0, "bad N=", N, ", K=", K, " for group_size ",
@@ -169,7 +174,7 @@ at::Tensor wo_int4_linear(const at::Tensor& x_in, const at::Tensor& w, const at:
 }
 
 at::Tensor wo_int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
-                          int64_t N, int64_t K, const c10::optional<at::Tensor>& bias) {
+                          int64_t N, int64_t K, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(N >= 1 && K >= 1, "bad N=", N, ", K=", K);
   TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == K, "x must have shape [M, ", K, "], got ",
                     x_in.sizes());
@@ -198,6 +203,10 @@ at::Tensor wo_int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at:
   return finish(y, x_in);
 }
 
+}  // namespace qtorch::cpu::binding
+
+namespace {
+
 std::string wo_kernel_name(const std::string& act) {
   return wm::kernel_name(act == "bfloat16" ? wm::Act::BF16 : wm::Act::F32);
 }
@@ -217,6 +226,6 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
 TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
   m.impl("wo_pack_int4", &wo_pack_int4);
   m.impl("wo_pack_int8", &wo_pack_int8);
-  m.impl("wo_int4_linear", &wo_int4_linear);
-  m.impl("wo_int8_linear", &wo_int8_linear);
+  m.impl("wo_int4_linear", &qtorch::cpu::binding::wo_int4_linear);
+  m.impl("wo_int8_linear", &qtorch::cpu::binding::wo_int8_linear);
 }

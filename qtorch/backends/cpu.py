@@ -17,6 +17,7 @@ def status() -> tuple[bool, str]:
 # (section owned by the int8 CPU work)
 
 from qtorch._backend import register_kernel  # noqa: E402
+from qtorch._cache import _version  # noqa: E402
 from qtorch._cache import packed as _packed  # noqa: E402
 
 
@@ -42,11 +43,16 @@ def _int8_scaled_mm(a, b, scale_a, scale_b, bias, out_dtype):
     )
 
 
+# The eager fast path (csrc/cpu/fast_path.cpp) serves later calls on the same weight from C++;
+# the linears below register each packed weight there (weakly: the Python cache owns it).
+_KIND_W8A8, _KIND_W8A16, _KIND_W4A16 = 0, 1, 2
+
+
 @register_kernel("int8_linear", "cpu")
 def _int8_linear(x, w_q, w_scale, bias):
-    return torch.ops.qtorch_cpu.int8_linear_packed(
-        x, _int8_vnni_weight(w_q), w_q.shape[0], w_scale, bias
-    )
+    wp = _int8_vnni_weight(w_q)
+    _C.fast_put(_KIND_W8A8, w_q, None, None, 0, [wp])
+    return torch.ops.qtorch_cpu.int8_linear_packed(x, wp, w_q.shape[0], w_scale, bias)
 
 
 # --- weight-only kernels (int8_weight_only_linear, quantize_int4, dequantize_int4,
@@ -61,21 +67,22 @@ def _wo_int4_weight(qweight, scales, zeros, group_size):
     """Canonical int4 (qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G]) -> [w, scale,
     bias] packed once per weight. The packed form also depends on scales and zeros, so their
     identity and version are part of the key (a module holds all three for its lifetime)."""
-    key = ("cpu_wo_int4", group_size, scales.data_ptr(), scales._version, zeros.data_ptr(),
-           zeros._version)
+    key = ("cpu_wo_int4", group_size, scales.data_ptr(), _version(scales), zeros.data_ptr(),
+           _version(zeros))
     return _packed(qweight, key, lambda: torch.ops.qtorch_cpu.wo_pack_int4(
         qweight, scales.float(), zeros, group_size))
 
 
 def _wo_int8_weight(w_q, w_scale):
     """w_q s8 [N, K], w_scale [N] -> [w, scale] packed once per weight."""
-    key = ("cpu_wo_int8", w_scale.data_ptr(), w_scale._version)
+    key = ("cpu_wo_int8", w_scale.data_ptr(), _version(w_scale))
     return _packed(w_q, key, lambda: torch.ops.qtorch_cpu.wo_pack_int8(w_q, w_scale.float()))
 
 
 @register_kernel("int8_weight_only_linear", "cpu")
 def _int8_weight_only_linear(x, w_q, w_scale, bias):
     w, s = _wo_int8_weight(w_q, w_scale)
+    _C.fast_put(_KIND_W8A16, w_q, w_scale, None, 0, [w, s])
     return torch.ops.qtorch_cpu.wo_int8_linear(x, w, s, w_q.shape[0], w_q.shape[1], bias)
 
 
@@ -97,6 +104,7 @@ def _int8_linear_grad_input(grad_out, w_q, w_scale):
 @register_kernel("int4_weight_only_linear", "cpu")
 def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
     w, s, b = _wo_int4_weight(qweight, scales, zeros, group_size)
+    _C.fast_put(_KIND_W4A16, qweight, scales, zeros, group_size, [w, s, b])
     return torch.ops.qtorch_cpu.wo_int4_linear(
         x, w, s, b, qweight.shape[0], qweight.shape[1] * 2, group_size, bias
     )
