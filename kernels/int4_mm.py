@@ -147,7 +147,7 @@ def kernel_layout(
 def _packed(qweight, scales, zeros):
     # Keyed on qweight (the big tensor); scales/zeros are part of the key by identity and
     # version so a module that swaps them in place gets a fresh layout.
-    key = ("triton_w4a16", id(scales), scales._version, id(zeros), zeros._version)
+    key = ("triton_w4a16", id(scales), _cache._version(scales), id(zeros), _cache._version(zeros))
     return _cache.packed(qweight, key, lambda: kernel_layout(qweight, scales, zeros))
 
 

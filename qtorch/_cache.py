@@ -16,6 +16,12 @@ from torch.utils.weak import WeakIdKeyDictionary
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def _version(t: torch.Tensor) -> int:
+    # Inference tensors (made under torch.inference_mode) have no version counter: their
+    # in-place updates, possible only inside inference mode, are not seen.
+    return -1 if t.is_inference() else t._version
+
+
 def packed(weight: torch.Tensor, key: Any, fn: Callable[[], Any]) -> Any:
     """Return fn() cached on (weight, key); recomputed if `weight` changed in place."""
     slot = _CACHE.get(weight)
@@ -23,10 +29,11 @@ def packed(weight: torch.Tensor, key: Any, fn: Callable[[], Any]) -> Any:
         slot = {}
         _CACHE[weight] = slot
     hit = slot.get(key)
-    if hit is not None and hit[0] == weight._version:
+    version = _version(weight)
+    if hit is not None and hit[0] == version:
         return hit[1]
     value = fn()
-    slot[key] = (weight._version, value)
+    slot[key] = (version, value)
     return value
 
 

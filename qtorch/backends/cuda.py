@@ -16,7 +16,7 @@ import torch
 
 from qtorch import _C_cuda  # noqa: F401  ImportError here means "not built"
 from qtorch._backend import register_kernel
-from qtorch._cache import packed
+from qtorch._cache import _version, packed
 from qtorch.backends._cuda_pack import pack_int4, pack_int8
 from qtorch.reference import distillation as _ref_distill
 from qtorch.reference import int4_mm as _ref_int4
@@ -78,9 +78,9 @@ def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
         group_size,
         x.dtype,
         scales.data_ptr(),
-        scales._version,
+        _version(scales),
         zeros.data_ptr(),
-        zeros._version,
+        _version(zeros),
     )
     qp, szp = packed(qweight, key, lambda: pack_int4(qweight, scales, zeros, group_size, x.dtype))
     return torch.ops.qtorch_cuda.int4_linear(x, qp, szp, qweight.shape[0], group_size, bias)
