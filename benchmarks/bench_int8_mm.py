@@ -5,15 +5,16 @@
 
 Cases (issue 5 goal: >= 1.0x fbgemm at every M, >= 1.3x at M = 1, >= 85% of the VNNI peak at
 M >= 128; all threads torch has, fp32 activations, bias):
-  qtorch:cpu      `qtorch.ops.int8_linear` under `use_backend("cpu")` (per-token activation
+  qtorch:cpu      `qtorch.ops.int8_linear`, backend "auto" (= cpu) (per-token activation
                   quantization fused into the A-packing, VNNI GEMM, fused epilogue).
-  qtorch:kernel   the same cpu kernel called directly (qtorch/backends/cpu.py), i.e. without
-                  the torch.library custom-op layer of qtorch.ops, to separate the two costs.
+  qtorch:kernel   the kernel binding `torch.ops.qtorch_cpu.int8_linear_packed` on a weight
+                  packed beforehand, i.e. without qtorch.ops (checks, backend choice, packed-
+                  weight cache), to separate the two costs.
   fbgemm          `torch.ao.nn.quantized.dynamic.Linear` (qint8 per-channel weight, dynamic
                   per-tensor u8 activations), torch's own dynamic W8A8 CPU path.
   F.linear(fp32)  the dense fp32 layer, for scale.
-Weights are cold by default: each implementation cycles through enough weight copies (>= 64 MiB,
-twice the 32 MiB L3) that every call finds its weights in DRAM; `--hot` uses one copy and
+Weights are cold by default: each implementation cycles through enough weight copies (>= 128 MiB,
+four times the 32 MiB L3) that every call finds its weights in DRAM; `--hot` uses one copy and
 times a second, back-to-back call (weights in L3).
 The table times the implementations of one M interleaved (round-robin), so load from other
 processes on the machine hits all alike; each row gives p20/p50/p80 and ratio = peer p50 /
@@ -34,12 +35,12 @@ import torch
 import torch.nn.functional as F
 
 import qtorch
-from qtorch import ops
+from qtorch import _backend, ops
 from qtorch import reference as R
 
 N = K = 4096
 MS = (1, 8, 32, 128, 512)
-COLD_BYTES = 64 << 20
+COLD_BYTES = 128 << 20  # 4x the L3; more copies also average out where each lands in DRAM
 IMPL_NAMES = ["qtorch:cpu", "qtorch:kernel", "fbgemm", "F.linear(fp32)"]
 
 
@@ -75,23 +76,26 @@ def _fbgemm(w: torch.Tensor, bias: torch.Tensor):
 def build_impls(m: int, hot: bool = False) -> dict:
     """{name: callable} for one M; each call runs one layer on a (cold) weight copy."""
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m))
+    # The qtorch rows call the op as a user does, with the backend choice left at "auto":
+    assert qtorch.get_backend() == "auto" and _backend.resolve("int8_linear", x.device)[0] == "cpu"
     impls = {}
     n8 = _copies(N * K, hot)
     layers = [_layer(i) for i in range(n8)]
     q8 = [(*R.quantize_int8(w), b) for w, b in layers]
 
     def ours(w_q, w_scale, b):
-        with qtorch.use_backend("cpu"):
-            return ops.int8_linear(x, w_q, w_scale, b)
+        return ops.int8_linear(x, w_q, w_scale, b)
 
     impls["qtorch:cpu"] = _Rotating(ours, q8)
     from qtorch.backends import cpu as CPU
 
-    def kernel(w_q, w_scale, b):  # the registered kernel alone, without the qtorch.ops layer
-        return CPU._int8_linear(x, w_q, w_scale, b)
+    def kernel(w_packed, w_scale, b):  # the kernel binding alone, weight packed beforehand
+        return torch.ops.qtorch_cpu.int8_linear_packed(x, w_packed, N, w_scale, b)
 
     # own weight copies, so neither qtorch row warms the cache for the other
-    impls["qtorch:kernel"] = _Rotating(kernel, [(*R.quantize_int8(w), b) for w, b in layers])
+    kq = [R.quantize_int8(w) + (b,) for w, b in layers]
+    impls["qtorch:kernel"] = _Rotating(kernel, [(CPU._int8_vnni_weight(wq), ws, b)
+                                                for wq, ws, b in kq])
     fb = [_fbgemm(w, b) for w, b in layers]
     impls["fbgemm"] = _Rotating(lambda lin: lin(x), [(lin,) for lin in fb])
     nd = _copies(4 * N * K, hot)
@@ -138,7 +142,7 @@ def time_interleaved(impls: dict, rounds: int, hot: bool = False) -> dict:
                 fn()
                 ts[k].append(time.perf_counter() - t0)
                 continue
-            # Cold: time a whole pass over the >= 64 MiB of weight copies, as decoding through
+            # Cold: time a whole pass over the >= 128 MiB of weight copies, as decoding through
             # a model's layers does; single calls were moved by what the previous row left in
             # cache.
             n = len(getattr(fn, "args", [0]))
@@ -182,7 +186,7 @@ def main() -> None:
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, qtorch cpu ISA "
-          f"{qtorch._C.isa()}, weights {'hot (1 copy)' if args.hot else 'cold (>= 64 MiB of copies)'}")
+          f"{qtorch._C.isa()}, weights {'hot (1 copy)' if args.hot else 'cold (>= 128 MiB of copies)'}")
     print("rel. error vs qtorch.reference.int8_linear (M=3):",
           ", ".join(f"{k} {v:.1e}" for k, v in check_peers().items()))
     peak = vnni_peak()

@@ -13,8 +13,8 @@ Cases (issue 5 goals, K = N = 4096, M in 1, 8, 32, 128, bf16 activations, 2 thre
   W8A16  qtorch `int8_weight_only_linear` vs `torch._weight_int8pack_mm(x, w_q, scale)` (scale
          in x.dtype). Goal: >= 1.3x at M = 1, >= 2x at M >= 8.
   dense  `F.linear` with the bf16 and fp32 weight, for scale.
-"Cold": every implementation cycles through enough copies of its weights (>= 64 MiB in all,
-twice the 32 MiB L3) that each call finds its weights in DRAM, not cache. The ratio table times
+"Cold": every implementation cycles through enough copies of its weights (>= 128 MiB in all,
+four times the 32 MiB L3) that each call finds its weights in DRAM, not cache. The ratio table times
 the implementations of one M interleaved (round-robin), so load from other processes hits all
 alike; each row gives p20/p50/p80 and ratio = peer p50 / qtorch p50.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import qtorch
-from qtorch import ops
+from qtorch import _backend, ops
 from qtorch import reference as R
 
 try:
@@ -41,7 +41,7 @@ except ImportError:  # not built: the pytest cases skip, main() needs it
 N = K = 4096
 GROUP = 128
 MS = (1, 8, 32, 128)
-COLD_BYTES = 64 << 20
+COLD_BYTES = 128 << 20  # 4x the L3; more copies also average out where each lands in DRAM
 
 
 def _copies(weight_bytes: int) -> int:
@@ -67,14 +67,15 @@ def _weights(seed: int) -> torch.Tensor:
 def build_impls(m: int, dtype=torch.bfloat16) -> dict:
     """{name: callable} for one M; each callable runs one call on a cold weight copy."""
     x = torch.randn(m, K, generator=torch.Generator().manual_seed(m)).to(dtype)
+    # The qtorch rows call the op as a user does, with the backend choice left at "auto":
+    assert qtorch.get_backend() == "auto" and _backend.resolve("int4_weight_only_linear", x.device)[0] == "cpu"
     impls = {}
 
     n4 = _copies(N * K // 2)
     q4 = [R.quantize_int4(_weights(i), GROUP, False) for i in range(n4)]
 
     def ours4(qw, s, z):
-        with qtorch.use_backend("cpu"):
-            return ops.int4_weight_only_linear(x, qw, s, z, GROUP)
+        return ops.int4_weight_only_linear(x, qw, s, z, GROUP)
 
     impls["qtorch:cpu W4A16"] = _Rotating(ours4, q4)
     # The same kernel without the op layer (custom-op dispatch, checks, backend choice, cache
@@ -97,8 +98,7 @@ def build_impls(m: int, dtype=torch.bfloat16) -> dict:
     q8 = [R.quantize_int8(_weights(100 + i)) for i in range(n8)]
 
     def ours8(w_q, s):
-        with qtorch.use_backend("cpu"):
-            return ops.int8_weight_only_linear(x, w_q, s)
+        return ops.int8_weight_only_linear(x, w_q, s)
 
     impls["qtorch:cpu W8A16"] = _Rotating(ours8, q8)
     q8k = [R.quantize_int8(_weights(100 + i)) for i in range(n8)]
@@ -150,7 +150,7 @@ def _pcts(ts):
 
 
 def time_interleaved(impls: dict, rounds: int, clock=time.perf_counter) -> dict:
-    """Per-call time of one pass over all of an implementation's weight copies (>= 64 MiB, so
+    """Per-call time of one pass over all of an implementation's weight copies (>= 128 MiB, so
     every call streams its weights from DRAM, as decoding through a model's layers does),
     the implementations in a shuffled order each round. Timing a whole pass, not single calls,
     keeps one row from profiting from what the row before it left in cache."""
