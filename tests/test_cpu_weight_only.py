@@ -135,16 +135,18 @@ def test_binding_rejects_mismatched_buffers():
     """The raw ops check what the kernels would otherwise read out of bounds."""
     w = _randn(20, 128, seed=5)
     qweight, scales, zeros = R.quantize_int4(w, 64, False)
-    pw, ps, pb = torch.ops.qtorch_cpu.wo_pack_int4(qweight, scales, zeros, 64)
+    pw, ps, pz = torch.ops.qtorch_cpu.wo_pack_int4(qweight, scales, zeros, 64)
     x = torch.randn(2, 128)
     with pytest.raises(ValueError, match="packed weight"):
-        torch.ops.qtorch_cpu.wo_int4_linear(x, pw[:-1], ps, pb, 20, 128, 64, None)
+        torch.ops.qtorch_cpu.wo_int4_linear(x, pw[:-1], ps, pz, 20, 128, 64, None)
     with pytest.raises(ValueError, match="x must have shape"):
-        torch.ops.qtorch_cpu.wo_int4_linear(torch.randn(2, 64), pw, ps, pb, 20, 128, 64, None)
+        torch.ops.qtorch_cpu.wo_int4_linear(torch.randn(2, 64), pw, ps, pz, 20, 128, 64, None)
     with pytest.raises(ValueError, match="packed scale"):
-        torch.ops.qtorch_cpu.wo_int4_linear(x, pw, ps, pb, 20, 128, 32, None)
+        torch.ops.qtorch_cpu.wo_int4_linear(x, pw, ps, pz, 20, 128, 32, None)
     with pytest.raises(ValueError, match="bias"):
-        torch.ops.qtorch_cpu.wo_int4_linear(x, pw, ps, pb, 20, 128, 64, torch.zeros(3))
+        torch.ops.qtorch_cpu.wo_int4_linear(x, pw, ps, pz, 20, 128, 64, torch.zeros(3))
+    with pytest.raises(TypeError, match="packed zero"):
+        torch.ops.qtorch_cpu.wo_int4_linear(x, pw, ps, ps, 20, 128, 64, None)
     with pytest.raises(ValueError, match="scales must have shape"):
         torch.ops.qtorch_cpu.wo_pack_int4(qweight, scales[:, :1], zeros, 64)
     with pytest.raises(TypeError, match="w_q"):

@@ -12,7 +12,7 @@ at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& w_packed, i
                               const at::Tensor& w_scale, const std::optional<at::Tensor>& bias);
 
 at::Tensor wo_int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                          const at::Tensor& bias_packed, int64_t N, int64_t K, int64_t gs,
+                          const at::Tensor& zero_packed, int64_t N, int64_t K, int64_t gs,
                           const std::optional<at::Tensor>& bias);
 
 at::Tensor wo_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,

@@ -3,13 +3,13 @@
 // allocation and threading (at::parallel_for over 16-column weight blocks).
 //
 //   qtorch_cpu::wo_pack_int4(qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G], group_size)
-//       -> [w u8 [int4_packed_bytes], scale f32 [Nb*G*16], bias f32 [Nb*G*16]]
+//       -> [w u8 [int4_packed_bytes], scale f32 [Nb*G*16], zero u8 [Nb*G*16]]
 //   qtorch_cpu::wo_pack_int8(w_q s8 [N, K], w_scale f32 [N]) -> [w s8 [int8_packed_bytes],
 //       scale f32 [Nb*16]]
 //       Both run once per weight (the Python side caches them with qtorch._cache.packed); the
 //       weight buffer is 2 MiB aligned and madvise(MADV_HUGEPAGE)d: streaming it through 4 KiB
 //       pages costs a TLB miss every 4 KiB, which halves the DRAM bandwidth a core sees here.
-//   qtorch_cpu::wo_int4_linear(x [M, K] f32/f16/bf16, w, scale, bias_packed, N, K, group_size,
+//   qtorch_cpu::wo_int4_linear(x [M, K] f32/f16/bf16, w, scale, zero_packed, N, K, group_size,
 //       bias [N]?) -> [M, N] x.dtype
 //   qtorch_cpu::wo_int8_linear(x [M, K] f32/f16/bf16, w, scale, N, K, bias [N]?) -> [M, N] x.dtype
 //
@@ -28,6 +28,7 @@
 
 #include "bindings.h"
 #include "kernels/wo_mm.h"
+#include "scratch.h"
 
 namespace wm = qtorch::cpu::womm;
 
@@ -70,10 +71,10 @@ std::vector<at::Tensor> wo_pack_int4(const at::Tensor& qweight, const at::Tensor
   const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
   at::Tensor w = alloc_aligned(wm::int4_packed_bytes(N, K), at::kByte);
   at::Tensor ps = alloc_aligned(wm::int4_meta_floats(N, K, gs), at::kFloat);
-  at::Tensor pb = alloc_aligned(wm::int4_meta_floats(N, K, gs), at::kFloat);
+  at::Tensor pz = alloc_aligned(wm::int4_meta_floats(N, K, gs), at::kByte);
   wm::pack_int4(q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<uint8_t>(), N, K, gs,
-                w.data_ptr<uint8_t>(), ps.data_ptr<float>(), pb.data_ptr<float>());
-  return {w, ps, pb};
+                w.data_ptr<uint8_t>(), ps.data_ptr<float>(), pz.data_ptr<uint8_t>());
+  return {w, ps, pz};
 }
 
 std::vector<at::Tensor> wo_pack_int8(const at::Tensor& w_q, const at::Tensor& w_scale) {
@@ -102,7 +103,10 @@ std::pair<at::Tensor, wm::Act> kernel_activations(const at::Tensor& x, int64_t k
   const at::ScalarType kt = native_bf16 ? at::kBFloat16 : at::kFloat;
   const wm::Act act = native_bf16 ? wm::Act::BF16 : wm::Act::F32;
   const int64_t K = x.size(1);
-  if (kp == K) return {x.to(kt).contiguous(), act};
+  if (kp == K) {
+    if (x.scalar_type() == kt && x.is_contiguous()) return {x, act};
+    return {x.to(kt).contiguous(), act};
+  }
   at::Tensor xp = at::zeros({x.size(0), kp}, x.options().dtype(kt));
   xp.narrow(1, 0, K).copy_(x);
   return {xp, act};
@@ -112,7 +116,7 @@ at::Tensor col_bias_f32(const std::optional<at::Tensor>& bias, int64_t N) {
   if (!bias.has_value()) return at::Tensor();
   TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape [", N,
                     "], got ", bias->sizes());
-  return bias->to(at::kFloat).contiguous();
+  return qtorch::cpu::f32_contiguous(*bias);
 }
 
 // Splits the weight blocks over threads. Each thread streams a contiguous run of blocks (a
@@ -125,16 +129,40 @@ void for_blocks(int64_t M, int64_t N, int64_t K, F&& fn) {
   at::parallel_for(0, Nb, grain, [&](int64_t b, int64_t e) { fn(b, e); });
 }
 
-at::Tensor finish(const at::Tensor& y, const at::Tensor& x) {
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-}
+// The kernels write an fp32 result. For fp32 x that is the output itself; otherwise it goes to
+// (per-thread scratch at decode sizes) and each thread casts its own columns to x.dtype right
+// after computing them (while they are in cache), in the same parallel region: no second op.
+struct Output {
+  at::Tensor out, hold;
+  float* y = nullptr;  // [M, N] fp32
+  int64_t M = 0, N = 0;
+  Output(const at::Tensor& x, int64_t M_, int64_t N_) : M(M_), N(N_) {
+    out = at::empty({M, N}, x.options());
+    y = x.scalar_type() == at::kFloat ? out.data_ptr<float>()
+                                      : qtorch::cpu::temp<float>(2, M * N, at::kFloat, hold);
+  }
+  // Cast columns of blocks [b, e) (clipped to N) of every row: RNE, as Tensor.to does.
+  void cast_blocks(int64_t b, int64_t e) const {
+    if (out.scalar_type() == at::kFloat) return;
+    const int64_t n0 = b * wm::kBlock, n1 = std::min(N, e * wm::kBlock);
+    if (out.scalar_type() == at::kBFloat16) {
+      auto* o = out.data_ptr<at::BFloat16>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) o[m * N + n] = at::BFloat16(y[m * N + n]);
+    } else {
+      auto* o = out.data_ptr<at::Half>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) o[m * N + n] = at::Half(y[m * N + n]);
+    }
+  }
+};
 
 }  // namespace
 
 namespace qtorch::cpu::binding {
 
 at::Tensor wo_int4_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
-                          const at::Tensor& bias_packed, int64_t N, int64_t K, int64_t gs,
+                          const at::Tensor& zero_packed, int64_t N, int64_t K, int64_t gs,
                           const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128 || gs == 256,
                     "group_size must be 32, 64, 128 or 256, got ", gs);
@@ -144,33 +172,35 @@ at::Tensor wo_int4_linear(const at::Tensor& x_in, const at::Tensor& w, const at:
                     x_in.sizes());
   check_tensor(w, "packed weight", at::kByte, 1);
   check_tensor(scale, "packed scale", at::kFloat, 1);
-  check_tensor(bias_packed, "packed bias", at::kFloat, 1);
+  check_tensor(zero_packed, "packed zero", at::kByte, 1);
   TORCH_CHECK_VALUE(w.numel() == wm::int4_packed_bytes(N, K) && w.is_contiguous(),
                     "packed weight does not match N=", N, ", K=", K);
   TORCH_CHECK_VALUE(scale.numel() == wm::int4_meta_floats(N, K, gs) && scale.is_contiguous() &&
-                        bias_packed.numel() == scale.numel() && bias_packed.is_contiguous(),
-                    "packed scale/bias do not match N=", N, ", K=", K, ", group_size=", gs);
+                        zero_packed.numel() == scale.numel() && zero_packed.is_contiguous(),
+                    "packed scale/zero do not match N=", N, ", K=", K, ", group_size=", gs);
   const int64_t M = x_in.size(0);
-  at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
-  if (M == 0) return finish(y, x_in);
+  Output out(x_in, M, N);
+  if (M == 0) return out.out;
   auto [x, act] = kernel_activations(x_in, K);
   const at::Tensor cb = col_bias_f32(bias, N);
-  at::Tensor xsum = at::empty({M, K / gs}, x.options().dtype(at::kFloat));
-  wm::group_sums(x.data_ptr(), act, M, K, K, gs, xsum.data_ptr<float>());
+  at::Tensor xsum_hold;
+  float* xsum = qtorch::cpu::temp<float>(0, M * (K / gs), at::kFloat, xsum_hold);
+  wm::group_sums(x.data_ptr(), act, M, K, K, gs, xsum);
   wm::Int4Weights wt;
   wt.w = w.data_ptr<uint8_t>();
   wt.scale = scale.data_ptr<float>();
-  wt.bias = bias_packed.data_ptr<float>();
+  wt.zero = zero_packed.data_ptr<uint8_t>();
   wt.N = N, wt.K = K, wt.gs = gs;
   for_blocks(M, N, K, [&](int64_t b, int64_t e) {
     wm::Problem p;
     p.x = x.data_ptr(), p.act = act, p.M = M, p.ldx = K;
-    p.xsum = xsum.data_ptr<float>();
+    p.xsum = xsum;
     p.col_bias = cb.defined() ? cb.data_ptr<float>() : nullptr;
-    p.y = y.data_ptr<float>(), p.ldy = N, p.nb0 = b, p.nb1 = e;
+    p.y = out.y, p.ldy = N, p.nb0 = b, p.nb1 = e;
     wm::int4_mm(wt, p);
+    out.cast_blocks(b, e);
   });
-  return finish(y, x_in);
+  return out.out;
 }
 
 at::Tensor wo_int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
@@ -185,8 +215,8 @@ at::Tensor wo_int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at:
   TORCH_CHECK_VALUE(scale.numel() == wm::num_blocks(N) * wm::kBlock && scale.is_contiguous(),
                     "packed scale does not match N=", N);
   const int64_t M = x_in.size(0), kp = wm::int8_padded_k(K);
-  at::Tensor y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
-  if (M == 0) return finish(y, x_in);
+  Output out(x_in, M, N);
+  if (M == 0) return out.out;
   auto [x, act] = kernel_activations(x_in, kp);
   const at::Tensor cb = col_bias_f32(bias, N);
   wm::Int8Weights wt;
@@ -197,10 +227,11 @@ at::Tensor wo_int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at:
     wm::Problem p;
     p.x = x.data_ptr(), p.act = act, p.M = M, p.ldx = kp;
     p.col_bias = cb.defined() ? cb.data_ptr<float>() : nullptr;
-    p.y = y.data_ptr<float>(), p.ldy = N, p.nb0 = b, p.nb1 = e;
+    p.y = out.y, p.ldy = N, p.nb0 = b, p.nb1 = e;
     wm::int8_mm(wt, p);
+    out.cast_blocks(b, e);
   });
-  return finish(y, x_in);
+  return out.out;
 }
 
 }  // namespace qtorch::cpu::binding
@@ -217,7 +248,7 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
   m.def("wo_pack_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor[]");
   m.def("wo_pack_int8(Tensor w_q, Tensor w_scale) -> Tensor[]");
   m.def(
-      "wo_int4_linear(Tensor x, Tensor w, Tensor scale, Tensor bias_packed, int N, int K, "
+      "wo_int4_linear(Tensor x, Tensor w, Tensor scale, Tensor zero_packed, int N, int K, "
       "int group_size, Tensor? bias=None) -> Tensor");
   m.def("wo_int8_linear(Tensor x, Tensor w, Tensor scale, int N, int K, Tensor? bias=None) -> Tensor");
   m.def("wo_kernel_name(str act) -> str", &wo_kernel_name);

@@ -65,7 +65,7 @@ def _int8_linear(x, w_q, w_scale, bias):
 
 def _wo_int4_weight(qweight, scales, zeros, group_size):
     """Canonical int4 (qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G]) -> [w, scale,
-    bias] packed once per weight. The packed form also depends on scales and zeros, so their
+    zero] packed once per weight. The packed form also depends on scales and zeros, so their
     identity and version are part of the key (a module holds all three for its lifetime)."""
     key = ("cpu_wo_int4", group_size, scales.data_ptr(), _version(scales), zeros.data_ptr(),
            _version(zeros))
@@ -103,10 +103,10 @@ def _int8_linear_grad_input(grad_out, w_q, w_scale):
 
 @register_kernel("int4_weight_only_linear", "cpu")
 def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
-    w, s, b = _wo_int4_weight(qweight, scales, zeros, group_size)
-    _C.fast_put(_KIND_W4A16, qweight, scales, zeros, group_size, [w, s, b])
+    w, s, z = _wo_int4_weight(qweight, scales, zeros, group_size)
+    _C.fast_put(_KIND_W4A16, qweight, scales, zeros, group_size, [w, s, z])
     return torch.ops.qtorch_cpu.wo_int4_linear(
-        x, w, s, b, qweight.shape[0], qweight.shape[1] * 2, group_size, bias
+        x, w, s, z, qweight.shape[0], qweight.shape[1] * 2, group_size, bias
     )
 
 

@@ -22,16 +22,25 @@
 //
 // Packed layouts (block = 16 consecutive output channels; N is padded to a block multiple
 // with q = 0, s = 0, b = 0, so pad columns compute 0 and are never stored):
-//   int4 weights: u8 [Nb][K/4][32]. In block nb, k-quad t (k0 = 4t), byte j (0..31) holds
-//     channel n = 16 nb + j/2:  low nibble = q[n, k0 + j%2],  high nibble = q[n, k0 + 2 + j%2].
-//     Widening the 32 bytes to 16-bit lanes gives, after the nibble split, two bf16 vectors
-//     whose lane pair (2i, 2i+1) is channel i at two consecutive k: what vdpbf16ps reduces.
-//     Widening 16 bytes to 32-bit lanes gives fp32 vectors of 8 channels x 2 k (interleaved).
-//   int4 scale / bias: fp32 [Nb][G][16] each (s and b = -s*z), G = K / gs.
+//   int4 weights: u8 [Nb][K/8][64]. In block nb, k-octet o (k0 = 8o), byte 4c + 2e + h
+//     (c = 0..15, e, h in {0, 1}) holds channel n = 16 nb + c:
+//         low nibble = q[n, k0 + 4h + e],   high nibble = q[n, k0 + 4h + 2 + e].
+//     So the 32-bit word of channel c holds its 8 k's, nibble i (bits 4i..4i+3) being
+//     k0 + kOctetK[i]; and its 16-bit half e holds k0 + e, k0 + 2 + e, k0 + 4 + e, k0 + 6 + e.
+//     Every kernel gets its operands with shifts and masks only, no shuffles:
+//     bf16 path: the 64 bytes as 32 u16 lanes; nibble p (p = 0..3) of every lane is a vector
+//       whose lane pair (2c, 2c+1) is channel c at k0 + 2p, k0 + 2p + 1, what vdpbf16ps
+//       reduces against the x pair (x[k0 + 2p], x[k0 + 2p + 1]).
+//     fp32 paths: the 64 bytes (AVX-512; 32 on AVX2: 8 channels) as 32-bit lanes, one channel
+//       per lane; nibble i of every lane is the channel vector at k = k0 + kOctetK[i].
+//   int4 scale: fp32 [Nb][G][16]; zero: u8 [Nb][G][16] (a byte, not an fp32 b = -s*z: 4x less
+//     metadata to stream; the kernels compute b = -(s * z), bitwise what a stored b would be).
+//     G = K / gs.
 //   int8 weights: s8 [Nb][Kp/2][32], Kp = K rounded up to 2; byte j of k-pair t holds
 //     q[16 nb + j/2, 2t + j%2] (0 for k >= K).   int8 scale: fp32 [Nb][16].
 // Activations: x [M][ldx] fp32 or bf16 (raw uint16 bits). The int8 kernels read Kp columns
-// (the caller zero-pads an odd K); the int4 kernels read K columns (K % gs == 0, gs >= 32).
+// (the caller zero-pads an odd K); the int4 kernels read K columns (K % gs == 0, gs >= 32,
+// so K is a multiple of the k-octet).
 // Output: y fp32 [M][ldy], only the N real columns are written; y = x @ ŵ.T + bias (bias fp32
 // [N] or null), added in fp32 as the reference does. The caller casts to x.dtype.
 #pragma once
@@ -44,7 +53,9 @@ constexpr int64_t kBlock = 16;  // output channels per packed block (one zmm of 
 
 inline int64_t num_blocks(int64_t N) { return (N + kBlock - 1) / kBlock; }
 inline int64_t int8_padded_k(int64_t K) { return (K + 1) / 2 * 2; }
-inline int64_t int4_packed_bytes(int64_t N, int64_t K) { return num_blocks(N) * (K / 4) * 32; }
+inline int64_t int4_packed_bytes(int64_t N, int64_t K) { return num_blocks(N) * (K / 8) * 64; }
+// The k offset (within its octet) of nibble i of a channel's 32-bit word (int4 layout above).
+constexpr int kOctetK[8] = {0, 2, 4, 6, 1, 3, 5, 7};
 inline int64_t int4_meta_floats(int64_t N, int64_t K, int64_t gs) {
   return num_blocks(N) * (K / gs) * kBlock;
 }
@@ -57,7 +68,7 @@ enum class Act { F32 = 0, BF16 = 1 };
 struct Int4Weights {
   const uint8_t* w = nullptr;   // int4_packed_bytes(N, K)
   const float* scale = nullptr; // [Nb][G][16]
-  const float* bias = nullptr;  // [Nb][G][16], -scale * zero
+  const uint8_t* zero = nullptr;  // [Nb][G][16]: the kernels use b = -scale * zero
   int64_t N = 0, K = 0, gs = 0;
 };
 
@@ -83,7 +94,7 @@ struct Problem {
 // qweight: canonical u8 [N][K/2] (k even in the low nibble); scales fp32 [N][G]; zeros u8
 // [N][G]. Requires K % gs == 0 and gs % 4 == 0.
 void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros, int64_t N,
-               int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, float* bias_out);
+               int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, uint8_t* zero_out);
 // w_q: s8 [N][K]; w_scale fp32 [N].
 void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, int8_t* w_out,
                float* scale_out);

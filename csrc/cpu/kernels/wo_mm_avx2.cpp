@@ -1,8 +1,9 @@
 // Weight-only matmul, AVX2 + FMA, fp32 activations (bf16/fp16 are widened by the caller).
 // Math and layouts: wo_mm.h. With 16 ymm registers a tile is MR rows x NR "half blocks" of 8
-// channels, MR * NR <= 4: 8 bytes of a k-quad widened to 32-bit lanes hold 4 channels x 2 k,
-// so a half block is two such vectors per nibble; x pairs (x[k], x[k+1]) are broadcast per row.
-// The two k lanes of a channel are summed at each group end (hadd + a 64-bit permute).
+// channels, MR * NR <= 4. int8: 8 bytes of a k-pair widened to 32-bit lanes hold 4 channels x
+// 2 k, so a half block is two such vectors; x pairs (x[k], x[k+1]) are broadcast per row, and
+// the two k lanes of a channel are summed at the end (hadd + a 64-bit permute). int4: see
+// int4_tile (one channel per lane, no reduction).
 #include "wo_mm.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -34,47 +35,52 @@ inline void store_half(const Problem& p, int64_t N, int64_t m, int64_t h, __m256
   for (int64_t i = 0; i < nn; ++i) yr[i] = tmp[i] + (p.col_bias ? p.col_bias[n0 + i] : 0.f);
 }
 
-// Byte offset of half block h in the packed weights: block h/2, bytes 16 (h%2) .. +16 of each
-// 32-byte k-quad (int4) / k-pair (int8) row; `row_bytes` = bytes of one block.
+// Byte offset of half block h in the packed int8 weights: block h/2, bytes 16 (h%2) .. +16 of
+// each 32-byte k-pair row; `row_bytes` = bytes of one block.
 inline int64_t half_offset(int64_t h, int64_t row_bytes) { return (h / 2) * row_bytes + (h % 2) * 16; }
 
 // Rows m0 .. m0+MR, channels 8h .. 8(h+NR) (NR half blocks). One row alone needs NR > 1 so
 // that enough independent accumulators hide the FMA latency.
+// int4: a half block's 32 bytes of a k-octet are 8 channels x one 32-bit word of 8 nibbles
+// (wo_mm.h), so nibble i of every lane, widened to fp32, is the channel vector at
+// k0 + kOctetK[i]: 8 shift-mask-convert steps and 8 FMAs per row, no shuffles, and no pair
+// reduction at the group end.
 template <int MR, int NR>
 void int4_tile(const Int4Weights& w, const Problem& p, int64_t m0, int64_t h) {
-  const int64_t K = w.K, G = K / w.gs, Kq = K / 4, qpg = w.gs / 4;
+  const int64_t K = w.K, G = K / w.gs, Ko = K / 8, opg = w.gs / 8;
   const float* x = static_cast<const float*>(p.x) + m0 * p.ldx;
   const uint8_t* wb[NR];
-  for (int j = 0; j < NR; ++j) wb[j] = w.w + half_offset(h + j, Kq * 32);
-  const __m256i lo_mask = _mm256_set1_epi32(0xF);
+  for (int j = 0; j < NR; ++j) wb[j] = w.w + (h + j) / 2 * (Ko * 64) + ((h + j) % 2) * 32;
+  const __m256i nib = _mm256_set1_epi32(0xF);
   alignas(32) float out[MR][NR][kHalf] = {};
   for (int64_t g = 0; g < G; ++g) {
-    __m256 acc[MR][NR][2];
+    __m256 acc[MR][NR];
     for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NR; ++j) acc[r][j][0] = acc[r][j][1] = _mm256_setzero_ps();
-    for (int64_t t = g * qpg; t < (g + 1) * qpg; ++t) {
-      __m256 xl[MR], xh[MR];
-      for (int r = 0; r < MR; ++r)
-        xl[r] = bcast_pair(x + r * p.ldx + 4 * t), xh[r] = bcast_pair(x + r * p.ldx + 4 * t + 2);
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t o = g * opg; o < (g + 1) * opg; ++o) {
+      __m256i v[NR];
       for (int j = 0; j < NR; ++j)
-        for (int q = 0; q < 2; ++q) {
-          // 8 bytes -> 8 u32 lanes: channel 4q + i/2, low nibble k0 + i%2, high k0 + 2 + i%2
-          const __m256i v = _mm256_cvtepu8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wb[j] + t * 32 + 8 * q)));
-          const __m256 wl = _mm256_cvtepi32_ps(_mm256_and_si256(v, lo_mask));
-          const __m256 wh = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-          for (int r = 0; r < MR; ++r) {
-            acc[r][j][q] = _mm256_fmadd_ps(wl, xl[r], acc[r][j][q]);
-            acc[r][j][q] = _mm256_fmadd_ps(wh, xh[r], acc[r][j][q]);
-          }
+        v[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[j] + o * 64));
+      const float* xo = x + 8 * o;
+      _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) {
+        __m256 xb[MR];
+        for (int r = 0; r < MR; ++r) xb[r] = _mm256_broadcast_ss(xo + r * p.ldx + kOctetK[i]);
+        for (int j = 0; j < NR; ++j) {
+          const __m256 wf =
+              _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v[j], 4 * i), nib));
+          for (int r = 0; r < MR; ++r) acc[r][j] = _mm256_fmadd_ps(wf, xb[r], acc[r][j]);
         }
+      }
     }
     for (int j = 0; j < NR; ++j) {  // out += s * acc + b * xsum
       const int64_t meta = ((h + j) / 2 * G + g) * kBlock + ((h + j) % 2) * kHalf;
-      const __m256 s = _mm256_loadu_ps(w.scale + meta), b = _mm256_loadu_ps(w.bias + meta);
+      const __m256 s = _mm256_loadu_ps(w.scale + meta);
+      const __m256 z = _mm256_cvtepi32_ps(
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero + meta))));
+      const __m256 b = _mm256_fnmadd_ps(s, z, _mm256_setzero_ps());  // -(s z), one rounding
       for (int r = 0; r < MR; ++r) {
         __m256 o = _mm256_load_ps(out[r][j]);
-        o = _mm256_fmadd_ps(pair_reduce(acc[r][j][0], acc[r][j][1]), s, o);
+        o = _mm256_fmadd_ps(acc[r][j], s, o);
         o = _mm256_fmadd_ps(b, _mm256_set1_ps(p.xsum[(m0 + r) * G + g]), o);
         _mm256_store_ps(out[r][j], o);
       }
@@ -110,8 +116,8 @@ void int8_tile(const Int8Weights& w, const Problem& p, int64_t m0, int64_t h) {
   }
 }
 
-// Rows in slices of up to mr_cap over the range's half blocks, MR * NR = 4 (8 accumulators);
-// int4 caps rows at 2 (its tile also keeps 2 x vectors per row live: 4 rows would spill).
+// Rows in slices of up to mr_cap over the range's half blocks, MR * NR <= 4 (up to 8
+// accumulators for int8's two k lanes, 4 for int4).
 // The range's packed weights are walked in ~512 KiB chunks
 // so that, for M > 4, they are re-read from L2 and not DRAM. Half blocks made only of padding
 // columns (past N) are skipped.
@@ -150,7 +156,7 @@ void drive(const W& w, const Problem& p, int64_t block_bytes, int mr_cap, Tile&&
 }  // namespace
 
 void int4_mm_avx2(const Int4Weights& w, const Problem& p) {
-  drive(w, p, (w.K / 4) * 32, 2, [&](int mr, int nr, int64_t m0, int64_t h) {
+  drive(w, p, (w.K / 8) * 64, 4, [&](int mr, int nr, int64_t m0, int64_t h) {
     QT_WO_AVX2_DISPATCH(int4_tile, w)
   });
 }

@@ -10,9 +10,10 @@
 // bf16 activations: vdpbf16ps on (x pair) x (weight pair) per fp32 lane; the weight is the
 //   exact bf16 of 128 + q (int4, 0x4300 | q) or of q (int8, via fp32), the product is exact in
 //   fp32 and accumulation is fp32.
-// fp32 activations: fp32 FMA; a 16-byte slice widened to 32-bit lanes holds 8 channels x 2
-//   consecutive k, multiplied by the broadcast x pair (x[k], x[k+1]); the two lanes of a
-//   channel are added at each group end (vpermt2ps even/odd + add).
+// fp32 activations: fp32 FMA. int4: one channel per 32-bit lane (see int4_f32_tile). int8: a
+//   16-byte slice widened to 32-bit lanes holds 8 channels x 2 consecutive k, multiplied by
+//   the broadcast x pair (x[k], x[k+1]); the two lanes of a channel are added at the end
+//   (vpermt2ps even/odd + add).
 #include "wo_mm.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
@@ -55,14 +56,24 @@ inline void store_cols(const Problem& p, int64_t N, int64_t m, int64_t nb, __m51
   _mm512_mask_storeu_ps(p.y + m * p.ldy + nb * kBlock, k, v);
 }
 
+// b = -(s * z) for 16 channels' u8 zero points, rounded once (what pack time would store).
+inline __m512 neg_scaled_zero(__m512 s, const uint8_t* z) {
+  const __m512 zf = _mm512_cvtepi32_ps(
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))));
+  return _mm512_fnmadd_ps(s, zf, _mm512_setzero_ps());
+}
+
 // ---------------------------------------------------------------- int4, bf16 activations
+// Per k-octet and block: one 64-byte load; nibble q of its 32 u16 lanes, OR 0x4300, is the
+// bf16 vector of 128 + q for channel pairs at k0 + 2q, k0 + 2q + 1 (wo_mm.h): 3 shifts and 4
+// ternary-logic ops feed 4 vdpbf16ps, with no widening shuffle.
 template <int MR, int NR>
 void int4_bf16_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
   const Int4Weights& w = *static_cast<const Int4Weights*>(wv);
-  const int64_t K = w.K, G = K / w.gs, Kq = K / 4, qpg = w.gs / 4;
+  const int64_t K = w.K, G = K / w.gs, Ko = K / 8, opg = w.gs / 8;
   const uint16_t* x = static_cast<const uint16_t*>(p.x) + m0 * p.ldx;
-  const uint8_t* wb = w.w + nb * Kq * 32;
-  const __m512i lo_mask = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
+  const uint8_t* wb = w.w + nb * Ko * 64;
+  const __m512i nib = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);
   __m512 out[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) out[r][j] = _mm512_setzero_ps();
@@ -70,21 +81,22 @@ void int4_bf16_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
     __m512 acc[MR][NR];
     for (int r = 0; r < MR; ++r)
       for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
-    for (int64_t t = g * qpg; t < (g + 1) * qpg; ++t) {
-      __m512bh wl[NR], wh[NR];
-      for (int j = 0; j < NR; ++j) {
-        // 32 bytes -> 32 u16 lanes; lane i: channel i/2, low nibble k0 + i%2, high k0 + 2 + i%2.
-        const __m512i v = _mm512_cvtepu8_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + (j * Kq + t) * 32)));
-        wl[j] = (__m512bh)_mm512_ternarylogic_epi32(magic, v, lo_mask, 0xF8);  // magic | (v & 15)
-        wh[j] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), magic);
-      }
-      for (int r = 0; r < MR; ++r) {
-        const __m512bh xl = bcast_pair_bf16(x + r * p.ldx + 4 * t);
-        const __m512bh xh = bcast_pair_bf16(x + r * p.ldx + 4 * t + 2);
+    for (int64_t o = g * opg; o < (g + 1) * opg; ++o) {
+      __m512i v[NR];
+      for (int j = 0; j < NR; ++j) v[j] = _mm512_loadu_si512(wb + (j * Ko + o) * 64);
+      _Pragma("GCC unroll 4") for (int q = 0; q < 4; ++q) {
+        __m512bh wq[NR];
         for (int j = 0; j < NR; ++j) {
-          acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wl[j], xl);
-          acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wh[j], xh);
+          if (q == 3) {  // the top nibble needs no mask
+            wq[j] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v[j], 12), magic);
+          } else {
+            const __m512i sh = q == 0 ? v[j] : _mm512_srli_epi16(v[j], 4 * q);
+            wq[j] = (__m512bh)_mm512_ternarylogic_epi32(magic, sh, nib, 0xF8);  // magic | (sh & 15)
+          }
+        }
+        for (int r = 0; r < MR; ++r) {
+          const __m512bh xp = bcast_pair_bf16(x + r * p.ldx + 8 * o + 2 * q);
+          for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wq[j], xp);
         }
       }
     }
@@ -92,7 +104,7 @@ void int4_bf16_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
     for (int j = 0; j < NR; ++j) {
       const __m512 s = _mm512_loadu_ps(w.scale + ((nb + j) * G + g) * kBlock);
       const __m512 b = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), s,
-                                        _mm512_loadu_ps(w.bias + ((nb + j) * G + g) * kBlock));
+                                        neg_scaled_zero(s, w.zero + ((nb + j) * G + g) * kBlock));
       for (int r = 0; r < MR; ++r) {
         out[r][j] = _mm512_fmadd_ps(acc[r][j], s, out[r][j]);
         out[r][j] = _mm512_fmadd_ps(b, _mm512_set1_ps(p.xsum[(m0 + r) * G + g]), out[r][j]);
@@ -104,47 +116,43 @@ void int4_bf16_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
 }
 
 // ---------------------------------------------------------------- int4, fp32 activations
+// Per k-octet and block: one 64-byte load = 16 channels x one 32-bit word of 8 nibbles; nibble
+// i of every lane, widened to fp32, is the channel vector at k0 + kOctetK[i] (wo_mm.h), FMAd
+// with the broadcast x[k0 + kOctetK[i]]: one accumulator per (row, block), no pair reduction.
 template <int MR, int NR>
 void int4_f32_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
   const Int4Weights& w = *static_cast<const Int4Weights*>(wv);
-  const int64_t K = w.K, G = K / w.gs, Kq = K / 4, qpg = w.gs / 4;
+  const int64_t K = w.K, G = K / w.gs, Ko = K / 8, opg = w.gs / 8;
   const float* x = static_cast<const float*>(p.x) + m0 * p.ldx;
-  const uint8_t* wb = w.w + nb * Kq * 32;
-  const __m512i lo_mask = _mm512_set1_epi32(0xF);
+  const uint8_t* wb = w.w + nb * Ko * 64;
+  const __m512i nib = _mm512_set1_epi32(0xF);
   __m512 out[MR][NR];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) out[r][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 acc[MR][NR][2];
+    __m512 acc[MR][NR];
     for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NR; ++j) acc[r][j][0] = acc[r][j][1] = _mm512_setzero_ps();
-    for (int64_t t = g * qpg; t < (g + 1) * qpg; ++t) {
-      __m512 wf[NR][4];  // [half][nibble]: channels 0-7 / 8-15, k pair (k0, k0+1) / (k0+2, k0+3)
-      for (int j = 0; j < NR; ++j) {
-        const uint8_t* src = wb + (j * Kq + t) * 32;
-        for (int h = 0; h < 2; ++h) {
-          const __m512i v = _mm512_cvtepu8_epi32(
-              _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * h)));
-          wf[j][2 * h] = _mm512_cvtepi32_ps(_mm512_and_si512(v, lo_mask));
-          wf[j][2 * h + 1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-        }
-      }
-      for (int r = 0; r < MR; ++r) {
-        const __m512 xl = bcast_pair_f32(x + r * p.ldx + 4 * t);
-        const __m512 xh = bcast_pair_f32(x + r * p.ldx + 4 * t + 2);
+      for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t o = g * opg; o < (g + 1) * opg; ++o) {
+      __m512i v[NR];
+      for (int j = 0; j < NR; ++j) v[j] = _mm512_loadu_si512(wb + (j * Ko + o) * 64);
+      const float* xo = x + 8 * o;
+      _Pragma("GCC unroll 8") for (int i = 0; i < 8; ++i) {
+        __m512 wf[NR];
         for (int j = 0; j < NR; ++j)
-          for (int h = 0; h < 2; ++h) {
-            acc[r][j][h] = _mm512_fmadd_ps(wf[j][2 * h], xl, acc[r][j][h]);
-            acc[r][j][h] = _mm512_fmadd_ps(wf[j][2 * h + 1], xh, acc[r][j][h]);
-          }
+          wf[j] = _mm512_cvtepi32_ps(i == 7 ? _mm512_srli_epi32(v[j], 28)
+                                            : _mm512_and_si512(_mm512_srli_epi32(v[j], 4 * i), nib));
+        for (int r = 0; r < MR; ++r) {
+          const __m512 xb = _mm512_set1_ps(xo[r * p.ldx + kOctetK[i]]);
+          for (int j = 0; j < NR; ++j) acc[r][j] = _mm512_fmadd_ps(wf[j], xb, acc[r][j]);
+        }
       }
     }
     for (int j = 0; j < NR; ++j) {  // out += s * acc + b * xsum
       const __m512 s = _mm512_loadu_ps(w.scale + ((nb + j) * G + g) * kBlock);
-      const __m512 b = _mm512_loadu_ps(w.bias + ((nb + j) * G + g) * kBlock);
+      const __m512 b = neg_scaled_zero(s, w.zero + ((nb + j) * G + g) * kBlock);
       for (int r = 0; r < MR; ++r) {
-        const __m512 a = pair_reduce(acc[r][j][0], acc[r][j][1]);
-        out[r][j] = _mm512_fmadd_ps(a, s, out[r][j]);
+        out[r][j] = _mm512_fmadd_ps(acc[r][j], s, out[r][j]);
         out[r][j] = _mm512_fmadd_ps(b, _mm512_set1_ps(p.xsum[(m0 + r) * G + g]), out[r][j]);
       }
     }
@@ -225,9 +233,9 @@ constexpr Table make_table(std::integer_sequence<int, I...>) {
 }
 template <int MR, int NR> struct Int4Bf16 { static void run(const void* w, const Problem& p, int64_t m, int64_t n) { int4_bf16_tile<MR, NR>(w, p, m, n); } };
 template <int MR, int NR> struct Int8Bf16 { static void run(const void* w, const Problem& p, int64_t m, int64_t n) { int8_bf16_tile<MR, NR>(w, p, m, n); } };
-// The fp32 tiles hold 2 accumulators per (row, block): at most 4 rows (the table maps MR > 4
-// to MR = 4 entries that are never selected).
-template <int MR, int NR> struct Int4F32 { static void run(const void* w, const Problem& p, int64_t m, int64_t n) { int4_f32_tile<(MR < 4 ? MR : 4), NR>(w, p, m, n); } };
+// The int8 fp32 tile holds 2 accumulators per (row, block): at most 4 rows (the table maps
+// MR > 4 to MR = 4 entries that are never selected). The int4 one holds one.
+template <int MR, int NR> struct Int4F32 { static void run(const void* w, const Problem& p, int64_t m, int64_t n) { int4_f32_tile<MR, NR>(w, p, m, n); } };
 template <int MR, int NR> struct Int8F32 { static void run(const void* w, const Problem& p, int64_t m, int64_t n) { int8_f32_tile<(MR < 4 ? MR : 4), NR>(w, p, m, n); } };
 
 const Table kInt4Bf16 = make_table<Int4Bf16>(std::make_integer_sequence<int, kMaxMR * kMaxNR>{});
@@ -260,16 +268,10 @@ int64_t chunk_blocks(int64_t block_bytes, int nr) {
 }  // namespace
 
 void int4_mm_avx512(const Int4Weights& w, const Problem& p) {
-  const int64_t block_bytes = (w.K / 4) * 32;
-  if (p.act == Act::BF16) {
-    // Registers: MR*NR accumulators + 2 NR weight vectors + 2 x + 2 constants <= 32.
-    const int mr = p.M <= 3 ? int(p.M) : 8, nr = p.M <= 3 ? 4 : 2;
-    drive(kInt4Bf16, &w, p, mr, nr, chunk_blocks(block_bytes, nr));
-  } else {
-    // 2 MR NR accumulators + 4 NR weight vectors + 2 x.
-    const int mr = p.M == 1 ? 1 : 4, nr = p.M == 1 ? 4 : 2;
-    drive(kInt4F32, &w, p, mr, nr, chunk_blocks(block_bytes, nr));
-  }
+  const int64_t block_bytes = (w.K / 8) * 64;
+  // Registers: MR*NR accumulators + 2 NR weight vectors + 1 x + 2 constants <= 32.
+  const int mr = p.M <= 3 ? int(p.M) : 8, nr = p.M <= 3 ? 4 : 2;
+  drive(p.act == Act::BF16 ? kInt4Bf16 : kInt4F32, &w, p, mr, nr, chunk_blocks(block_bytes, nr));
 }
 
 void int8_mm_avx512(const Int8Weights& w, const Problem& p) {

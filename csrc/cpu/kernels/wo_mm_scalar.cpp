@@ -21,28 +21,27 @@ static inline float x_at(const void* x, Act act, int64_t i) {
 }
 
 void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros, int64_t N,
-               int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, float* bias_out) {
-  const int64_t Nb = num_blocks(N), G = K / gs, Kq = K / 4;
+               int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, uint8_t* zero_out) {
+  const int64_t Nb = num_blocks(N), G = K / gs, Ko = K / 8;
   auto q = [&](int64_t n, int64_t k) -> uint8_t {
     if (n >= N) return 0;
     uint8_t byte = qweight[n * (K / 2) + k / 2];
     return (k & 1) ? (byte >> 4) : (byte & 0xF);
   };
   for (int64_t nb = 0; nb < Nb; ++nb) {
-    for (int64_t t = 0; t < Kq; ++t) {
-      uint8_t* dst = w_out + (nb * Kq + t) * 32;
-      for (int j = 0; j < 32; ++j) {
-        int64_t n = nb * kBlock + j / 2, k0 = 4 * t + (j & 1);
-        dst[j] = uint8_t(q(n, k0) | (q(n, k0 + 2) << 4));
+    for (int64_t o = 0; o < Ko; ++o) {
+      uint8_t* dst = w_out + (nb * Ko + o) * 64;
+      for (int b = 0; b < 64; ++b) {  // byte 4c + 2e + h (wo_mm.h)
+        const int64_t n = nb * kBlock + b / 4, k = 8 * o + 4 * (b & 1) + ((b >> 1) & 1);
+        dst[b] = uint8_t(q(n, k) | (q(n, k + 2) << 4));
       }
     }
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t i = 0; i < kBlock; ++i) {
         int64_t n = nb * kBlock + i, o = (nb * G + g) * kBlock + i;
         float s = n < N ? scales[n * G + g] : 0.f;
-        float z = n < N ? float(zeros[n * G + g]) : 0.f;
         scale_out[o] = s;
-        bias_out[o] = -s * z;
+        zero_out[o] = n < N ? zeros[n * G + g] : 0;
       }
     }
   }
@@ -98,25 +97,26 @@ static void store_block(const Problem& p, int64_t N, int64_t m, int64_t nb, cons
 }
 
 void int4_mm_scalar(const Int4Weights& w, const Problem& p) {
-  const int64_t K = w.K, gs = w.gs, G = K / gs, Kq = K / 4;
+  const int64_t K = w.K, gs = w.gs, G = K / gs, Ko = K / 8;
   for (int64_t nb = p.nb0; nb < p.nb1; ++nb) {
-    const uint8_t* wb = w.w + nb * Kq * 32;
+    const uint8_t* wb = w.w + nb * Ko * 64;
     for (int64_t m = 0; m < p.M; ++m) {
       float out[kBlock] = {0};
       for (int64_t g = 0; g < G; ++g) {
         float acc[kBlock] = {0};
-        for (int64_t t = g * gs / 4; t < (g + 1) * gs / 4; ++t) {
-          const uint8_t* src = wb + t * 32;
-          for (int j = 0; j < 32; ++j) {
-            int64_t k = 4 * t + (j & 1);
-            float xl = x_at(p.x, p.act, m * p.ldx + k), xh = x_at(p.x, p.act, m * p.ldx + k + 2);
-            acc[j / 2] += xl * float(src[j] & 0xF) + xh * float(src[j] >> 4);
+        for (int64_t o = g * gs / 8; o < (g + 1) * gs / 8; ++o) {
+          const uint8_t* src = wb + o * 64;
+          for (int b = 0; b < 64; ++b) {  // byte 4c + 2e + h: k = 8o + 4h + e (+ 2 high)
+            const int64_t k = 8 * o + 4 * (b & 1) + ((b >> 1) & 1);
+            const float xl = x_at(p.x, p.act, m * p.ldx + k);
+            const float xh = x_at(p.x, p.act, m * p.ldx + k + 2);
+            acc[b / 4] += xl * float(src[b] & 0xF) + xh * float(src[b] >> 4);
           }
         }
         const float* s = w.scale + (nb * G + g) * kBlock;
-        const float* b = w.bias + (nb * G + g) * kBlock;
+        const uint8_t* z = w.zero + (nb * G + g) * kBlock;
         float xs = p.xsum[m * G + g];
-        for (int i = 0; i < kBlock; ++i) out[i] += s[i] * acc[i] + b[i] * xs;
+        for (int i = 0; i < kBlock; ++i) out[i] += s[i] * acc[i] + (-(s[i] * float(z[i]))) * xs;
       }
       store_block(p, w.N, m, nb, out);
     }

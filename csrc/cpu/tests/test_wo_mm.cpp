@@ -113,8 +113,9 @@ void run_int4(const Isa& isa, Act act, int64_t M, int64_t N, int64_t K, int64_t 
   for (auto& s : scales) s = sd(rng);
   for (auto& b : bias) b = sd(rng) * 10;
   std::vector<uint8_t> pw(int4_packed_bytes(N, K));
-  std::vector<float> ps(int4_meta_floats(N, K, gs)), pb(ps.size());
-  pack_int4(qw.data(), scales.data(), zeros.data(), N, K, gs, pw.data(), ps.data(), pb.data());
+  std::vector<float> ps(int4_meta_floats(N, K, gs));
+  std::vector<uint8_t> pz(ps.size());
+  pack_int4(qw.data(), scales.data(), zeros.data(), N, K, gs, pw.data(), ps.data(), pz.data());
 
   const Act2 x = make_x(M, K, K, act);
   std::vector<float> xsum(M * G);
@@ -139,7 +140,7 @@ void run_int4(const Isa& isa, Act act, int64_t M, int64_t N, int64_t K, int64_t 
   const int64_t ldy = N + 3;
   std::vector<float> y(M * ldy, NAN);
   Int4Weights w;
-  w.w = pw.data(), w.scale = ps.data(), w.bias = pb.data(), w.N = N, w.K = K, w.gs = gs;
+  w.w = pw.data(), w.scale = ps.data(), w.zero = pz.data(), w.N = N, w.K = K, w.gs = gs;
   const int64_t Nb = num_blocks(N);
   for (int s = 0; s < splits; ++s) {
     Problem p;
