@@ -25,6 +25,7 @@
 
 #include "bindings.h"
 #include "cpu_features.h"
+#include "scratch.h"
 #include "kernels/int8_mm.h"
 
 namespace im = qtorch::cpu::int8mm;
@@ -54,7 +55,7 @@ void check_2d(const at::Tensor& t, const char* what, at::ScalarType dt) {
 at::Tensor f32_vector(const at::Tensor& t, int64_t n, const char* what) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, what, " must have shape [", n, "], got ",
                     t.sizes());
-  return t.to(at::kFloat).contiguous();
+  return qtorch::cpu::f32_contiguous(t);
 }
 
 void check_packed(const at::Tensor& bp, int64_t N, int64_t K) {
@@ -173,24 +174,25 @@ at::Tensor int8_linear_packed(const at::Tensor& x_in, const at::Tensor& wp, int6
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const int64_t Kp = im::padded_k(K);
-  // Fused activation quantization: rows are quantized straight into packed A (u8, +128).
-  at::Tensor ap = at::empty({M, Kp}, x.options().dtype(at::kByte));
-  at::Tensor sa = at::empty({M}, x.options().dtype(at::kFloat));
+  // Fused activation quantization: rows are quantized straight into packed A (u8, +128),
+  // held in per-thread scratch at decode sizes (scratch.h).
+  at::Tensor ap_hold, sa_hold;
+  uint8_t* ap = qtorch::cpu::temp<uint8_t>(0, M * Kp, at::kByte, ap_hold);
+  float* sa = qtorch::cpu::temp<float>(1, M, at::kFloat, sa_hold);
   // Rows per task >= 2^18 / K: the quantizer streams ~3 elements/cycle, so smaller shares
   // cost less serially than a second fork/join (which, on a loaded machine, can cost a
   // scheduler quantum when a worker is descheduled).
   at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 18) / Kp), [&](int64_t b, int64_t e) {
-    im::quantize_rows(x.data_ptr(), xt, K, K, b, e, sa.data_ptr<float>(), nullptr, 0,
-                      ap.data_ptr<uint8_t>());
+    im::quantize_rows(x.data_ptr(), xt, K, K, b, e, sa, nullptr, 0, ap);
   });
   im::Epilogue ep;
-  ep.scale_a = sa.data_ptr<float>();
+  ep.scale_a = sa;
   ep.scale_b = sb.data_ptr<float>();
   ep.bias = b32.defined() ? b32.data_ptr<float>() : nullptr;
   ep.out = out.data_ptr();
   ep.ldo = N;
   ep.type = xt;
-  run_gemm(ap.data_ptr<uint8_t>(), M, K, wp.data_ptr<uint8_t>(), N, ep);
+  run_gemm(ap, M, K, wp.data_ptr<uint8_t>(), N, ep);
   return out;
 }
 
