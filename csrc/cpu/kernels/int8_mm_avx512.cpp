@@ -100,26 +100,19 @@ inline void store_row(__m512i a0, __m512i a1, __m512i a2, __m512i a3, int64_t m,
   }
 }
 
-// pf: the next weight panel, or null. The first row tile of each panel prefetches the next
-// panel into L2 (one 64-byte line per 64 bytes of this panel it reads) so that at small M,
-// where the weights stream from DRAM, that stream overlaps the compute instead of waiting
-// on demand misses; at large M the prefetch is a small fraction of the loads.
+// No software prefetch: the panel is one sequential stream, which the hardware prefetchers
+// follow. Prefetching the next panel into L2 from the first row tile (tried) gained nothing at
+// M = 1 (DRAM-bound either way) and cost 5-10% at M = 8 and 32 (issue slots in the tile that
+// is compute-bound there).
 template <int MR>
-void tile(const uint8_t* a, int64_t Kp, const uint8_t* panel, const uint8_t* pf, int64_t m,
-          int64_t n0, int64_t nn, const int32_t* comp, const Epilogue& ep) {
+void tile(const uint8_t* a, int64_t Kp, const uint8_t* panel, int64_t m, int64_t n0,
+          int64_t nn, const int32_t* comp, const Epilogue& ep) {
   __m512i acc[MR][4];
   _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r)
     _Pragma("GCC unroll 4") for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_si512();
   const int64_t ng = Kp / kGroup;
   const uint8_t* b = panel;
   for (int64_t g = 0; g < ng; ++g, b += kPanel * kGroup) {
-    if (pf != nullptr) {
-      const char* q = reinterpret_cast<const char*>(pf + (b - panel));
-      _mm_prefetch(q, _MM_HINT_T1);
-      _mm_prefetch(q + 64, _MM_HINT_T1);
-      _mm_prefetch(q + 128, _MM_HINT_T1);
-      _mm_prefetch(q + 192, _MM_HINT_T1);
-    }
     const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
     const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
     _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
@@ -165,17 +158,15 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = bp + p * kPanel * Kp;
     const int64_t n0 = p * kPanel, nn = N - n0 < kPanel ? N - n0 : kPanel;
-    const uint8_t* next = p + 1 < num_panels(N) ? panel + kPanel * Kp : nullptr;
     for (int64_t m = m0; m < m1; m += kMR) {
       const uint8_t* a = ap + m * Kp;
-      const uint8_t* pf = m == m0 ? next : nullptr;
       switch (m1 - m < kMR ? m1 - m : kMR) {
-        case 1: tile<1>(a, Kp, panel, pf, m, n0, nn, comp, ep); break;
-        case 2: tile<2>(a, Kp, panel, pf, m, n0, nn, comp, ep); break;
-        case 3: tile<3>(a, Kp, panel, pf, m, n0, nn, comp, ep); break;
-        case 4: tile<4>(a, Kp, panel, pf, m, n0, nn, comp, ep); break;
-        case 5: tile<5>(a, Kp, panel, pf, m, n0, nn, comp, ep); break;
-        default: tile<6>(a, Kp, panel, pf, m, n0, nn, comp, ep); break;
+        case 1: tile<1>(a, Kp, panel, m, n0, nn, comp, ep); break;
+        case 2: tile<2>(a, Kp, panel, m, n0, nn, comp, ep); break;
+        case 3: tile<3>(a, Kp, panel, m, n0, nn, comp, ep); break;
+        case 4: tile<4>(a, Kp, panel, m, n0, nn, comp, ep); break;
+        case 5: tile<5>(a, Kp, panel, m, n0, nn, comp, ep); break;
+        default: tile<6>(a, Kp, panel, m, n0, nn, comp, ep); break;
       }
     }
   }
