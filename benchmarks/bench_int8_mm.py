@@ -41,7 +41,8 @@ from qtorch import reference as R
 N = K = 4096
 MS = (1, 8, 32, 128, 512)
 COLD_BYTES = 128 << 20  # 4x the L3; more copies also average out where each lands in DRAM
-IMPL_NAMES = ["qtorch:cpu", "qtorch:kernel", "fbgemm", "F.linear(fp32)"]
+READ = "read weights"  # stream_read over the same bytes (not a GEMM)
+IMPL_NAMES = ["qtorch:cpu", "qtorch:kernel", "fbgemm", "F.linear(fp32)", READ]
 
 
 def _copies(weight_bytes: int, hot: bool) -> int:
@@ -96,6 +97,10 @@ def build_impls(m: int, hot: bool = False) -> dict:
     kq = [R.quantize_int8(w) + (b,) for w, b in layers]
     impls["qtorch:kernel"] = _Rotating(kernel, [(CPU._int8_vnni_weight(wq), ws, b)
                                                 for wq, ws, b in kq])
+    # The ceiling at small M: a plain streaming read of the same bytes, from buffers packed
+    # (allocated) as ours are, timed in the same rounds (conditions drift between runs).
+    reads = [(CPU._int8_vnni_weight(R.quantize_int8(w)[0]),) for w, _ in layers]
+    impls[READ] = _Rotating(torch.ops.qtorch_cpu.stream_read, reads)
     fb = [_fbgemm(w, b) for w, b in layers]
     impls["fbgemm"] = _Rotating(lambda lin: lin(x), [(lin,) for lin in fb])
     nd = _copies(4 * N * K, hot)
@@ -153,6 +158,13 @@ def time_interleaved(impls: dict, rounds: int, hot: bool = False) -> dict:
     return {k: _pcts(v) for k, v in ts.items()}
 
 
+def dram_bandwidth() -> float:
+    """Bytes/s of a streaming read on all torch threads (qtorch_cpu::dram_read_bandwidth: a
+    512 MiB huge-page buffer, like the packed weights), best of 5 passes: the ceiling of any
+    implementation at M = 1, where each call streams its weights from DRAM once."""
+    return torch.ops.qtorch_cpu.dram_read_bandwidth(512 << 20, 5)
+
+
 def vnni_peak() -> float:
     """int ops/s of register-only vpdpbusd on all torch threads, best of 3."""
     return max(torch.ops.qtorch_cpu.int8_vnni_peak(20_000_000) for _ in range(3))
@@ -191,21 +203,33 @@ def main() -> None:
           ", ".join(f"{k} {v:.1e}" for k, v in check_peers().items()))
     peak = vnni_peak()
     print(f"VNNI peak (vpdpbusd zmm loop, {torch.get_num_threads()} threads): {peak / 1e12:.3f} TOP/s")
+    bw = dram_bandwidth()
+    print(f"DRAM streaming read ({torch.get_num_threads()} threads, 512 MiB, huge pages): "
+          f"{bw / 1e9:.1f} GB/s (at start; it drifts between ~35 and ~65 GB/s on this VM). "
+          f"'{READ}' = qtorch_cpu::stream_read of the int8 weight bytes, timed in the same "
+          f"rounds; '% read' = its p50 / the row's p50 (weight bytes scaled: fp32 4x)")
     print("ratio = p50 / qtorch:cpu p50 (kernel ratio = p50 / qtorch:kernel p50): > 1 means "
           "qtorch is faster")
     print(f"{'M':>4s} {'implementation':16s} {'p20/p50/p80 ms':>24s} {'TOP/s':>7s} "
-          f"{'% peak':>7s} {'ratio':>8s} {'kernel ratio':>13s}")
+          f"{'% peak':>7s} {'% read':>7s} {'ratio':>8s} {'kernel ratio':>13s}")
     for m in ms:
         res = time_interleaved(build_impls(m, args.hot),
                                args.rounds or (40 if m <= 8 else 20 if m <= 128 else 8), args.hot)
         base, kbase = res["qtorch:cpu"][1], res["qtorch:kernel"][1]
+        read = res[READ][1]
         for name, p in res.items():
+            ms_ = '/'.join(f'{v * 1e3:.3f}' for v in p)
+            if name == READ:
+                print(f"{m:4d} {name:16s} {ms_:>24s} {N * K / p[1] / 1e9:6.1f} GB/s")
+                continue
             tops = 2 * m * N * K / p[1] / 1e12
             ours = name.startswith("qtorch")
             ratio = "" if ours else f"{p[1] / base:7.2f}x"
             kratio = "" if ours else f"{p[1] / kbase:7.2f}x"
-            print(f"{m:4d} {name:16s} {'/'.join(f'{v * 1e3:.3f}' for v in p):>24s} "
-                  f"{tops:7.3f} {100 * tops * 1e12 / peak:6.0f}% {ratio:>8s} {kratio:>13s}")
+            scale = 4 if name.startswith("F.linear") else 1
+            print(f"{m:4d} {name:16s} {ms_:>24s} "
+                  f"{tops:7.3f} {100 * tops * 1e12 / peak:6.0f}% "
+                  f"{100 * scale * read / p[1]:6.0f}% {ratio:>8s} {kratio:>13s}")
 
 
 if __name__ == "__main__":

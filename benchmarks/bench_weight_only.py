@@ -109,6 +109,11 @@ def build_impls(m: int, dtype=torch.bfloat16) -> dict:
             torch._weight_int8pack_mm, [(x, w_q, s.to(dtype)) for w_q, s in q8]
         )
 
+    # The ceiling at small M: a plain streaming read of int8-weight bytes from buffers packed
+    # (allocated) as ours are, timed in the same rounds (conditions drift between runs).
+    reads = [(CPU._wo_int8_weight(*R.quantize_int8(_weights(300 + i)))[0],) for i in range(n8)]
+    impls[READ] = _Rotating(torch.ops.qtorch_cpu.stream_read, reads)
+
     for wdt in (torch.bfloat16, torch.float32):
         nd = _copies(N * K * torch.empty((), dtype=wdt).element_size())
         ws = [_weights(200 + i).to(wdt) for i in range(nd)]
@@ -174,15 +179,31 @@ def time_interleaved(impls: dict, rounds: int, clock=time.perf_counter) -> dict:
     return {k: _pcts(v) for k, v in ts.items()}
 
 
-def stream_bandwidth(nbytes: int = 256 << 20) -> float:
-    """GB/s of a streaming read (torch float32 sum over nbytes, 4 KiB pages), best of 5."""
-    t = torch.ones(nbytes // 4)
-    best = math.inf
-    for _ in range(5):
-        t0 = time.perf_counter()
-        t.sum()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+def dram_bandwidth() -> float:
+    """Bytes/s of a streaming read on all torch threads (qtorch_cpu::dram_read_bandwidth: a
+    512 MiB huge-page buffer, like the packed weights), best of 5 passes: the ceiling of any
+    implementation at M = 1, where each call streams its weights from DRAM once."""
+    return torch.ops.qtorch_cpu.dram_read_bandwidth(512 << 20, 5)
+
+
+READ = "read int8 weight bytes"  # stream_read over N*K bytes (not a GEMM)
+
+
+# Weight bytes each implementation streams per call at N = K = 4096 (metadata included where
+# it is per group): for the '% DRAM' column.
+def _weight_bytes(name: str) -> float:
+    g = N * (K // GROUP)
+    return {
+        "qtorch:cpu W4A16": N * K / 2 + 5 * g,  # scale f32 + zero u8 per (channel, group)
+        "qtorch:cpu W4A16 kernel": N * K / 2 + 5 * g,
+        "torch:_weight_int4pack_mm_for_cpu": N * K / 2 + 4 * g,  # bf16 scale and zero
+        "qtorch:cpu W8A16": N * K,
+        "qtorch:cpu W8A16 kernel": N * K,
+        "torch:_weight_int8pack_mm": N * K,
+        "torch:F.linear(bfloat16)": 2 * N * K,
+        "torch:F.linear(float32)": 4 * N * K,
+        READ: N * K,
+    }[name]
 
 
 # ------------------------------------------------------------------------- pytest-benchmark
@@ -199,6 +220,7 @@ IMPL_NAMES = [
     "torch:_weight_int8pack_mm",
     "torch:F.linear(bfloat16)",
     "torch:F.linear(float32)",
+    READ,
 ]
 
 
@@ -247,13 +269,18 @@ def main() -> None:
         "rel. error vs qtorch.reference (M=3):",
         ", ".join(f"{k} {v:.1e}" for k, v in check_peers().items()),
     )
-    print(f"streaming read (torch.sum, 256 MiB): {stream_bandwidth():.1f} GB/s")
+    bw = dram_bandwidth()
+    print(f"DRAM streaming read ({torch.get_num_threads()} threads, 512 MiB, huge pages): "
+          f"{bw / 1e9:.1f} GB/s (at start; it drifts between ~35 and ~65 GB/s on this VM). "
+          f"'{READ}' = qtorch_cpu::stream_read of N*K bytes, timed in the same rounds; "
+          f"'% read' = (weight bytes streamed / p50) / (its bytes / its p50)")
     # (peer, [qtorch rows it is compared with]); ratio = peer p50 / qtorch p50, > 1: qtorch faster
     groups = [
         ("torch:_weight_int4pack_mm_for_cpu", ["qtorch:cpu W4A16 kernel", "qtorch:cpu W4A16"]),
         ("torch:_weight_int8pack_mm", ["qtorch:cpu W8A16 kernel", "qtorch:cpu W8A16"]),
         ("torch:F.linear(bfloat16)", []),
         ("torch:F.linear(float32)", []),
+        (READ, []),
     ]
     print(
         "speedup = peer time / qtorch time at p50 (and at p20, the figure least disturbed by "
@@ -261,11 +288,13 @@ def main() -> None:
         "on its prepacked weight, as the peers are called; the others go through qtorch.ops."
     )
     print(
-        f"{'M':>4s} {'implementation':36s} {'p20/p50/p80 ms':>24s} {'GOP/s':>6s}  speedup p50 (p20)"
+        f"{'M':>4s} {'implementation':36s} {'p20/p50/p80 ms':>24s} {'GOP/s':>6s} {'% read':>6s}"
+        "  speedup p50 (p20)"
     )
     for m in args.ms:
         impls = build_impls(m)
         res = time_interleaved(impls, rounds=30 if m <= 8 else 12, clock=clock)
+        read_bw = N * K / res[READ][1]
         for peer, ours in groups:
             for name in [peer] + ours:
                 if name not in res:
@@ -278,7 +307,8 @@ def main() -> None:
                 )
                 print(
                     f"{m:4d} {name:36s} {'/'.join(f'{v * 1e3:.3f}' for v in p):>24s} "
-                    f"{2 * m * N * K / p[1] / 1e9:6.0f}  {sp}"
+                    f"{'' if name == READ else f'{2 * m * N * K / p[1] / 1e9:.0f}':>6s} "
+                    f"{100 * _weight_bytes(name) / p[1] / read_bw:5.0f}%  {sp}"
                 )
 
 
