@@ -179,3 +179,19 @@ def test_binding_rejects_a_mismatched_packed_weight():
         torch.ops.qtorch_cpu.int8_linear_packed(torch.randn(2, 44), packed, 65, w_scale, None)
     with pytest.raises(TypeError, match="x must be"):
         torch.ops.qtorch_cpu.int8_linear_packed(x.double(), packed, 65, w_scale, None)
+
+
+def test_measurement_helpers():
+    """The benches' ceilings: stream_read really reads every word (its sum is the words'
+    wrapping sum), and the probes return plausible rates (positive, finite)."""
+    t = torch.arange(1, 1 + 8 * 1001, dtype=torch.int64)  # an odd number of 8-word strips
+    assert torch.ops.qtorch_cpu.stream_read(t) == int(t.sum())
+    u8 = torch.full((4096 * 3 + 8,), 1, dtype=torch.uint8)
+    want = (u8.numel() // 8) * 0x0101010101010101 % 2**64  # uint64 wrap, returned as int64
+    assert torch.ops.qtorch_cpu.stream_read(u8) == (want - 2**64 if want >= 2**63 else want)
+    bw = torch.ops.qtorch_cpu.dram_read_bandwidth(4 << 20, 2)
+    assert 1e8 < bw < 1e13
+    with pytest.raises(ValueError, match="bytes"):
+        torch.ops.qtorch_cpu.dram_read_bandwidth(1024, 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.qtorch_cpu.stream_read(torch.zeros(8, 8, dtype=torch.int64).t())
