@@ -93,13 +93,19 @@ def test_serves_the_common_call_with_the_same_result(name, dtype, lead, with_bia
                                    rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_in_place_weight_update_is_seen(name):
+def _packed_call(name, m):
+    """(op, fast, weights, bias, x) after one op call packed the weight; checks it is served."""
     op, fast = CASES[name][0](), CASES[name][1]()
     weights, bias, k = _args(name)
-    x = torch.randn(4, k)
+    x = torch.randn(m, k)
     op(x, *weights, bias)
     assert fast(x, *weights, bias) is not None
+    return op, fast, weights, bias, x
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_in_place_weight_update_is_seen(name):
+    op, fast, weights, bias, x = _packed_call(name, 4)
     if name == "int4_weight_only_linear":
         weights[0].bitwise_xor_(0x5A)  # new nibbles
     else:
@@ -113,10 +119,7 @@ def test_in_place_weight_update_is_seen(name):
 @pytest.mark.parametrize("name", ["int8_weight_only_linear", "int4_weight_only_linear"])
 def test_in_place_scale_update_is_seen(name):
     # The weight-only packed forms fold the scales (and zeros) in: changing them is a miss.
-    op, fast = CASES[name][0](), CASES[name][1]()
-    weights, bias, k = _args(name)
-    x = torch.randn(3, k)
-    op(x, *weights, bias)
+    op, fast, weights, bias, x = _packed_call(name, 3)
     weights[1].mul_(2.0)
     assert fast(x, *weights, bias) is None
     torch.testing.assert_close(op(x, *weights, bias), _ref(name, x, weights, bias),
@@ -152,11 +155,7 @@ def test_entries_do_not_pile_up():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_falls_back_outside_plain_eager(name, monkeypatch):
-    op, fast = CASES[name][0](), CASES[name][1]()
-    weights, bias, k = _args(name)
-    x = torch.randn(2, k)
-    op(x, *weights, bias)
-    assert fast(x, *weights, bias) is not None
+    op, fast, weights, bias, x = _packed_call(name, 2)
 
     xg = x.clone().requires_grad_()
     assert fast(xg, *weights, bias) is None  # autograd must record the op

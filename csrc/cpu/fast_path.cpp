@@ -229,34 +229,16 @@ bool parse_int8_linear(PyObject* const* args, Py_ssize_t nargs, PyObject* kwname
   return parse_bias(a[3], N, bias);
 }
 
-PyObject* int8_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+// The two int8-weight linears: same arguments, their own packed form and binding.
+template <int64_t kKind>
+PyObject* int8_weight_linear(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   HANDLE_TH_ERRORS
   const at::Tensor *x, *w, *s;
   std::optional<at::Tensor> bias;
   if (!parse_int8_linear(args, nargs, kwnames, x, w, s, bias)) Py_RETURN_NONE;
-  std::vector<at::Tensor> p = lookup(kW8A8, *w, nullptr, nullptr, 0);
-  if (p.size() != 1) Py_RETURN_NONE;
-  const int64_t N = w->size(0);
-  std::vector<int64_t> shape;
-  const at::Tensor x2 = rows(*x, N, shape);
-  const std::optional<at::Tensor> b = bias_as(bias, *x);
-  at::Tensor out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = binding::int8_linear_packed(x2, p[0], N, *s, b);
-  }
-  return finish(std::move(out), *x, shape);
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* int8_weight_only_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs,
-                                  PyObject* kwnames) {
-  HANDLE_TH_ERRORS
-  const at::Tensor *x, *w, *s;
-  std::optional<at::Tensor> bias;
-  if (!parse_int8_linear(args, nargs, kwnames, x, w, s, bias)) Py_RETURN_NONE;
-  std::vector<at::Tensor> p = lookup(kW8A16, *w, s, nullptr, 0);
-  if (p.size() != 2) Py_RETURN_NONE;
+  // W8A8 takes w_scale per call; W8A16 folds it into its packed form (so it is part of the key).
+  std::vector<at::Tensor> p = lookup(kKind, *w, kKind == kW8A16 ? s : nullptr, nullptr, 0);
+  if (p.size() != (kKind == kW8A8 ? 1u : 2u)) Py_RETURN_NONE;
   const int64_t N = w->size(0), K = w->size(1);
   std::vector<int64_t> shape;
   const at::Tensor x2 = rows(*x, N, shape);
@@ -264,10 +246,20 @@ PyObject* int8_weight_only_linear(PyObject*, PyObject* const* args, Py_ssize_t n
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = binding::wo_int8_linear(x2, p[0], p[1], N, K, b);
+    out = kKind == kW8A8 ? binding::int8_linear_packed(x2, p[0], N, *s, b)
+                         : binding::wo_int8_linear(x2, p[0], p[1], N, K, b);
   }
   return finish(std::move(out), *x, shape);
   END_HANDLE_TH_ERRORS
+}
+
+PyObject* int8_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  return int8_weight_linear<kW8A8>(args, nargs, kwnames);
+}
+
+PyObject* int8_weight_only_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs,
+                                  PyObject* kwnames) {
+  return int8_weight_linear<kW8A16>(args, nargs, kwnames);
 }
 
 const char* const kInt4Names[] = {"x", "qweight", "scales", "zeros", "group_size", "bias"};
