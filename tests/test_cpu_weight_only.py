@@ -162,3 +162,26 @@ def test_binding_rejects_mismatched_buffers():
 def test_kernel_name_reported():
     name = torch.ops.qtorch_cpu.wo_kernel_name("bfloat16")
     assert isinstance(name, str) and name
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("n", [1, 17, 64])
+def test_dequantize_int4_and_backward_are_the_reference_bitwise(group_size, n):
+    """The C++ dequantization (used per call by the int4 backward) computes the reference's
+    (q - zero) * scale with the same two fp32 operations, so it is bitwise equal; so is the
+    backward, which then runs the reference's fp32 matmul."""
+    from qtorch.reference.int4_mm import int4_linear_grad_input
+
+    k = 2 * 256
+    qw = R.quantize_int4(_randn(n, k, seed=n), group_size, False)
+    with qtorch.use_backend("cpu"):
+        deq = ops.dequantize_int4(*qw, group_size)
+        g = _randn(3, n, seed=7).to(torch.bfloat16)
+        gx = ops.int4_linear_grad_input(g, *qw, group_size)
+    assert torch.equal(deq, R.dequantize_int4(*qw, group_size))
+    assert gx.dtype == torch.bfloat16
+    assert torch.equal(gx, int4_linear_grad_input(g, *qw, group_size))
+    with pytest.raises(ValueError, match="group_size"):
+        torch.ops.qtorch_cpu.dequantize_int4(*qw, 48)
+    with pytest.raises(ValueError, match="scales and zeros"):
+        torch.ops.qtorch_cpu.dequantize_int4(qw[0], qw[1][:, :1], qw[2], group_size)

@@ -12,6 +12,8 @@
 //   qtorch_cpu::wo_int4_linear(x [M, K] f32/f16/bf16, w, scale, zero_packed, N, K, group_size,
 //       bias [N]?) -> [M, N] x.dtype
 //   qtorch_cpu::wo_int8_linear(x [M, K] f32/f16/bf16, w, scale, N, K, bias [N]?) -> [M, N] x.dtype
+//   qtorch_cpu::dequantize_int4(qweight, scales, zeros, group_size) -> fp32 [N, K] (the int4
+//       backward's per-call dequantization)
 //
 // Activation numerics: fp32 x runs as is (fp32 FMA); bf16 x runs natively on AVX-512
 // (vdpbf16ps: exact bf16 x small-integer products, fp32 accumulation) and is widened exactly to
@@ -75,6 +77,46 @@ std::vector<at::Tensor> wo_pack_int4(const at::Tensor& qweight, const at::Tensor
   wm::pack_int4(q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<uint8_t>(), N, K, gs,
                 w.data_ptr<uint8_t>(), ps.data_ptr<float>(), pz.data_ptr<uint8_t>());
   return {w, ps, pz};
+}
+
+// ŵ = (q - zero) * scale in fp32 [N, K], bitwise the reference's (one exact subtraction of
+// small integers, one rounded multiply), rows in parallel. The int4 backward (grad_out @ ŵ)
+// dequantizes per call: the reference's tensor-op version makes ~7 passes over [N, K] fp32,
+// this makes one.
+at::Tensor dequantize_int4(const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t gs) {
+  check_tensor(qweight, "qweight", at::kByte, 2);
+  check_tensor(scales, "scales", at::kFloat, 2);
+  check_tensor(zeros, "zeros", at::kByte, 2);
+  TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128 || gs == 256,
+                    "group_size must be 32, 64, 128 or 256, got ", gs);
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
+  TORCH_CHECK_VALUE(K % gs == 0, "K=", K, " must be a multiple of group_size=", gs);
+  const int64_t G = K / gs;
+  TORCH_CHECK_VALUE(scales.size(0) == N && scales.size(1) == G && zeros.size(0) == N &&
+                        zeros.size(1) == G,
+                    "scales and zeros must have shape [", N, ", ", G, "], got ", scales.sizes(),
+                    " and ", zeros.sizes());
+  const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
+  at::Tensor w = at::empty({N, K}, qweight.options().dtype(at::kFloat));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  const uint8_t* zp = z.data_ptr<uint8_t>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(K, 1)),
+                   [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const float sc = sp[n * G + g], zf = float(zp[n * G + g]);
+        const uint8_t* qr = qp + n * (K / 2) + g * gs / 2;
+        float* wr = wp + n * K + g * gs;
+        for (int64_t i = 0; i < gs / 2; ++i) {  // even k in the low nibble
+          wr[2 * i] = (float(qr[i] & 0xF) - zf) * sc;
+          wr[2 * i + 1] = (float(qr[i] >> 4) - zf) * sc;
+        }
+      }
+  });
+  return w;
 }
 
 std::vector<at::Tensor> wo_pack_int8(const at::Tensor& w_q, const at::Tensor& w_scale) {
@@ -247,6 +289,7 @@ std::string wo_kernel_name(const std::string& act) {
 TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
   m.def("wo_pack_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor[]");
   m.def("wo_pack_int8(Tensor w_q, Tensor w_scale) -> Tensor[]");
+  m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def(
       "wo_int4_linear(Tensor x, Tensor w, Tensor scale, Tensor zero_packed, int N, int K, "
       "int group_size, Tensor? bias=None) -> Tensor");
@@ -257,6 +300,7 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
 TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
   m.impl("wo_pack_int4", &wo_pack_int4);
   m.impl("wo_pack_int8", &wo_pack_int8);
+  m.impl("dequantize_int4", &dequantize_int4);
   m.impl("wo_int4_linear", &qtorch::cpu::binding::wo_int4_linear);
   m.impl("wo_int8_linear", &qtorch::cpu::binding::wo_int8_linear);
 }

@@ -59,8 +59,8 @@ def _int8_linear(x, w_q, w_scale, bias):
 #     int4_weight_only_linear) ---------------------------------------------------------------
 # (section owned by the weight-only CPU work)
 # Weights are repacked once into 16-channel blocks (layout in csrc/cpu/kernels/wo_mm.h) and
-# dequantized inside the kernel; quantize_int4 / dequantize_int4 run once per weight, so the
-# reference serves them.
+# dequantized inside the kernel; quantize_int4 runs once per weight, so the reference serves
+# it. dequantize_int4 has a C++ kernel because the int4 backward dequantizes per call.
 
 
 def _wo_int4_weight(qweight, scales, zeros, group_size):
@@ -108,6 +108,19 @@ def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
     return torch.ops.qtorch_cpu.wo_int4_linear(
         x, w, s, z, qweight.shape[0], qweight.shape[1] * 2, group_size, bias
     )
+
+
+@register_kernel("dequantize_int4", "cpu")
+def _dequantize_int4(qweight, scales, zeros, group_size):
+    return torch.ops.qtorch_cpu.dequantize_int4(qweight, scales.float(), zeros, group_size)
+
+
+@register_kernel("int4_linear_grad_input", "cpu")
+def _int4_linear_grad_input(grad_out, qweight, scales, zeros, group_size):
+    """grad_out [M, N] @ ŵ [N, K], as the reference: ŵ dequantized (in one C++ pass, per call:
+    a frozen backbone keeps only its int4 weights) and an fp32 BLAS matmul."""
+    w = torch.ops.qtorch_cpu.dequantize_int4(qweight, scales.float(), zeros, group_size)
+    return (grad_out.float() @ w).to(grad_out.dtype)
 
 
 # --- distillation kernels (distillation_loss, fused_linear_distillation_loss) ---------------
