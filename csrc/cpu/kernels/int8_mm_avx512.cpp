@@ -158,9 +158,13 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = bp + p * kPanel * Kp;
     const int64_t n0 = p * kPanel, nn = N - n0 < kPanel ? N - n0 : kPanel;
-    for (int64_t m = m0; m < m1; m += kMR) {
+    for (int64_t m = m0, mr; m < m1; m += mr) {
+      // 7 or 8 rows left: two tiles of ~half (4 + 4, 4 + 3) rather than 6 + a thin 1-2 row
+      // tile, whose 4 weight loads per k-group feed only 4-8 vpdpbusd.
+      const int64_t left = m1 - m;
+      mr = left <= kMR ? left : left <= kMR + 2 ? (left + 1) / 2 : kMR;
       const uint8_t* a = ap + m * Kp;
-      switch (m1 - m < kMR ? m1 - m : kMR) {
+      switch (mr) {
         case 1: tile<1>(a, Kp, panel, m, n0, nn, comp, ep); break;
         case 2: tile<2>(a, Kp, panel, m, n0, nn, comp, ep); break;
         case 3: tile<3>(a, Kp, panel, m, n0, nn, comp, ep); break;
