@@ -26,6 +26,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 
 #include "bindings.h"
@@ -56,8 +57,10 @@ at::Tensor alloc_aligned(int64_t n, at::ScalarType dt) {
   return at::from_blob(ptr, {n}, [](void* p) { std::free(p); }, at::TensorOptions().dtype(dt));
 }
 
-std::vector<at::Tensor> wo_pack_int4(const at::Tensor& qweight, const at::Tensor& scales,
-                                     const at::Tensor& zeros, int64_t gs) {
+// Canonical int4 storage (API.md): qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G],
+// G = K / gs. Returns {N, K, G}.
+std::array<int64_t, 3> check_int4_canonical(const at::Tensor& qweight, const at::Tensor& scales,
+                                            const at::Tensor& zeros, int64_t gs) {
   check_tensor(qweight, "qweight", at::kByte, 2);
   check_tensor(scales, "scales", at::kFloat, 2);
   check_tensor(zeros, "zeros", at::kByte, 2);
@@ -70,6 +73,13 @@ std::vector<at::Tensor> wo_pack_int4(const at::Tensor& qweight, const at::Tensor
                     ", ", G, "], got ", scales.sizes());
   TORCH_CHECK_VALUE(zeros.size(0) == N && zeros.size(1) == G, "zeros must have shape [", N,
                     ", ", G, "], got ", zeros.sizes());
+  return {N, K, G};
+}
+
+std::vector<at::Tensor> wo_pack_int4(const at::Tensor& qweight, const at::Tensor& scales,
+                                     const at::Tensor& zeros, int64_t gs) {
+  const auto dims = check_int4_canonical(qweight, scales, zeros, gs);
+  const int64_t N = dims[0], K = dims[1];
   const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
   at::Tensor w = alloc_aligned(wm::int4_packed_bytes(N, K), at::kByte);
   at::Tensor ps = alloc_aligned(wm::int4_meta_floats(N, K, gs), at::kFloat);
@@ -85,18 +95,8 @@ std::vector<at::Tensor> wo_pack_int4(const at::Tensor& qweight, const at::Tensor
 // this makes one.
 at::Tensor dequantize_int4(const at::Tensor& qweight, const at::Tensor& scales,
                            const at::Tensor& zeros, int64_t gs) {
-  check_tensor(qweight, "qweight", at::kByte, 2);
-  check_tensor(scales, "scales", at::kFloat, 2);
-  check_tensor(zeros, "zeros", at::kByte, 2);
-  TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128 || gs == 256,
-                    "group_size must be 32, 64, 128 or 256, got ", gs);
-  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
-  TORCH_CHECK_VALUE(K % gs == 0, "K=", K, " must be a multiple of group_size=", gs);
-  const int64_t G = K / gs;
-  TORCH_CHECK_VALUE(scales.size(0) == N && scales.size(1) == G && zeros.size(0) == N &&
-                        zeros.size(1) == G,
-                    "scales and zeros must have shape [", N, ", ", G, "], got ", scales.sizes(),
-                    " and ", zeros.sizes());
+  const auto dims = check_int4_canonical(qweight, scales, zeros, gs);
+  const int64_t N = dims[0], K = dims[1], G = dims[2];
   const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
   at::Tensor w = at::empty({N, K}, qweight.options().dtype(at::kFloat));
   const uint8_t* qp = q.data_ptr<uint8_t>();
