@@ -18,7 +18,7 @@ _C = pytest.importorskip("qtorch._C", reason="qtorch._C (the C++ CPU kernels) is
 from qtorch.backends import cpu as CPU  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (M, N, K): K = 1/3/5 pad the 4-k group; N = 1/17/65/130 leave panel tails; M = 7/8/13 leave
+# (M, N, K): K = 1/3/5 pad the 4-k group; N = 1/17/65/130 leave panel tails; M = 7/13 leave
 # 6-row tile tails; (64, 128, 256) is all full tiles.
 SHAPES = [(1, 1, 1), (1, 130, 333), (2, 17, 3), (7, 65, 5), (8, 70, 36), (13, 64, 100), (6, 1, 64),
           (64, 128, 256), (33, 200, 129)]
