@@ -25,14 +25,13 @@ qtorch p50 (> 1: qtorch is faster). The VNNI peak is measured in the same run wi
 from __future__ import annotations
 
 import argparse
-import math
 import random
-import statistics
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _cold import Rotating, copies, dram_bandwidth, pcts  # benchmarks/_cold.py
 
 import qtorch
 from qtorch import _backend, ops
@@ -40,24 +39,10 @@ from qtorch import reference as R
 
 N = K = 4096
 MS = (1, 8, 32, 128, 512)
-COLD_BYTES = 128 << 20  # 4x the L3; more copies also average out where each lands in DRAM
 READ = "read weights"  # stream_read over the same bytes (not a GEMM)
 IMPL_NAMES = ["qtorch:cpu", "qtorch:kernel", "fbgemm", "F.linear(fp32)", READ]
 
 
-def _copies(weight_bytes: int, hot: bool) -> int:
-    return 1 if hot else max(1, math.ceil(COLD_BYTES / weight_bytes))
-
-
-class _Rotating:
-    """Calls fn(*args_i) with i cycling over the copies."""
-
-    def __init__(self, fn, args_list):
-        self.fn, self.args, self.i = fn, args_list, 0
-
-    def __call__(self):
-        self.i = (self.i + 1) % len(self.args)
-        return self.fn(*self.args[self.i])
 
 
 def _layer(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,14 +65,14 @@ def build_impls(m: int, hot: bool = False) -> dict:
     # The qtorch rows call the op as a user does, with the backend choice left at "auto":
     assert qtorch.get_backend() == "auto" and _backend.resolve("int8_linear", x.device)[0] == "cpu"
     impls = {}
-    n8 = _copies(N * K, hot)
+    n8 = copies(N * K, hot)
     layers = [_layer(i) for i in range(n8)]
     q8 = [(*R.quantize_int8(w), b) for w, b in layers]
 
     def ours(w_q, w_scale, b):
         return ops.int8_linear(x, w_q, w_scale, b)
 
-    impls["qtorch:cpu"] = _Rotating(ours, q8)
+    impls["qtorch:cpu"] = Rotating(ours, q8)
     from qtorch.backends import cpu as CPU
 
     def kernel(w_packed, w_scale, b):  # the kernel binding alone, weight packed beforehand
@@ -95,17 +80,17 @@ def build_impls(m: int, hot: bool = False) -> dict:
 
     # own weight copies, so neither qtorch row warms the cache for the other
     kq = [R.quantize_int8(w) + (b,) for w, b in layers]
-    impls["qtorch:kernel"] = _Rotating(kernel, [(CPU._int8_vnni_weight(wq), ws, b)
+    impls["qtorch:kernel"] = Rotating(kernel, [(CPU._int8_vnni_weight(wq), ws, b)
                                                 for wq, ws, b in kq])
     # The ceiling at small M: a plain streaming read of the same bytes, from buffers packed
     # (allocated) as ours are, timed in the same rounds (conditions drift between runs).
     reads = [(CPU._int8_vnni_weight(R.quantize_int8(w)[0]),) for w, _ in layers]
-    impls[READ] = _Rotating(torch.ops.qtorch_cpu.stream_read, reads)
+    impls[READ] = Rotating(torch.ops.qtorch_cpu.stream_read, reads)
     fb = [_fbgemm(w, b) for w, b in layers]
-    impls["fbgemm"] = _Rotating(lambda lin: lin(x), [(lin,) for lin in fb])
-    nd = _copies(4 * N * K, hot)
+    impls["fbgemm"] = Rotating(lambda lin: lin(x), [(lin,) for lin in fb])
+    nd = copies(4 * N * K, hot)
     dense = [_layer(i) for i in range(nd)]
-    impls["F.linear(fp32)"] = _Rotating(lambda w, b: F.linear(x, w, b), dense)
+    impls["F.linear(fp32)"] = Rotating(lambda w, b: F.linear(x, w, b), dense)
     return impls
 
 
@@ -121,10 +106,6 @@ def check_peers(m: int = 3) -> dict:
                "F.linear(fp32)": F.linear(x, w, b)}
     return {k: ((o - ref).norm() / ref.norm()).item() for k, o in got.items()}
 
-
-def _pcts(ts):
-    q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
-    return q[1], statistics.median(ts), q[7]  # p20, p50, p80
 
 
 def time_interleaved(impls: dict, rounds: int, hot: bool = False) -> dict:
@@ -155,14 +136,8 @@ def time_interleaved(impls: dict, rounds: int, hot: bool = False) -> dict:
             for _ in range(n):
                 fn()
             ts[k].append((time.perf_counter() - t0) / n)
-    return {k: _pcts(v) for k, v in ts.items()}
+    return {k: pcts(v) for k, v in ts.items()}
 
-
-def dram_bandwidth() -> float:
-    """Bytes/s of a streaming read on all torch threads (qtorch_cpu::dram_read_bandwidth: a
-    512 MiB huge-page buffer, like the packed weights), best of 5 passes: the ceiling of any
-    implementation at M = 1, where each call streams its weights from DRAM once."""
-    return torch.ops.qtorch_cpu.dram_read_bandwidth(512 << 20, 5)
 
 
 def vnni_peak() -> float:

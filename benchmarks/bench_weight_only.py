@@ -21,13 +21,12 @@ alike; each row gives p20/p50/p80 and ratio = peer p50 / qtorch p50.
 
 from __future__ import annotations
 
-import math
-import statistics
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _cold import Rotating, copies, dram_bandwidth, pcts  # benchmarks/_cold.py
 
 import qtorch
 from qtorch import _backend, ops
@@ -41,22 +40,8 @@ except ImportError:  # not built: the pytest cases skip, main() needs it
 N = K = 4096
 GROUP = 128
 MS = (1, 8, 32, 128)
-COLD_BYTES = 128 << 20  # 4x the L3; more copies also average out where each lands in DRAM
 
 
-def _copies(weight_bytes: int) -> int:
-    return max(1, math.ceil(COLD_BYTES / weight_bytes))
-
-
-class _Rotating:
-    """Calls fn(*args_i) with i cycling over the copies."""
-
-    def __init__(self, fn, args_list):
-        self.fn, self.args, self.i = fn, args_list, 0
-
-    def __call__(self):
-        self.i = (self.i + 1) % len(self.args)
-        return self.fn(*self.args[self.i])
 
 
 def _weights(seed: int) -> torch.Tensor:
@@ -71,54 +56,54 @@ def build_impls(m: int, dtype=torch.bfloat16) -> dict:
     assert qtorch.get_backend() == "auto" and _backend.resolve("int4_weight_only_linear", x.device)[0] == "cpu"
     impls = {}
 
-    n4 = _copies(N * K // 2)
+    n4 = copies(N * K // 2)
     q4 = [R.quantize_int4(_weights(i), GROUP, False) for i in range(n4)]
 
     def ours4(qw, s, z):
         return ops.int4_weight_only_linear(x, qw, s, z, GROUP)
 
-    impls["qtorch:cpu W4A16"] = _Rotating(ours4, q4)
+    impls["qtorch:cpu W4A16"] = Rotating(ours4, q4)
     # The same kernel without the op layer (custom-op dispatch, checks, backend choice, cache
     # lookup), called like the peers: on its prepacked weight. Its own weight copies: sharing
     # the op row's would let the row timed second find the weights warm in L3.
     q4k = [R.quantize_int4(_weights(i), GROUP, False) for i in range(n4)]
     packed4 = [(x, *CPU._wo_int4_weight(qw, s, z, GROUP), N, K, GROUP, None) for qw, s, z in q4k]
-    impls["qtorch:cpu W4A16 kernel"] = _Rotating(torch.ops.qtorch_cpu.wo_int4_linear, packed4)
+    impls["qtorch:cpu W4A16 kernel"] = Rotating(torch.ops.qtorch_cpu.wo_int4_linear, packed4)
     if hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         peer4 = []
         for qw, s, z in q4:
             q = torch.stack([qw & 15, qw >> 4], -1).reshape(N, K).to(torch.int32)
             sz = torch.stack([s, (8 - z.float()) * s], -1).transpose(0, 1).contiguous().to(dtype)
             peer4.append((x, torch._convert_weight_to_int4pack_for_cpu(q, 1), GROUP, sz))
-        impls["torch:_weight_int4pack_mm_for_cpu"] = _Rotating(
+        impls["torch:_weight_int4pack_mm_for_cpu"] = Rotating(
             torch._weight_int4pack_mm_for_cpu, peer4
         )
 
-    n8 = _copies(N * K)
+    n8 = copies(N * K)
     q8 = [R.quantize_int8(_weights(100 + i)) for i in range(n8)]
 
     def ours8(w_q, s):
         return ops.int8_weight_only_linear(x, w_q, s)
 
-    impls["qtorch:cpu W8A16"] = _Rotating(ours8, q8)
+    impls["qtorch:cpu W8A16"] = Rotating(ours8, q8)
     q8k = [R.quantize_int8(_weights(100 + i)) for i in range(n8)]
     packed8 = [(x, *CPU._wo_int8_weight(w_q, s), N, K, None) for w_q, s in q8k]
-    impls["qtorch:cpu W8A16 kernel"] = _Rotating(torch.ops.qtorch_cpu.wo_int8_linear, packed8)
+    impls["qtorch:cpu W8A16 kernel"] = Rotating(torch.ops.qtorch_cpu.wo_int8_linear, packed8)
     if hasattr(torch, "_weight_int8pack_mm"):
-        impls["torch:_weight_int8pack_mm"] = _Rotating(
+        impls["torch:_weight_int8pack_mm"] = Rotating(
             torch._weight_int8pack_mm, [(x, w_q, s.to(dtype)) for w_q, s in q8]
         )
 
     # The ceiling at small M: a plain streaming read of int8-weight bytes from buffers packed
     # (allocated) as ours are, timed in the same rounds (conditions drift between runs).
     reads = [(CPU._wo_int8_weight(*R.quantize_int8(_weights(300 + i)))[0],) for i in range(n8)]
-    impls[READ] = _Rotating(torch.ops.qtorch_cpu.stream_read, reads)
+    impls[READ] = Rotating(torch.ops.qtorch_cpu.stream_read, reads)
 
     for wdt in (torch.bfloat16, torch.float32):
-        nd = _copies(N * K * torch.empty((), dtype=wdt).element_size())
+        nd = copies(N * K * torch.empty((), dtype=wdt).element_size())
         ws = [_weights(200 + i).to(wdt) for i in range(nd)]
         xd = x.to(wdt)
-        impls[f"torch:F.linear({str(wdt)[6:]})"] = _Rotating(
+        impls[f"torch:F.linear({str(wdt)[6:]})"] = Rotating(
             lambda w, xd=xd: F.linear(xd, w), [(w,) for w in ws]
         )
     return impls
@@ -149,10 +134,6 @@ def check_peers(m: int = 3) -> dict:
     return {k: ((o.float() - r).norm() / r.norm()).item() for k, (o, r) in got.items()}
 
 
-def _pcts(ts):
-    q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
-    return q[1], statistics.median(ts), q[7]  # p20, p50, p80
-
 
 def time_interleaved(impls: dict, rounds: int, clock=time.perf_counter) -> dict:
     """Per-call time of one pass over all of an implementation's weight copies (>= 128 MiB, so
@@ -176,14 +157,8 @@ def time_interleaved(impls: dict, rounds: int, clock=time.perf_counter) -> dict:
             for _ in range(n):
                 fn()
             ts[k].append((clock() - t0) / n)
-    return {k: _pcts(v) for k, v in ts.items()}
+    return {k: pcts(v) for k, v in ts.items()}
 
-
-def dram_bandwidth() -> float:
-    """Bytes/s of a streaming read on all torch threads (qtorch_cpu::dram_read_bandwidth: a
-    512 MiB huge-page buffer, like the packed weights), best of 5 passes: the ceiling of any
-    implementation at M = 1, where each call streams its weights from DRAM once."""
-    return torch.ops.qtorch_cpu.dram_read_bandwidth(512 << 20, 5)
 
 
 READ = "read int8 weight bytes"  # stream_read over N*K bytes (not a GEMM)
