@@ -540,10 +540,15 @@ def _(student, teacher, labels, temperature, alpha, divergence, beta, ignore_ind
 
 
 def _distill_setup(ctx, inputs, output):
+    # Only the loss carries a gradient; materialized grads would fill a zero [M, V] tensor for
+    # the saved-gradient output on every backward (54 ms of a 145 ms backward at 2048 x 32000).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 
 def _distill_backward(ctx, grad_loss, _grad_grad):
+    if grad_loss is None:  # the loss is not in the graph that is being differentiated
+        return (None,) * 9
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad_loss.numel() != 0:
         raise RuntimeError("distillation_loss: backward needs compute_grad=True in forward")
@@ -772,6 +777,7 @@ def _(grad_loss, student_hidden, student_weight, teacher_hidden, teacher_weight,
 def _fused_setup(ctx, inputs, output):
     (sh, sw, th, tw, labels, sb, tb, temperature, alpha, divergence, beta, ignore_index,
      reduction, _nt, _ni, chunk_size, _cg) = inputs
+    ctx.set_materialize_grads(False)  # no zero tensors for the saved-gradient outputs
     ctx.reduction = reduction
     ctx.has_bias = sb is not None
     if reduction == "none":
@@ -782,6 +788,8 @@ def _fused_setup(ctx, inputs, output):
 
 
 def _fused_backward(ctx, grad_loss, *_):
+    if grad_loss is None:  # the loss is not in the graph that is being differentiated
+        return (None,) * 17
     if ctx.reduction == "none":
         sh, sw, th, tw, labels, sb, tb = ctx.saved_tensors
         gh, gw, gb = _fused_linear_distillation_loss_bwd(grad_loss, sh, sw, th, tw, labels, sb, tb,

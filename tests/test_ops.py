@@ -447,3 +447,42 @@ def test_linear_grad_input_kernels(backend, dtype, m, k, n):
     with qtorch.use_backend(backend):
         out = ops.int4_linear_grad_input(g, *qw, 64)
     assert_close(out, int4_linear_grad_input(g, *qw, 64))
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op name, numel of its result) for every op that runs under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        self.calls.append((func.overloadpacket.__name__,
+                           first.numel() if isinstance(first, torch.Tensor) else 0))
+        return out
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_distillation_backward_fills_no_zero_tensors(fused):
+    """Only the loss output carries a gradient: autograd must not materialize zero grads for
+    the op's saved-gradient outputs ([M, V] for distillation_loss, the weight's size for the
+    fused op), which cost a full extra pass per backward."""
+    m, v, h = 6, 50, 8
+    hs, ws = torch.randn(m, h, requires_grad=True), torch.randn(v, h, requires_grad=True)
+    ht, wt, labels = torch.randn(m, h), torch.randn(v, h), torch.randint(0, v, (m,))
+    s = torch.randn(m, v, requires_grad=True)
+    if fused:
+        loss = ops.fused_linear_distillation_loss(hs, ws, ht, wt, labels)
+    else:
+        loss = ops.distillation_loss(s, torch.randn(m, v), labels)
+    with _Recorder() as rec:
+        loss.backward()
+    fills = [(name, n) for name, n in rec.calls if name in ("zeros", "zero_", "fill_", "zeros_like")
+             and n >= min(m * v, v * h)]
+    assert not fills, fills
+    if fused:
+        assert hs.grad is not None and ws.grad is not None
+    else:
+        assert s.grad is not None and s.grad.abs().sum() > 0
