@@ -8,8 +8,12 @@ Rows, timed interleaved in one run, K = N = 4096, group 128, fp32 activations:
   reference   the whole op (forward and backward) on the pure-PyTorch reference backend;
   cpu fwd, reference bwd   the cpu forward kernel with the reference backward (what the cpu
               backend did before it had a backward kernel);
-  cpu         the cpu backend: the forward kernel, and a backward whose dequantization is one
-              C++ pass (qtorch_cpu::dequantize_int4) before the same fp32 matmul;
+  cpu         the cpu backend: the forward kernel, and the backward kernel
+              (qtorch_cpu::int4_grad_input: ŵ dequantized in cache-sized column slabs, each
+              followed by its slab's fp32 GEMM, so the fp32 [N, K] ŵ never exists);
+  bwd         the backward alone (M = 16, 128, 1024): that kernel vs the previous cpu backward,
+              the whole ŵ dequantized in one C++ pass (qtorch_cpu::dequantize_int4), then one
+              fp32 matmul;
   dequantize  that dequantization alone, cpu kernel vs the reference's tensor ops.
 """
 
@@ -45,6 +49,12 @@ def main() -> None:
         rows[f"M={m:<4d} fwd+bwd reference"] = lambda step=step: step("reference", "reference")
         rows[f"M={m:<4d} cpu fwd, reference bwd"] = lambda step=step: step("cpu", "reference")
         rows[f"M={m:<4d} fwd+bwd cpu"] = lambda step=step: step("cpu", "cpu")
+    for m in (16, 128, 1024):
+        g = torch.randn(m, N)
+        rows[f"M={m:<4d} bwd: dequantize + matmul"] = lambda g=g: g @ torch.ops.qtorch_cpu.dequantize_int4(
+            qw, sc, z, GROUP)
+        rows[f"M={m:<4d} bwd: slabs (cpu)"] = lambda g=g: torch.ops.qtorch_cpu.int4_grad_input(
+            g, qw, sc, z, GROUP)
     rows["dequantize reference"] = lambda: R.dequantize_int4(qw, sc, z, GROUP)
     rows["dequantize cpu"] = lambda: torch.ops.qtorch_cpu.dequantize_int4(qw, sc, z, GROUP)
     for f in rows.values():
@@ -62,9 +72,11 @@ def main() -> None:
             before = med[k.replace("fwd+bwd cpu", "cpu fwd, reference bwd")]
             ref = med[k.replace("cpu", "reference")]
             ratio = f"{ref / v:5.2f}x vs reference, {before / v:5.2f}x vs reference backward"
+        elif k.endswith("slabs (cpu)"):
+            ratio = f"{med[k.replace('slabs (cpu)', 'dequantize + matmul')] / v:5.2f}x vs dequantize + matmul"
         elif k.endswith("cpu"):
             ratio = f"{med[k.replace('cpu', 'reference')] / v:5.2f}x vs reference"
-        print(f"  {k:28s} {v * 1e3:8.1f} ms  {ratio}")
+        print(f"  {k:34s} {v * 1e3:8.1f} ms  {ratio}")
 
 
 if __name__ == "__main__":

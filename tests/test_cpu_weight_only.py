@@ -166,22 +166,52 @@ def test_kernel_name_reported():
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("n", [1, 17, 64])
-def test_dequantize_int4_and_backward_are_the_reference_bitwise(group_size, n):
-    """The C++ dequantization (used per call by the int4 backward) computes the reference's
-    (q - zero) * scale with the same two fp32 operations, so it is bitwise equal; so is the
-    backward, which then runs the reference's fp32 matmul."""
-    from qtorch.reference.int4_mm import int4_linear_grad_input
-
+def test_dequantize_int4_is_the_reference_bitwise(group_size, n):
+    """The C++ dequantization computes the reference's (q - zero) * scale with the same two
+    fp32 operations, so it is bitwise equal."""
     k = 2 * 256
     qw = R.quantize_int4(_randn(n, k, seed=n), group_size, False)
     with qtorch.use_backend("cpu"):
         deq = ops.dequantize_int4(*qw, group_size)
-        g = _randn(3, n, seed=7).to(torch.bfloat16)
-        gx = ops.int4_linear_grad_input(g, *qw, group_size)
     assert torch.equal(deq, R.dequantize_int4(*qw, group_size))
-    assert gx.dtype == torch.bfloat16
-    assert torch.equal(gx, int4_linear_grad_input(g, *qw, group_size))
     with pytest.raises(ValueError, match="group_size"):
         torch.ops.qtorch_cpu.dequantize_int4(*qw, 48)
     with pytest.raises(ValueError, match="scales must have shape"):
         torch.ops.qtorch_cpu.dequantize_int4(qw[0], qw[1][:, :1], qw[2], group_size)
+
+
+# (M, N, K): M on both sides of the slab-width steps (32, 256), K = 2 (one byte), K not a
+# multiple of any slab width (64/128/256), N = 1 and odd.
+INT4_GRAD_SHAPES = [(1, 1, 64), (1, 17, 2 * 160), (3, 64, 512), (32, 33, 448), (33, 9, 192),
+                    (256, 5, 320), (257, 31, 576)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", INT4_GRAD_SHAPES)
+def test_int4_grad_input_slabs_vs_reference(dtype, m, n, k):
+    """The int4 backward (dequantize a column slab, then the slab's fp32 GEMM) against the
+    reference's dequantize-then-matmul: the same fp32 math, only the GEMM's blocking differs."""
+    from qtorch.reference.int4_mm import int4_linear_grad_input
+
+    gs = 64 if k % 64 == 0 else 32
+    qw = R.quantize_int4(_randn(n, k, seed=k), gs, False)
+    g = _randn(m, n, seed=m + n, dtype=dtype)
+    with qtorch.use_backend("cpu"):
+        gx = ops.int4_linear_grad_input(g, *qw, gs)
+    assert gx.dtype == dtype and gx.shape == (m, k)
+    assert_close(gx, int4_linear_grad_input(g, *qw, gs))
+    # non-contiguous grad_out and leading dims go through the op's reshaping
+    g3 = _randn(2, n, m, seed=5, dtype=dtype).transpose(1, 2)
+    with qtorch.use_backend("cpu"):
+        gx3 = ops.int4_linear_grad_input(g3, *qw, gs)
+    assert_close(gx3, int4_linear_grad_input(g3.reshape(-1, n), *qw, gs).reshape(2, m, k))
+
+
+def test_int4_grad_input_binding_checks():
+    qw = R.quantize_int4(_randn(8, 64, seed=0), 32, False)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        torch.ops.qtorch_cpu.int4_grad_input(torch.randn(2, 7), *qw, 32)
+    with pytest.raises(TypeError, match="grad_out must be float32"):
+        torch.ops.qtorch_cpu.int4_grad_input(torch.randn(2, 8).double(), *qw, 32)
+    with pytest.raises(ValueError, match="group_size"):
+        torch.ops.qtorch_cpu.int4_grad_input(torch.randn(2, 8), *qw, 48)

@@ -60,7 +60,8 @@ def _int8_linear(x, w_q, w_scale, bias):
 # (section owned by the weight-only CPU work)
 # Weights are repacked once into 16-channel blocks (layout in csrc/cpu/kernels/wo_mm.h) and
 # dequantized inside the kernel; quantize_int4 runs once per weight, so the reference serves
-# it. dequantize_int4 has a C++ kernel because the int4 backward dequantizes per call.
+# it. dequantize_int4 and the int4 backward (which dequantizes per call, in slabs) have C++
+# kernels.
 
 
 def _wo_int4_weight(qweight, scales, zeros, group_size):
@@ -117,10 +118,11 @@ def _dequantize_int4(qweight, scales, zeros, group_size):
 
 @register_kernel("int4_linear_grad_input", "cpu")
 def _int4_linear_grad_input(grad_out, qweight, scales, zeros, group_size):
-    """grad_out [M, N] @ ŵ [N, K], as the reference: ŵ dequantized (in one C++ pass, per call:
-    a frozen backbone keeps only its int4 weights) and an fp32 BLAS matmul."""
-    w = torch.ops.qtorch_cpu.dequantize_int4(qweight, scales.float(), zeros, group_size)
-    return (grad_out.float() @ w).to(grad_out.dtype)
+    """grad_out [M, N] @ ŵ [N, K] in fp32 as the reference, with ŵ dequantized per call (a
+    frozen backbone keeps only its int4 weights) in cache-sized column slabs, each followed by
+    its slab's fp32 BLAS GEMM, so the fp32 [N, K] ŵ never exists."""
+    return torch.ops.qtorch_cpu.int4_grad_input(grad_out, qweight, scales.float(), zeros,
+                                                group_size)
 
 
 # --- distillation kernels (distillation_loss, fused_linear_distillation_loss) ---------------
