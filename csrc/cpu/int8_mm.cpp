@@ -26,6 +26,7 @@
 #include <cstring>
 #include <memory>
 
+#include "alloc.h"
 #include "bindings.h"
 #include "cpu_features.h"
 #include "scratch.h"
@@ -98,19 +99,10 @@ at::Tensor int8_pack_weight(const at::Tensor& w_in) {
   const at::Tensor w = w_in.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
   const int64_t bytes = im::packed_b_bytes(N, K);
-  // Large packed weights are streamed from DRAM at small M: 2 MiB alignment lets the kernel
-  // back them with transparent huge pages (fewer TLB misses, measurably faster streaming).
-  const size_t huge = size_t(2) << 20;
-  const bool use_huge = size_t(bytes) >= huge;
-  const size_t align = use_huge ? huge : 64;
-  const size_t alloc = (size_t(std::max<int64_t>(bytes, 1)) + align - 1) / align * align;
-  void* ptr = nullptr;
-  TORCH_CHECK(posix_memalign(&ptr, align, alloc) == 0, "int8_pack_weight: out of memory (",
-              alloc, " bytes)");
-  if (use_huge) (void)madvise(ptr, alloc, MADV_HUGEPAGE);  // best effort
-  im::pack_b(w.data_ptr<int8_t>(), N, K, K, static_cast<uint8_t*>(ptr));
-  return at::from_blob(ptr, {bytes}, [](void* p) { std::free(p); },
-                       at::TensorOptions().dtype(at::kByte));
+  // Large packed weights are streamed from DRAM at small M: huge pages (alloc.h).
+  at::Tensor packed = qtorch::cpu::huge_page_empty({bytes}, at::kByte, "int8_pack_weight");
+  im::pack_b(w.data_ptr<int8_t>(), N, K, K, packed.data_ptr<uint8_t>());
+  return packed;
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x_in) {

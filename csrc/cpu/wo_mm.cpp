@@ -25,12 +25,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <array>
 #include <cstdlib>
 
+#include "alloc.h"
 #include "bindings.h"
 #include "kernels/wo_mm.h"
 #include "scratch.h"
@@ -45,18 +44,9 @@ void check_tensor(const at::Tensor& t, const char* what, at::ScalarType dt, int6
   TORCH_CHECK_VALUE(t.device().is_cpu(), what, " must be a CPU tensor");
 }
 
-// A 1-D tensor of `n` elements in memory aligned for streaming; huge pages once it spans one.
+// A 1-D tensor of `n` elements, 2 MiB aligned and huge-page backed once it spans one (alloc.h).
 at::Tensor alloc_aligned(int64_t n, at::ScalarType dt) {
-  const size_t bytes = size_t(std::max<int64_t>(n, 1)) * at::elementSize(dt);
-  const size_t huge = size_t(2) << 20;
-  const bool use_huge = bytes >= huge;
-  const size_t align = use_huge ? huge : 64;
-  const size_t alloc = (bytes + align - 1) / align * align;
-  void* ptr = nullptr;
-  TORCH_CHECK(posix_memalign(&ptr, align, alloc) == 0, "wo_pack: out of memory (", alloc,
-              " bytes)");
-  if (use_huge) (void)madvise(ptr, alloc, MADV_HUGEPAGE);  // best effort
-  return at::from_blob(ptr, {n}, [](void* p) { std::free(p); }, at::TensorOptions().dtype(dt));
+  return qtorch::cpu::huge_page_empty({n}, dt, "wo_pack");
 }
 
 // Canonical int4 storage (API.md): qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G],
