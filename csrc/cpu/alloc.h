@@ -1,12 +1,13 @@
-// Tensors whose memory the kernel may back with transparent huge pages.
+// Tensors whose memory the kernel may back with transparent huge pages: packed weights, made
+// once and streamed from DRAM by every decode call (through 4 KiB pages each 4 KiB costs a
+// TLB miss, which about halves the bandwidth a core sees here). Buffers of 2 MiB or more get
+// 2 MiB alignment and madvise(MADV_HUGEPAGE) (best effort: the kernel may decline); smaller
+// ones 64-byte alignment. The tensor owns the memory.
 //
-// Two kinds of buffer here are large and touched end to end: packed weights, which decode
-// streams from DRAM every call (through 4 KiB pages each 4 KiB costs a TLB miss, which about
-// halves the bandwidth a core sees here), and the vocabulary-sized gradient of the
-// distillation loss, written once per call into fresh memory (262 MB at 2048 x 32000 fp32:
-// ~64 K first-touch page faults through 4 KiB pages, ~58 ms of a 68 ms empty+fill here).
-// Buffers of 2 MiB or more get 2 MiB alignment and madvise(MADV_HUGEPAGE) (best effort: the
-// kernel may decline); smaller ones 64-byte alignment. The tensor owns the memory.
+// Not for per-call outputs: the distillation loss's fresh [M, V] gradient (262 MB at
+// 2048 x 32000) in huge pages cut its forward from 170 to 133 ms in a loop of its own, but in
+// bench_distill.py, interleaved with eager PyTorch's allocations, fwd+bwd went from 241 to
+// 419 ms p50, so it stays in 4 KiB pages.
 #pragma once
 #include <ATen/ATen.h>
 

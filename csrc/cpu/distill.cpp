@@ -23,7 +23,6 @@
 #include <algorithm>
 #include <string>
 
-#include "alloc.h"
 #include "cpu_features.h"
 #include "kernels/distill.h"
 
@@ -107,11 +106,7 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss(
   TORCH_CHECK_VALUE(lab != nullptr || P.alpha == 1.0f,
                     "labels=None leaves no hard-label term, so alpha must be 1.0, got ", alpha);
   at::Tensor loss = at::empty({M}, student.options().dtype(at::kFloat));
-  // [M, V] written once into fresh memory: huge pages cut its first-touch faults (alloc.h).
-  at::Tensor grad = compute_grad
-                        ? qtorch::cpu::huge_page_empty(student.sizes(), student.scalar_type(),
-                                                       "distillation_loss")
-                        : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
   run_rows(P, student.data_ptr(), sdt, teacher.data_ptr(), tdt, lab, ignore_index, M, V,
            loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr, sdt, nullptr);
   return {loss, grad};
