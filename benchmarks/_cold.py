@@ -1,5 +1,6 @@
-"""Shared by the CPU GEMM benches (bench_int8_mm.py, bench_weight_only.py): weights kept cold
-by rotating over copies, percentiles, and the DRAM streaming-read ceiling."""
+"""Shared by the CPU benches: weights kept cold by rotating over copies and the DRAM
+streaming-read ceiling (bench_int8_mm.py, bench_weight_only.py), and percentiles (also
+bench_distill.py, bench_call_overhead.py)."""
 
 from __future__ import annotations
 

@@ -12,10 +12,10 @@ torch) and with the kernel binding called directly on a prepacked weight.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
+from _cold import pcts  # benchmarks/_cold.py
 
 from qtorch import ops
 from qtorch import reference as R
@@ -56,8 +56,7 @@ def measure(fns: dict, rounds: int = 60) -> dict:
                 f()
                 ts[k].append(time.perf_counter() - t0)
         for k, v in ts.items():
-            q = statistics.quantiles(v, n=10, method="inclusive")
-            out[(mode, k)] = (q[1], statistics.median(v), q[7])
+            out[(mode, k)] = pcts(v)
     return out
 
 

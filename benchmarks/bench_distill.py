@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from _cold import pcts  # benchmarks/_cold.py
 
 import qtorch
 from qtorch import ops
@@ -104,11 +104,6 @@ def _times(fn, rounds, warmup=1):
     return out
 
 
-def _pcts(ts):
-    q = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
-    return q[1], statistics.median(ts), q[7]  # p20, p50, p80
-
-
 # ---------------------------------------------------------------------- peak memory (child)
 
 _CHILD = r"""
@@ -177,20 +172,20 @@ def main() -> None:
     print(f"{'case':52s} {'eager p20/p50/p80 ms':>24s} {'qtorch p20/p50/p80 ms':>24s} {'speedup':>8s}")
     for dtype in (torch.float32, torch.bfloat16):
         s, t, lab = _inputs(2048, 32000, dtype)
-        e = _pcts(_times(lambda: eager_step(s, t, lab), 7))
-        q = _pcts(_times(lambda: qtorch_step(s, t, lab), 7))
+        e = pcts(_times(lambda: eager_step(s, t, lab), 7))
+        q = pcts(_times(lambda: qtorch_step(s, t, lab), 7))
         name = f"distillation_loss fwd+bwd N=2048 V=32000 {str(dtype)[6:]}"
         print(f"{name:52s} {'/'.join(f'{x*1e3:.0f}' for x in e):>24s} "
               f"{'/'.join(f'{x*1e3:.0f}' for x in q):>24s} {e[1] / q[1]:7.2f}x")
     inputs = _fused_inputs()
-    e = _pcts(_times(lambda: eager_fused_step(*inputs), 3))
+    e = pcts(_times(lambda: eager_fused_step(*inputs), 3))
     pe = peak_bytes("eager")
     print(f"{'fused_linear N=4096 V=32000 H=256 fp32: eager':52s} "
           f"{'/'.join(f'{x*1e3:.0f}' for x in e):>24s}   peak {pe / 2**20:.0f} MiB")
     # None: the default chunk (~32 MiB of fp32 logits = 262 rows here); 64: smaller GEMMs.
     # The reference backend is the chunked pure-PyTorch path, the memory baseline.
     for backend, chunk in (("cpu", None), ("cpu", 64), ("reference", None)):
-        q = _pcts(_times(lambda: qtorch_fused_step(*inputs, chunk_size=chunk, backend=backend), 3))
+        q = pcts(_times(lambda: qtorch_fused_step(*inputs, chunk_size=chunk, backend=backend), 3))
         pq = peak_bytes("qtorch", chunk, backend)
         name = f"fused_linear ... qtorch {backend} chunk_size={chunk or 'default'}"
         print(f"{name:52s} {'':>24s} {'/'.join(f'{x*1e3:.0f}' for x in q):>24s} "

@@ -11,6 +11,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import qtorch  # noqa: E402
 from qtorch import _backend  # noqa: E402
@@ -39,6 +40,20 @@ def _reset_backend_choice():
     """No test leaks a set_backend() into the next."""
     yield
     _backend._global_choice = None
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records (op overload, numel of its first tensor result) for every op run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        self.calls.append((func, first.numel() if isinstance(first, torch.Tensor) else 0))
+        return out
 
 
 def kernel_backends() -> list[str]:

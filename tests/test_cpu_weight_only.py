@@ -180,8 +180,8 @@ def test_dequantize_int4_is_the_reference_bitwise(group_size, n):
         torch.ops.qtorch_cpu.dequantize_int4(qw[0], qw[1][:, :1], qw[2], group_size)
 
 
-# (M, N, K): M on both sides of the slab-width steps (32, 256), K = 2 (one byte), K not a
-# multiple of any slab width (64/128/256), N = 1 and odd.
+# (M, N, K): M on both sides of the slab-width steps (32, 256), K from one group (64) to
+# values that are not a multiple of the slab width (64/128/256), N = 1 and odd.
 INT4_GRAD_SHAPES = [(1, 1, 64), (1, 17, 2 * 160), (3, 64, 512), (32, 33, 448), (33, 9, 192),
                     (256, 5, 320), (257, 31, 576)]
 

@@ -14,12 +14,12 @@ import gc
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import qtorch
 from qtorch import ops
 from qtorch import reference as R
 from qtorch.testing import assert_close
+from tests.conftest import OpRecorder
 
 pytestmark = pytest.mark.skipif("cpu" not in qtorch.available_backends(),
                                 reason="qtorch._C (the cpu backend) is not built")
@@ -192,19 +192,11 @@ def test_falls_back_outside_plain_eager(name, monkeypatch):
 
     assert fast(x.as_subclass(Sub), *weights, bias) is None
 
-    class Recorder(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Recorder() as rec:
+    with OpRecorder() as rec:
         assert fast(x, *weights, bias) is None
         op(x, *weights, bias)
-    assert any(f"qtorch.{name}" in o for o in rec.ops), rec.ops  # the mode saw the op
+    seen = [str(f) for f, _ in rec.calls]
+    assert any(f"qtorch.{name}" in o for o in seen), seen  # the mode saw the op
 
     with torch.overrides.TorchFunctionMode():
         assert fast(x, *weights, bias) is None

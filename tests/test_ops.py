@@ -9,7 +9,7 @@ import qtorch
 from qtorch import ops
 from qtorch import reference as R
 from qtorch.testing import assert_close, sqnr
-from tests.conftest import device_for, kernel_backends
+from tests.conftest import OpRecorder, device_for, kernel_backends
 
 BACKENDS = kernel_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -449,21 +449,6 @@ def test_linear_grad_input_kernels(backend, dtype, m, k, n):
     assert_close(out, int4_linear_grad_input(g, *qw, 64))
 
 
-class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records (op name, numel of its result) for every op that runs under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        first = out[0] if isinstance(out, (tuple, list)) else out
-        self.calls.append((func.overloadpacket.__name__,
-                           first.numel() if isinstance(first, torch.Tensor) else 0))
-        return out
-
-
 @pytest.mark.parametrize("fused", [False, True])
 def test_distillation_backward_fills_no_zero_tensors(fused):
     """Only the loss output carries a gradient: autograd must not materialize zero grads for
@@ -477,9 +462,10 @@ def test_distillation_backward_fills_no_zero_tensors(fused):
         loss = ops.fused_linear_distillation_loss(hs, ws, ht, wt, labels)
     else:
         loss = ops.distillation_loss(s, torch.randn(m, v), labels)
-    with _Recorder() as rec:
+    with OpRecorder() as rec:
         loss.backward()
-    fills = [(name, n) for name, n in rec.calls if name in ("zeros", "zero_", "fill_", "zeros_like")
+    fills = [(str(f), n) for f, n in rec.calls
+             if f.overloadpacket.__name__ in ("zeros", "zero_", "fill_", "zeros_like")
              and n >= min(m * v, v * h)]
     assert not fills, fills
     if fused:

@@ -17,14 +17,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 
 #include "alloc.h"
 #include "bindings.h"
@@ -242,18 +239,16 @@ int64_t stream_read(const at::Tensor& t) {
 }
 
 // The DRAM streaming-read bandwidth of this machine in bytes/s: a `bytes` buffer allocated as
-// the packed weights are (2 MiB aligned, MADV_HUGEPAGE), touched once, then read `passes`
+// the packed weights are (huge_page_empty, alloc.h), touched once, then read `passes`
 // times by read_words; best pass.
 double dram_read_bandwidth(int64_t bytes, int64_t passes) {
   TORCH_CHECK_VALUE(bytes >= (int64_t(1) << 20) && passes >= 1,
                     "dram_read_bandwidth: need bytes >= 1 MiB and passes >= 1");
-  const size_t huge = size_t(2) << 20;
-  const size_t alloc = (size_t(bytes) + huge - 1) / huge * huge;
-  void* ptr = nullptr;
-  TORCH_CHECK(posix_memalign(&ptr, huge, alloc) == 0, "dram_read_bandwidth: out of memory");
-  std::unique_ptr<void, decltype(&std::free)> hold(ptr, &std::free);
-  (void)madvise(ptr, alloc, MADV_HUGEPAGE);
-  std::memset(ptr, 1, alloc);
+  const int64_t huge = int64_t(2) << 20;
+  const int64_t alloc = (bytes + huge - 1) / huge * huge;
+  at::Tensor buf = qtorch::cpu::huge_page_empty({alloc}, at::kByte, "dram_read_bandwidth");
+  void* ptr = buf.data_ptr();
+  std::memset(ptr, 1, size_t(alloc));
   double best = 0;
   uint64_t sink = 0;
   for (int64_t pass = 0; pass < passes; ++pass) {

@@ -87,14 +87,14 @@ void dequant_block(const uint8_t* qp, const float* sp, const uint8_t* zp, int64_
                    int64_t gs, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* dst,
                    int64_t ldd) {
   for (int64_t n = n0; n < n1; ++n) {
-    float* wr = dst + (n - n0) * ldd - k0;
+    const uint8_t* qr = qp + n * (K / 2);
+    float* wr = dst + (n - n0) * ldd;  // column k0
     for (int64_t g = k0 / gs; g * gs < k1; ++g) {
       const float sc = sp[n * G + g], zf = float(zp[n * G + g]);
       const int64_t a = std::max(k0, g * gs) / 2, b = std::min(k1, (g + 1) * gs) / 2;
-      const uint8_t* qr = qp + n * (K / 2);
       for (int64_t i = a; i < b; ++i) {  // even k in the low nibble
-        wr[2 * i] = (float(qr[i] & 0xF) - zf) * sc;
-        wr[2 * i + 1] = (float(qr[i] >> 4) - zf) * sc;
+        wr[2 * i - k0] = (float(qr[i] & 0xF) - zf) * sc;
+        wr[2 * i + 1 - k0] = (float(qr[i] >> 4) - zf) * sc;
       }
     }
   }
@@ -122,8 +122,8 @@ at::Tensor dequantize_int4(const at::Tensor& qweight, const at::Tensor& scales,
 // Backward of the W4A16 linear w.r.t. x: grad_out [M, N] @ ŵ [N, K] -> [M, K] in
 // grad_out.dtype, fp32 math as the reference (grad_out widened exactly, the same ŵ, an fp32
 // GEMM, one rounding at the end). ŵ is never built whole: each task dequantizes a column slab
-// ŵ[:, k0:k0+kc] into a per-task buffer (N x kc fp32) and runs
-// the slab's GEMM from it while it is cache-resident, writing its own columns of the result.
+// ŵ[:, k0:k0+kc] into a per-task buffer (N x kc fp32) and runs the slab's GEMM from it while
+// it is cache-resident, writing its own columns of the result.
 // Against dequantize-then-matmul this skips an [N, K] fp32 tensor (64 MiB at 4096^2: fresh
 // pages, one write and one read of DRAM) per backward call. Each output element is still one
 // fp32 BLAS dot over all of n, as in the reference's single matmul (bitwise equal in the tests
@@ -138,7 +138,7 @@ at::Tensor int4_grad_input(const at::Tensor& grad_out, const at::Tensor& qweight
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(1) == N,
                     "grad_out must have shape [M, ", N, "], got ", grad_out.sizes());
   TORCH_CHECK_VALUE(grad_out.device().is_cpu(), "grad_out must be a CPU tensor");
-  const at::Tensor g = grad_out.to(at::kFloat).contiguous();
+  const at::Tensor g = qtorch::cpu::f32_contiguous(grad_out);
   const int64_t M = g.size(0);
   at::Tensor out = at::empty({M, K}, g.options());
   if (M == 0 || K == 0) return out.to(dt);
