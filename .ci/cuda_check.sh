@@ -9,7 +9,8 @@
 #   1. nvcc -gencode sm_80 -gencode sm_90a -Xptxas -v on every csrc/cuda/*.cu (no torch headers);
 #   2. per kernel and arch: registers, spill bytes; any spill in a kernel fails the check;
 #   3. SASS via cuobjdump (from the Triton wheel when not on PATH): IMMA count must be > 0 in
-#      every int8_mm_kernel instance, HMMA > 0 in every wo_mm_kernel (W4A16 / W8A16) instance;
+#      every int8_mm_kernel instance, HMMA > 0 in every weight_only_kernel (W4A16 / W8A16)
+#      instance;
 #   4. the torch binding: built with `python setup.py build_ext` only when $QTORCH_CUDA_PYTHON
 #      (default: python) has a CUDA build of torch; otherwise skipped, with a message.
 set -euo pipefail
@@ -99,7 +100,7 @@ for log in sorted(glob.glob(os.path.join(build, "*.ptxas.log"))):
             failures.append(f"{dn} [{arch}]: {spill} bytes of register spills")
         if "int8_mm_kernel" in dn and c["IMMA"] == 0:
             failures.append(f"{dn} [{arch}]: no IMMA in SASS")
-        if "wo_mm_kernel" in dn and c["HMMA"] == 0:
+        if "weight_only_kernel" in dn and c["HMMA"] == 0:
             failures.append(f"{dn} [{arch}]: no HMMA in SASS")
 
 hdr = ("unit", "kernel", "arch", "regs", "spill B", "IMMA", "HMMA", "LDSM", "LDGSTS", "instrs")
@@ -135,8 +136,8 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev
   "$PY" - "$so" <<'PYEOF'
 import sys, torch
 torch.ops.load_library(sys.argv[1])
-for name in ("quantize_int8", "int8_scaled_mm", "int8_linear", "int4_linear", "int8wo_linear",
-             "distillation_loss"):
+for name in ("quantize_int8", "int8_scaled_mm", "int8_linear", "int4_weight_only_linear",
+             "int8_weight_only_linear", "distillation_loss"):
     print("  ", getattr(torch.ops.qtorch_cuda, name).default._schema)
 PYEOF
   echo "cuda_check: binding compiled, linked and loaded; its ops are registered (nothing ran on a GPU)"

@@ -34,7 +34,7 @@ def build() -> dict:
         "torch.empty(1, 64)": lambda: torch.empty(1, 64),
         "ops.int8_linear": lambda: ops.int8_linear(x, w_q, w_scale),
         "ops.int4_weight_only_linear bf16": lambda: ops.int4_weight_only_linear(xb, qw, sc, z, 32),
-        "binding int8_linear_packed": lambda: torch.ops.qtorch_cpu.int8_linear_packed(
+        "binding int8_linear": lambda: torch.ops.qtorch_cpu.int8_linear(
             x, packed, N, w_scale, None),
     }
 

@@ -9,7 +9,7 @@ Rows, timed interleaved in one run, K = N = 4096, group 128, fp32 activations:
   cpu fwd, reference bwd   the cpu forward kernel with the reference backward (what the cpu
               backend did before it had a backward kernel);
   cpu         the cpu backend: the forward kernel, and the backward kernel
-              (qtorch_cpu::int4_grad_input: ŵ dequantized in cache-sized column slabs, each
+              (qtorch_cpu::int4_linear_grad_input: ŵ dequantized in cache-sized column slabs, each
               followed by its slab's fp32 GEMM, so the fp32 [N, K] ŵ never exists);
   bwd         the backward alone (M = 16, 128, 1024): that kernel vs the previous cpu backward,
               the whole ŵ dequantized in one C++ pass (qtorch_cpu::dequantize_int4), then one
@@ -53,7 +53,7 @@ def main() -> None:
         g = torch.randn(m, N)
         rows[f"M={m:<4d} bwd: dequantize + matmul"] = lambda g=g: g @ torch.ops.qtorch_cpu.dequantize_int4(
             qw, sc, z, GROUP)
-        rows[f"M={m:<4d} bwd: slabs (cpu)"] = lambda g=g: torch.ops.qtorch_cpu.int4_grad_input(
+        rows[f"M={m:<4d} bwd: slabs (cpu)"] = lambda g=g: torch.ops.qtorch_cpu.int4_linear_grad_input(
             g, qw, sc, z, GROUP)
     rows["dequantize reference"] = lambda: R.dequantize_int4(qw, sc, z, GROUP)
     rows["dequantize cpu"] = lambda: torch.ops.qtorch_cpu.dequantize_int4(qw, sc, z, GROUP)

@@ -7,7 +7,7 @@ Cases (issue 5 goal: >= 1.0x fbgemm at every M, >= 1.3x at M = 1, >= 85% of the 
 M >= 128; all threads torch has, fp32 activations, bias):
   qtorch:cpu      `qtorch.ops.int8_linear`, backend "auto" (= cpu) (per-token activation
                   quantization fused into the A-packing, VNNI GEMM, fused epilogue).
-  qtorch:kernel   the kernel binding `torch.ops.qtorch_cpu.int8_linear_packed` on a weight
+  qtorch:kernel   the kernel binding `torch.ops.qtorch_cpu.int8_linear` on a weight
                   packed beforehand, i.e. without qtorch.ops (checks, backend choice, packed-
                   weight cache), to separate the two costs.
   fbgemm          `torch.ao.nn.quantized.dynamic.Linear` (qint8 per-channel weight, dynamic
@@ -76,7 +76,7 @@ def build_impls(m: int, hot: bool = False) -> dict:
     from qtorch.backends import cpu as CPU
 
     def kernel(w_packed, w_scale, b):  # the kernel binding alone, weight packed beforehand
-        return torch.ops.qtorch_cpu.int8_linear_packed(x, w_packed, N, w_scale, b)
+        return torch.ops.qtorch_cpu.int8_linear(x, w_packed, N, w_scale, b)
 
     # own weight copies, so neither qtorch row warms the cache for the other
     kq = [R.quantize_int8(w) + (b,) for w, b in layers]

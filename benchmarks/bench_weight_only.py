@@ -68,7 +68,7 @@ def build_impls(m: int, dtype=torch.bfloat16) -> dict:
     # the op row's would let the row timed second find the weights warm in L3.
     q4k = [R.quantize_int4(_weights(i), GROUP, False) for i in range(n4)]
     packed4 = [(x, *CPU._wo_int4_weight(qw, s, z, GROUP), N, K, GROUP, None) for qw, s, z in q4k]
-    impls["qtorch:cpu W4A16 kernel"] = Rotating(torch.ops.qtorch_cpu.wo_int4_linear, packed4)
+    impls["qtorch:cpu W4A16 kernel"] = Rotating(torch.ops.qtorch_cpu.int4_weight_only_linear, packed4)
     if hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         peer4 = []
         for qw, s, z in q4:
@@ -88,7 +88,7 @@ def build_impls(m: int, dtype=torch.bfloat16) -> dict:
     impls["qtorch:cpu W8A16"] = Rotating(ours8, q8)
     q8k = [R.quantize_int8(_weights(100 + i)) for i in range(n8)]
     packed8 = [(x, *CPU._wo_int8_weight(w_q, s), N, K, None) for w_q, s in q8k]
-    impls["qtorch:cpu W8A16 kernel"] = Rotating(torch.ops.qtorch_cpu.wo_int8_linear, packed8)
+    impls["qtorch:cpu W8A16 kernel"] = Rotating(torch.ops.qtorch_cpu.int8_weight_only_linear, packed8)
     if hasattr(torch, "_weight_int8pack_mm"):
         impls["torch:_weight_int8pack_mm"] = Rotating(
             torch._weight_int8pack_mm, [(x, w_q, s.to(dtype)) for w_q, s in q8]
@@ -238,7 +238,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, clock {args.clock}, "
         f"qtorch cpu ISA {qtorch._C.isa()}, kernel "
-        f"{torch.ops.qtorch_cpu.wo_kernel_name('bfloat16')}"
+        f"{torch.ops.qtorch_cpu.weight_only_kernel_name('bfloat16')}"
     )
     print(
         "rel. error vs qtorch.reference (M=3):",

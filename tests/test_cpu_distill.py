@@ -1,4 +1,4 @@
-"""The `cpu` backend's distillation kernels (csrc/cpu/distill.cpp) against `qtorch.reference`,
+"""The `cpu` backend's distillation kernels (csrc/cpu/distillation.cpp) against `qtorch.reference`,
 on every kernel ISA this CPU runs (forced with `qtorch._C.set_isa`): every divergence, T != 1,
 alpha in {0, 0.3, 1}, ignore_index (ignored rows holding NaN), labels=None, masked (-inf)
 teacher entries, NaN/inf -> non-finite, fp32/bf16/fp16, odd V (vector tails), and the

@@ -83,7 +83,7 @@ def test_int8_scaled_mm_exact_int32(isa, m, n, k):
     a[0] = -128
     b[0] = -128
     exact = a.int() @ b.int().T
-    out = torch.ops.qtorch_cpu.int8_scaled_mm_packed(
+    out = torch.ops.qtorch_cpu.int8_scaled_mm(
         a, CPU._int8_vnni_weight(b), n, torch.ones(m), torch.ones(n), None, torch.int32)
     assert out.dtype == torch.int32
     assert torch.equal(out, exact)
@@ -171,14 +171,14 @@ def test_prepack_cache_reuse():
 
 def test_binding_rejects_a_mismatched_packed_weight():
     w_q, w_scale = _weight(65, 40, seed=9)
-    packed = torch.ops.qtorch_cpu.int8_pack_weight(w_q)
+    packed = torch.ops.qtorch_cpu.pack_int8_mm(w_q)
     x = torch.randn(2, 40)
     with pytest.raises(ValueError, match="packed weight"):
-        torch.ops.qtorch_cpu.int8_linear_packed(x, packed, 66, torch.ones(66), None)
+        torch.ops.qtorch_cpu.int8_linear(x, packed, 66, torch.ones(66), None)
     with pytest.raises(ValueError, match="packed weight"):
-        torch.ops.qtorch_cpu.int8_linear_packed(torch.randn(2, 44), packed, 65, w_scale, None)
+        torch.ops.qtorch_cpu.int8_linear(torch.randn(2, 44), packed, 65, w_scale, None)
     with pytest.raises(TypeError, match="x must be"):
-        torch.ops.qtorch_cpu.int8_linear_packed(x.double(), packed, 65, w_scale, None)
+        torch.ops.qtorch_cpu.int8_linear(x.double(), packed, 65, w_scale, None)
 
 
 def test_measurement_helpers():

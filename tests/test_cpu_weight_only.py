@@ -1,5 +1,5 @@
-"""The `cpu` backend's weight-only kernels (csrc/cpu/wo_mm.cpp, kernels/wo_mm_*.cpp) against
-`qtorch.reference`, on every kernel ISA this CPU runs (forced with `qtorch._C.set_isa`):
+"""The `cpu` backend's weight-only kernels (csrc/cpu/weight_only.cpp, kernels/weight_only_*.cpp)
+against `qtorch.reference`, on every kernel ISA this CPU runs (forced with `qtorch._C.set_isa`):
 W4A16 over group sizes 32/64/128/256, symmetric and asymmetric zeros, W8A16 with odd K; shapes
 with M = 1 and M past the row tiles, N not a multiple of the 16-channel block, fp32/fp16/bf16
 activations, with and without bias; plus the once-per-weight repack cache and the binding's
@@ -135,32 +135,32 @@ def test_binding_rejects_mismatched_buffers():
     """The raw ops check what the kernels would otherwise read out of bounds."""
     w = _randn(20, 128, seed=5)
     qweight, scales, zeros = R.quantize_int4(w, 64, False)
-    pw, ps, pz = torch.ops.qtorch_cpu.wo_pack_int4(qweight, scales, zeros, 64)
+    pw, ps, pz = torch.ops.qtorch_cpu.pack_int4_weight_only(qweight, scales, zeros, 64)
     x = torch.randn(2, 128)
     with pytest.raises(ValueError, match="packed weight"):
-        torch.ops.qtorch_cpu.wo_int4_linear(x, pw[:-1], ps, pz, 20, 128, 64, None)
+        torch.ops.qtorch_cpu.int4_weight_only_linear(x, pw[:-1], ps, pz, 20, 128, 64, None)
     with pytest.raises(ValueError, match="x must have shape"):
-        torch.ops.qtorch_cpu.wo_int4_linear(torch.randn(2, 64), pw, ps, pz, 20, 128, 64, None)
+        torch.ops.qtorch_cpu.int4_weight_only_linear(torch.randn(2, 64), pw, ps, pz, 20, 128, 64, None)
     with pytest.raises(ValueError, match="packed scale"):
-        torch.ops.qtorch_cpu.wo_int4_linear(x, pw, ps, pz, 20, 128, 32, None)
+        torch.ops.qtorch_cpu.int4_weight_only_linear(x, pw, ps, pz, 20, 128, 32, None)
     with pytest.raises(ValueError, match="bias"):
-        torch.ops.qtorch_cpu.wo_int4_linear(x, pw, ps, pz, 20, 128, 64, torch.zeros(3))
+        torch.ops.qtorch_cpu.int4_weight_only_linear(x, pw, ps, pz, 20, 128, 64, torch.zeros(3))
     with pytest.raises(TypeError, match="packed zero"):
-        torch.ops.qtorch_cpu.wo_int4_linear(x, pw, ps, ps, 20, 128, 64, None)
+        torch.ops.qtorch_cpu.int4_weight_only_linear(x, pw, ps, ps, 20, 128, 64, None)
     with pytest.raises(ValueError, match="scales must have shape"):
-        torch.ops.qtorch_cpu.wo_pack_int4(qweight, scales[:, :1], zeros, 64)
+        torch.ops.qtorch_cpu.pack_int4_weight_only(qweight, scales[:, :1], zeros, 64)
     with pytest.raises(TypeError, match="w_q"):
-        torch.ops.qtorch_cpu.wo_pack_int8(torch.zeros(3, 4), torch.ones(3))
+        torch.ops.qtorch_cpu.pack_int8_weight_only(torch.zeros(3, 4), torch.ones(3))
     w_q, w_scale = R.quantize_int8(w)
-    p8, s8 = torch.ops.qtorch_cpu.wo_pack_int8(w_q, w_scale)
+    p8, s8 = torch.ops.qtorch_cpu.pack_int8_weight_only(w_q, w_scale)
     with pytest.raises(ValueError, match="packed weight"):
-        torch.ops.qtorch_cpu.wo_int8_linear(x[:, :126].contiguous(), p8, s8, 20, 126, None)
+        torch.ops.qtorch_cpu.int8_weight_only_linear(x[:, :126].contiguous(), p8, s8, 20, 126, None)
     with pytest.raises(TypeError, match="x must be"):
-        torch.ops.qtorch_cpu.wo_int8_linear(x.double(), p8, s8, 20, 128, None)
+        torch.ops.qtorch_cpu.int8_weight_only_linear(x.double(), p8, s8, 20, 128, None)
 
 
 def test_kernel_name_reported():
-    name = torch.ops.qtorch_cpu.wo_kernel_name("bfloat16")
+    name = torch.ops.qtorch_cpu.weight_only_kernel_name("bfloat16")
     assert isinstance(name, str) and name
 
 
@@ -210,8 +210,8 @@ def test_int4_grad_input_slabs_vs_reference(dtype, m, n, k):
 def test_int4_grad_input_binding_checks():
     qw = R.quantize_int4(_randn(8, 64, seed=0), 32, False)
     with pytest.raises(ValueError, match="grad_out must have shape"):
-        torch.ops.qtorch_cpu.int4_grad_input(torch.randn(2, 7), *qw, 32)
+        torch.ops.qtorch_cpu.int4_linear_grad_input(torch.randn(2, 7), *qw, 32)
     with pytest.raises(TypeError, match="grad_out must be float32"):
-        torch.ops.qtorch_cpu.int4_grad_input(torch.randn(2, 8).double(), *qw, 32)
+        torch.ops.qtorch_cpu.int4_linear_grad_input(torch.randn(2, 8).double(), *qw, 32)
     with pytest.raises(ValueError, match="group_size"):
-        torch.ops.qtorch_cpu.int4_grad_input(torch.randn(2, 8), *qw, 48)
+        torch.ops.qtorch_cpu.int4_linear_grad_input(torch.randn(2, 8), *qw, 48)

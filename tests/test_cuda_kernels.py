@@ -181,10 +181,10 @@ def test_cuda_compile_check(tmp_path):
         assert "binding compiled, linked and loaded" in r.stdout, r.stdout[-4000:]
     for kernel in (
         "int8_mm_kernel",
-        "wo_mm_kernel<fp16, false",
-        "wo_mm_kernel<bf16, true",
+        "weight_only_kernel<fp16, false",
+        "weight_only_kernel<bf16, true",
         "quantize_int8_kernel",
-        "distill_kernel",
+        "distillation_kernel",
     ):
         assert kernel in r.stdout
 

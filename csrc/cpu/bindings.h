@@ -1,6 +1,6 @@
 // The linear entry points of the CPU bindings, shared with the eager fast path
 // (csrc/cpu/fast_path.cpp), which calls them directly instead of through the dispatcher.
-// Contracts: the schemas at the top of int8_mm.cpp and wo_mm.cpp.
+// Contracts: the schemas at the top of int8_mm.cpp and weight_only.cpp.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -8,14 +8,16 @@
 
 namespace qtorch::cpu::binding {
 
-at::Tensor int8_linear_packed(const at::Tensor& x, const at::Tensor& w_packed, int64_t N,
-                              const at::Tensor& w_scale, const std::optional<at::Tensor>& bias);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_packed, int64_t N,
+                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias);
 
-at::Tensor wo_int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                          const at::Tensor& zero_packed, int64_t N, int64_t K, int64_t gs,
-                          const std::optional<at::Tensor>& bias);
+at::Tensor int4_weight_only_linear(const at::Tensor& x, const at::Tensor& w,
+                                   const at::Tensor& scale, const at::Tensor& zero_packed,
+                                   int64_t N, int64_t K, int64_t gs,
+                                   const std::optional<at::Tensor>& bias);
 
-at::Tensor wo_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                          int64_t N, int64_t K, const std::optional<at::Tensor>& bias);
+at::Tensor int8_weight_only_linear(const at::Tensor& x, const at::Tensor& w,
+                                   const at::Tensor& scale, int64_t N, int64_t K,
+                                   const std::optional<at::Tensor>& bias);
 
 }  // namespace qtorch::cpu::binding

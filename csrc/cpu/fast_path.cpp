@@ -246,8 +246,8 @@ PyObject* int8_weight_linear(PyObject* const* args, Py_ssize_t nargs, PyObject* 
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = kKind == kW8A8 ? binding::int8_linear_packed(x2, p[0], N, *s, b)
-                         : binding::wo_int8_linear(x2, p[0], p[1], N, K, b);
+    out = kKind == kW8A8 ? binding::int8_linear(x2, p[0], N, *s, b)
+                         : binding::int8_weight_only_linear(x2, p[0], p[1], N, K, b);
   }
   return finish(std::move(out), *x, shape);
   END_HANDLE_TH_ERRORS
@@ -298,7 +298,7 @@ PyObject* int4_weight_only_linear(PyObject*, PyObject* const* args, Py_ssize_t n
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = binding::wo_int4_linear(x2, p[0], p[1], p[2], N, K, gs, b);
+    out = binding::int4_weight_only_linear(x2, p[0], p[1], p[2], N, K, gs, b);
   }
   return finish(std::move(out), *x, shape);
   END_HANDLE_TH_ERRORS

@@ -2,14 +2,14 @@
 // `qtorch_cpu` namespace, argument checks that keep every kernel access in bounds, buffer
 // allocation and threading (at::parallel_for over weight panels x row blocks).
 //
-//   qtorch_cpu::int8_pack_weight(w s8 [N, K]) -> u8 [packed_b_bytes(N, K)]
+//   qtorch_cpu::pack_int8_mm(w s8 [N, K]) -> u8 [packed_b_bytes(N, K)]
 //       VNNI panels + compensation (layout in int8_mm.h); done once per weight (the Python
 //       side caches it with qtorch._cache.packed).
 //   qtorch_cpu::quantize_int8(x [M, K] f32/f16/bf16) -> (q s8 [M, K], scale f32 [M])
-//   qtorch_cpu::int8_scaled_mm_packed(a s8 [M, K], b_packed, N, scale_a f32 [M], scale_b f32 [N],
+//   qtorch_cpu::int8_scaled_mm(a s8 [M, K], b_packed, N, scale_a f32 [M], scale_b f32 [N],
 //       bias f32 [N]?, out_dtype f32/f16/bf16/int32) -> [M, N]
 //       out_dtype=int32 is a test hook: the exact int32 a @ b.T, scales and bias ignored.
-//   qtorch_cpu::int8_linear_packed(x [M, K] float, w_packed, N, w_scale f32 [N], bias [N]?)
+//   qtorch_cpu::int8_linear(x [M, K] float, w_packed, N, w_scale f32 [N], bias [N]?)
 //       -> [M, N] x.dtype; x is quantized per row straight into the packed-A buffer.
 // Measurement helpers for the benches: int8_vnni_peak (the VNNI roofline), dram_read_bandwidth
 // and stream_read (the DRAM streaming-read ceiling of a decode-sized GEMM).
@@ -29,7 +29,7 @@
 #include "scratch.h"
 #include "kernels/int8_mm.h"
 
-namespace im = qtorch::cpu::int8mm;
+namespace im = qtorch::cpu::int8_mm;
 
 namespace {
 
@@ -91,13 +91,13 @@ void run_gemm(const uint8_t* ap, int64_t M, int64_t K, const uint8_t* bp, int64_
   });
 }
 
-at::Tensor int8_pack_weight(const at::Tensor& w_in) {
+at::Tensor pack_int8_mm(const at::Tensor& w_in) {
   check_2d(w_in, "w", at::kChar);
   const at::Tensor w = w_in.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
   const int64_t bytes = im::packed_b_bytes(N, K);
   // Large packed weights are streamed from DRAM at small M: huge pages (alloc.h).
-  at::Tensor packed = qtorch::cpu::huge_page_empty({bytes}, at::kByte, "int8_pack_weight");
+  at::Tensor packed = qtorch::cpu::huge_page_empty({bytes}, at::kByte, "pack_int8_mm");
   im::pack_b(w.data_ptr<int8_t>(), N, K, K, packed.data_ptr<uint8_t>());
   return packed;
 }
@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x_in) {
   return {q, s};
 }
 
-at::Tensor int8_scaled_mm_packed(const at::Tensor& a_in, const at::Tensor& bp, int64_t N,
+at::Tensor int8_scaled_mm(const at::Tensor& a_in, const at::Tensor& bp, int64_t N,
                                  const at::Tensor& scale_a, const at::Tensor& scale_b,
                                  const std::optional<at::Tensor>& bias,
                                  at::ScalarType out_dtype) {
@@ -152,7 +152,7 @@ at::Tensor int8_scaled_mm_packed(const at::Tensor& a_in, const at::Tensor& bp, i
 
 namespace qtorch::cpu::binding {
 
-at::Tensor int8_linear_packed(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
                               const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D, got shape ", x_in.sizes());
   const im::DType xt = kernel_dtype(x_in.scalar_type(), "x", false);
@@ -266,21 +266,21 @@ double dram_read_bandwidth(int64_t bytes, int64_t passes) {
 TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
   m.def("dram_read_bandwidth(int bytes, int passes) -> float", &dram_read_bandwidth);
   m.def("stream_read(Tensor t) -> int");
-  m.def("int8_pack_weight(Tensor w) -> Tensor");
+  m.def("pack_int8_mm(Tensor w) -> Tensor");
   m.def("int8_vnni_peak(int iters) -> float", &int8_vnni_peak);  // no tensors: catch-all
   m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)");
   m.def(
-      "int8_scaled_mm_packed(Tensor a, Tensor b_packed, int N, Tensor scale_a, Tensor scale_b, "
+      "int8_scaled_mm(Tensor a, Tensor b_packed, int N, Tensor scale_a, Tensor scale_b, "
       "Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def(
-      "int8_linear_packed(Tensor x, Tensor w_packed, int N, Tensor w_scale, Tensor? bias) "
+      "int8_linear(Tensor x, Tensor w_packed, int N, Tensor w_scale, Tensor? bias) "
       "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
-  m.impl("int8_pack_weight", &int8_pack_weight);
+  m.impl("pack_int8_mm", &pack_int8_mm);
   m.impl("quantize_int8", &quantize_int8);
-  m.impl("int8_scaled_mm_packed", &int8_scaled_mm_packed);
-  m.impl("int8_linear_packed", &qtorch::cpu::binding::int8_linear_packed);
+  m.impl("int8_scaled_mm", &int8_scaled_mm);
+  m.impl("int8_linear", &qtorch::cpu::binding::int8_linear);
   m.impl("stream_read", &stream_read);
 }

@@ -109,8 +109,8 @@ Tensor int8_linear(const Tensor& x, const Tensor& w_q, const Tensor& w_scale,
 }
 
 // W4A16 with weights from qtorch/backends/_cuda_pack.py.
-Tensor int4_linear(const Tensor& x, const Tensor& qpacked, const Tensor& szpacked, int64_t N,
-                   int64_t group_size, const c10::optional<Tensor>& bias) {
+Tensor int4_weight_only_linear(const Tensor& x, const Tensor& qpacked, const Tensor& szpacked,
+                               int64_t N, int64_t group_size, const c10::optional<Tensor>& bias) {
   CHECK_CUDA_TENSOR(x);
   CHECK_CUDA_TENSOR(qpacked);
   CHECK_CONTIG(qpacked);
@@ -128,20 +128,20 @@ Tensor int4_linear(const Tensor& x, const Tensor& qpacked, const Tensor& szpacke
   Tensor out = at::empty({M, N}, x.options());
   int sms = 0;
   CHECK_LAUNCH(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
-  const int split = int4_pick_split_k(M, N, K, sms);
+  const int split = weight_only_pick_split_k(M, N, K, sms);
   Tensor ws;
   if (split > 1) ws = at::zeros({M, N}, x.options().dtype(at::kFloat));
-  CHECK_LAUNCH(launch_int4_linear(xc.data_ptr(), dtype_code(x.scalar_type()), qpacked.data_ptr<int32_t>(),
-                                  szpacked.data_ptr<int32_t>(), b.defined() ? b.data_ptr() : nullptr,
-                                  out.data_ptr(), ws.defined() ? ws.data_ptr<float>() : nullptr, M, N, K,
-                                  group_size, split, sms, c10::cuda::getCurrentCUDAStream()));
+  CHECK_LAUNCH(launch_int4_weight_only_linear(
+      xc.data_ptr(), dtype_code(x.scalar_type()), qpacked.data_ptr<int32_t>(), szpacked.data_ptr<int32_t>(),
+      b.defined() ? b.data_ptr() : nullptr, out.data_ptr(), ws.defined() ? ws.data_ptr<float>() : nullptr, M, N,
+      K, group_size, split, sms, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
 // W8A16 with weights from qtorch/backends/_cuda_pack.py (pack_int8); x's K % 8 == 0 (the
 // Python side zero-pads x otherwise; the packed weight is zero past the real K).
-Tensor int8wo_linear(const Tensor& x, const Tensor& qpacked, const Tensor& w_scale, int64_t N,
-                     const c10::optional<Tensor>& bias) {
+Tensor int8_weight_only_linear(const Tensor& x, const Tensor& qpacked, const Tensor& w_scale,
+                               int64_t N, const c10::optional<Tensor>& bias) {
   CHECK_CUDA_TENSOR(x);
   CHECK_CUDA_TENSOR(qpacked);
   CHECK_CONTIG(qpacked);
@@ -159,13 +159,13 @@ Tensor int8wo_linear(const Tensor& x, const Tensor& qpacked, const Tensor& w_sca
   Tensor out = at::empty({M, N}, x.options());
   int sms = 0;
   CHECK_LAUNCH(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
-  const int split = int4_pick_split_k(M, N, K, sms);
+  const int split = weight_only_pick_split_k(M, N, K, sms);
   Tensor ws;
   if (split > 1) ws = at::zeros({M, N}, x.options().dtype(at::kFloat));
-  CHECK_LAUNCH(launch_w8a16_linear(xc.data_ptr(), dtype_code(x.scalar_type()), qpacked.data_ptr<int32_t>(),
-                                   sc.data_ptr<float>(), b.defined() ? b.data_ptr() : nullptr, out.data_ptr(),
-                                   ws.defined() ? ws.data_ptr<float>() : nullptr, M, N, K, split, sms,
-                                   c10::cuda::getCurrentCUDAStream()));
+  CHECK_LAUNCH(launch_int8_weight_only_linear(
+      xc.data_ptr(), dtype_code(x.scalar_type()), qpacked.data_ptr<int32_t>(), sc.data_ptr<float>(),
+      b.defined() ? b.data_ptr() : nullptr, out.data_ptr(), ws.defined() ? ws.data_ptr<float>() : nullptr, M, N,
+      K, split, sms, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -199,8 +199,8 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cuda, m) {
   m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)");
   m.def("int8_scaled_mm(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
-  m.def("int4_linear(Tensor x, Tensor qpacked, Tensor szpacked, int N, int group_size, Tensor? bias) -> Tensor");
-  m.def("int8wo_linear(Tensor x, Tensor qpacked, Tensor w_scale, int N, Tensor? bias) -> Tensor");
+  m.def("int4_weight_only_linear(Tensor x, Tensor qpacked, Tensor szpacked, int N, int group_size, Tensor? bias) -> Tensor");
+  m.def("int8_weight_only_linear(Tensor x, Tensor qpacked, Tensor w_scale, int N, Tensor? bias) -> Tensor");
   m.def("distillation_loss(Tensor student, Tensor teacher, Tensor? labels, float temperature, float alpha, int divergence, float beta, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
 }
 
@@ -208,8 +208,8 @@ TORCH_LIBRARY_IMPL(qtorch_cuda, CUDA, m) {
   m.impl("quantize_int8", &qtorch_cuda::quantize_int8);
   m.impl("int8_scaled_mm", &qtorch_cuda::int8_scaled_mm);
   m.impl("int8_linear", &qtorch_cuda::int8_linear);
-  m.impl("int4_linear", &qtorch_cuda::int4_linear);
-  m.impl("int8wo_linear", &qtorch_cuda::int8wo_linear);
+  m.impl("int4_weight_only_linear", &qtorch_cuda::int4_weight_only_linear);
+  m.impl("int8_weight_only_linear", &qtorch_cuda::int8_weight_only_linear);
   m.impl("distillation_loss", &qtorch_cuda::distillation_loss);
 }
 

@@ -89,7 +89,7 @@ struct alignas(sizeof(T) * VEC) Vec {
 
 template <typename T, int DIV, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    distill_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
+    distillation_kernel(const T* __restrict__ student, const T* __restrict__ teacher,
                    const int64_t* __restrict__ labels, float* __restrict__ loss,
                    T* __restrict__ grad, int V, float temperature, float alpha, float beta,
                    int64_t ignore_index) {
@@ -263,11 +263,11 @@ cudaError_t run_distill(const void* s, const void* t, const int64_t* labels, flo
                    reinterpret_cast<uintptr_t>(t) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(grad) % 16 == 0;
   if (vec)
-    distill_kernel<T, DIV, VEC><<<M, kThreads, 0, stream>>>(
+    distillation_kernel<T, DIV, VEC><<<M, kThreads, 0, stream>>>(
         static_cast<const T*>(s), static_cast<const T*>(t), labels, loss, static_cast<T*>(grad),
         V, temperature, alpha, beta, ignore_index);
   else
-    distill_kernel<T, DIV, 1><<<M, kThreads, 0, stream>>>(
+    distillation_kernel<T, DIV, 1><<<M, kThreads, 0, stream>>>(
         static_cast<const T*>(s), static_cast<const T*>(t), labels, loss, static_cast<T*>(grad),
         V, temperature, alpha, beta, ignore_index);
   return cudaGetLastError();

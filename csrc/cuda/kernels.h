@@ -31,7 +31,7 @@ cudaError_t launch_int8_scaled_mm(const int8_t* a, const int8_t* b, const float*
                                   int out_dtype, int M, int N, int Kp, int lda, int ldb,
                                   cudaStream_t stream);
 
-// ---- int4_mm.cu -----------------------------------------------------------------------------
+// ---- weight_only.cu -------------------------------------------------------------------------
 
 // W4A16: out[M, N] = x[M, K] @ ŵ.T (+ bias), ŵ = (q - zero) * scale, fp32 accumulation.
 //   x [M, K] fp16/bf16 (x_dtype 1/2), row stride K, K % 8 == 0, 16-byte aligned.
@@ -42,23 +42,23 @@ cudaError_t launch_int8_scaled_mm(const int8_t* a, const int8_t* b, const float*
 //   bias [N] x_dtype or nullptr; out [M, N] x_dtype.
 //   workspace: fp32 [M, N] zeroed by the caller when split_k > 1, else unused (nullptr ok).
 //   split_k <= 0 picks one from the grid size and `num_sms`.
-cudaError_t launch_int4_linear(const void* x, int x_dtype, const int32_t* qpacked,
-                               const int32_t* szpacked, const void* bias, void* out,
-                               float* workspace, int M, int N, int K, int group_size,
-                               int split_k, int num_sms, cudaStream_t stream);
+cudaError_t launch_int4_weight_only_linear(const void* x, int x_dtype, const int32_t* qpacked,
+                                           const int32_t* szpacked, const void* bias, void* out,
+                                           float* workspace, int M, int N, int K, int group_size,
+                                           int split_k, int num_sms, cudaStream_t stream);
 
 // W8A16: out[M, N] = (x[M, K] @ q.T) * w_scale[None, :] (+ bias), fp32 accumulation, on the
 // W4A16 kernel's skeleton.
 //   x [M, K] fp16/bf16, K % 8 == 0 (the caller zero-pads x otherwise), 16-byte aligned.
 //   qpacked: int32 [Kp/64][Np/16][2][32 lanes][4] from _cuda_pack.pack_int8 (bytes q + 128).
 //   w_scale fp32 [N]; bias [N] x_dtype or nullptr; workspace and split_k as for int4.
-cudaError_t launch_w8a16_linear(const void* x, int x_dtype, const int32_t* qpacked,
-                                const float* w_scale, const void* bias, void* out,
-                                float* workspace, int M, int N, int K, int split_k, int num_sms,
-                                cudaStream_t stream);
+cudaError_t launch_int8_weight_only_linear(const void* x, int x_dtype, const int32_t* qpacked,
+                                           const float* w_scale, const void* bias, void* out,
+                                           float* workspace, int M, int N, int K, int split_k,
+                                           int num_sms, cudaStream_t stream);
 
 // The split_k the int4 / W8A16 launchers would use (so the caller can size the workspace).
-int int4_pick_split_k(int M, int N, int K, int num_sms);
+int weight_only_pick_split_k(int M, int N, int K, int num_sms);
 
 // ---- distillation.cu ------------------------------------------------------------------------
 

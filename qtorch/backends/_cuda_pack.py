@@ -1,4 +1,4 @@
-"""Weight repacking for the CUDA weight-only kernels (csrc/cuda/int4_mm.cu), in plain torch.
+"""Weight repacking for the CUDA weight-only kernels (csrc/cuda/weight_only.cu), in plain torch.
 
 Runs once per weight (through `qtorch._cache.packed`), on the weight's device. Kept apart from
 `qtorch.backends.cuda` so it imports (and is tested) without the compiled extension.

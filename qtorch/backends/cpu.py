@@ -22,7 +22,7 @@ from qtorch._cache import packed as _packed  # noqa: E402
 
 
 def _int8_pack_weight_op(w: torch.Tensor) -> torch.Tensor:
-    return torch.ops.qtorch_cpu.int8_pack_weight(w)
+    return torch.ops.qtorch_cpu.pack_int8_mm(w)
 
 
 def _int8_vnni_weight(w: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,7 @@ def _quantize_int8(x):
 
 @register_kernel("int8_scaled_mm", "cpu")
 def _int8_scaled_mm(a, b, scale_a, scale_b, bias, out_dtype):
-    return torch.ops.qtorch_cpu.int8_scaled_mm_packed(
+    return torch.ops.qtorch_cpu.int8_scaled_mm(
         a, _int8_vnni_weight(b), b.shape[0], scale_a, scale_b, bias, out_dtype
     )
 
@@ -52,13 +52,13 @@ _KIND_W8A8, _KIND_W8A16, _KIND_W4A16 = 0, 1, 2
 def _int8_linear(x, w_q, w_scale, bias):
     wp = _int8_vnni_weight(w_q)
     _C.fast_put(_KIND_W8A8, w_q, None, None, 0, [wp])
-    return torch.ops.qtorch_cpu.int8_linear_packed(x, wp, w_q.shape[0], w_scale, bias)
+    return torch.ops.qtorch_cpu.int8_linear(x, wp, w_q.shape[0], w_scale, bias)
 
 
 # --- weight-only kernels (int8_weight_only_linear, quantize_int4, dequantize_int4,
 #     int4_weight_only_linear) ---------------------------------------------------------------
 # (section owned by the weight-only CPU work)
-# Weights are repacked once into 16-channel blocks (layout in csrc/cpu/kernels/wo_mm.h) and
+# Weights are repacked once into 16-channel blocks (layout in csrc/cpu/kernels/weight_only.h) and
 # dequantized inside the kernel; quantize_int4 runs once per weight, so the reference serves
 # it. dequantize_int4 and the int4 backward (which dequantizes per call, in slabs) have C++
 # kernels.
@@ -70,21 +70,21 @@ def _wo_int4_weight(qweight, scales, zeros, group_size):
     identity and version are part of the key (a module holds all three for its lifetime)."""
     key = ("cpu_wo_int4", group_size, scales.data_ptr(), _version(scales), zeros.data_ptr(),
            _version(zeros))
-    return _packed(qweight, key, lambda: torch.ops.qtorch_cpu.wo_pack_int4(
+    return _packed(qweight, key, lambda: torch.ops.qtorch_cpu.pack_int4_weight_only(
         qweight, scales.float(), zeros, group_size))
 
 
 def _wo_int8_weight(w_q, w_scale):
     """w_q s8 [N, K], w_scale [N] -> [w, scale] packed once per weight."""
     key = ("cpu_wo_int8", w_scale.data_ptr(), _version(w_scale))
-    return _packed(w_q, key, lambda: torch.ops.qtorch_cpu.wo_pack_int8(w_q, w_scale.float()))
+    return _packed(w_q, key, lambda: torch.ops.qtorch_cpu.pack_int8_weight_only(w_q, w_scale.float()))
 
 
 @register_kernel("int8_weight_only_linear", "cpu")
 def _int8_weight_only_linear(x, w_q, w_scale, bias):
     w, s = _wo_int8_weight(w_q, w_scale)
     _C.fast_put(_KIND_W8A16, w_q, w_scale, None, 0, [w, s])
-    return torch.ops.qtorch_cpu.wo_int8_linear(x, w, s, w_q.shape[0], w_q.shape[1], bias)
+    return torch.ops.qtorch_cpu.int8_weight_only_linear(x, w, s, w_q.shape[0], w_q.shape[1], bias)
 
 
 @register_kernel("int8_linear_grad_input", "cpu")
@@ -96,17 +96,17 @@ def _int8_linear_grad_input(grad_out, w_q, w_scale):
     the reference does, so low-precision gradients lose nothing before the one final rounding.
     """
     n, k = w_q.shape
-    wt, st = _packed(w_q, "cpu_wo_int8_T", lambda: torch.ops.qtorch_cpu.wo_pack_int8(
+    wt, st = _packed(w_q, "cpu_wo_int8_T", lambda: torch.ops.qtorch_cpu.pack_int8_weight_only(
         w_q.t().contiguous(), torch.ones(k, dtype=torch.float32)))
     g = grad_out.float() * w_scale
-    return torch.ops.qtorch_cpu.wo_int8_linear(g, wt, st, k, n, None).to(grad_out.dtype)
+    return torch.ops.qtorch_cpu.int8_weight_only_linear(g, wt, st, k, n, None).to(grad_out.dtype)
 
 
 @register_kernel("int4_weight_only_linear", "cpu")
 def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
     w, s, z = _wo_int4_weight(qweight, scales, zeros, group_size)
     _C.fast_put(_KIND_W4A16, qweight, scales, zeros, group_size, [w, s, z])
-    return torch.ops.qtorch_cpu.wo_int4_linear(
+    return torch.ops.qtorch_cpu.int4_weight_only_linear(
         x, w, s, z, qweight.shape[0], qweight.shape[1] * 2, group_size, bias
     )
 
@@ -121,12 +121,12 @@ def _int4_linear_grad_input(grad_out, qweight, scales, zeros, group_size):
     """grad_out [M, N] @ ŵ [N, K] in fp32 as the reference, with ŵ dequantized per call (a
     frozen backbone keeps only its int4 weights) in cache-sized column slabs, each followed by
     its slab's fp32 BLAS GEMM, so the fp32 [N, K] ŵ never exists."""
-    return torch.ops.qtorch_cpu.int4_grad_input(grad_out, qweight, scales.float(), zeros,
+    return torch.ops.qtorch_cpu.int4_linear_grad_input(grad_out, qweight, scales.float(), zeros,
                                                 group_size)
 
 
 # --- distillation kernels (distillation_loss, fused_linear_distillation_loss) ---------------
-# (section owned by the distillation CPU work) csrc/cpu/distill.cpp: one pass per row for the
+# (section owned by the distillation CPU work) csrc/cpu/distillation.cpp: one pass per row for the
 # online softmax statistics of s/T, s and t/T, then the loss terms and d loss / d s; rows in
 # parallel. The fused-linear op chunks tokens (fp32 logits by BLAS, gradient written over the
 # chunk's logits in place), so [M, V] never exists.

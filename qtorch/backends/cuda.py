@@ -1,7 +1,7 @@
 """The `cuda` backend: CUDA C++ kernels in qtorch._C_cuda (ops in the `qtorch_cuda` namespace).
 
 csrc/cuda/int8_mm.cu       quantize_int8, int8_scaled_mm, int8_linear (mma.sync s8 tensor cores)
-csrc/cuda/int4_mm.cu       int4_weight_only_linear (W4A16, Marlin-style) and
+csrc/cuda/weight_only.cu   int4_weight_only_linear (W4A16, Marlin-style) and
                            int8_weight_only_linear (W8A16, same kernel), fp16/bf16 activations
 csrc/cuda/distillation.cu  distillation_loss, and the loss inside fused_linear_distillation_loss
 
@@ -83,7 +83,8 @@ def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
         _version(zeros),
     )
     qp, szp = packed(qweight, key, lambda: pack_int4(qweight, scales, zeros, group_size, x.dtype))
-    return torch.ops.qtorch_cuda.int4_linear(x, qp, szp, qweight.shape[0], group_size, bias)
+    return torch.ops.qtorch_cuda.int4_weight_only_linear(x, qp, szp, qweight.shape[0], group_size,
+                                                         bias)
 
 
 @register_kernel("int8_weight_only_linear", "cuda")
@@ -94,7 +95,7 @@ def _int8_weight_only_linear(x, w_q, w_scale, bias):
     k = x.shape[1]
     if k % 8:  # the kernel moves x in 16-byte pieces; the packed weight is 0 past K
         x = torch.nn.functional.pad(x, (0, -k % 8))
-    return torch.ops.qtorch_cuda.int8wo_linear(x, qp, w_scale, w_q.shape[0], bias)
+    return torch.ops.qtorch_cuda.int8_weight_only_linear(x, qp, w_scale, w_q.shape[0], bias)
 
 
 # --- distillation ------------------------------------------------------------------------------

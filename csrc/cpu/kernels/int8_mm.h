@@ -22,7 +22,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace qtorch::cpu::int8mm {
+namespace qtorch::cpu::int8_mm {
 
 constexpr int64_t kPanel = 64;  // output channels per packed weight panel (4 zmm of 16 lanes)
 constexpr int64_t kGroup = 4;   // k per 32-bit lane (vpdpbusd reduces 4 u8*s8 products)
@@ -83,7 +83,7 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
           int64_t p0, int64_t p1, const Epilogue& ep);
 
 // ---- per-ISA implementations (same contracts) -------------------------------------------
-#define QTORCH_INT8MM_DECLARE(ns)                                                             \
+#define QTORCH_INT8_MM_DECLARE(ns)                                                             \
   namespace ns {                                                                              \
   void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1, \
                      float* scale, int8_t* q, int64_t ldq, uint8_t* ap);                      \
@@ -91,14 +91,14 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
   void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0,           \
             int64_t m1, int64_t p0, int64_t p1, const Epilogue& ep);                          \
   }
-QTORCH_INT8MM_DECLARE(scalar)
-QTORCH_INT8MM_DECLARE(avx2)
-QTORCH_INT8MM_DECLARE(avx512)
+QTORCH_INT8_MM_DECLARE(scalar)
+QTORCH_INT8_MM_DECLARE(avx2)
+QTORCH_INT8_MM_DECLARE(avx512)
 namespace avx512 {
 // Runs iters x 24 register-only zmm vpdpbusd and returns the int ops done (the VNNI peak probe).
 int64_t vnni_spin(int64_t iters);
 }
-#undef QTORCH_INT8MM_DECLARE
+#undef QTORCH_INT8_MM_DECLARE
 
 // Scalar helpers shared by the ISA files for tails (round-to-nearest-even conversions).
 float half_to_float(uint16_t h);
@@ -117,4 +117,4 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t(u >> 16);
 }
 
-}  // namespace qtorch::cpu::int8mm
+}  // namespace qtorch::cpu::int8_mm

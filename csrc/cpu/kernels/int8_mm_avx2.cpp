@@ -13,7 +13,7 @@
 
 #include "kernels/int8_mm.h"
 
-namespace qtorch::cpu::int8mm::avx2 {
+namespace qtorch::cpu::int8_mm::avx2 {
 
 namespace {
 
@@ -228,4 +228,4 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
   }
 }
 
-}  // namespace qtorch::cpu::int8mm::avx2
+}  // namespace qtorch::cpu::int8_mm::avx2

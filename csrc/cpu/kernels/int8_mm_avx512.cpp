@@ -13,7 +13,7 @@
 
 #include "kernels/int8_mm.h"
 
-namespace qtorch::cpu::int8mm::avx512 {
+namespace qtorch::cpu::int8_mm::avx512 {
 
 namespace {
 
@@ -201,4 +201,4 @@ int64_t vnni_spin(int64_t iters) {
   return n * 24 * 128;
 }
 
-}  // namespace qtorch::cpu::int8mm::avx512
+}  // namespace qtorch::cpu::int8_mm::avx512

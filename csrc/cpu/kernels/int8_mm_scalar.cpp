@@ -6,7 +6,7 @@
 #include "cpu_features.h"
 #include "kernels/int8_mm.h"
 
-namespace qtorch::cpu::int8mm {
+namespace qtorch::cpu::int8_mm {
 
 float half_to_float(uint16_t h) {
   uint32_t sign = uint32_t(h & 0x8000u) << 16;
@@ -171,4 +171,4 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
   }
 }
 
-}  // namespace qtorch::cpu::int8mm
+}  // namespace qtorch::cpu::int8_mm

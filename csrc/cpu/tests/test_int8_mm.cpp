@@ -16,7 +16,7 @@
 #include "kernels/int8_mm.h"
 
 namespace qc = qtorch::cpu;
-using namespace qtorch::cpu::int8mm;
+using namespace qtorch::cpu::int8_mm;
 
 namespace {
 

@@ -13,9 +13,9 @@
 #include <vector>
 
 #include "cpu_features.h"
-#include "kernels/wo_mm.h"
+#include "kernels/weight_only.h"
 
-using namespace qtorch::cpu::womm;
+using namespace qtorch::cpu::weight_only;
 namespace qc = qtorch::cpu;
 
 namespace {
@@ -213,10 +213,10 @@ int main() {
   // Every ISA up to the one in force (the CPU's best, capped by QTORCH_CPU_ISA, which is how
   // .ci/cpp_tests.sh runs each path); the dispatching entry points are checked too.
   const qc::Isa top = qc::isa();
-  std::vector<Isa> isas = {{"scalar", int4_mm_scalar, int8_mm_scalar, true}};
-  if (top >= qc::Isa::Avx2) isas.push_back({"avx2", int4_mm_avx2, int8_mm_avx2, false});
-  if (top >= qc::Isa::Avx512) isas.push_back({"avx512", int4_mm_avx512, int8_mm_avx512, true});
-  isas.push_back({"dispatch", int4_mm, int8_mm, supports_act(Act::BF16)});
+  std::vector<Isa> isas = {{"scalar", int4_gemm_scalar, int8_gemm_scalar, true}};
+  if (top >= qc::Isa::Avx2) isas.push_back({"avx2", int4_gemm_avx2, int8_gemm_avx2, false});
+  if (top >= qc::Isa::Avx512) isas.push_back({"avx512", int4_gemm_avx512, int8_gemm_avx512, true});
+  isas.push_back({"dispatch", int4_gemm, int8_gemm, supports_act(Act::BF16)});
   std::printf("kernel ISA in force: %s\n", qc::isa_name(top));
 
   const int64_t Ms[] = {1, 2, 3, 4, 5, 8, 9, 17};

@@ -13,9 +13,9 @@
 #include <vector>
 
 #include "cpu_features.h"
-#include "kernels/distill.h"
+#include "kernels/distillation.h"
 
-using namespace qtorch::cpu::distill;
+using namespace qtorch::cpu::distillation;
 
 namespace {
 
@@ -300,6 +300,6 @@ int main() {
       check_fd(isa.name, isa.fn, div);
     check_rows(isa.name, isa.fn);
   }
-  std::printf("test_distill: %d cases, %d failures\n", cases, failures);
+  std::printf("test_distillation: %d cases, %d failures\n", cases, failures);
   return failures == 0 ? 0 : 1;
 }

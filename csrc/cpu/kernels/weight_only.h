@@ -1,6 +1,6 @@
 // Weight-only (W8A16 / W4A16) matmul kernels for the CPU backend: torch-free (raw pointers +
 // sizes only), so the C++ sanitizer test links them without libtorch. The binding
-// (csrc/cpu/wo_mm.cpp) owns allocation, argument checks and threading; every kernel here
+// (csrc/cpu/weight_only.cpp) owns allocation, argument checks and threading; every kernel here
 // computes a caller-given range of 16-column weight blocks for all M rows.
 //
 // Math. The weights stay quantized in memory and are dequantized inside the kernel, in
@@ -15,7 +15,7 @@
 // OR: the bits 0x4300 | q are the bf16 number 128 + q (exponent 2^7, mantissa unit 1), so
 // the kernel accumulates sum x (128 + q) and uses b' = b - 128 s in the group epilogue.
 // The offset makes the fp32 partial sums ~10x larger than sum x (q - z), and so their rounding
-// error; it stays within depth * 2^-24 * sum |terms| (what test_wo_mm.cpp checks), orders of
+// error; it stays within depth * 2^-24 * sum |terms| (what test_weight_only.cpp checks), orders of
 // magnitude below the bf16 output's 2^-9.
 // For int8 there is one "group" spanning K, no zero point, and s is the per-channel scale:
 //     out[m,n] = s[n] * sum_k x[m,k] q[n,k]            (q in [-127, 127], exact in bf16)
@@ -47,7 +47,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace qtorch::cpu::womm {
+namespace qtorch::cpu::weight_only {
 
 constexpr int64_t kBlock = 16;  // output channels per packed block (one zmm of fp32)
 
@@ -108,17 +108,17 @@ void group_sums(const void* x, Act act, int64_t M, int64_t ldx, int64_t K, int64
 // caller): AVX-512 takes F32 and BF16, AVX2 and scalar take F32.
 bool supports_act(Act act);
 // Dispatching entry points (ISA from cpu_features.h isa()).
-void int4_mm(const Int4Weights& w, const Problem& p);
-void int8_mm(const Int8Weights& w, const Problem& p);
+void int4_gemm(const Int4Weights& w, const Problem& p);
+void int8_gemm(const Int8Weights& w, const Problem& p);
 // Per-ISA entry points (the test program calls each one it can run).
-void int4_mm_scalar(const Int4Weights& w, const Problem& p);
-void int8_mm_scalar(const Int8Weights& w, const Problem& p);
-void int4_mm_avx2(const Int4Weights& w, const Problem& p);
-void int8_mm_avx2(const Int8Weights& w, const Problem& p);
-void int4_mm_avx512(const Int4Weights& w, const Problem& p);
-void int8_mm_avx512(const Int8Weights& w, const Problem& p);
+void int4_gemm_scalar(const Int4Weights& w, const Problem& p);
+void int8_gemm_scalar(const Int8Weights& w, const Problem& p);
+void int4_gemm_avx2(const Int4Weights& w, const Problem& p);
+void int8_gemm_avx2(const Int8Weights& w, const Problem& p);
+void int4_gemm_avx512(const Int4Weights& w, const Problem& p);
+void int8_gemm_avx512(const Int8Weights& w, const Problem& p);
 
 // Name of the kernel variant the dispatcher uses for `act` (for `qtorch info`).
 const char* kernel_name(Act act);
 
-}  // namespace qtorch::cpu::womm
+}  // namespace qtorch::cpu::weight_only

@@ -1,16 +1,16 @@
 // AVX2 + FMA + F16C instance of the distillation row kernel (8 fp32 lanes). bf16 is converted
 // with integer shifts (round to nearest even, NaN kept NaN). Row tails go through a small stack
 // buffer, so nothing past the row is ever read or written.
-#include "distill.h"
+#include "distillation.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
 #include <cstring>
 
-#include "distill_impl.h"
+#include "distillation_impl.h"
 
-namespace qtorch::cpu::distill {
+namespace qtorch::cpu::distillation {
 namespace {
 
 struct Avx2Vt {
@@ -167,15 +167,15 @@ float row_avx2(const void* s, DType sdt, const void* t, DType tdt, int64_t V, in
   return row_dispatch<Avx2Vt>(s, sdt, t, tdt, V, label, P, g, gdt, gscale);
 }
 
-}  // namespace qtorch::cpu::distill
+}  // namespace qtorch::cpu::distillation
 
 #else  // not built with AVX2: never selected (row_fn caps at the CPU's ISA); scalar stub
 
-namespace qtorch::cpu::distill {
+namespace qtorch::cpu::distillation {
 float row_avx2(const void* s, DType sdt, const void* t, DType tdt, int64_t V, int64_t label,
                const Params& P, void* g, DType gdt, float gscale) {
   return row_scalar(s, sdt, t, tdt, V, label, P, g, gdt, gscale);
 }
-}  // namespace qtorch::cpu::distill
+}  // namespace qtorch::cpu::distillation
 
 #endif

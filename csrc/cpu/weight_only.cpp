@@ -1,19 +1,20 @@
-// Torch binding of the weight-only kernels (csrc/cpu/kernels/wo_mm.h): schemas in the
+// Torch binding of the weight-only kernels (csrc/cpu/kernels/weight_only.h): schemas in the
 // `qtorch_cpu` namespace, argument checks that keep every kernel access in bounds, buffer
 // allocation and threading (at::parallel_for over 16-column weight blocks).
 //
-//   qtorch_cpu::wo_pack_int4(qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G], group_size)
-//       -> [w u8 [int4_packed_bytes], scale f32 [Nb*G*16], zero u8 [Nb*G*16]]
-//   qtorch_cpu::wo_pack_int8(w_q s8 [N, K], w_scale f32 [N]) -> [w s8 [int8_packed_bytes],
-//       scale f32 [Nb*16]]
+//   qtorch_cpu::pack_int4_weight_only(qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G],
+//       group_size) -> [w u8 [int4_packed_bytes], scale f32 [Nb*G*16], zero u8 [Nb*G*16]]
+//   qtorch_cpu::pack_int8_weight_only(w_q s8 [N, K], w_scale f32 [N])
+//       -> [w s8 [int8_packed_bytes], scale f32 [Nb*16]]
 //       Both run once per weight (the Python side caches them with qtorch._cache.packed); the
 //       weight buffer is 2 MiB aligned and madvise(MADV_HUGEPAGE)d: streaming it through 4 KiB
 //       pages costs a TLB miss every 4 KiB, which halves the DRAM bandwidth a core sees here.
-//   qtorch_cpu::wo_int4_linear(x [M, K] f32/f16/bf16, w, scale, zero_packed, N, K, group_size,
-//       bias [N]?) -> [M, N] x.dtype
-//   qtorch_cpu::wo_int8_linear(x [M, K] f32/f16/bf16, w, scale, N, K, bias [N]?) -> [M, N] x.dtype
+//   qtorch_cpu::int4_weight_only_linear(x [M, K] f32/f16/bf16, w, scale, zero_packed, N, K,
+//       group_size, bias [N]?) -> [M, N] x.dtype
+//   qtorch_cpu::int8_weight_only_linear(x [M, K] f32/f16/bf16, w, scale, N, K, bias [N]?)
+//       -> [M, N] x.dtype
 //   qtorch_cpu::dequantize_int4(qweight, scales, zeros, group_size) -> fp32 [N, K]
-//   qtorch_cpu::int4_grad_input(grad_out [M, N] f32/f16/bf16, qweight, scales, zeros,
+//   qtorch_cpu::int4_linear_grad_input(grad_out [M, N] f32/f16/bf16, qweight, scales, zeros,
 //       group_size) -> [M, K] grad_out.dtype (the int4 backward, dequantizing per call in
 //       cache-sized column slabs)
 //
@@ -31,10 +32,10 @@
 
 #include "alloc.h"
 #include "bindings.h"
-#include "kernels/wo_mm.h"
+#include "kernels/weight_only.h"
 #include "scratch.h"
 
-namespace wm = qtorch::cpu::womm;
+namespace wm = qtorch::cpu::weight_only;
 
 namespace {
 
@@ -46,7 +47,7 @@ void check_tensor(const at::Tensor& t, const char* what, at::ScalarType dt, int6
 
 // A 1-D tensor of `n` elements, 2 MiB aligned and huge-page backed once it spans one (alloc.h).
 at::Tensor alloc_aligned(int64_t n, at::ScalarType dt) {
-  return qtorch::cpu::huge_page_empty({n}, dt, "wo_pack");
+  return qtorch::cpu::huge_page_empty({n}, dt, "pack_weight_only");
 }
 
 // Canonical int4 storage (API.md): qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G],
@@ -68,8 +69,9 @@ std::array<int64_t, 3> check_int4_canonical(const at::Tensor& qweight, const at:
   return {N, K, G};
 }
 
-std::vector<at::Tensor> wo_pack_int4(const at::Tensor& qweight, const at::Tensor& scales,
-                                     const at::Tensor& zeros, int64_t gs) {
+std::vector<at::Tensor> pack_int4_weight_only(const at::Tensor& qweight,
+                                              const at::Tensor& scales, const at::Tensor& zeros,
+                                              int64_t gs) {
   const auto dims = check_int4_canonical(qweight, scales, zeros, gs);
   const int64_t N = dims[0], K = dims[1];
   const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
@@ -128,8 +130,8 @@ at::Tensor dequantize_int4(const at::Tensor& qweight, const at::Tensor& scales,
 // pages, one write and one read of DRAM) per backward call. Each output element is still one
 // fp32 BLAS dot over all of n, as in the reference's single matmul (bitwise equal in the tests
 // with this torch's BLAS, which is not a contract: the tests allow fp32 rounding).
-at::Tensor int4_grad_input(const at::Tensor& grad_out, const at::Tensor& qweight,
-                           const at::Tensor& scales, const at::Tensor& zeros, int64_t gs) {
+at::Tensor int4_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& qweight,
+                                  const at::Tensor& scales, const at::Tensor& zeros, int64_t gs) {
   const auto dims = check_int4_canonical(qweight, scales, zeros, gs);
   const int64_t N = dims[0], K = dims[1], G = dims[2];
   const auto dt = grad_out.scalar_type();
@@ -165,7 +167,8 @@ at::Tensor int4_grad_input(const at::Tensor& grad_out, const at::Tensor& qweight
   return out.to(dt);
 }
 
-std::vector<at::Tensor> wo_pack_int8(const at::Tensor& w_q, const at::Tensor& w_scale) {
+std::vector<at::Tensor> pack_int8_weight_only(const at::Tensor& w_q,
+                                              const at::Tensor& w_scale) {
   check_tensor(w_q, "w_q", at::kChar, 2);
   check_tensor(w_scale, "w_scale", at::kFloat, 1);
   const int64_t N = w_q.size(0), K = w_q.size(1);
@@ -249,9 +252,10 @@ struct Output {
 
 namespace qtorch::cpu::binding {
 
-at::Tensor wo_int4_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
-                          const at::Tensor& zero_packed, int64_t N, int64_t K, int64_t gs,
-                          const std::optional<at::Tensor>& bias) {
+at::Tensor int4_weight_only_linear(const at::Tensor& x_in, const at::Tensor& w,
+                                   const at::Tensor& scale, const at::Tensor& zero_packed,
+                                   int64_t N, int64_t K, int64_t gs,
+                                   const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128 || gs == 256,
                     "group_size must be 32, 64, 128 or 256, got ", gs);
   TORCH_CHECK_VALUE(N >= 1 && K >= 1 && K % gs == 0, "bad N=", N, ", K=", K, " for group_size ",
@@ -285,14 +289,15 @@ at::Tensor wo_int4_linear(const at::Tensor& x_in, const at::Tensor& w, const at:
     p.xsum = xsum;
     p.col_bias = cb.defined() ? cb.data_ptr<float>() : nullptr;
     p.y = out.y, p.ldy = N, p.nb0 = b, p.nb1 = e;
-    wm::int4_mm(wt, p);
+    wm::int4_gemm(wt, p);
     out.cast_blocks(b, e);
   });
   return out.out;
 }
 
-at::Tensor wo_int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scale,
-                          int64_t N, int64_t K, const std::optional<at::Tensor>& bias) {
+at::Tensor int8_weight_only_linear(const at::Tensor& x_in, const at::Tensor& w,
+                                   const at::Tensor& scale, int64_t N, int64_t K,
+                                   const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(N >= 1 && K >= 1, "bad N=", N, ", K=", K);
   TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == K, "x must have shape [M, ", K, "], got ",
                     x_in.sizes());
@@ -316,7 +321,7 @@ at::Tensor wo_int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at:
     p.x = x.data_ptr(), p.act = act, p.M = M, p.ldx = kp;
     p.col_bias = cb.defined() ? cb.data_ptr<float>() : nullptr;
     p.y = out.y, p.ldy = N, p.nb0 = b, p.nb1 = e;
-    wm::int8_mm(wt, p);
+    wm::int8_gemm(wt, p);
     out.cast_blocks(b, e);
   });
   return out.out;
@@ -326,31 +331,35 @@ at::Tensor wo_int8_linear(const at::Tensor& x_in, const at::Tensor& w, const at:
 
 namespace {
 
-std::string wo_kernel_name(const std::string& act) {
+std::string weight_only_kernel_name(const std::string& act) {
   return wm::kernel_name(act == "bfloat16" ? wm::Act::BF16 : wm::Act::F32);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
-  m.def("wo_pack_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor[]");
-  m.def("wo_pack_int8(Tensor w_q, Tensor w_scale) -> Tensor[]");
+  m.def(
+      "pack_int4_weight_only(Tensor qweight, Tensor scales, Tensor zeros, int group_size) "
+      "-> Tensor[]");
+  m.def("pack_int8_weight_only(Tensor w_q, Tensor w_scale) -> Tensor[]");
   m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def(
-      "int4_grad_input(Tensor grad_out, Tensor qweight, Tensor scales, Tensor zeros, "
+      "int4_linear_grad_input(Tensor grad_out, Tensor qweight, Tensor scales, Tensor zeros, "
       "int group_size) -> Tensor");
   m.def(
-      "wo_int4_linear(Tensor x, Tensor w, Tensor scale, Tensor zero_packed, int N, int K, "
-      "int group_size, Tensor? bias=None) -> Tensor");
-  m.def("wo_int8_linear(Tensor x, Tensor w, Tensor scale, int N, int K, Tensor? bias=None) -> Tensor");
-  m.def("wo_kernel_name(str act) -> str", &wo_kernel_name);
+      "int4_weight_only_linear(Tensor x, Tensor w, Tensor scale, Tensor zero_packed, int N, "
+      "int K, int group_size, Tensor? bias=None) -> Tensor");
+  m.def(
+      "int8_weight_only_linear(Tensor x, Tensor w, Tensor scale, int N, int K, "
+      "Tensor? bias=None) -> Tensor");
+  m.def("weight_only_kernel_name(str act) -> str", &weight_only_kernel_name);
 }
 
 TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
-  m.impl("wo_pack_int4", &wo_pack_int4);
-  m.impl("wo_pack_int8", &wo_pack_int8);
+  m.impl("pack_int4_weight_only", &pack_int4_weight_only);
+  m.impl("pack_int8_weight_only", &pack_int8_weight_only);
   m.impl("dequantize_int4", &dequantize_int4);
-  m.impl("int4_grad_input", &int4_grad_input);
-  m.impl("wo_int4_linear", &qtorch::cpu::binding::wo_int4_linear);
-  m.impl("wo_int8_linear", &qtorch::cpu::binding::wo_int8_linear);
+  m.impl("int4_linear_grad_input", &int4_linear_grad_input);
+  m.impl("int4_weight_only_linear", &qtorch::cpu::binding::int4_weight_only_linear);
+  m.impl("int8_weight_only_linear", &qtorch::cpu::binding::int8_weight_only_linear);
 }

@@ -3,10 +3,10 @@
 #include <cmath>
 #include <cstring>
 
-#include "distill.h"
-#include "distill_impl.h"
+#include "distillation.h"
+#include "distillation_impl.h"
 
-namespace qtorch::cpu::distill {
+namespace qtorch::cpu::distillation {
 
 static inline uint32_t f2u(float f) {
   uint32_t u;
@@ -131,4 +131,4 @@ void rows(RowFn fn, const void* student, DType sdt, int64_t lds, const void* tea
   }
 }
 
-}  // namespace qtorch::cpu::distill
+}  // namespace qtorch::cpu::distillation

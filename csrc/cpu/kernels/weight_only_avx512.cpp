@@ -1,4 +1,4 @@
-// Weight-only matmul, AVX-512 (F/BW/DQ/VL + BF16). Math and layouts: wo_mm.h.
+// Weight-only matmul, AVX-512 (F/BW/DQ/VL + BF16). Math and layouts: weight_only.h.
 //
 // Structure. A tile is MR rows x NR blocks (16 channels each) over the whole K; the
 // accumulators live in registers, the int4/int8 weights are widened in registers right before
@@ -14,7 +14,7 @@
 //   16-byte slice widened to 32-bit lanes holds 8 channels x 2 consecutive k, multiplied by
 //   the broadcast x pair (x[k], x[k+1]); the two lanes of a channel are added at the end
 //   (vpermt2ps even/odd + add).
-#include "wo_mm.h"
+#include "weight_only.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -23,7 +23,7 @@
 #include <cstring>
 #include <utility>
 
-namespace qtorch::cpu::womm {
+namespace qtorch::cpu::weight_only {
 namespace {
 
 using TileFn = void (*)(const void* w, const Problem& p, int64_t m0, int64_t nb);
@@ -65,7 +65,7 @@ inline __m512 neg_scaled_zero(__m512 s, const uint8_t* z) {
 
 // ---------------------------------------------------------------- int4, bf16 activations
 // Per k-octet and block: one 64-byte load; nibble q of its 32 u16 lanes, OR 0x4300, is the
-// bf16 vector of 128 + q for channel pairs at k0 + 2q, k0 + 2q + 1 (wo_mm.h): 3 shifts and 4
+// bf16 vector of 128 + q for channel pairs at k0 + 2q, k0 + 2q + 1 (weight_only.h): 3 shifts and 4
 // ternary-logic ops feed 4 vdpbf16ps, with no widening shuffle.
 template <int MR, int NR>
 void int4_bf16_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
@@ -117,7 +117,7 @@ void int4_bf16_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
 
 // ---------------------------------------------------------------- int4, fp32 activations
 // Per k-octet and block: one 64-byte load = 16 channels x one 32-bit word of 8 nibbles; nibble
-// i of every lane, widened to fp32, is the channel vector at k0 + kOctetK[i] (wo_mm.h), FMAd
+// i of every lane, widened to fp32, is the channel vector at k0 + kOctetK[i] (weight_only.h), FMAd
 // with the broadcast x[k0 + kOctetK[i]]: one accumulator per (row, block), no pair reduction.
 template <int MR, int NR>
 void int4_f32_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
@@ -267,14 +267,14 @@ int64_t chunk_blocks(int64_t block_bytes, int nr) {
 
 }  // namespace
 
-void int4_mm_avx512(const Int4Weights& w, const Problem& p) {
+void int4_gemm_avx512(const Int4Weights& w, const Problem& p) {
   const int64_t block_bytes = (w.K / 8) * 64;
   // Registers: MR*NR accumulators + 2 NR weight vectors + 1 x + 2 constants <= 32.
   const int mr = p.M <= 3 ? int(p.M) : 8, nr = p.M <= 3 ? 4 : 2;
   drive(p.act == Act::BF16 ? kInt4Bf16 : kInt4F32, &w, p, mr, nr, chunk_blocks(block_bytes, nr));
 }
 
-void int8_mm_avx512(const Int8Weights& w, const Problem& p) {
+void int8_gemm_avx512(const Int8Weights& w, const Problem& p) {
   const int64_t block_bytes = (int8_padded_k(w.K) / 2) * 32;
   if (p.act == Act::BF16) {
     const int mr = p.M <= 3 ? int(p.M) : 8, nr = p.M <= 3 ? 4 : 2;
@@ -285,13 +285,13 @@ void int8_mm_avx512(const Int8Weights& w, const Problem& p) {
   }
 }
 
-}  // namespace qtorch::cpu::womm
+}  // namespace qtorch::cpu::weight_only
 
 #else  // not compiled for AVX-512: never selected (isa() says so), but must link.
 
-namespace qtorch::cpu::womm {
-void int4_mm_avx512(const Int4Weights& w, const Problem& p) { int4_mm_scalar(w, p); }
-void int8_mm_avx512(const Int8Weights& w, const Problem& p) { int8_mm_scalar(w, p); }
-}  // namespace qtorch::cpu::womm
+namespace qtorch::cpu::weight_only {
+void int4_gemm_avx512(const Int4Weights& w, const Problem& p) { int4_gemm_scalar(w, p); }
+void int8_gemm_avx512(const Int8Weights& w, const Problem& p) { int8_gemm_scalar(w, p); }
+}  // namespace qtorch::cpu::weight_only
 
 #endif

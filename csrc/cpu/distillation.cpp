@@ -1,4 +1,4 @@
-// Torch binding of the distillation-loss kernels (csrc/cpu/kernels/distill.h): schemas in the
+// Torch binding of the distillation-loss kernels (csrc/cpu/kernels/distillation.h): schemas in the
 // `qtorch_cpu` namespace, the checks that keep every kernel access in bounds (shapes, dtypes,
 // contiguity, label range), allocation and threading (at::parallel_for over rows).
 //
@@ -24,9 +24,9 @@
 #include <string>
 
 #include "cpu_features.h"
-#include "kernels/distill.h"
+#include "kernels/distillation.h"
 
-namespace dk = qtorch::cpu::distill;
+namespace dk = qtorch::cpu::distillation;
 
 namespace {
 

@@ -1,14 +1,14 @@
 // AVX-512 instance of the distillation row kernel (16 fp32 lanes; bf16 via vcvtneps2bf16,
 // fp16 via vcvtph2ps/vcvtps2ph). Compiled with the avx512 flags of setup.py.
-#include "distill.h"
+#include "distillation.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512BF16__)
 #include <immintrin.h>
 
-#include "distill_impl.h"
+#include "distillation_impl.h"
 
-namespace qtorch::cpu::distill {
+namespace qtorch::cpu::distillation {
 namespace {
 
 struct Avx512Vt {
@@ -132,15 +132,15 @@ float row_avx512(const void* s, DType sdt, const void* t, DType tdt, int64_t V, 
   return row_dispatch<Avx512Vt>(s, sdt, t, tdt, V, label, P, g, gdt, gscale);
 }
 
-}  // namespace qtorch::cpu::distill
+}  // namespace qtorch::cpu::distillation
 
 #else  // not built with AVX-512: never selected (row_fn caps at the CPU's ISA); scalar stub
 
-namespace qtorch::cpu::distill {
+namespace qtorch::cpu::distillation {
 float row_avx512(const void* s, DType sdt, const void* t, DType tdt, int64_t V, int64_t label,
                  const Params& P, void* g, DType gdt, float gscale) {
   return row_scalar(s, sdt, t, tdt, V, label, P, g, gdt, gscale);
 }
-}  // namespace qtorch::cpu::distill
+}  // namespace qtorch::cpu::distillation
 
 #endif

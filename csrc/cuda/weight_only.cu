@@ -130,14 +130,14 @@ template <bool W8> struct WFmt {
 // MT: m16 tiles per block (block rows = 16 MT); NW: n16 blocks per warp (BN = 64 NW).
 template <typename T, bool W8, int MT, int NW, int STAGES>
 __global__ void __launch_bounds__(kWarps * 32)
-    wo_mm_kernel(const T* __restrict__ x,              // [M, K]
-                   const int4* __restrict__ qp,           // [Kp/64][Np/16][UPL][32 lanes] x 16 B
-                   const uint32_t* __restrict__ szp,      // int4: [Kp/gs][Np]; W8: unused
-                   const float* __restrict__ wscale,      // W8: [N] per-channel scale; int4: unused
-                   const T* __restrict__ bias,            // [N] or nullptr
-                   T* __restrict__ out,                   // [M, N]   (split_k == 1)
-                   float* __restrict__ ws,                // [M, N]   (split_k > 1)
-                   int M, int N, int K, int group_size, int chunks_per_split) {
+    weight_only_kernel(const T* __restrict__ x,          // [M, K]
+                       const int4* __restrict__ qp,        // [Kp/64][Np/16][UPL][32 lanes] x 16 B
+                       const uint32_t* __restrict__ szp,   // int4: [Kp/gs][Np]; W8: unused
+                       const float* __restrict__ wscale,   // W8: [N] channel scales; int4: unused
+                       const T* __restrict__ bias,         // [N] or nullptr
+                       T* __restrict__ out,                // [M, N]   (split_k == 1)
+                       float* __restrict__ ws,             // [M, N]   (split_k > 1)
+                       int M, int N, int K, int group_size, int chunks_per_split) {
   constexpr int NT = kWarps * 32;
   constexpr int BM = 16 * MT, BN = kWarps * NW * 16;
   constexpr int X_BYTES = BM * kKC * 2;
@@ -304,7 +304,7 @@ cudaError_t run_wo(const void* x, const int32_t* qp, const int32_t* szp, const f
   constexpr int STAGE_BYTES =
       BM * kKC * 2 + kWarps * NW * 32 * 16 * WFmt<W8>::kUnitsPerLane + (W8 ? 0 : 2 * BN * 4);
   constexpr int smem = STAGES * STAGE_BYTES;
-  auto kernel = wo_mm_kernel<T, W8, MT, NW, STAGES>;
+  auto kernel = weight_only_kernel<T, W8, MT, NW, STAGES>;
   // Over 48 KiB of dynamic shared memory needs an opt-in, per device: set it on every launch
   // (a cheap host call) rather than caching it and missing a second GPU.
   cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -348,7 +348,7 @@ cudaError_t dispatch_wo(const void* x, const int32_t* qp, const int32_t* szp, co
 
 }  // namespace
 
-int int4_pick_split_k(int M, int N, int K, int num_sms) {
+int weight_only_pick_split_k(int M, int N, int K, int num_sms) {
   int bm, bn;
   pick_shape(M, bm, bn);
   const int blocks = ceil_div(N, bn) * ceil_div(M, bm);
@@ -362,15 +362,15 @@ int int4_pick_split_k(int M, int N, int K, int num_sms) {
   return ceil_div(chunks, per);
 }
 
-cudaError_t launch_int4_linear(const void* x, int x_dtype, const int32_t* qpacked,
-                               const int32_t* szpacked, const void* bias, void* out,
-                               float* workspace, int M, int N, int K, int group_size,
-                               int split_k, int num_sms, cudaStream_t stream) {
+cudaError_t launch_int4_weight_only_linear(const void* x, int x_dtype, const int32_t* qpacked,
+                                           const int32_t* szpacked, const void* bias, void* out,
+                                           float* workspace, int M, int N, int K, int group_size,
+                                           int split_k, int num_sms, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (K % 8 || group_size < 32 || group_size % 32 || K % group_size ||
       reinterpret_cast<uintptr_t>(x) % 16)
     return cudaErrorInvalidValue;
-  if (split_k <= 0) split_k = int4_pick_split_k(M, N, K, num_sms);
+  if (split_k <= 0) split_k = weight_only_pick_split_k(M, N, K, num_sms);
   if (split_k > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   switch (x_dtype) {
     case kFloat16:
@@ -381,13 +381,13 @@ cudaError_t launch_int4_linear(const void* x, int x_dtype, const int32_t* qpacke
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_w8a16_linear(const void* x, int x_dtype, const int32_t* qpacked,
-                                const float* w_scale, const void* bias, void* out,
-                                float* workspace, int M, int N, int K, int split_k, int num_sms,
-                                cudaStream_t stream) {
+cudaError_t launch_int8_weight_only_linear(const void* x, int x_dtype, const int32_t* qpacked,
+                                           const float* w_scale, const void* bias, void* out,
+                                           float* workspace, int M, int N, int K, int split_k,
+                                           int num_sms, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (K % 8 || reinterpret_cast<uintptr_t>(x) % 16) return cudaErrorInvalidValue;
-  if (split_k <= 0) split_k = int4_pick_split_k(M, N, K, num_sms);
+  if (split_k <= 0) split_k = weight_only_pick_split_k(M, N, K, num_sms);
   if (split_k > 1 && workspace == nullptr) return cudaErrorInvalidValue;
   switch (x_dtype) {
     case kFloat16:

@@ -1,17 +1,17 @@
 // Weight-only matmul, AVX2 + FMA, fp32 activations (bf16/fp16 are widened by the caller).
-// Math and layouts: wo_mm.h. With 16 ymm registers a tile is MR rows x NR "half blocks" of 8
+// Math and layouts: weight_only.h. With 16 ymm registers a tile is MR rows x NR "half blocks" of 8
 // channels, MR * NR <= 4. int8: 8 bytes of a k-pair widened to 32-bit lanes hold 4 channels x
 // 2 k, so a half block is two such vectors; x pairs (x[k], x[k+1]) are broadcast per row, and
 // the two k lanes of a channel are summed at the end (hadd + a 64-bit permute). int4: see
 // int4_tile (one channel per lane, no reduction).
-#include "wo_mm.h"
+#include "weight_only.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
 #include <cstring>
 
-namespace qtorch::cpu::womm {
+namespace qtorch::cpu::weight_only {
 namespace {
 
 constexpr int kHalf = 8;  // channels per AVX2 tile
@@ -42,7 +42,7 @@ inline int64_t half_offset(int64_t h, int64_t row_bytes) { return (h / 2) * row_
 // Rows m0 .. m0+MR, channels 8h .. 8(h+NR) (NR half blocks). One row alone needs NR > 1 so
 // that enough independent accumulators hide the FMA latency.
 // int4: a half block's 32 bytes of a k-octet are 8 channels x one 32-bit word of 8 nibbles
-// (wo_mm.h), so nibble i of every lane, widened to fp32, is the channel vector at
+// (weight_only.h), so nibble i of every lane, widened to fp32, is the channel vector at
 // k0 + kOctetK[i]: 8 shift-mask-convert steps and 8 FMAs per row, no shuffles, and no pair
 // reduction at the group end.
 template <int MR, int NR>
@@ -155,25 +155,25 @@ void drive(const W& w, const Problem& p, int64_t block_bytes, int mr_cap, Tile&&
 
 }  // namespace
 
-void int4_mm_avx2(const Int4Weights& w, const Problem& p) {
+void int4_gemm_avx2(const Int4Weights& w, const Problem& p) {
   drive(w, p, (w.K / 8) * 64, 4, [&](int mr, int nr, int64_t m0, int64_t h) {
     QT_WO_AVX2_DISPATCH(int4_tile, w)
   });
 }
 
-void int8_mm_avx2(const Int8Weights& w, const Problem& p) {
+void int8_gemm_avx2(const Int8Weights& w, const Problem& p) {
   drive(w, p, (int8_padded_k(w.K) / 2) * 32, 4, [&](int mr, int nr, int64_t m0, int64_t h) {
     QT_WO_AVX2_DISPATCH(int8_tile, w)
   });
 }
 
-}  // namespace qtorch::cpu::womm
+}  // namespace qtorch::cpu::weight_only
 
 #else  // not compiled for AVX2: never selected (isa() says so), but must link.
 
-namespace qtorch::cpu::womm {
-void int4_mm_avx2(const Int4Weights& w, const Problem& p) { int4_mm_scalar(w, p); }
-void int8_mm_avx2(const Int8Weights& w, const Problem& p) { int8_mm_scalar(w, p); }
-}  // namespace qtorch::cpu::womm
+namespace qtorch::cpu::weight_only {
+void int4_gemm_avx2(const Int4Weights& w, const Problem& p) { int4_gemm_scalar(w, p); }
+void int8_gemm_avx2(const Int8Weights& w, const Problem& p) { int8_gemm_scalar(w, p); }
+}  // namespace qtorch::cpu::weight_only
 
 #endif

@@ -1,12 +1,12 @@
 // Weight-only matmul: packing, group sums, the portable scalar kernels and the ISA dispatch.
-// See wo_mm.h for the math and the layouts.
-#include "wo_mm.h"
+// See weight_only.h for the math and the layouts.
+#include "weight_only.h"
 
 #include <cstring>
 
 #include "../cpu_features.h"
 
-namespace qtorch::cpu::womm {
+namespace qtorch::cpu::weight_only {
 
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
@@ -31,7 +31,7 @@ void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros
   for (int64_t nb = 0; nb < Nb; ++nb) {
     for (int64_t o = 0; o < Ko; ++o) {
       uint8_t* dst = w_out + (nb * Ko + o) * 64;
-      for (int b = 0; b < 64; ++b) {  // byte 4c + 2e + h (wo_mm.h)
+      for (int b = 0; b < 64; ++b) {  // byte 4c + 2e + h (weight_only.h)
         const int64_t n = nb * kBlock + b / 4, k = 8 * o + 4 * (b & 1) + ((b >> 1) & 1);
         dst[b] = uint8_t(q(n, k) | (q(n, k + 2) << 4));
       }
@@ -96,7 +96,7 @@ static void store_block(const Problem& p, int64_t N, int64_t m, int64_t nb, cons
   for (int64_t i = 0; i < nn; ++i) yr[i] = acc[i] + (p.col_bias ? p.col_bias[n0 + i] : 0.f);
 }
 
-void int4_mm_scalar(const Int4Weights& w, const Problem& p) {
+void int4_gemm_scalar(const Int4Weights& w, const Problem& p) {
   const int64_t K = w.K, gs = w.gs, G = K / gs, Ko = K / 8;
   for (int64_t nb = p.nb0; nb < p.nb1; ++nb) {
     const uint8_t* wb = w.w + nb * Ko * 64;
@@ -123,7 +123,7 @@ void int4_mm_scalar(const Int4Weights& w, const Problem& p) {
   }
 }
 
-void int8_mm_scalar(const Int8Weights& w, const Problem& p) {
+void int8_gemm_scalar(const Int8Weights& w, const Problem& p) {
   const int64_t Kh = int8_padded_k(w.K) / 2;
   for (int64_t nb = p.nb0; nb < p.nb1; ++nb) {
     const int8_t* wb = w.w + nb * Kh * 32;
@@ -141,19 +141,19 @@ void int8_mm_scalar(const Int8Weights& w, const Problem& p) {
 
 bool supports_act(Act act) { return act == Act::F32 || isa() == Isa::Avx512; }
 
-void int4_mm(const Int4Weights& w, const Problem& p) {
+void int4_gemm(const Int4Weights& w, const Problem& p) {
   switch (isa()) {
-    case Isa::Avx512: return int4_mm_avx512(w, p);
-    case Isa::Avx2: return int4_mm_avx2(w, p);
-    default: return int4_mm_scalar(w, p);
+    case Isa::Avx512: return int4_gemm_avx512(w, p);
+    case Isa::Avx2: return int4_gemm_avx2(w, p);
+    default: return int4_gemm_scalar(w, p);
   }
 }
 
-void int8_mm(const Int8Weights& w, const Problem& p) {
+void int8_gemm(const Int8Weights& w, const Problem& p) {
   switch (isa()) {
-    case Isa::Avx512: return int8_mm_avx512(w, p);
-    case Isa::Avx2: return int8_mm_avx2(w, p);
-    default: return int8_mm_scalar(w, p);
+    case Isa::Avx512: return int8_gemm_avx512(w, p);
+    case Isa::Avx2: return int8_gemm_avx2(w, p);
+    default: return int8_gemm_scalar(w, p);
   }
 }
 
@@ -165,4 +165,4 @@ const char* kernel_name(Act act) {
   }
 }
 
-}  // namespace qtorch::cpu::womm
+}  // namespace qtorch::cpu::weight_only

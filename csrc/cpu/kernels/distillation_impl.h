@@ -1,6 +1,6 @@
 // The distillation row kernel, written once over a vector-traits class `Vt` and instantiated by
-// each ISA translation unit (distill_scalar.cpp, distill_avx2.cpp, distill_avx512.cpp) with its
-// own traits class. Include it only from those files.
+// each ISA translation unit (distillation_scalar.cpp, distillation_avx2.cpp,
+// distillation_avx512.cpp) with its own traits class. Include it only from those files.
 //
 // Each ISA's Vt is a distinct type, so row_t<Vt, ...> instantiations have distinct symbols
 // (and internal linkage) even though this template lives in one namespace.
@@ -25,9 +25,9 @@
 #include <cstdint>
 #include <limits>
 
-#include "distill.h"
+#include "distillation.h"
 
-namespace qtorch::cpu::distill {
+namespace qtorch::cpu::distillation {
 
 template <class Vt, DType SD, DType TD, DType GD>
 static float row_t(const void* sp, const void* tp, int64_t V, int64_t label, const Params& P,
@@ -267,4 +267,4 @@ static float row_dispatch(const void* s, DType sdt, const void* t, DType tdt, in
   return std::numeric_limits<float>::quiet_NaN();  // unreachable for valid dtypes
 }
 
-}  // namespace qtorch::cpu::distill
+}  // namespace qtorch::cpu::distillation

@@ -1,5 +1,5 @@
 // Knowledge-distillation loss kernels for the CPU backend: torch-free (raw pointers + sizes), so
-// the C++ sanitizer test links them without libtorch. The binding (csrc/cpu/distill.cpp) owns
+// the C++ sanitizer test links them without libtorch. The binding (csrc/cpu/distillation.cpp) owns
 // argument checks (including the label range), allocation and threading over rows.
 //
 // Per row (token) i, everything in fp32 whatever the storage dtype (API.md):
@@ -17,7 +17,7 @@
 #pragma once
 #include <cstdint>
 
-namespace qtorch::cpu::distill {
+namespace qtorch::cpu::distillation {
 
 enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 enum class Divergence : int { KL = 0, ReverseKL = 1, JSD = 2 };
@@ -65,4 +65,4 @@ uint16_t f32_to_f16(float f);
 float bf16_to_f32(uint16_t h);
 uint16_t f32_to_bf16(float f);
 
-}  // namespace qtorch::cpu::distill
+}  // namespace qtorch::cpu::distillation
