@@ -27,14 +27,15 @@
 #include "kernels/distillation.h"
 
 namespace dk = qtorch::cpu::distillation;
+using qtorch::cpu::DType;
 
 namespace {
 
-dk::DType kernel_dtype(const at::Tensor& t, const char* what) {
+DType kernel_dtype(const at::Tensor& t, const char* what) {
   switch (t.scalar_type()) {
-    case at::kFloat: return dk::DType::F32;
-    case at::kHalf: return dk::DType::F16;
-    case at::kBFloat16: return dk::DType::BF16;
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
     default:
       TORCH_CHECK_TYPE(false, what, " must be float32, float16 or bfloat16, got ",
                        t.scalar_type());
@@ -79,9 +80,9 @@ const int64_t* check_labels(const c10::optional<at::Tensor>& labels, int64_t M, 
 }
 
 // Rows of a [rows, V] problem in parallel; each row is ~V exps, so small grains pay off.
-void run_rows(const dk::Params& P, const void* s, dk::DType sdt, const void* t, dk::DType tdt,
+void run_rows(const dk::Params& P, const void* s, DType sdt, const void* t, DType tdt,
               const int64_t* labels, int64_t ignore_index, int64_t rows, int64_t V, float* loss,
-              void* g, dk::DType gdt, const float* token_scale) {
+              void* g, DType gdt, const float* token_scale) {
   const dk::RowFn fn = dk::row_fn(static_cast<int>(qtorch::cpu::isa()));
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
   at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
@@ -98,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> distillation_loss(
   check_2d(teacher, "teacher");
   TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "student ", student.sizes(),
                     " and teacher ", teacher.sizes(), " must have the same shape");
-  const dk::DType sdt = kernel_dtype(student, "student"), tdt = kernel_dtype(teacher, "teacher");
+  const DType sdt = kernel_dtype(student, "student"), tdt = kernel_dtype(teacher, "teacher");
   const dk::Params P = make_params(temperature, alpha, divergence, beta);
   const int64_t M = student.size(0), V = student.size(1);
   TORCH_CHECK_VALUE(V >= 1, "vocab size must be >= 1, got ", V);
@@ -182,10 +183,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_distilla
     else at::mm_out(t, htc, wt32.t());
     // Each row's gradient overwrites its own student logits: the kernel reads element j of a
     // row before it writes it, and never reads it again afterwards.
-    run_rows(P, s.data_ptr(), dk::DType::F32, t.data_ptr(), dk::DType::F32,
+    run_rows(P, s.data_ptr(), DType::F32, t.data_ptr(), DType::F32,
              lab != nullptr ? lab + start : nullptr, ignore_index, n, V,
              loss.data_ptr<float>() + start, compute_grad ? s.data_ptr() : nullptr,
-             dk::DType::F32, ts != nullptr ? ts + start : nullptr);
+             DType::F32, ts != nullptr ? ts + start : nullptr);
     if (!compute_grad) continue;
     const at::Tensor& g = s;
     if (gh32.defined()) {

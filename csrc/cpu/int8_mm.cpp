@@ -30,16 +30,17 @@
 #include "kernels/int8_mm.h"
 
 namespace im = qtorch::cpu::int8_mm;
+using qtorch::cpu::DType;
 
 namespace {
 
-im::DType kernel_dtype(at::ScalarType t, const char* what, bool allow_int32) {
+DType kernel_dtype(at::ScalarType t, const char* what, bool allow_int32) {
   switch (t) {
-    case at::kFloat: return im::DType::F32;
-    case at::kHalf: return im::DType::F16;
-    case at::kBFloat16: return im::DType::BF16;
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
     case at::kInt:
-      if (allow_int32) return im::DType::S32;
+      if (allow_int32) return DType::S32;
       [[fallthrough]];
     default:
       TORCH_CHECK_TYPE(false, what, " must be float32, float16 or bfloat16", allow_int32 ? " (or int32)" : "",
@@ -104,7 +105,7 @@ at::Tensor pack_int8_mm(const at::Tensor& w_in) {
 
 std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x_in) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D, got shape ", x_in.sizes());
-  const im::DType xt = kernel_dtype(x_in.scalar_type(), "x", false);
+  const DType xt = kernel_dtype(x_in.scalar_type(), "x", false);
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
@@ -122,7 +123,7 @@ at::Tensor int8_scaled_mm(const at::Tensor& a_in, const at::Tensor& bp, int64_t 
                                  const std::optional<at::Tensor>& bias,
                                  at::ScalarType out_dtype) {
   check_2d(a_in, "a", at::kChar);
-  const im::DType ot = kernel_dtype(out_dtype, "out_dtype", true);
+  const DType ot = kernel_dtype(out_dtype, "out_dtype", true);
   const at::Tensor a = a_in.contiguous();
   const int64_t M = a.size(0), K = a.size(1);
   TORCH_CHECK_VALUE(K >= 1 && N >= 0, "int8_scaled_mm: need K >= 1, got K=", K);
@@ -155,7 +156,7 @@ namespace qtorch::cpu::binding {
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
                               const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D, got shape ", x_in.sizes());
-  const im::DType xt = kernel_dtype(x_in.scalar_type(), "x", false);
+  const DType xt = kernel_dtype(x_in.scalar_type(), "x", false);
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK_VALUE(K >= 1, "int8_linear: need K >= 1, got K=", K);

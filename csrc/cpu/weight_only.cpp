@@ -36,6 +36,7 @@
 #include "scratch.h"
 
 namespace wm = qtorch::cpu::weight_only;
+using qtorch::cpu::DType;
 
 namespace {
 
@@ -184,15 +185,15 @@ std::vector<at::Tensor> pack_int8_weight_only(const at::Tensor& w_q,
 
 // x as the kernel takes it: bf16 stays bf16 where the ISA has vdpbf16ps, everything else is
 // widened (exactly) to fp32; `kp` columns, zero-padded past K.
-std::pair<at::Tensor, wm::Act> kernel_activations(const at::Tensor& x, int64_t kp) {
+std::pair<at::Tensor, DType> kernel_activations(const at::Tensor& x, int64_t kp) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                        x.scalar_type() == at::kBFloat16,
                    "x must be float32, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D, got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor");
-  const bool native_bf16 = x.scalar_type() == at::kBFloat16 && wm::supports_act(wm::Act::BF16);
+  const bool native_bf16 = x.scalar_type() == at::kBFloat16 && wm::supports_act(DType::BF16);
   const at::ScalarType kt = native_bf16 ? at::kBFloat16 : at::kFloat;
-  const wm::Act act = native_bf16 ? wm::Act::BF16 : wm::Act::F32;
+  const DType act = native_bf16 ? DType::BF16 : DType::F32;
   const int64_t K = x.size(1);
   if (kp == K) {
     if (x.scalar_type() == kt && x.is_contiguous()) return {x, act};
@@ -332,7 +333,7 @@ at::Tensor int8_weight_only_linear(const at::Tensor& x_in, const at::Tensor& w,
 namespace {
 
 std::string weight_only_kernel_name(const std::string& act) {
-  return wm::kernel_name(act == "bfloat16" ? wm::Act::BF16 : wm::Act::F32);
+  return wm::kernel_name(act == "bfloat16" ? DType::BF16 : DType::F32);
 }
 
 }  // namespace

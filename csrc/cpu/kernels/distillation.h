@@ -17,9 +17,10 @@
 #pragma once
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace qtorch::cpu::distillation {
 
-enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 enum class Divergence : int { KL = 0, ReverseKL = 1, JSD = 2 };
 
 struct Params {
@@ -48,8 +49,6 @@ float row_avx512(const void* student, DType sdt, const void* teacher, DType tdt,
 // isa: 0 scalar, 1 avx2, 2 avx512 (the values of qtorch::cpu::Isa).
 RowFn row_fn(int isa);
 
-inline int64_t dtype_size(DType d) { return d == DType::F32 ? 4 : 2; }
-
 // Rows [begin, end) of a [M, V] problem, serially (the binding parallelizes over ranges).
 // labels may be null (every row counts, no hard term). Rows whose label == ignore_index get
 // loss 0 and a zero gradient row. token_scale (may be null = all ones) multiplies the gradient
@@ -58,11 +57,5 @@ void rows(RowFn fn, const void* student, DType sdt, int64_t lds, const void* tea
           int64_t ldt, const int64_t* labels, int64_t ignore_index, int64_t V, int64_t begin,
           int64_t end, const Params& params, float* loss, void* grad, DType gdt, int64_t ldg,
           const float* token_scale);
-
-// fp16 <-> fp32 and bf16 <-> fp32 in plain C++ (round to nearest even; NaN stays NaN).
-float f16_to_f32(uint16_t h);
-uint16_t f32_to_f16(float f);
-float bf16_to_f32(uint16_t h);
-uint16_t f32_to_bf16(float f);
 
 }  // namespace qtorch::cpu::distillation

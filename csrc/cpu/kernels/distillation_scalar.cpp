@@ -1,5 +1,5 @@
-// Scalar (one float per "vector") instance of the distillation row kernel, the dtype
-// conversions, the ISA choice and the row loop. Compiled without ISA flags: runs anywhere.
+// Scalar (one float per "vector") instance of the distillation row kernel, the ISA choice and
+// the row loop. Compiled without ISA flags: runs anywhere.
 #include <cmath>
 #include <cstring>
 
@@ -7,52 +7,6 @@
 #include "distillation_impl.h"
 
 namespace qtorch::cpu::distillation {
-
-static inline uint32_t f2u(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-static inline float u2f(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-float bf16_to_f32(uint16_t h) { return u2f(static_cast<uint32_t>(h) << 16); }
-
-uint16_t f32_to_bf16(float f) {
-  const uint32_t u = f2u(f);
-  if (std::isnan(f)) return static_cast<uint16_t>((u >> 16) | 0x40);  // keep it a (quiet) NaN
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
-}
-
-float f16_to_f32(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-  if (e == 0) {  // zero or subnormal: m · 2^-24, exact in fp32
-    const float v = static_cast<float>(m) * 5.9604644775390625e-8f;
-    return sign ? -v : v;
-  }
-  if (e == 31) return u2f(sign | 0x7f800000u | (m << 13));
-  return u2f(sign | ((e + 112u) << 23) | (m << 13));
-}
-
-uint16_t f32_to_f16(float f) {
-  // Round to nearest even (F. Giesen's float_to_half_fast3_rtne).
-  uint32_t u = f2u(f);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  u &= 0x7fffffffu;
-  if (u >= 0x47800000u)  // >= 2^16 (rounds to inf), inf or NaN
-    return static_cast<uint16_t>(sign | (u > 0x7f800000u ? 0x7e00u : 0x7c00u));
-  if (u < 0x38800000u) {  // below 2^-14: half subnormal; let fp32 addition do the rounding
-    const float a = u2f(u) + 0.5f;
-    return static_cast<uint16_t>(sign | (f2u(a) - 0x3f000000u));
-  }
-  const uint32_t odd = (u >> 13) & 1u;
-  u += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + odd;
-  return static_cast<uint16_t>(sign | (u >> 13));
-}
 
 namespace {
 

@@ -22,6 +22,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace qtorch::cpu::int8_mm {
 
 constexpr int64_t kPanel = 64;  // output channels per packed weight panel (4 zmm of 16 lanes)
@@ -46,8 +48,6 @@ inline const int64_t* packed_b_trailer(const uint8_t* bp, int64_t bytes) {
 inline const int32_t* packed_b_comp(const uint8_t* bp, int64_t N, int64_t K) {
   return reinterpret_cast<const int32_t*>(bp + packed_b_panel_bytes(N, K));
 }
-
-enum class DType { F32 = 0, F16 = 1, BF16 = 2, S32 = 3 };
 
 // Result epilogue, applied to the exact int32 dot product d[m, n]:
 //   S32:       out[m, n] = d                                  (test hook; scales/bias unused)
@@ -83,7 +83,7 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
           int64_t p0, int64_t p1, const Epilogue& ep);
 
 // ---- per-ISA implementations (same contracts) -------------------------------------------
-#define QTORCH_INT8_MM_DECLARE(ns)                                                             \
+#define QTORCH_INT8_MM_DECLARE(ns)                                                            \
   namespace ns {                                                                              \
   void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1, \
                      float* scale, int8_t* q, int64_t ldq, uint8_t* ap);                      \
@@ -99,22 +99,5 @@ namespace avx512 {
 int64_t vnni_spin(int64_t iters);
 }
 #undef QTORCH_INT8_MM_DECLARE
-
-// Scalar helpers shared by the ISA files for tails (round-to-nearest-even conversions).
-float half_to_float(uint16_t h);
-uint16_t float_to_half(float f);
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = uint32_t(b) << 16;
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
-}
-inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  __builtin_memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);                                         // RNE
-  return uint16_t(u >> 16);
-}
 
 }  // namespace qtorch::cpu::int8_mm

@@ -33,8 +33,8 @@ inline __m256 load8(const void* x, int64_t i) {
 
 template <DType T>
 inline float load1(const void* x, int64_t i) {
-  if constexpr (T == DType::F16) return half_to_float(static_cast<const uint16_t*>(x)[i]);
-  else if constexpr (T == DType::BF16) return bf16_to_float(static_cast<const uint16_t*>(x)[i]);
+  if constexpr (T == DType::F16) return f16_to_f32(static_cast<const uint16_t*>(x)[i]);
+  else if constexpr (T == DType::BF16) return bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
   else return static_cast<const float*>(x)[i];
 }
 

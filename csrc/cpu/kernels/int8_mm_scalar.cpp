@@ -8,46 +8,6 @@
 
 namespace qtorch::cpu::int8_mm {
 
-float half_to_float(uint16_t h) {
-  uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-  uint32_t bits;
-  if (e == 0) {  // zero or subnormal: m * 2^-24, exact in fp32
-    float f = float(m) * 5.9604644775390625e-8f;
-    std::memcpy(&bits, &f, 4);
-    bits |= sign;
-  } else if (e == 31) {
-    bits = sign | 0x7f800000u | (m << 13);
-  } else {
-    bits = sign | ((e + 112u) << 23) | (m << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-uint16_t float_to_half(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  uint32_t sign = (x >> 16) & 0x8000u;
-  uint32_t ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) return uint16_t(sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u));
-  if (ax >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // >= 65520 rounds to inf
-  if (ax < 0x38800000u) {
-    // Half subnormal range (< 2^-14): adding 0.5 puts the fp32 ulp at 2^-24, the half
-    // subnormal step, so the fp32 add performs the RNE rounding for us.
-    float af;
-    std::memcpy(&af, &ax, 4);
-    af += 0.5f;
-    uint32_t r;
-    std::memcpy(&r, &af, 4);
-    return uint16_t(sign | (r - 0x3f000000u));
-  }
-  uint32_t odd = (ax >> 13) & 1u;
-  ax += 0xc8000fffu + odd;  // rebias exponent (-112 << 23, mod 2^32) and round half to even
-  return uint16_t(sign | (ax >> 13));
-}
-
 void pack_b(const int8_t* w, int64_t N, int64_t K, int64_t ldw, uint8_t* out) {
   const int64_t Kp = padded_k(K);
   std::memset(out, 0, size_t(packed_b_bytes(N, K)));
@@ -73,8 +33,8 @@ namespace scalar {
 
 static inline float load_x(const void* x, DType t, int64_t i) {
   switch (t) {
-    case DType::F16: return half_to_float(static_cast<const uint16_t*>(x)[i]);
-    case DType::BF16: return bf16_to_float(static_cast<const uint16_t*>(x)[i]);
+    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(x)[i]);
+    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
     default: return static_cast<const float*>(x)[i];
   }
 }
@@ -134,8 +94,8 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
         float v = float(d) * ep.scale_a[m] * ep.scale_b[n];
         if (ep.bias) v += ep.bias[n];
         if (ep.type == DType::F32) static_cast<float*>(ep.out)[o] = v;
-        else if (ep.type == DType::F16) static_cast<uint16_t*>(ep.out)[o] = float_to_half(v);
-        else static_cast<uint16_t*>(ep.out)[o] = float_to_bf16(v);
+        else if (ep.type == DType::F16) static_cast<uint16_t*>(ep.out)[o] = f32_to_f16(v);
+        else static_cast<uint16_t*>(ep.out)[o] = f32_to_bf16(v);
       }
     }
   }

@@ -47,6 +47,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace qtorch::cpu::weight_only {
 
 constexpr int64_t kBlock = 16;  // output channels per packed block (one zmm of fp32)
@@ -62,8 +64,6 @@ inline int64_t int4_meta_floats(int64_t N, int64_t K, int64_t gs) {
 inline int64_t int8_packed_bytes(int64_t N, int64_t K) {
   return num_blocks(N) * (int8_padded_k(K) / 2) * 32;
 }
-
-enum class Act { F32 = 0, BF16 = 1 };
 
 struct Int4Weights {
   const uint8_t* w = nullptr;   // int4_packed_bytes(N, K)
@@ -81,7 +81,7 @@ struct Int8Weights {
 // One call computes y[0:M, 16*nb0 : min(16*nb1, N)].
 struct Problem {
   const void* x = nullptr;      // [M][ldx] fp32 or bf16 bits
-  Act act = Act::F32;
+  DType act = DType::F32;       // F32 or BF16
   int64_t M = 0, ldx = 0;
   const float* xsum = nullptr;  // int4 only: [M][G] group sums of x (group_sums below)
   const float* col_bias = nullptr;  // [N] fp32 or null
@@ -100,13 +100,13 @@ void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, in
                float* scale_out);
 
 // xsum[m][g] = sum of x[m][g*gs : (g+1)*gs] in fp32 (bf16 widened exactly); gs % 16 == 0.
-void group_sums(const void* x, Act act, int64_t M, int64_t ldx, int64_t K, int64_t gs,
+void group_sums(const void* x, DType act, int64_t M, int64_t ldx, int64_t K, int64_t gs,
                 float* xsum);
 
 // ---- kernels ----------------------------------------------------------------------------------
 // Which activation types the ISA in force takes natively (others are widened to fp32 by the
 // caller): AVX-512 takes F32 and BF16, AVX2 and scalar take F32.
-bool supports_act(Act act);
+bool supports_act(DType act);
 // Dispatching entry points (ISA from cpu_features.h isa()).
 void int4_gemm(const Int4Weights& w, const Problem& p);
 void int8_gemm(const Int8Weights& w, const Problem& p);
@@ -119,6 +119,6 @@ void int4_gemm_avx512(const Int4Weights& w, const Problem& p);
 void int8_gemm_avx512(const Int8Weights& w, const Problem& p);
 
 // Name of the kernel variant the dispatcher uses for `act` (for `qtorch info`).
-const char* kernel_name(Act act);
+const char* kernel_name(DType act);
 
 }  // namespace qtorch::cpu::weight_only

@@ -271,12 +271,12 @@ void int4_gemm_avx512(const Int4Weights& w, const Problem& p) {
   const int64_t block_bytes = (w.K / 8) * 64;
   // Registers: MR*NR accumulators + 2 NR weight vectors + 1 x + 2 constants <= 32.
   const int mr = p.M <= 3 ? int(p.M) : 8, nr = p.M <= 3 ? 4 : 2;
-  drive(p.act == Act::BF16 ? kInt4Bf16 : kInt4F32, &w, p, mr, nr, chunk_blocks(block_bytes, nr));
+  drive(p.act == DType::BF16 ? kInt4Bf16 : kInt4F32, &w, p, mr, nr, chunk_blocks(block_bytes, nr));
 }
 
 void int8_gemm_avx512(const Int8Weights& w, const Problem& p) {
   const int64_t block_bytes = (int8_padded_k(w.K) / 2) * 32;
-  if (p.act == Act::BF16) {
+  if (p.act == DType::BF16) {
     const int mr = p.M <= 3 ? int(p.M) : 8, nr = p.M <= 3 ? 4 : 2;
     drive(kInt8Bf16, &w, p, mr, nr, chunk_blocks(block_bytes, nr));
   } else {

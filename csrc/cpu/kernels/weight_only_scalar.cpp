@@ -8,15 +8,8 @@
 
 namespace qtorch::cpu::weight_only {
 
-static inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-static inline float x_at(const void* x, Act act, int64_t i) {
-  return act == Act::F32 ? static_cast<const float*>(x)[i]
+static inline float x_at(const void* x, DType act, int64_t i) {
+  return act == DType::F32 ? static_cast<const float*>(x)[i]
                          : bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
 }
 
@@ -65,7 +58,7 @@ void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, in
   }
 }
 
-void group_sums(const void* x, Act act, int64_t M, int64_t ldx, int64_t K, int64_t gs,
+void group_sums(const void* x, DType act, int64_t M, int64_t ldx, int64_t K, int64_t gs,
                 float* xsum) {
   // 16 partial sums (gs is a multiple of 16), so the compiler vectorizes the loop and no
   // serial chain of fp32 adds bounds it; the order differs from a serial sum by fp32 ulps.
@@ -74,7 +67,7 @@ void group_sums(const void* x, Act act, int64_t M, int64_t ldx, int64_t K, int64
     for (int64_t g = 0; g < G; ++g) {
       float part[16] = {0};
       const int64_t base = m * ldx + g * gs;
-      if (act == Act::F32) {
+      if (act == DType::F32) {
         const float* xr = static_cast<const float*>(x) + base;
         for (int64_t k = 0; k < gs; k += 16)
           for (int i = 0; i < 16; ++i) part[i] += xr[k + i];
@@ -139,7 +132,7 @@ void int8_gemm_scalar(const Int8Weights& w, const Problem& p) {
   }
 }
 
-bool supports_act(Act act) { return act == Act::F32 || isa() == Isa::Avx512; }
+bool supports_act(DType act) { return act == DType::F32 || isa() == Isa::Avx512; }
 
 void int4_gemm(const Int4Weights& w, const Problem& p) {
   switch (isa()) {
@@ -157,9 +150,9 @@ void int8_gemm(const Int8Weights& w, const Problem& p) {
   }
 }
 
-const char* kernel_name(Act act) {
+const char* kernel_name(DType act) {
   switch (isa()) {
-    case Isa::Avx512: return act == Act::BF16 ? "avx512_bf16 (vdpbf16ps)" : "avx512 (fp32 fma)";
+    case Isa::Avx512: return act == DType::BF16 ? "avx512_bf16 (vdpbf16ps)" : "avx512 (fp32 fma)";
     case Isa::Avx2: return "avx2 (fp32 fma)";
     default: return "scalar";
   }

@@ -16,6 +16,12 @@
 #include "kernels/distillation.h"
 
 using namespace qtorch::cpu::distillation;
+using qtorch::cpu::DType;
+using qtorch::cpu::bf16_to_f32;
+using qtorch::cpu::dtype_size;
+using qtorch::cpu::f16_to_f32;
+using qtorch::cpu::f32_to_bf16;
+using qtorch::cpu::f32_to_f16;
 
 namespace {
 

@@ -17,6 +17,7 @@
 
 namespace qc = qtorch::cpu;
 using namespace qtorch::cpu::int8_mm;
+using qtorch::cpu::DType;
 
 namespace {
 

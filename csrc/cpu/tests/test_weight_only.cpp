@@ -16,6 +16,7 @@
 #include "kernels/weight_only.h"
 
 using namespace qtorch::cpu::weight_only;
+using qtorch::cpu::DType;
 namespace qc = qtorch::cpu;
 
 namespace {
@@ -41,14 +42,14 @@ struct Act2 {  // activations in both storage forms; `val` is what the kernel se
   std::vector<uint16_t> bf16;
 };
 
-Act2 make_x(int64_t M, int64_t ldx, int64_t K, Act act) {
+Act2 make_x(int64_t M, int64_t ldx, int64_t K, DType act) {
   std::normal_distribution<float> nd(0.f, 1.f);
   Act2 a;
   a.val.assign(M * ldx, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) {
       float v = nd(rng);
-      if (act == Act::BF16) v = bf16_to_f32(f32_to_bf16(v));
+      if (act == DType::BF16) v = bf16_to_f32(f32_to_bf16(v));
       a.val[m * ldx + k] = v;
     }
   a.f32 = a.val;
@@ -101,7 +102,7 @@ void check_output(const char* what, const std::string& cfg, const std::vector<fl
   }
 }
 
-void run_int4(const Isa& isa, Act act, int64_t M, int64_t N, int64_t K, int64_t gs, bool sym,
+void run_int4(const Isa& isa, DType act, int64_t M, int64_t N, int64_t K, int64_t gs, bool sym,
               bool with_bias, int splits) {
   const int64_t G = K / gs;
   std::uniform_int_distribution<int> byte(0, 255), nib(0, 15);
@@ -119,11 +120,11 @@ void run_int4(const Isa& isa, Act act, int64_t M, int64_t N, int64_t K, int64_t 
 
   const Act2 x = make_x(M, K, K, act);
   std::vector<float> xsum(M * G);
-  group_sums(act == Act::F32 ? (const void*)x.f32.data() : (const void*)x.bf16.data(), act, M, K,
+  group_sums(act == DType::F32 ? (const void*)x.f32.data() : (const void*)x.bf16.data(), act, M, K,
              K, gs, xsum.data());
 
   std::vector<double> ref(M * N), mag(M * N);
-  const double offset = act == Act::BF16 ? 128.0 : 0.0;  // the bf16 path carries 128 + q
+  const double offset = act == DType::BF16 ? 128.0 : 0.0;  // the bf16 path carries 128 + q
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
       double acc = with_bias ? bias[n] : 0.0, mg = std::fabs(acc);
@@ -144,7 +145,7 @@ void run_int4(const Isa& isa, Act act, int64_t M, int64_t N, int64_t K, int64_t 
   const int64_t Nb = num_blocks(N);
   for (int s = 0; s < splits; ++s) {
     Problem p;
-    p.x = act == Act::F32 ? (const void*)x.f32.data() : (const void*)x.bf16.data();
+    p.x = act == DType::F32 ? (const void*)x.f32.data() : (const void*)x.bf16.data();
     p.act = act, p.M = M, p.ldx = K, p.xsum = xsum.data();
     p.col_bias = with_bias ? bias.data() : nullptr;
     p.y = y.data(), p.ldy = ldy;
@@ -153,12 +154,12 @@ void run_int4(const Isa& isa, Act act, int64_t M, int64_t N, int64_t K, int64_t 
   }
   char cfg[160];
   std::snprintf(cfg, sizeof cfg, "[%s %s M=%lld N=%lld K=%lld gs=%lld %s bias=%d splits=%d]",
-                isa.name, act == Act::F32 ? "f32" : "bf16", (long long)M, (long long)N,
+                isa.name, act == DType::F32 ? "f32" : "bf16", (long long)M, (long long)N,
                 (long long)K, (long long)gs, sym ? "sym" : "asym", int(with_bias), splits);
   check_output("int4", cfg, y, ref, mag, M, N, ldy, gs + G);
 }
 
-void run_int8(const Isa& isa, Act act, int64_t M, int64_t N, int64_t K, bool with_bias,
+void run_int8(const Isa& isa, DType act, int64_t M, int64_t N, int64_t K, bool with_bias,
               int splits) {
   std::uniform_int_distribution<int> qd(-128, 127);
   std::uniform_real_distribution<float> sd(0.001f, 0.05f);
@@ -193,7 +194,7 @@ void run_int8(const Isa& isa, Act act, int64_t M, int64_t N, int64_t K, bool wit
   const int64_t Nb = num_blocks(N);
   for (int s = 0; s < splits; ++s) {
     Problem p;
-    p.x = act == Act::F32 ? (const void*)x.f32.data() : (const void*)x.bf16.data();
+    p.x = act == DType::F32 ? (const void*)x.f32.data() : (const void*)x.bf16.data();
     p.act = act, p.M = M, p.ldx = kp;
     p.col_bias = with_bias ? bias.data() : nullptr;
     p.y = y.data(), p.ldy = ldy;
@@ -202,7 +203,7 @@ void run_int8(const Isa& isa, Act act, int64_t M, int64_t N, int64_t K, bool wit
   }
   char cfg[160];
   std::snprintf(cfg, sizeof cfg, "[%s %s M=%lld N=%lld K=%lld bias=%d splits=%d]", isa.name,
-                act == Act::F32 ? "f32" : "bf16", (long long)M, (long long)N, (long long)K,
+                act == DType::F32 ? "f32" : "bf16", (long long)M, (long long)N, (long long)K,
                 int(with_bias), splits);
   check_output("int8", cfg, y, ref, mag, M, N, ldy, kp / 2 + 2);
 }
@@ -216,14 +217,14 @@ int main() {
   std::vector<Isa> isas = {{"scalar", int4_gemm_scalar, int8_gemm_scalar, true}};
   if (top >= qc::Isa::Avx2) isas.push_back({"avx2", int4_gemm_avx2, int8_gemm_avx2, false});
   if (top >= qc::Isa::Avx512) isas.push_back({"avx512", int4_gemm_avx512, int8_gemm_avx512, true});
-  isas.push_back({"dispatch", int4_gemm, int8_gemm, supports_act(Act::BF16)});
+  isas.push_back({"dispatch", int4_gemm, int8_gemm, supports_act(DType::BF16)});
   std::printf("kernel ISA in force: %s\n", qc::isa_name(top));
 
   const int64_t Ms[] = {1, 2, 3, 4, 5, 8, 9, 17};
   const int64_t Ns[] = {1, 15, 16, 17, 40, 70};
   for (const Isa& isa : isas) {
-    for (Act act : {Act::F32, Act::BF16}) {
-      if (act == Act::BF16 && !isa.bf16) continue;
+    for (DType act : {DType::F32, DType::BF16}) {
+      if (act == DType::BF16 && !isa.bf16) continue;
       int i = 0;
       for (int64_t M : Ms)
         for (int64_t N : Ns) {
