@@ -95,7 +95,8 @@ QTORCH_INT8_MM_DECLARE(scalar)
 QTORCH_INT8_MM_DECLARE(avx2)
 QTORCH_INT8_MM_DECLARE(avx512)
 namespace avx512 {
-// Runs iters x 24 register-only zmm vpdpbusd and returns the int ops done (the VNNI peak probe).
+// Runs iters x 24 register-only zmm vpdpbusd and returns the int ops done (int8_vnni_peak,
+// csrc/cpu/probes.cpp).
 int64_t vnni_spin(int64_t iters);
 }
 #undef QTORCH_INT8_MM_DECLARE
