@@ -1,7 +1,8 @@
 """Builds qtorch._C (C++ CPU kernels) and, where CUDA torch + nvcc exist, qtorch._C_cuda.
 
 ISA-specific translation units are named `*_avx512.cpp` / `*_avx2.cpp` and get their own
--m flags, so one binary runs on any x86-64 and picks its kernels at run time.
+-m flags (csrc/cpu/kernels/isa_flags.txt), so one binary runs on any x86-64 and each kernel
+family picks its kernels at run time.
 QTORCH_BUILD_CUDA=0/1 forces the CUDA extension off/on; QTORCH_BUILD_CPU=0 skips the CPU one.
 """
 
@@ -15,11 +16,25 @@ from setuptools import find_namespace_packages, setup
 ext_modules = []
 cmdclass = {}
 
-ISA_FLAGS = {
-    "_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
-                    "-mavx512bf16", "-mfma", "-mf16c"],
-    "_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
-}
+
+def _isa_flags(path="csrc/cpu/kernels/isa_flags.txt"):
+    """{file name: [flags]} of the ISA translation units."""
+    table = {}
+    with open(path) as f:
+        for line in f:
+            fields = line.split("#", 1)[0].split()
+            if fields:
+                table[fields[0]] = fields[1:]
+    return table
+
+
+def _flags_of(src):
+    name = os.path.basename(src)
+    if name in ISA_FLAGS:
+        return ISA_FLAGS[name]
+    if name.endswith(("_avx2.cpp", "_avx512.cpp")):
+        raise RuntimeError(f"{src}: an ISA file without flags in csrc/cpu/kernels/isa_flags.txt")
+    return []
 
 
 def _env_flag(name):
@@ -35,6 +50,7 @@ except ImportError:  # sdist metadata without torch: pure-Python install
 
 if torch is not None:
     x86 = platform.machine().lower() in ("x86_64", "amd64")
+    ISA_FLAGS = _isa_flags()
 
     class QtorchBuildExtension(BuildExtension):
         """BuildExtension with per-source ISA flags (ninja off: it only takes per-target flags)."""
@@ -45,9 +61,8 @@ if torch is not None:
 
                 def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
                     extra = list(extra_postargs["cxx"] if isinstance(extra_postargs, dict) else extra_postargs)
-                    for suffix, flags in ISA_FLAGS.items():
-                        if src.endswith(suffix) and x86:
-                            extra = extra + flags
+                    if x86:
+                        extra = extra + _flags_of(src)
                     if isinstance(extra_postargs, dict):
                         extra_postargs = dict(extra_postargs, cxx=extra)
                     else:

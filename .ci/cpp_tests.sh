@@ -3,9 +3,10 @@
 #
 # Every csrc/cpu/tests/test_*.cpp is linked with all torch-free kernel sources
 # (csrc/cpu/kernels/*.cpp + csrc/cpu/cpu_features.cpp); files named *_avx512.cpp / *_avx2.cpp
-# get the same ISA flags as setup.py. Each test binary then runs once per kernel ISA, forced
-# with QTORCH_CPU_ISA=scalar|avx2|avx512 (capped at what the CPU has). Any sanitizer report
-# aborts the run (-fno-sanitize-recover=all); the script exits non-zero on any failure.
+# get the ISA flags setup.py gives them (csrc/cpu/kernels/isa_flags.txt). Each test binary then
+# runs once per kernel ISA, forced with QTORCH_CPU_ISA=scalar|avx2|avx512 (every kernel family
+# capped there, and at what the CPU runs it at). Any sanitizer report aborts the run
+# (-fno-sanitize-recover=all); the script exits non-zero on any failure.
 #
 # Usage: .ci/cpp_tests.sh [test_name ...]   (default: every test; e.g. `.ci/cpp_tests.sh int8_mm`)
 # Env: CXX (default g++), BUILD_DIR (default build/cpp_tests), ISAS (default "scalar avx2 avx512").
@@ -17,26 +18,29 @@ BUILD_DIR=${BUILD_DIR:-build/cpp_tests}
 ISAS=${ISAS:-"scalar avx2 avx512"}
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 CXXFLAGS="-O1 -g -std=c++17 -Wall -Icsrc/cpu ${SAN}"
-AVX512="-mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni -mavx512bf16 -mfma -mf16c"
-AVX2="-mavx2 -mfma -mf16c"
+FLAGS_TABLE=csrc/cpu/kernels/isa_flags.txt
 
+# The flags of an ISA file (*_avx2.cpp, *_avx512.cpp) from the table; none for the others.
 isa_flags() {
-  case "$1" in
-    *_avx512.cpp) [[ $(uname -m) == x86_64 ]] && echo "$AVX512" ;;
-    *_avx2.cpp) [[ $(uname -m) == x86_64 ]] && echo "$AVX2" ;;
-    *) echo "" ;;
-  esac
+  local name
+  name=$(basename "$1")
+  [[ $(uname -m) == x86_64 ]] || return 0
+  [[ $name == *_avx2.cpp || $name == *_avx512.cpp ]] || return 0
+  awk -v f="$name" '$1 == f { $1 = ""; print; found = 1 } END { exit !found }' "$FLAGS_TABLE" ||
+    { echo "cpp_tests: $1 has no flags in $FLAGS_TABLE" >&2; return 1; }
 }
 
 mkdir -p "$BUILD_DIR/obj"
 # Kernel objects, compiled once and shared by every test binary (rebuilt when the source,
-# or any header, is newer than the object).
+# any header or the flags table, is newer than the object).
 objs=()
 for src in csrc/cpu/cpu_features.cpp csrc/cpu/kernels/*.cpp; do
   obj="$BUILD_DIR/obj/$(echo "${src%.cpp}" | tr / _).o"
-  if [[ ! -f $obj || $src -nt $obj || -n $(find csrc/cpu -name '*.h' -newer "$obj" | head -1) ]]; then
-    # shellcheck disable=SC2046
-    $CXX $CXXFLAGS $(isa_flags "$src") -c "$src" -o "$obj"
+  if [[ ! -f $obj || $src -nt $obj || $FLAGS_TABLE -nt $obj ||
+        -n $(find csrc/cpu -name '*.h' -newer "$obj" | head -1) ]]; then
+    flags=$(isa_flags "$src")
+    # shellcheck disable=SC2086
+    $CXX $CXXFLAGS $flags -c "$src" -o "$obj"
   fi
   objs+=("$obj")
 done

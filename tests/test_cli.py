@@ -15,6 +15,7 @@ def test_info_lists_backends_and_features(capsys):
     assert "torch" in out and "kernels per op" in out
     if "cpu" in _backend.available_backends():
         assert "avx512_vnni=" in out and "CPU kernel ISA in use" in out
+        assert "CPU kernels: int8_mm " in out and "; distillation " in out
 
 
 def test_validate_reference_quick(capsys):

@@ -1,8 +1,8 @@
 #include "cpu_features.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <atomic>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -44,48 +44,81 @@ const CpuFeatures& features() {
   return f;
 }
 
-static Isa best_isa() {
-  const auto& f = features();
-  Isa best = Isa::Scalar;
-  if (f.avx2 && f.fma && f.f16c) best = Isa::Avx2;
-  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512_vnni && f.avx512_bf16 &&
-      f.fma && f.f16c)
-    best = Isa::Avx512;
+// The features each family's ISA files are compiled for (csrc/cpu/kernels/isa_flags.txt):
+// every *_avx2.cpp gets -mavx2 -mfma -mf16c; every *_avx512.cpp those plus
+// -mavx512{f,bw,vl,dq} and the extension its kernels use: VNNI (vpdpbusd) for int8_mm,
+// AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16, vcvtneps2bf16) for weight_only and distillation.
+Isa hardware_isa(Family family) {
+  const CpuFeatures& f = features();
+  const bool avx2 = f.avx2 && f.fma && f.f16c;
+  const bool avx512 = avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
+  bool ext = false;
+  switch (family) {
+    case Family::Int8Mm: ext = f.avx512_vnni; break;
+    case Family::WeightOnly:
+    case Family::Distillation: ext = f.avx512_bf16; break;
+  }
+  return avx512 && ext ? Isa::Avx512 : avx2 ? Isa::Avx2 : Isa::Scalar;
+}
+
+static Isa env_cap() {
   const char* env = std::getenv("QTORCH_CPU_ISA");
   if (env != nullptr) {
-    Isa cap = best;
-    if (std::strcmp(env, "scalar") == 0) cap = Isa::Scalar;
-    else if (std::strcmp(env, "avx2") == 0) cap = Isa::Avx2;
-    else if (std::strcmp(env, "avx512") == 0) cap = Isa::Avx512;
-    if (static_cast<int>(cap) < static_cast<int>(best)) best = cap;
+    if (std::strcmp(env, "scalar") == 0) return Isa::Scalar;
+    if (std::strcmp(env, "avx2") == 0) return Isa::Avx2;
   }
-  return best;
+  return Isa::Avx512;
 }
 
-static std::atomic<int> g_isa{-1};
+// The ISA of every family, two bits each (family f at bits 2f..2f+1); -1 until first use.
+// One relaxed load per kernel dispatch, as cheap as a single global choice.
+static std::atomic<int> g_levels{-1};
 
-Isa isa() {
-  int v = g_isa.load(std::memory_order_relaxed);
+static int levels_for(Isa cap) {
+  const Isa env = env_cap();
+  if (static_cast<int>(env) < static_cast<int>(cap)) cap = env;
+  int v = 0;
+  for (int i = 0; i < kFamilies; ++i) {
+    int l = static_cast<int>(hardware_isa(static_cast<Family>(i)));
+    if (l > static_cast<int>(cap)) l = static_cast<int>(cap);
+    v |= l << (2 * i);
+  }
+  return v;
+}
+
+Isa isa(Family family) {
+  int v = g_levels.load(std::memory_order_relaxed);
   if (v < 0) {
-    v = static_cast<int>(best_isa());
-    g_isa.store(v, std::memory_order_relaxed);
+    v = levels_for(Isa::Avx512);
+    g_levels.store(v, std::memory_order_relaxed);
   }
-  return static_cast<Isa>(v);
+  return static_cast<Isa>((v >> (2 * static_cast<int>(family))) & 3);
 }
 
-void set_isa(Isa want) {
-  // Never above what the hardware supports.
-  g_isa.store(-1);
-  Isa hw = isa();
-  if (static_cast<int>(want) > static_cast<int>(hw)) want = hw;
-  g_isa.store(static_cast<int>(want));
+Isa max_isa() {
+  int best = 0;
+  for (int i = 0; i < kFamilies; ++i) {
+    const int l = static_cast<int>(isa(static_cast<Family>(i)));
+    if (l > best) best = l;
+  }
+  return static_cast<Isa>(best);
 }
+
+void set_isa(Isa cap) { g_levels.store(levels_for(cap), std::memory_order_relaxed); }
 
 const char* isa_name(Isa i) {
   switch (i) {
     case Isa::Avx512: return "avx512_vnni";
     case Isa::Avx2: return "avx2";
     default: return "scalar";
+  }
+}
+
+const char* family_name(Family family) {
+  switch (family) {
+    case Family::Int8Mm: return "int8_mm";
+    case Family::WeightOnly: return "weight_only";
+    default: return "distillation";
   }
 }
 

@@ -23,7 +23,6 @@
 #include <algorithm>
 #include <string>
 
-#include "cpu_features.h"
 #include "kernels/distillation.h"
 
 namespace dk = qtorch::cpu::distillation;
@@ -83,7 +82,7 @@ const int64_t* check_labels(const c10::optional<at::Tensor>& labels, int64_t M, 
 void run_rows(const dk::Params& P, const void* s, DType sdt, const void* t, DType tdt,
               const int64_t* labels, int64_t ignore_index, int64_t rows, int64_t V, float* loss,
               void* g, DType gdt, const float* token_scale) {
-  const dk::RowFn fn = dk::row_fn(static_cast<int>(qtorch::cpu::isa()));
+  const dk::RowFn fn = dk::row_fn();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
   at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
     dk::rows(fn, s, sdt, V, t, tdt, V, labels, ignore_index, V, b, e, P, loss, g, gdt, V,

@@ -4,6 +4,9 @@
 #include <torch/extension.h>
 
 #include "cpu_features.h"
+#include "kernels/distillation.h"
+#include "kernels/int8_mm.h"
+#include "kernels/weight_only.h"
 
 namespace qc = qtorch::cpu;
 
@@ -20,11 +23,36 @@ static std::map<std::string, bool> cpu_features_dict() {
           {"avx512_bf16", f.avx512_bf16}, {"amx_int8", f.amx_int8}};
 }
 
+static qc::Family family_of(const std::string& name) {
+  for (int i = 0; i < qc::kFamilies; ++i)
+    if (name == qc::family_name(static_cast<qc::Family>(i))) return static_cast<qc::Family>(i);
+  throw std::invalid_argument(
+      "family must be int8_mm, weight_only or distillation, got " + name);
+}
+
+// The kernel variant each family's dispatch uses now (after QTORCH_CPU_ISA / set_isa).
+static std::map<std::string, std::string> kernels_dict() {
+  namespace wo = qc::weight_only;
+  std::string w = wo::kernel_name(qc::DType::F32);
+  const std::string wb = wo::kernel_name(qc::DType::BF16);
+  if (wb != w) w = wb + " for bfloat16 x, " + w + " otherwise";
+  return {{"int8_mm", qc::int8_mm::kernel_name()},
+          {"weight_only", w},
+          {"distillation", qc::distillation::kernel_name()}};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qtorch C++ CPU kernels";
   m.def("cpu_features", &cpu_features_dict, "CPU features seen by cpuid");
-  m.def("isa", []() { return std::string(qc::isa_name(qc::isa())); },
-        "the kernel ISA in use: avx512_vnni, avx2 or scalar");
+  m.def("isa", []() { return std::string(qc::isa_name(qc::max_isa())); },
+        "the highest kernel ISA in use by any kernel family: avx512_vnni, avx2 or scalar");
+  m.def(
+      "isa",
+      [](const std::string& family) {
+        return std::string(qc::isa_name(qc::isa(family_of(family))));
+      },
+      "the kernel ISA of one family (int8_mm, weight_only or distillation)");
+  m.def("kernels", &kernels_dict, "the kernel variant each family uses, by family");
   m.def(
       "set_isa",
       [](const std::string& name) {
@@ -32,9 +60,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         else if (name == "avx2") qc::set_isa(qc::Isa::Avx2);
         else if (name == "scalar") qc::set_isa(qc::Isa::Scalar);
         else throw std::invalid_argument("isa must be avx512_vnni, avx2 or scalar, got " + name);
-        return std::string(qc::isa_name(qc::isa()));
+        return std::string(qc::isa_name(qc::max_isa()));
       },
-      "force a slower kernel ISA (never above the hardware's); returns the one in force");
+      "cap every family's kernel ISA (never above the hardware's); returns isa()");
   qc::fast::register_fast_path(m);
 }
 

@@ -26,8 +26,9 @@ namespace {
 // The VNNI peak of this machine, in int ops/s (TOP/s * 1e12): every intra-op thread runs the
 // register-only vpdpbusd loop for `iters` iterations; ops of all threads / wall time.
 double int8_vnni_peak(int64_t iters) {
-  const auto& f = qtorch::cpu::features();
-  TORCH_CHECK(f.avx512f && f.avx512_vnni, "int8_vnni_peak: this CPU has no AVX-512 VNNI");
+  namespace qc = qtorch::cpu;
+  TORCH_CHECK(qc::hardware_isa(qc::Family::Int8Mm) == qc::Isa::Avx512,
+              "int8_vnni_peak: this CPU has no AVX-512 VNNI");
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
   std::atomic<int64_t> ops{0};
   const auto t0 = std::chrono::steady_clock::now();

@@ -46,8 +46,9 @@ float row_avx2(const void* student, DType sdt, const void* teacher, DType tdt, i
 float row_avx512(const void* student, DType sdt, const void* teacher, DType tdt, int64_t V,
                  int64_t label, const Params& params, void* grad, DType gdt, float grad_scale);
 
-// isa: 0 scalar, 1 avx2, 2 avx512 (the values of qtorch::cpu::Isa).
-RowFn row_fn(int isa);
+// The row kernel of isa(Family::Distillation) (cpu_features.h), and its name (`qtorch info`).
+RowFn row_fn();
+const char* kernel_name();
 
 // Rows [begin, end) of a [M, V] problem, serially (the binding parallelizes over ranges).
 // labels may be null (every row counts, no hard term). Rows whose label == ignore_index get

@@ -169,7 +169,7 @@ float row_avx2(const void* s, DType sdt, const void* t, DType tdt, int64_t V, in
 
 }  // namespace qtorch::cpu::distillation
 
-#else  // not built with AVX2: never selected (row_fn caps at the CPU's ISA); scalar stub
+#else  // not built with AVX2: never selected (hardware_isa() says so); scalar stub
 
 namespace qtorch::cpu::distillation {
 float row_avx2(const void* s, DType sdt, const void* t, DType tdt, int64_t V, int64_t label,

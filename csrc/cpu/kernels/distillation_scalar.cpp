@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "../cpu_features.h"
 #include "distillation.h"
 #include "distillation_impl.h"
 
@@ -55,10 +56,20 @@ float row_scalar(const void* s, DType sdt, const void* t, DType tdt, int64_t V, 
   return row_dispatch<ScalarVt>(s, sdt, t, tdt, V, label, P, g, gdt, gscale);
 }
 
-RowFn row_fn(int isa) {
-  if (isa >= 2) return row_avx512;
-  if (isa == 1) return row_avx2;
-  return row_scalar;
+RowFn row_fn() {
+  switch (isa(Family::Distillation)) {
+    case Isa::Avx512: return row_avx512;
+    case Isa::Avx2: return row_avx2;
+    default: return row_scalar;
+  }
+}
+
+const char* kernel_name() {
+  switch (isa(Family::Distillation)) {
+    case Isa::Avx512: return "avx512 (16 fp32 lanes)";
+    case Isa::Avx2: return "avx2 (8 fp32 lanes)";
+    default: return "scalar";
+  }
 }
 
 void rows(RowFn fn, const void* student, DType sdt, int64_t lds, const void* teacher, DType tdt,

@@ -62,7 +62,7 @@ struct Epilogue {
   DType type = DType::F32;
 };
 
-// ---- dispatching entry points (pick the ISA chosen by cpu_features.h isa()) ----------------
+// ---- dispatching entry points (the ISA of isa(Family::Int8Mm), cpu_features.h) --------------
 
 // w: s8 [N, ldw] row-major (ldw >= K). out: packed_b_bytes(N, K) bytes, 64-byte aligned.
 // Scalar only: it runs once per weight.
@@ -81,6 +81,9 @@ void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uin
 // out rows [m0, m1) x channels of panels [p0, p1) (clipped to N) = epilogue(A_p B_p^T - comp).
 void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0, int64_t m1,
           int64_t p0, int64_t p1, const Epilogue& ep);
+
+// The kernel variant the dispatch uses (for `qtorch info`).
+const char* kernel_name();
 
 // ---- per-ISA implementations (same contracts) -------------------------------------------
 #define QTORCH_INT8_MM_DECLARE(ns)                                                            \

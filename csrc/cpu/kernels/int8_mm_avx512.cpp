@@ -1,5 +1,5 @@
-// AVX-512 VNNI W8A8 kernels (compiled with -mavx512{f,bw,vl,dq,vnni,bf16}; chosen at run time
-// only on CPUs that have them). Contracts and layouts: int8_mm.h.
+// AVX-512 VNNI W8A8 kernels (compiled with -mavx512{f,bw,vl,dq,vnni}, kernels/isa_flags.txt;
+// chosen at run time only on CPUs that have them). Contracts and layouts: int8_mm.h.
 //
 // Micro-kernel: MR (<= 6) rows x one 64-channel panel, full K. Per group of 4 k it loads the
 // panel's 4 zmm (64 channels x 4 k, 256 contiguous bytes), broadcasts each row's 4 u8 as one
@@ -69,6 +69,20 @@ inline __m512i bcast4(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// fp32 -> bf16 with integer ops (no AVX512-BF16 needed): round to nearest even, a NaN kept a
+// quiet NaN, as f32_to_bf16 (dtype.h) and the AVX2 file. Unlike vcvtneps2bf16, an fp32
+// denormal is rounded, not flushed to zero, as the reference (torch) does.
+inline __m256i bf16_rne(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  const __m512i q =
+      _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(q);
+}
+
 // Epilogue for one row of one panel: d = acc - comp, then the fused scale/bias/cast.
 inline void store_row(__m512i a0, __m512i a1, __m512i a2, __m512i a3, int64_t m, int64_t n0,
                       int64_t nn, const int32_t* comp, const Epilogue& ep) {
@@ -94,8 +108,7 @@ inline void store_row(__m512i a0, __m512i a1, __m512i a2, __m512i a3, int64_t m,
       const __m256i h = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + o, mk, h);
     } else {
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(f);
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + o, mk, h);
+      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(ep.out) + o, mk, bf16_rne(f));
     }
   }
 }

@@ -107,7 +107,7 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
 
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
                    float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
-  switch (isa()) {
+  switch (isa(Family::Int8Mm)) {
     case Isa::Avx512: return avx512::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap);
     case Isa::Avx2: return avx2::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap);
     default: return scalar::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap);
@@ -115,7 +115,7 @@ void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, 
 }
 
 void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap) {
-  switch (isa()) {
+  switch (isa(Family::Int8Mm)) {
     case Isa::Avx512: return avx512::pack_a(a, K, lda, m0, m1, ap);
     case Isa::Avx2: return avx2::pack_a(a, K, lda, m0, m1, ap);
     default: return scalar::pack_a(a, K, lda, m0, m1, ap);
@@ -124,10 +124,18 @@ void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uin
 
 void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0, int64_t m1,
           int64_t p0, int64_t p1, const Epilogue& ep) {
-  switch (isa()) {
+  switch (isa(Family::Int8Mm)) {
     case Isa::Avx512: return avx512::gemm(ap, K, bp, N, m0, m1, p0, p1, ep);
     case Isa::Avx2: return avx2::gemm(ap, K, bp, N, m0, m1, p0, p1, ep);
     default: return scalar::gemm(ap, K, bp, N, m0, m1, p0, p1, ep);
+  }
+}
+
+const char* kernel_name() {
+  switch (isa(Family::Int8Mm)) {
+    case Isa::Avx512: return "avx512_vnni (vpdpbusd)";
+    case Isa::Avx2: return "avx2 (vpmaddwd)";
+    default: return "scalar";
   }
 }
 

@@ -107,7 +107,7 @@ void group_sums(const void* x, DType act, int64_t M, int64_t ldx, int64_t K, int
 // Which activation types the ISA in force takes natively (others are widened to fp32 by the
 // caller): AVX-512 takes F32 and BF16, AVX2 and scalar take F32.
 bool supports_act(DType act);
-// Dispatching entry points (ISA from cpu_features.h isa()).
+// Dispatching entry points (the ISA of isa(Family::WeightOnly), cpu_features.h).
 void int4_gemm(const Int4Weights& w, const Problem& p);
 void int8_gemm(const Int8Weights& w, const Problem& p);
 // Per-ISA entry points (the test program calls each one it can run).

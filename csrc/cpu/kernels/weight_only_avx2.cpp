@@ -169,7 +169,7 @@ void int8_gemm_avx2(const Int8Weights& w, const Problem& p) {
 
 }  // namespace qtorch::cpu::weight_only
 
-#else  // not compiled for AVX2: never selected (isa() says so), but must link.
+#else  // not compiled for AVX2: never selected (hardware_isa() says so), but must link.
 
 namespace qtorch::cpu::weight_only {
 void int4_gemm_avx2(const Int4Weights& w, const Problem& p) { int4_gemm_scalar(w, p); }

@@ -132,10 +132,12 @@ void int8_gemm_scalar(const Int8Weights& w, const Problem& p) {
   }
 }
 
-bool supports_act(DType act) { return act == DType::F32 || isa() == Isa::Avx512; }
+bool supports_act(DType act) {
+  return act == DType::F32 || isa(Family::WeightOnly) == Isa::Avx512;
+}
 
 void int4_gemm(const Int4Weights& w, const Problem& p) {
-  switch (isa()) {
+  switch (isa(Family::WeightOnly)) {
     case Isa::Avx512: return int4_gemm_avx512(w, p);
     case Isa::Avx2: return int4_gemm_avx2(w, p);
     default: return int4_gemm_scalar(w, p);
@@ -143,7 +145,7 @@ void int4_gemm(const Int4Weights& w, const Problem& p) {
 }
 
 void int8_gemm(const Int8Weights& w, const Problem& p) {
-  switch (isa()) {
+  switch (isa(Family::WeightOnly)) {
     case Isa::Avx512: return int8_gemm_avx512(w, p);
     case Isa::Avx2: return int8_gemm_avx2(w, p);
     default: return int8_gemm_scalar(w, p);
@@ -151,7 +153,7 @@ void int8_gemm(const Int8Weights& w, const Problem& p) {
 }
 
 const char* kernel_name(DType act) {
-  switch (isa()) {
+  switch (isa(Family::WeightOnly)) {
     case Isa::Avx512: return act == DType::BF16 ? "avx512_bf16 (vdpbf16ps)" : "avx512 (fp32 fma)";
     case Isa::Avx2: return "avx2 (fp32 fma)";
     default: return "scalar";

@@ -73,8 +73,9 @@ struct Guarded {
 
 std::string cfg(const char* what, int64_t M, int64_t N, int64_t K) {
   char buf[128];
-  std::snprintf(buf, sizeof buf, "%s [%s M=%lld N=%lld K=%lld]", what, qc::isa_name(qc::isa()),
-                (long long)M, (long long)N, (long long)K);
+  std::snprintf(buf, sizeof buf, "%s [%s M=%lld N=%lld K=%lld]", what,
+                qc::isa_name(qc::isa(qc::Family::Int8Mm)), (long long)M, (long long)N,
+                (long long)K);
   return buf;
 }
 
@@ -188,6 +189,34 @@ void check_gemm(int64_t M, int64_t N, int64_t K, int splits, std::mt19937& rng) 
       }
     }
   }
+
+  // Tiny scales put the results in the subnormal range of the output dtype (fp16) or of fp32
+  // itself (bf16): still one round-to-nearest-even, never a flush to zero. Bitwise the scalar
+  // conversions of kernels/dtype.h applied to the same fp32 value, on every ISA.
+  for (DType t : {DType::F16, DType::BF16}) {
+    const float tiny = t == DType::F16 ? 1e-4f : 1e-20f;
+    std::vector<float> ta(sa), tb(sb);
+    for (auto& v : ta) v *= tiny;
+    for (auto& v : tb) v *= tiny;
+    Guarded<uint16_t> oh(size_t(M * N), 0, 0x7e01);
+    Epilogue ep;
+    ep.scale_a = ta.data();
+    ep.scale_b = tb.data();
+    ep.out = oh.data();
+    ep.ldo = N;
+    ep.type = t;
+    run(ep);
+    ++checks;
+    if (!oh.intact()) fail(cfg("subnormal epilogue out of bounds", M, N, K));
+    for (int64_t i = 0; i < M * N; ++i) {
+      const float want = float(int32_t(ref[size_t(i)])) * ta[size_t(i / N)] * tb[size_t(i % N)];
+      const uint16_t bits = t == DType::F16 ? qc::f32_to_f16(want) : qc::f32_to_bf16(want);
+      if (oh[size_t(i)] != bits) {
+        fail(cfg(t == DType::F16 ? "f16 subnormal epilogue" : "bf16 subnormal epilogue", M, N, K));
+        break;
+      }
+    }
+  }
 }
 
 // Per-row quantization: bitwise the definition (true division, RNE, clamp to +-127).
@@ -250,7 +279,8 @@ void check_quantize(int64_t M, int64_t K, DType xt, std::mt19937& rng) {
 }  // namespace
 
 int main() {
-  std::printf("test_int8_mm: ISA %s (QTORCH_CPU_ISA=%s)\n", qc::isa_name(qc::isa()),
+  std::printf("test_int8_mm: ISA %s (QTORCH_CPU_ISA=%s)\n",
+              qc::isa_name(qc::isa(qc::Family::Int8Mm)),
               std::getenv("QTORCH_CPU_ISA") ? std::getenv("QTORCH_CPU_ISA") : "unset");
   std::mt19937 rng(1234);
   const int64_t Ms[] = {1, 2, 5, 6, 7, 13};

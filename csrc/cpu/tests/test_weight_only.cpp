@@ -213,7 +213,7 @@ void run_int8(const Isa& isa, DType act, int64_t M, int64_t N, int64_t K, bool w
 int main() {
   // Every ISA up to the one in force (the CPU's best, capped by QTORCH_CPU_ISA, which is how
   // .ci/cpp_tests.sh runs each path); the dispatching entry points are checked too.
-  const qc::Isa top = qc::isa();
+  const qc::Isa top = qc::isa(qc::Family::WeightOnly);
   std::vector<Isa> isas = {{"scalar", int4_gemm_scalar, int8_gemm_scalar, true}};
   if (top >= qc::Isa::Avx2) isas.push_back({"avx2", int4_gemm_avx2, int8_gemm_avx2, false});
   if (top >= qc::Isa::Avx512) isas.push_back({"avx512", int4_gemm_avx512, int8_gemm_avx512, true});
