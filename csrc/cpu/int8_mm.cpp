@@ -3,8 +3,8 @@
 // allocation and threading (at::parallel_for over weight panels x row blocks).
 //
 //   qtorch_cpu::pack_int8_mm(w s8 [N, K]) -> u8 [packed_b_bytes(N, K)]
-//       VNNI panels + compensation (layout in int8_mm.h); done once per weight (the Python
-//       side caches it with qtorch._cache.packed).
+//       VNNI panels + compensation (layout in int8_mm.h); meant to run once per weight, not
+//       per call (the caller keeps the result).
 //   qtorch_cpu::quantize_int8(x [M, K] f32/f16/bf16) -> (q s8 [M, K], scale f32 [M])
 //   qtorch_cpu::int8_scaled_mm(a s8 [M, K], b_packed, N, scale_a f32 [M], scale_b f32 [N],
 //       bias f32 [N]?, out_dtype f32/f16/bf16/int32) -> [M, N]

@@ -6,7 +6,7 @@
 //       group_size) -> [w u8 [int4_packed_bytes], scale f32 [Nb*G*16], zero u8 [Nb*G*16]]
 //   qtorch_cpu::pack_int8_weight_only(w_q s8 [N, K], w_scale f32 [N])
 //       -> [w s8 [int8_packed_bytes], scale f32 [Nb*16]]
-//       Both run once per weight (the Python side caches them with qtorch._cache.packed); the
+//       Both are meant to run once per weight, not per call (the caller keeps the result); the
 //       weight buffer is 2 MiB aligned and madvise(MADV_HUGEPAGE)d: streaming it through 4 KiB
 //       pages costs a TLB miss every 4 KiB, which halves the DRAM bandwidth a core sees here.
 //   qtorch_cpu::int4_weight_only_linear(x [M, K] f32/f16/bf16, w, scale, zero_packed, N, K,
