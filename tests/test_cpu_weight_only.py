@@ -191,7 +191,7 @@ INT4_GRAD_SHAPES = [(1, 1, 64), (1, 17, 2 * 160), (3, 64, 512), (32, 33, 448), (
 def test_int4_grad_input_slabs_vs_reference(dtype, m, n, k):
     """The int4 backward (dequantize a column slab, then the slab's fp32 GEMM) against the
     reference's dequantize-then-matmul: the same fp32 math, only the GEMM's blocking differs."""
-    from qtorch.reference.int4_mm import int4_linear_grad_input
+    from qtorch.reference.weight_only import int4_linear_grad_input
 
     gs = 64 if k % 64 == 0 else 32
     qw = R.quantize_int4(_randn(n, k, seed=k), gs, False)

@@ -31,7 +31,7 @@ from qtorch.backends._cuda_pack import (
     pack_int4,
     pack_int8,
 )
-from qtorch.reference.quantize import unpack_int4
+from qtorch.reference.weight_only import unpack_int4
 from qtorch.testing import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

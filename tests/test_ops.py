@@ -432,8 +432,7 @@ def test_linear_ops_backward_straight_through():
 @pytest.mark.parametrize("m,k,n", INT8_SHAPES)
 def test_linear_grad_input_kernels(backend, dtype, m, k, n):
     """The backward kernels of the linears (grad_out @ ŵ) on every backend vs the reference."""
-    from qtorch.reference.int4_mm import int4_linear_grad_input
-    from qtorch.reference.int8_mm import int8_linear_grad_input
+    from qtorch.reference.weight_only import int4_linear_grad_input, int8_linear_grad_input
 
     dev = device_for(backend)
     g = _randn(m, n, dtype=dtype, device=dev)
