@@ -11,6 +11,7 @@ import torch
 import qtorch
 from qtorch import _backend, ops
 from qtorch import reference as R
+from qtorch.ops import weight_only as wo_ops  # the backward helpers are internal ops
 from qtorch.testing import assert_close
 
 _C = pytest.importorskip("qtorch._C", reason="qtorch._C (the C++ CPU kernels) is not built")
@@ -197,13 +198,13 @@ def test_int4_grad_input_slabs_vs_reference(dtype, m, n, k):
     qw = R.quantize_int4(_randn(n, k, seed=k), gs, False)
     g = _randn(m, n, seed=m + n, dtype=dtype)
     with qtorch.use_backend("cpu"):
-        gx = ops.int4_linear_grad_input(g, *qw, gs)
+        gx = wo_ops.int4_linear_grad_input(g, *qw, gs)
     assert gx.dtype == dtype and gx.shape == (m, k)
     assert_close(gx, int4_linear_grad_input(g, *qw, gs))
     # non-contiguous grad_out and leading dims go through the op's reshaping
     g3 = _randn(2, n, m, seed=5, dtype=dtype).transpose(1, 2)
     with qtorch.use_backend("cpu"):
-        gx3 = ops.int4_linear_grad_input(g3, *qw, gs)
+        gx3 = wo_ops.int4_linear_grad_input(g3, *qw, gs)
     assert_close(gx3, int4_linear_grad_input(g3.reshape(-1, n), *qw, gs).reshape(2, m, k))
 
 

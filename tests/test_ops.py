@@ -432,19 +432,20 @@ def test_linear_ops_backward_straight_through():
 @pytest.mark.parametrize("m,k,n", INT8_SHAPES)
 def test_linear_grad_input_kernels(backend, dtype, m, k, n):
     """The backward kernels of the linears (grad_out @ ŵ) on every backend vs the reference."""
+    from qtorch.ops import weight_only as wo_ops
     from qtorch.reference.weight_only import int4_linear_grad_input, int8_linear_grad_input
 
     dev = device_for(backend)
     g = _randn(m, n, dtype=dtype, device=dev)
     w_q, w_s = R.quantize_int8(_randn(n, k, device=dev, seed=1))
     with qtorch.use_backend(backend):
-        out = ops.int8_linear_grad_input(g, w_q, w_s)
+        out = wo_ops.int8_linear_grad_input(g, w_q, w_s)
     assert out.dtype == dtype and out.shape == (m, k)
     assert_close(out, int8_linear_grad_input(g, w_q, w_s))
     k4 = 64 * ((k + 63) // 64)
     qw = R.quantize_int4(_randn(n, k4, device=dev, seed=2), 64)
     with qtorch.use_backend(backend):
-        out = ops.int4_linear_grad_input(g, *qw, 64)
+        out = wo_ops.int4_linear_grad_input(g, *qw, 64)
     assert_close(out, int4_linear_grad_input(g, *qw, 64))
 
 

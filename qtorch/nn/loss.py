@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from qtorch import _checks as chk
 from qtorch import ops
 
 __all__ = ["DistillationLoss", "FusedLinearDistillationLoss"]
@@ -16,7 +17,7 @@ class _DistillationBase(nn.Module):
         super().__init__()
         # Fail at construction rather than at the first step. `labels` is only known at call
         # time, so the "alpha must be 1.0 without labels" rule is checked by the op.
-        ops._check_loss_kwargs(temperature, alpha, divergence, beta, reduction, labels=True)
+        chk.loss_kwargs(temperature, alpha, divergence, beta, reduction, labels=True)
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.divergence = divergence
