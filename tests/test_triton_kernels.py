@@ -31,9 +31,10 @@ pytestmark = [
 ]
 if _INTERPRET or torch.cuda.is_available():
     from qtorch._kernels import distillation as KD
-    from qtorch._kernels import int4_mm as K4
     from qtorch._kernels import int8_mm as K8
-    from qtorch._kernels import quantize as KQ
+    from qtorch._kernels import weight_only as KW
+
+    from qtorch.backends import triton as TB
 
 DEV = torch.device("cuda" if torch.cuda.is_available() and not _INTERPRET else "cpu")
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -62,7 +63,7 @@ QUANT_SHAPES = [(1, 1), (3, 17), (5, 300), (2, 4100)]
 def test_quantize_int8_matches_reference_exactly(m, k, dtype):
     x = _randn(m, k, dtype=dtype, seed=m * k, scale=3.0)
     x[0, 0] = 0.0
-    q, s = KQ.quantize_int8(x)
+    q, s = K8.quantize_int8(x)
     q_ref, s_ref = R.quantize_int8(x)
     assert q.dtype == torch.int8 and s.dtype == torch.float32
     assert torch.equal(s, s_ref)
@@ -72,7 +73,7 @@ def test_quantize_int8_matches_reference_exactly(m, k, dtype):
 def test_quantize_int8_ties_round_half_even_and_zero_rows():
     # amax = 127 -> scale 1, so x / scale hits exact .5 ties.
     x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 127.0], [0.0] * 7], device=DEV)
-    q, s = KQ.quantize_int8(x)
+    q, s = K8.quantize_int8(x)
     assert s.tolist() == [1.0, 1.0]
     assert q.tolist() == [[0, 2, 2, 0, -2, -2, 127], [0] * 7]
 
@@ -137,7 +138,7 @@ def test_int8_weight_only_linear(m, n, k, dtype):
     w_q, w_s = R.quantize_int8(_randn(n, k, seed=12))
     bias = _randn(n, dtype=dtype, seed=13)
     for bs in (None, bias):
-        out = K8.int8_weight_only_linear(x, w_q, w_s, bs)
+        out = KW.int8_weight_only_linear(x, w_q, w_s, bs)
         ref = R.int8_weight_only_linear(x, w_q, w_s, bs)
         assert out.dtype == dtype and out.shape == (m, n)
         assert_close(out, ref, dtype)
@@ -146,7 +147,7 @@ def test_int8_weight_only_linear(m, n, k, dtype):
 def test_int8_weight_only_decode_uses_split_k():
     # Under the interpreter the decode launch splits K whenever it has two blocks, so the
     # decode shapes above run the split path (K = 100 and 300 with 64-wide K blocks).
-    split, per = K8.split_k_for(64, 300, 32, 64, DEV)
+    split, per = KW.split_k_for(64, 300, 32, 64, DEV)
     assert split >= 2 and per % 64 == 0 and (split - 1) * per < 300 <= split * per
 
 
@@ -154,9 +155,9 @@ def test_int8_weight_only_decode_uses_split_k():
 def test_split_k_rule_on_gpu_sizes(monkeypatch, n, k, want_split):
     # The GPU rule (132 SMs, as on an H100/H200): no split when the 32-wide column tiles cover
     # the SMs, else enough splits to cover them, each at least two 128-wide K blocks.
-    monkeypatch.setattr(K8, "INTERPRET", False)
-    monkeypatch.setattr(K8, "num_sms", lambda device: 132)
-    split, per = K8.split_k_for(n, k, 32, 128, DEV)
+    monkeypatch.setattr(KW, "INTERPRET", False)
+    monkeypatch.setattr(KW, "num_sms", lambda device: 132)
+    split, per = KW.split_k_for(n, k, 32, 128, DEV)
     assert split == want_split
     assert per % 128 == 0 and (split - 1) * per < k <= split * per
 
@@ -181,7 +182,7 @@ def test_int4_weight_only_linear(m, n, k, gs, sym, dtype):
     x = _randn(m, k, dtype=dtype, seed=15)
     bias = _randn(n, dtype=dtype, seed=16)
     for bs in (None, bias):
-        out = K4.int4_weight_only_linear(x, qw, sc, z, gs, bs)
+        out = TB.int4_weight_only_linear(x, qw, sc, z, gs, bs)
         ref = R.int4_weight_only_linear(x, qw, sc, z, gs, bs)
         assert out.dtype == dtype and out.shape == (m, n)
         assert_close(out, ref, dtype)
@@ -190,16 +191,16 @@ def test_int4_weight_only_linear(m, n, k, gs, sym, dtype):
 def test_int4_kernel_layout_prepared_once(monkeypatch):
     qw, sc, z = R.quantize_int4(_randn(24, 64, seed=17), 32, False)
     calls = []
-    real = K4.kernel_layout
-    monkeypatch.setattr(K4, "kernel_layout", lambda *a: calls.append(1) or real(*a))
+    real = TB.kernel_layout
+    monkeypatch.setattr(TB, "kernel_layout", lambda *a: calls.append(1) or real(*a))
     _cache.clear()
     x = _randn(2, 64, seed=18)
-    first = K4.int4_weight_only_linear(x, qw, sc, z, 32, None)
-    second = K4.int4_weight_only_linear(x, qw, sc, z, 32, None)
+    first = TB.int4_weight_only_linear(x, qw, sc, z, 32, None)
+    second = TB.int4_weight_only_linear(x, qw, sc, z, 32, None)
     assert len(calls) == 1  # repacked on first use only
     assert torch.equal(first, second)
     qw.add_(0)  # an in-place change (version bump) invalidates the cached layout
-    K4.int4_weight_only_linear(x, qw, sc, z, 32, None)
+    TB.int4_weight_only_linear(x, qw, sc, z, 32, None)
     assert len(calls) == 2
 
 
@@ -213,8 +214,8 @@ def test_autotune_configs_follow_the_device(monkeypatch, major):
     prune = _kernels.for_device(K8._INT8_AMPERE, K8._INT8_HOPPER)
     got = prune(K8._int8_scaled_mm_tuned.configs, {})
     assert got == (K8._INT8_HOPPER if major == 9 else K8._INT8_AMPERE)
-    got = K4._prune(K4._w4a16_tuned.configs, {}, GROUP_SIZE=32)
-    want = K4._HOPPER if major == 9 else K4._AMPERE
+    got = KW._w4a16_prune(KW._w4a16_tuned.configs, {}, GROUP_SIZE=32)
+    want = KW._W4A16_HOPPER if major == 9 else KW._W4A16_AMPERE
     assert got and got == [c for c in want if c.kwargs["BLOCK_K"] <= 32]
 
 
