@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import qtorch  # noqa: E402
 from qtorch import _backend  # noqa: E402
+from qtorch.testing import device_for  # noqa: E402, F401  (the tests import it from here)
 
 try:
     from hypothesis import settings
@@ -59,9 +60,3 @@ class OpRecorder(TorchDispatchMode):
 def kernel_backends() -> list[str]:
     """Available backends, each one the tests compare against the reference."""
     return qtorch.available_backends()
-
-
-def device_for(backend: str) -> torch.device:
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
