@@ -60,3 +60,43 @@ class OpRecorder(TorchDispatchMode):
 def kernel_backends() -> list[str]:
     """Available backends, each one the tests compare against the reference."""
     return qtorch.available_backends()
+
+
+@pytest.fixture(params=["avx512_vnni", "avx2", "scalar"])
+def isa(request):
+    """Force one CPU kernel ISA for the test (skipped where the CPU lacks it, or without
+    qtorch._C), then restore."""
+    C = pytest.importorskip("qtorch._C", reason="qtorch._C (the C++ CPU kernels) is not built")
+    before = C.isa()
+    got = C.set_isa(request.param)
+    try:
+        if got != request.param:
+            pytest.skip(f"CPU has no {request.param} (best: {got})")
+        yield got
+    finally:
+        C.set_isa(before)
+
+
+# Skip marks of the backend sections in the family test files (tests/test_<stem>.py).
+
+cpu_kernels = pytest.mark.skipif(
+    "cpu" not in qtorch.available_backends(),
+    reason="qtorch._C (the C++ CPU kernels) is not built",
+)
+cuda_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _backend.backend_status()["cuda"][0]),
+    reason="needs a CUDA device and the qtorch._C_cuda extension",
+)
+TRITON_RUNS = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+def triton_kernels(test):
+    """Skip mark of the Triton tests (they need a CUDA device or TRITON_INTERPRET=1, which
+    this file sets without a GPU). The interpreter evaluates both sides of tl.where in numpy,
+    so masked lanes (-inf - -inf, 0 * inf) raise numpy warnings for values that are then
+    discarded: those are ignored."""
+    test = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")(test)
+    return pytest.mark.skipif(
+        not TRITON_RUNS,
+        reason="Triton needs a CUDA device or TRITON_INTERPRET=1 (set by tests/conftest.py)",
+    )(test)
