@@ -51,7 +51,9 @@ class DistillationLoss(_DistillationBase):
 class FusedLinearDistillationLoss(_DistillationBase):
     """The distillation loss on `student_hidden @ student_weight.T (+ student_bias)` against
     `teacher_hidden @ teacher_weight.T (+ teacher_bias)`, computed `chunk_size` tokens at a time
-    so the [tokens, V] logits never exist (None: about 8 MiB of fp32 logits per chunk).
+    so the [tokens, V] logits never exist (None:
+    `qtorch.reference.distillation.default_chunk_size`: the rows whose fp32 logits
+    fill about 32 MiB, 2^23 values, at most all tokens).
 
     forward(student_hidden [..., H], student_weight [V, H], teacher_hidden [..., Ht],
     teacher_weight [V, Ht], labels [...] or None, student_bias [V] or None,

@@ -91,7 +91,9 @@ def fused_linear_distillation_loss(
 ) -> Tensor:
     """distillation_loss(student_hidden @ student_weight.T + student_bias,
     teacher_hidden @ teacher_weight.T + teacher_bias, labels, ...) without ever holding the
-    [tokens, V] logits: chunks of `chunk_size` tokens (default: ~32 MiB of fp32 logits a chunk).
+    [tokens, V] logits: chunks of `chunk_size` tokens (default:
+    `qtorch.reference.distillation.default_chunk_size`: the rows whose fp32 logits
+    fill about 32 MiB, 2^23 values, at most all tokens).
 
     student_hidden [..., H], student_weight [V, H], teacher_hidden [..., Ht],
     teacher_weight [V, Ht]. Differentiable w.r.t. student_hidden, student_weight, student_bias;
