@@ -1,4 +1,4 @@
-"""GPU benchmarks of the `triton` backend (kernels/) against the baselines issue 4 names.
+"""GPU benchmarks of the `triton` backend (kernels/) against the baselines below.
 
     python benchmarks/bench_triton.py [--json results.json] [--quick]
 
@@ -77,9 +77,10 @@ def bench_int8(rows, quick):
 
 
 def bench_weight_only(rows, quick):
-    from qtorch._kernels import int4_mm, int8_mm
+    from qtorch._kernels import weight_only
 
     from qtorch import reference as R
+    from qtorch.backends import triton as triton_backend
 
     k = n = 8192
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -90,10 +91,10 @@ def bench_weight_only(rows, quick):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         base = _bench(lambda: x @ w.T, quick)
         _row(rows, case, "torch.matmul bf16", base, bytes_=2 * n * k)
-        t = _bench(lambda: int4_mm.int4_weight_only_linear(x, qw, sc, z, 128, None), quick)
+        t = _bench(lambda: triton_backend.int4_weight_only_linear(x, qw, sc, z, 128, None), quick)
         _row(rows, case, "triton W4A16 (g128)", t, baseline=base[1],
              bytes_=n * k // 2 + 5 * n * k // 128)
-        t = _bench(lambda: int8_mm.int8_weight_only_linear(x, w8, s8, None), quick)
+        t = _bench(lambda: weight_only.int8_weight_only_linear(x, w8, s8, None), quick)
         _row(rows, case, "triton W8A16", t, baseline=base[1], bytes_=n * k + 4 * n)
 
 

@@ -1,5 +1,5 @@
 """Helpers shared by the examples: locating the offline model packages, weight bytes, latency
-ratios measured in one run, peak memory, and a markdown table printer."""
+ratios measured in one run, and a markdown table printer (peak memory: qtorch.testing)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import qtorch
+from qtorch.bench.machine import cpu_model
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -88,24 +89,6 @@ def interleaved_latency(fns: dict[str, callable], repeats: int, warmup: int = 1)
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
-def vm_hwm_kib() -> int:
-    """Peak resident set size of this process (VmHWM), KiB."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
-def reset_vm_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def print_table(rows: list[dict]) -> None:
     cols = list(rows[0])
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
@@ -117,8 +100,7 @@ def print_table(rows: list[dict]) -> None:
 
 def environment_line() -> str:
     import os
-    import platform
 
     return (f"torch {torch.__version__}, qtorch {qtorch.__version__}, backend "
             f"{qtorch.get_backend()} (available: {', '.join(qtorch.available_backends())}), "
-            f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+            f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {cpu_model()}")

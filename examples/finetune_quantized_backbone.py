@@ -33,13 +33,12 @@ from _common import (
     linear_bytes,
     minilm_path,
     print_table,
-    reset_vm_hwm,
     tensor_bytes,
-    vm_hwm_kib,
 )
 from torch import nn
 
 import qtorch
+from qtorch.testing import reset_vm_hwm, vm_hwm_kib
 
 RUN_CONFIGS = ["fp32", "int8_dynamic (W8A8)", "int8_weight_only (W8A16)",
                "int4 g64 asym (W4A16)", "int4 g32 sym (W4A16)"]

@@ -4,10 +4,15 @@ implementations run them too and torch.compile raises the same errors."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from qtorch.reference.distillation import DIVERGENCES
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def tensor(name: str, t, *, optional: bool = False) -> None:
@@ -70,3 +75,57 @@ def group_size(gs: int) -> None:
         raise TypeError(f"group_size must be an int, got {type(gs).__name__}")
     if gs not in INT4_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {gs}")
+
+
+# -------------------------------------------------------- distillation losses (ops and nn)
+
+
+def loss_kwargs(temperature, alpha, divergence, beta, reduction, labels) -> None:
+    """The loss keywords of both distillation losses. `labels` only needs to say whether
+    labels are given (None: no hard-label term, so alpha must be 1.0)."""
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if labels is None and alpha != 1.0:
+        raise ValueError(
+            f"labels=None leaves no hard-label term, so alpha must be 1.0, got alpha={alpha!r}"
+        )
+
+
+def loss_labels(labels, lead: tuple, name_of_lead: str) -> None:
+    """labels: None, or an integer tensor shaped like the logits without the last dim."""
+    if labels is None:
+        return
+    tensor("labels", labels)
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(lead):
+        raise ValueError(
+            f"labels must have shape {tuple(lead)} ({name_of_lead} without the last dim), "
+            f"got {tuple(labels.shape)}"
+        )
+
+
+def num_items_in_batch(value) -> None:
+    """None, an int >= 0 or a 0-dim tensor (the "mean" denominator)."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(
+                f"num_items_in_batch must be an int or a 0-dim tensor, got shape "
+                f"{tuple(value.shape)}"
+            )
+    elif not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(
+            f"num_items_in_batch must be an int or a 0-dim tensor, got {type(value).__name__}"
+        )
+    elif value < 0:
+        raise ValueError(f"num_items_in_batch must be >= 0, got {value}")

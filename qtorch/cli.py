@@ -7,22 +7,12 @@ import platform
 import sys
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import qtorch
     from qtorch import _backend
+    from qtorch.bench.machine import cpu_model
 
     print(f"qtorch {qtorch.__version__}  torch {torch.__version__}  python {platform.python_version()}")
     try:
@@ -31,7 +21,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
-    print(f"CPU: {_cpu_model()}  ({torch.get_num_threads()} torch threads)")
+    print(f"CPU: {cpu_model()}  ({torch.get_num_threads()} torch threads)")
     try:
         import qtorch._C as C
 

@@ -1,4 +1,6 @@
-"""Helpers shared by tests, `qtorch validate` and benchmarks: SQNR and per-dtype tolerances."""
+"""Helpers shared by tests, `qtorch validate`, benchmarks and examples: SQNR, per-dtype
+tolerances, the int8 rounding-tie tolerance, the device a backend runs on, and the peak
+resident memory of this process."""
 
 from __future__ import annotations
 
@@ -52,3 +54,45 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
     if scale is None:
         scale = max(ref.detach().abs().max().item() if ref.numel() else 0.0, 1.0)
     torch.testing.assert_close(out.double(), ref.double(), atol=atol * scale, rtol=rtol)
+
+
+def int8_tie_tolerance(x_scale: torch.Tensor, w_scale: torch.Tensor) -> float:
+    """How far an int8_linear output may move when one activation code differs by one step.
+
+    API.md lets a kernel quantize x as x * (127 / amax) instead of x / scale, which rounds a
+    tie the other way now and then: one code of row m moves by one, so output [m, n] moves by
+    scale_x[m] * scale_w[n] * |w_q[n, k]| <= scale_x[m] * scale_w[n] * 127. Returns the largest
+    such step over all (m, n), for activation scales x_scale [...] and weight scales
+    w_scale [N].
+    """
+    xs = x_scale.reshape(-1, 1).float()
+    ws = w_scale.reshape(1, -1).float().to(xs.device)
+    return (xs * ws).abs().max().item() * 127
+
+
+def device_for(backend: str) -> torch.device:
+    """The device whose tensors `backend` serves: CUDA for the cuda backend, and for triton
+    when a GPU exists (else its interpreter's CPU tensors); CPU otherwise."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def vm_hwm_kib() -> int:
+    """Peak resident set size of this process (VmHWM), KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def reset_vm_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); False where
+    that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -16,7 +16,7 @@ import torch
 
 from qtorch import _backend, ops
 from qtorch import reference as R
-from qtorch.testing import max_errors, sqnr, tolerances
+from qtorch.testing import device_for, int8_tie_tolerance, max_errors, sqnr, tolerances
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -31,12 +31,6 @@ class Row:
     rel_err: float
     sqnr_db: float
     ok: bool
-
-
-def _device_for(backend: str) -> torch.device:
-    if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def _close(out, ref, dtype) -> bool:
@@ -58,7 +52,7 @@ def _cases(quick: bool):
 
 
 def _run_backend(backend: str, quick: bool, gen: torch.Generator):
-    dev = _device_for(backend)
+    dev = device_for(backend)
     rows: list[Row] = []
 
     def add(op, case, dtype, out, ref, ok=None):
@@ -88,7 +82,7 @@ def _run_backend(backend: str, quick: bool, gen: torch.Generator):
             ref = R.int8_linear(x, wq, ws, bias)
             out = ops.int8_linear(x, wq, ws, bias)
             # A tie rounded the other way in x's quantization moves one product by one step.
-            tie = (s_ref[:, None] * ws[None, :] * 127).abs().max().item() * 1.01
+            tie = int8_tie_tolerance(s_ref, ws) * 1.01
             add("int8_linear", case, dtype, out, ref,
                 ok=_close(out, ref, dtype) or bool(((out.double() - ref.double()).abs() <= tie).all()))
             add("int8_weight_only_linear", case, dtype, ops.int8_weight_only_linear(x, wq, ws, bias),

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import qtorch  # noqa: E402
 from qtorch import _backend  # noqa: E402
+from qtorch.testing import device_for  # noqa: E402, F401  (the tests import it from here)
 
 try:
     from hypothesis import settings
@@ -61,7 +62,41 @@ def kernel_backends() -> list[str]:
     return qtorch.available_backends()
 
 
-def device_for(backend: str) -> torch.device:
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+@pytest.fixture(params=["avx512_vnni", "avx2", "scalar"])
+def isa(request):
+    """Force one CPU kernel ISA for the test (skipped where the CPU lacks it, or without
+    qtorch._C), then restore."""
+    C = pytest.importorskip("qtorch._C", reason="qtorch._C (the C++ CPU kernels) is not built")
+    before = C.isa()
+    got = C.set_isa(request.param)
+    try:
+        if got != request.param:
+            pytest.skip(f"CPU has no {request.param} (best: {got})")
+        yield got
+    finally:
+        C.set_isa(before)
+
+
+# Skip marks of the backend sections in the family test files (tests/test_<stem>.py).
+
+cpu_kernels = pytest.mark.skipif(
+    "cpu" not in qtorch.available_backends(),
+    reason="qtorch._C (the C++ CPU kernels) is not built",
+)
+cuda_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _backend.backend_status()["cuda"][0]),
+    reason="needs a CUDA device and the qtorch._C_cuda extension",
+)
+TRITON_RUNS = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+def triton_kernels(test):
+    """Skip mark of the Triton tests (they need a CUDA device or TRITON_INTERPRET=1, which
+    this file sets without a GPU). The interpreter evaluates both sides of tl.where in numpy,
+    so masked lanes (-inf - -inf, 0 * inf) raise numpy warnings for values that are then
+    discarded: those are ignored."""
+    test = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")(test)
+    return pytest.mark.skipif(
+        not TRITON_RUNS,
+        reason="Triton needs a CUDA device or TRITON_INTERPRET=1 (set by tests/conftest.py)",
+    )(test)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from qtorch import reference as R
 from qtorch.reference.distillation import _token_losses, _token_losses_and_grads
-from qtorch.reference.quantize import unpack_int4
+from qtorch.reference.weight_only import unpack_int4
 
 
 def test_quantize_int8_worked_example():

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     import triton
-    from qtorch._kernels import SMEM_LIMIT, distillation, int4_mm, int8_mm, quantize
+    from qtorch._kernels import SMEM_LIMIT, distillation, int8_mm, weight_only
     from triton.backends.compiler import GPUTarget
 
 CUOBJDUMP = None
@@ -142,45 +142,45 @@ def _cases():
         for i, c in enumerate(_configs(int8_mm, "_int8_scaled_mm_kernel", cc)):
             cases.append((f"int8_scaled_mm-sm{cc}-cfg{i}", cc, int8_mm._int8_scaled_mm_kernel,
                           _int8_mm_args(_tile(c)), c.num_warps, c.num_stages, "int8"))
-        for i, c in enumerate(_configs(int8_mm, "_w8a16_kernel", cc)):
+        for i, c in enumerate(_configs(weight_only, "_w8a16_kernel", cc)):
             for dt in (("bf16", "fp16") if i == 0 else ("bf16",)):
-                cases.append((f"w8a16-{dt}-sm{cc}-cfg{i}", cc, int8_mm._w8a16_kernel,
+                cases.append((f"w8a16-{dt}-sm{cc}-cfg{i}", cc, weight_only._w8a16_kernel,
                               _w8a16_args(_tile(c), dt), c.num_warps, c.num_stages, "f16"))
         # fp32 activations (tf32x3 dot: 3 TF32 MMAs ~ fp32 accuracy): the fixed fp32 tile and
         # the decode tile.
-        for mod, fn, make, decode in (
-            (int8_mm, int8_mm._w8a16_kernel, _w8a16_args, int8_mm._W8A16_DECODE),
-            (int4_mm, int4_mm._w4a16_kernel, _w4a16_args, int4_mm._DECODE),
+        for fn, make, decode in (
+            (weight_only._w8a16_kernel, _w8a16_args, weight_only._W8A16_DECODE),
+            (weight_only._w4a16_kernel, _w4a16_args, weight_only._W4A16_DECODE),
         ):
-            for label, cfg, split in (("tile", mod._F32_CFG, 1), ("decode", decode, 4)):
+            for label, cfg, split in (("tile", weight_only._F32_CFG, 1), ("decode", decode, 4)):
                 tile, w, s = _split_decode(cfg)
                 args = make(tile, "fp32", split=split)
                 args[args.index(("DOT_F32", False))] = ("DOT_F32", True)
                 cases.append((f"{fn.__name__[1:6]}-fp32-{label}-sm{cc}", cc, fn, args, w, s,
                               "f32"))
-        tile, w, s = _split_decode(int8_mm._W8A16_DECODE)
+        tile, w, s = _split_decode(weight_only._W8A16_DECODE)
         for dt in ("bf16", "fp16"):
             for split in (1, 4):
                 cases.append((f"w8a16-decode-split{split}-{dt}-sm{cc}", cc,
-                              int8_mm._w8a16_kernel, _w8a16_args(tile, dt, split=split), w, s,
+                              weight_only._w8a16_kernel, _w8a16_args(tile, dt, split=split), w, s,
                               "f16"))
-        for i, c in enumerate(_configs(int4_mm, "_w4a16_kernel", cc)):
+        for i, c in enumerate(_configs(weight_only, "_w4a16_kernel", cc)):
             for dt in (("bf16", "fp16") if i == 0 else ("bf16",)):
-                cases.append((f"w4a16-{dt}-sm{cc}-cfg{i}", cc, int4_mm._w4a16_kernel,
+                cases.append((f"w4a16-{dt}-sm{cc}-cfg{i}", cc, weight_only._w4a16_kernel,
                               _w4a16_args(_tile(c), dt), c.num_warps, c.num_stages, "f16"))
-        tile, w, s = _split_decode(int4_mm._DECODE)
+        tile, w, s = _split_decode(weight_only._W4A16_DECODE)
         for dt in ("bf16", "fp16"):
             for split in (1, 4):
                 cases.append((f"w4a16-decode-split{split}-{dt}-sm{cc}", cc,
-                              int4_mm._w4a16_kernel, _w4a16_args(tile, dt, split=split), w, s,
+                              weight_only._w4a16_kernel, _w4a16_args(tile, dt, split=split), w, s,
                               "f16"))
         for dt in ("fp32", "fp16", "bf16"):
-            for one, block in ((True, quantize.MAX_ONE_BLOCK), (False, 2048)):
+            for one, block in ((True, int8_mm.MAX_ONE_BLOCK), (False, 2048)):
                 args = [("x_ptr", f"*{dt}"), ("q_ptr", "*i8"), ("scale_ptr", "*fp32"),
                         ("K", "i32"), ("stride_x", "i32"), ("BLOCK_K", block),
                         ("ONE_BLOCK", one), ("INTERPRET", False)]
                 name = f"quantize_int8-{dt}-{'one' if one else 'two'}pass-sm{cc}"
-                cases.append((name, cc, quantize._quantize_int8_kernel, args, 8, 1, "quant"))
+                cases.append((name, cc, int8_mm._quantize_int8_kernel, args, 8, 1, "quant"))
         block, warps = 4096, 16
         # (dtype, labels + grad + token scale): the fused-linear launch, and a plain
         # forward-only one without labels.

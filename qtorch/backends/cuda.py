@@ -19,8 +19,7 @@ from qtorch._backend import register_kernel
 from qtorch._cache import _version, packed
 from qtorch.backends._cuda_pack import pack_int4, pack_int8
 from qtorch.reference import distillation as _ref_distill
-from qtorch.reference import int4_mm as _ref_int4
-from qtorch.reference import int8_mm as _ref_int8
+from qtorch.reference import weight_only as _ref_wo
 
 _DIVERGENCE_CODE = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 
@@ -72,7 +71,7 @@ def _int8_linear(x, w_q, w_scale, bias):
 def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
     if x.dtype not in (torch.float16, torch.bfloat16):
         # The tensor-core kernel takes 16-bit activations; fp32 ones use the reference.
-        return _ref_int4.int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias)
+        return _ref_wo.int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias)
     key = (
         "cuda_int4",
         group_size,
@@ -90,7 +89,7 @@ def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
 @register_kernel("int8_weight_only_linear", "cuda")
 def _int8_weight_only_linear(x, w_q, w_scale, bias):
     if x.dtype not in (torch.float16, torch.bfloat16):
-        return _ref_int8.int8_weight_only_linear(x, w_q, w_scale, bias)
+        return _ref_wo.int8_weight_only_linear(x, w_q, w_scale, bias)
     qp = packed(w_q, ("cuda_w8",), lambda: pack_int8(w_q))
     k = x.shape[1]
     if k % 8:  # the kernel moves x in 16-byte pieces; the packed weight is 0 past K

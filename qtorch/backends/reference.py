@@ -2,8 +2,7 @@
 
 from qtorch import reference as R
 from qtorch._backend import register_kernel
-from qtorch.reference.int4_mm import int4_linear_grad_input
-from qtorch.reference.int8_mm import int8_linear_grad_input
+from qtorch.reference.weight_only import int4_linear_grad_input, int8_linear_grad_input
 
 for _name, _fn in {
     "quantize_int8": R.quantize_int8,

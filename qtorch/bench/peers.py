@@ -27,7 +27,8 @@ import warnings
 
 import torch
 
-from qtorch.reference.quantize import quantize_int8, unpack_int4
+from qtorch.reference.int8_mm import quantize_int8
+from qtorch.reference.weight_only import unpack_int4
 
 
 def _impl(*args, **kw):

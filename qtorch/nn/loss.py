@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from qtorch import _checks as chk
 from qtorch import ops
 
 __all__ = ["DistillationLoss", "FusedLinearDistillationLoss"]
@@ -16,7 +17,7 @@ class _DistillationBase(nn.Module):
         super().__init__()
         # Fail at construction rather than at the first step. `labels` is only known at call
         # time, so the "alpha must be 1.0 without labels" rule is checked by the op.
-        ops._check_loss_kwargs(temperature, alpha, divergence, beta, reduction, labels=True)
+        chk.loss_kwargs(temperature, alpha, divergence, beta, reduction, labels=True)
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.divergence = divergence
@@ -50,7 +51,9 @@ class DistillationLoss(_DistillationBase):
 class FusedLinearDistillationLoss(_DistillationBase):
     """The distillation loss on `student_hidden @ student_weight.T (+ student_bias)` against
     `teacher_hidden @ teacher_weight.T (+ teacher_bias)`, computed `chunk_size` tokens at a time
-    so the [tokens, V] logits never exist (None: about 8 MiB of fp32 logits per chunk).
+    so the [tokens, V] logits never exist (None:
+    `qtorch.reference.distillation.default_chunk_size`: the rows whose fp32 logits
+    fill about 32 MiB, 2^23 values, at most all tokens).
 
     forward(student_hidden [..., H], student_weight [V, H], teacher_hidden [..., Ht],
     teacher_weight [V, Ht], labels [...] or None, student_bias [V] or None,

@@ -2,9 +2,13 @@
 device when no compiled backend does. Tests and benchmarks import these; nobody re-writes them."""
 
 from qtorch.reference.distillation import distillation_loss, fused_linear_distillation_loss
-from qtorch.reference.int4_mm import int4_weight_only_linear
-from qtorch.reference.int8_mm import int8_linear, int8_scaled_mm, int8_weight_only_linear
-from qtorch.reference.quantize import dequantize_int4, quantize_int4, quantize_int8
+from qtorch.reference.int8_mm import int8_linear, int8_scaled_mm, quantize_int8
+from qtorch.reference.weight_only import (
+    dequantize_int4,
+    int4_weight_only_linear,
+    int8_weight_only_linear,
+    quantize_int4,
+)
 
 __all__ = [
     "quantize_int8",

@@ -178,7 +178,8 @@ def distillation_loss(
 
 
 def default_chunk_size(num_tokens: int, vocab: int) -> int:
-    """Rows per chunk so one [chunk, V] fp32 block of logits is about 32 MiB (2^23 values).
+    """Rows per chunk so one [chunk, V] fp32 block of logits is about 32 MiB (2^23 values),
+    at least 1 and at most num_tokens.
 
     Smaller chunks make the two per-chunk matmuls inefficient (at V=32000, 65-row chunks
     spend 80% of the CPU time in small GEMMs); the memory saved stays large: at N=4096,

@@ -1,10 +1,24 @@
-"""int8 matmul references."""
+"""W8A8 int8 references: per-row int8 quantization, the int8 GEMM with its fp32 epilogue, and
+the dynamic W8A8 linear (API.md, "Quantization numerics"). All statistics in float32; round
+is round-half-to-even (torch.round)."""
 
 from __future__ import annotations
 
 import torch
 
-from qtorch.reference.quantize import quantize_int8
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8.
+
+    x [..., K] float  ->  q [..., K] int8, scale [...] float32, with
+        amax_r = max_k |x[r, k]|;  scale_r = amax_r / 127  (1.0 where amax_r == 0)
+        q[r, k] = clamp(round(x[r, k] / scale_r), -127, 127)
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1) if xf.shape[-1] > 0 else xf.new_zeros(xf.shape[:-1])
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 127)
+    q = torch.clamp(torch.round(xf / scale.unsqueeze(-1)), -127, 127).to(torch.int8)
+    return q, scale
 
 
 def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -40,27 +54,7 @@ def int8_linear(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Dynamic W8A8: x [M, K] quantized per token (quantize_int8), int8 GEMM with the
-    per-channel weight w_q [N, K] / w_scale [N], rescaled; result [M, N] in x.dtype."""
+    per-channel weight w_q [N, K] / w_scale [N], rescaled; result [M, N] in x.dtype.
+    Its input gradient is `weight_only.int8_linear_grad_input` (straight-through)."""
     q, s = quantize_int8(x)
     return int8_scaled_mm(q, w_q, s, w_scale, bias, out_dtype=x.dtype)
-
-
-def int8_weight_only_linear(
-    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """W8A16: x @ (w_q * w_scale[:, None]).T + bias, computed in fp32, result in x.dtype."""
-    w = w_q.float() * w_scale.float().reshape(-1, 1)
-    out = x.float() @ w.T
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
-
-
-def int8_linear_grad_input(
-    grad_out: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
-) -> torch.Tensor:
-    """d(x @ ŵ.T)/dx applied to grad_out [M, N]: grad_out @ ŵ, ŵ = w_q * w_scale[:, None];
-    fp32 math, result in grad_out.dtype. Serves both int8 linears (activation quantization
-    is straight-through)."""
-    w = w_q.float() * w_scale.float().reshape(-1, 1)
-    return (grad_out.float() @ w).to(grad_out.dtype)

@@ -1,23 +1,37 @@
-"""Quantization references (API.md, "Quantization numerics"). All statistics in float32;
-round is round-half-to-even (torch.round)."""
+"""Weight-only references: int4 group-wise quantization in canonical storage (API.md,
+"Quantization numerics"), and the W8A16 / W4A16 linears with their input gradients (which
+also serve the W8A8 linear's backward). All statistics in float32; round is
+round-half-to-even (torch.round)."""
 
 from __future__ import annotations
 
 import torch
 
+# ----------------------------------------------------------------------------------- W8A16
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8.
 
-    x [..., K] float  ->  q [..., K] int8, scale [...] float32, with
-        amax_r = max_k |x[r, k]|;  scale_r = amax_r / 127  (1.0 where amax_r == 0)
-        q[r, k] = clamp(round(x[r, k] / scale_r), -127, 127)
-    """
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1) if xf.shape[-1] > 0 else xf.new_zeros(xf.shape[:-1])
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 127)
-    q = torch.clamp(torch.round(xf / scale.unsqueeze(-1)), -127, 127).to(torch.int8)
-    return q, scale
+def int8_weight_only_linear(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W8A16: x @ (w_q * w_scale[:, None]).T + bias, computed in fp32, result in x.dtype."""
+    w = w_q.float() * w_scale.float().reshape(-1, 1)
+    out = x.float() @ w.T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def int8_linear_grad_input(
+    grad_out: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
+) -> torch.Tensor:
+    """d(x @ ŵ.T)/dx applied to grad_out [M, N]: grad_out @ ŵ, ŵ = w_q * w_scale[:, None];
+    fp32 math, result in grad_out.dtype. Serves both int8 linears (activation quantization
+    is straight-through)."""
+    w = w_q.float() * w_scale.float().reshape(-1, 1)
+    return (grad_out.float() @ w).to(grad_out.dtype)
+
+
+# ------------------------------------------------------------------------------------ int4
 
 
 def quantize_int4(
@@ -68,3 +82,32 @@ def dequantize_int4(
     q = q.reshape(n, k // group_size, group_size)
     w = (q - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
     return w.reshape(n, k)
+
+
+def int4_weight_only_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W4A16: x [M, K] @ ŵ.T + bias with ŵ = dequantize_int4(...) [N, K]; fp32 math,
+    result in x.dtype."""
+    w = dequantize_int4(qweight, scales, zeros, group_size)
+    out = x.float() @ w.T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def int4_linear_grad_input(
+    grad_out: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """grad_out [M, N] @ ŵ [N, K] in fp32, result in grad_out.dtype."""
+    w = dequantize_int4(qweight, scales, zeros, group_size)
+    return (grad_out.float() @ w).to(grad_out.dtype)

@@ -1,0 +1,501 @@
+"""The distillation ops (distillation_loss, fused_linear_distillation_loss): every backend's
+kernels against `qtorch.reference` (tests/test_ops.py runs the public ops on every backend as
+well).
+
+cpu (csrc/cpu/distillation.cpp), on every kernel ISA this CPU runs (forced with
+`qtorch._C.set_isa`): every divergence, T != 1, alpha in {0, 0.3, 1}, ignore_index (ignored
+rows holding NaN), labels=None, masked (-inf) teacher entries, NaN/inf -> non-finite,
+fp32/bf16/fp16, odd V (vector tails), and the fused-linear op (chunking, biases,
+token_scale) — plus the label range error.
+
+triton (kernels/distillation.py), under TRITON_INTERPRET=1 on CPU or compiled on a CUDA
+device: several vocabulary blocks per row, masks, ignored rows, the gradient written in place
+over the student logits, and the fused-linear chunk loop, at the per-dtype tolerances of
+`qtorch.testing`.
+
+cuda (csrc/cuda/distillation.cu; the GPU tests are skipped without a CUDA device and a built
+qtorch._C_cuda): the loss kernel over vocabulary sizes around its blocks; and, on any machine,
+the closed-form loss and gradient formulas the kernel evaluates, in torch.
+"""
+
+import math
+
+import pytest
+import torch
+
+import qtorch
+from qtorch import ops
+from qtorch import reference as R
+from qtorch.testing import assert_close, device_for
+from tests.conftest import TRITON_RUNS, cpu_kernels, cuda_kernels, triton_kernels
+
+if "cpu" in qtorch.available_backends():
+    from qtorch.backends import cpu as CPU
+if TRITON_RUNS:
+    from qtorch._kernels import distillation as KD
+
+DIVERGENCES = ["kl", "reverse_kl", "jsd"]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, seed, dtype=torch.float32, scale=1.0, device="cpu"):
+    return (torch.randn(*shape, generator=_gen(seed)) * scale).to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------- cpu
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (M, V): V = 1, sizes around the 8/16-lane vectors and the 64-float blocks, a large odd V
+SHAPES = [(1, 1), (1, 7), (3, 17), (5, 64), (4, 65), (2, 1000), (3, 4099)]
+
+
+def _logits(m, v, dtype, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, v, generator=g) * scale).to(dtype)
+
+
+def _labels(m, v, seed, ignore=True):
+    g = torch.Generator().manual_seed(seed + 99)
+    lab = torch.randint(0, v, (m,), generator=g)
+    if ignore and m > 1:
+        lab[1] = -100
+    return lab
+
+
+def _check(loss, grad, ref_loss, ref_grad, dtype):
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+    # The loss is fp32 math on the same (rounded) inputs: fp32 tolerance whatever the dtype.
+    assert_close(loss, ref_loss, torch.float32)
+    assert grad.dtype == dtype and grad.shape == ref_grad.shape
+    assert_close(grad, ref_grad, dtype)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("m,v", SHAPES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (2.0, 0.3), (0.7, 0.0), (1.5, 1.0)])
+def test_cpu_kernel_vs_reference_fp32(isa, m, v, divergence, temperature, alpha):
+    s, t = _logits(m, v, torch.float32, 1), _logits(m, v, torch.float32, 2)
+    lab = _labels(m, v, 3)
+    args = (lab, temperature, alpha, divergence, 0.3, -100, True)
+    loss, grad = CPU._distillation_loss(s, t, *args)
+    ref_loss, ref_grad = R.distillation_loss(s, t, *args)
+    _check(loss, grad, ref_loss, ref_grad, torch.float32)
+    if m > 1:  # the ignored row: loss 0, zero gradient
+        assert loss[1].item() == 0.0 and bool((grad[1] == 0).all())
+
+
+@cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,v", [(1, 7), (3, 17), (4, 65), (3, 4099)])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_cpu_kernel_vs_reference_half(isa, dtype, m, v, divergence):
+    s, t = _logits(m, v, dtype, 4), _logits(m, v, dtype, 5)
+    args = (_labels(m, v, 6), 2.0, 0.5, divergence, 0.5, -100, True)
+    loss, grad = CPU._distillation_loss(s, t, *args)
+    ref_loss, ref_grad = R.distillation_loss(s, t, *args)
+    _check(loss, grad, ref_loss, ref_grad, dtype)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_labels_none_and_no_grad(isa, divergence, dtype):
+    s, t = _logits(4, 33, dtype, 7), _logits(4, 33, dtype, 8)
+    loss, grad = CPU._distillation_loss(s, t, None, 1.3, 1.0, divergence, 0.5, -100, True)
+    ref_loss, ref_grad = R.distillation_loss(s, t, None, 1.3, 1.0, divergence, 0.5, -100, True)
+    _check(loss, grad, ref_loss, ref_grad, dtype)
+    loss2, grad2 = CPU._distillation_loss(s, t, None, 1.3, 1.0, divergence, 0.5, -100, False)
+    assert grad2 is None
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("v", [5, 17, 100])
+def test_cpu_masked_teacher_entries(isa, divergence, dtype, v):
+    """-inf teacher logits are probability 0 and contribute 0: finite loss and gradient."""
+    s, t = _logits(3, v, dtype, 9), _logits(3, v, dtype, 10)
+    t[:, ::3] = float("-inf")
+    t[2, :] = float("-inf")
+    t[2, 1] = 0.5  # row 2: a single live entry
+    args = (_labels(3, v, 11, ignore=False), 2.0, 0.6, divergence, 0.3, -100, True)
+    loss, grad = CPU._distillation_loss(s, t, *args)
+    ref_loss, ref_grad = R.distillation_loss(s, t, *args)
+    assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad.float()).all())
+    _check(loss, grad, ref_loss, ref_grad, dtype)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("where,bad", [("student", math.nan), ("student", math.inf),
+                                       ("student", -math.inf), ("teacher", math.nan),
+                                       ("teacher", math.inf)])
+@pytest.mark.parametrize("col", [0, 18, 32])  # first element, mid-vector, the vector tail
+def test_cpu_nonfinite_is_not_silent(isa, divergence, where, bad, col):
+    s, t = _logits(3, 33, torch.float32, 12), _logits(3, 33, torch.float32, 13)
+    (s if where == "student" else t)[0, col] = bad
+    (s if where == "student" else t)[1, col] = bad  # row 1 is ignored: must stay 0
+    loss, grad = CPU._distillation_loss(s, t, _labels(3, 33, 14), 2.0, 0.5, divergence, 0.5,
+                                        -100, True)
+    ref_loss, _ = R.distillation_loss(s, t, _labels(3, 33, 14), 2.0, 0.5, divergence, 0.5,
+                                      -100, True)
+    assert not math.isfinite(loss[0].item()) and not math.isfinite(ref_loss[0].item())
+    assert bool(torch.isnan(grad[0]).all())
+    assert loss[1].item() == 0.0 and bool((grad[1] == 0).all())
+    assert math.isfinite(loss[2].item())
+
+
+@cpu_kernels
+def test_cpu_label_out_of_range_is_an_error():
+    s, t = _logits(3, 10, torch.float32, 15), _logits(3, 10, torch.float32, 16)
+    for bad in (10, -1, 1 << 40):
+        lab = torch.tensor([0, bad, 3])
+        with pytest.raises(ValueError, match="outside"):
+            CPU._distillation_loss(s, t, lab, 1.0, 0.5, "kl", 0.5, -100, True)
+        with pytest.raises(ValueError, match="outside"):
+            CPU._fused_linear_distillation_loss(
+                s, torch.ones(10, 10), t, torch.ones(10, 10), lab, None, None, None, 2,
+                1.0, 0.5, "kl", 0.5, -100, True)
+    # ignore_index may itself lie outside [0, V)
+    lab = torch.tensor([0, -100, 3])
+    CPU._distillation_loss(s, t, lab, 1.0, 0.5, "kl", 0.5, -100, True)
+
+
+@cpu_kernels
+def test_cpu_through_public_op_with_autograd(isa):
+    """qtorch.ops on the cpu backend: forward and backward equal the reference backend's."""
+    s, t = _logits(2 * 3, 65, torch.float32, 17).reshape(2, 3, 65), _logits(6, 65, torch.float32, 18)
+    t = t.reshape(2, 3, 65)
+    lab = _labels(6, 65, 19).reshape(2, 3)
+    outs = {}
+    for backend in ("cpu", "reference"):
+        x = s.clone().requires_grad_(True)
+        with qtorch.use_backend(backend):
+            loss = ops.distillation_loss(x, t, lab, temperature=2.0, alpha=0.4,
+                                         divergence="jsd", beta=0.4)
+        loss.backward()
+        outs[backend] = (loss.detach(), x.grad)
+    assert_close(outs["cpu"][0], outs["reference"][0], torch.float32)
+    assert_close(outs["cpu"][1], outs["reference"][1], torch.float32)
+
+
+@cpu_kernels
+def test_cpu_large_vocab_bf16(isa):
+    s, t = _logits(3, 32000, torch.bfloat16, 20), _logits(3, 32000, torch.bfloat16, 21)
+    args = (_labels(3, 32000, 22), 1.0, 0.5, "kl", 0.5, -100, True)
+    _check(*CPU._distillation_loss(s, t, *args), *R.distillation_loss(s, t, *args), torch.bfloat16)
+
+
+# ------------------------------------------------------------------ fused linear distillation
+
+
+@cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("chunk", [1, 3, 0])  # 0: the kernel's default chunk
+@pytest.mark.parametrize("bias,scaled,labels", [(True, True, True), (False, False, True),
+                                                (True, False, False)])
+def test_cpu_fused_linear_vs_reference(isa, dtype, divergence, chunk, bias, scaled, labels):
+    m, h, ht, v = 7, 24, 40, 67
+    g = torch.Generator().manual_seed(23)
+    hs = torch.randn(m, h, generator=g).to(dtype)
+    ws = (torch.randn(v, h, generator=g) / 3).to(dtype)
+    th = torch.randn(m, ht, generator=g).to(dtype)
+    wt = (torch.randn(v, ht, generator=g) / 3).to(dtype)
+    bs = torch.randn(v, generator=g).to(dtype) if bias else None
+    bt = torch.randn(v, generator=g).to(dtype) if bias else None
+    lab = _labels(m, v, 24) if labels else None
+    alpha = 0.6 if labels else 1.0
+    ts = torch.rand(m, generator=g) if scaled else None
+    out = CPU._fused_linear_distillation_loss(hs, ws, th, wt, lab, bs, bt, ts, chunk, 1.7, alpha,
+                                              divergence, 0.4, -100, True)
+    ref = R.fused_linear_distillation_loss(hs, ws, th, wt, lab, bs, bt, ts, chunk or 2, 1.7,
+                                           alpha, divergence, 0.4, -100, True)
+    assert_close(out[0], ref[0], torch.float32)
+    for got, want, like in zip(out[1:], ref[1:], (hs, ws, bs)):
+        if like is None:
+            assert got is None and want is None
+            continue
+        assert got.dtype == like.dtype and got.shape == like.shape
+        assert_close(got, want, dtype)
+    if labels:  # row 1 is ignored: no loss, no gradient
+        assert out[0][1].item() == 0.0 and bool((out[1][1] == 0).all())
+    loss_only = CPU._fused_linear_distillation_loss(hs, ws, th, wt, lab, bs, bt, ts, chunk, 1.7,
+                                                    alpha, divergence, 0.4, -100, False)
+    assert loss_only[1:] == (None, None, None)
+    torch.testing.assert_close(loss_only[0], out[0], rtol=0, atol=0)
+
+
+@cpu_kernels
+def test_cpu_fused_linear_public_op_autograd(isa):
+    g = torch.Generator().manual_seed(25)
+    hs, ws = torch.randn(2, 5, 16, generator=g), torch.randn(33, 16, generator=g) / 4
+    th, wt = torch.randn(2, 5, 8, generator=g), torch.randn(33, 8, generator=g) / 4
+    lab = _labels(10, 33, 26).reshape(2, 5)
+    outs = {}
+    for backend in ("cpu", "reference"):
+        x, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+        with qtorch.use_backend(backend):
+            loss = ops.fused_linear_distillation_loss(x, w, th, wt, lab, chunk_size=3,
+                                                      temperature=2.0, divergence="reverse_kl")
+        loss.backward()
+        outs[backend] = (loss.detach(), x.grad, w.grad)
+    for a, b in zip(outs["cpu"], outs["reference"]):
+        assert_close(a, b, torch.float32)
+
+
+# ---------------------------------------------------------------------------------- triton
+
+DEV = device_for("triton")
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _logit_pair(m, v, dtype, seed, mask_teacher=False):
+    s = _randn(m, v, dtype=dtype, seed=seed, scale=3.0, device=DEV)
+    t = _randn(m, v, dtype=dtype, seed=seed + 1, scale=3.0, device=DEV)
+    if mask_teacher:
+        t[:, ::7] = float("-inf")  # masked vocabulary entries
+    return s, t
+
+
+def _dev_labels(m, v, seed, ignore_row=None):
+    lab = torch.randint(0, v, (m,), generator=_gen(seed)).to(DEV)
+    if ignore_row is not None:
+        lab[ignore_row] = -100
+    return lab
+
+
+def _check_loss(s, t, lab, *args):
+    loss, grad = KD.distillation_loss(s, t, lab, *args, -100, True)
+    loss_ref, grad_ref = R.distillation_loss(s, t, lab, *args, -100, True)
+    assert loss.dtype == torch.float32 and grad.dtype == s.dtype
+    assert_close(loss, loss_ref, torch.float32)
+    assert_close(grad, grad_ref, s.dtype)
+    loss_ng, grad_ng = KD.distillation_loss(s, t, lab, *args, -100, False)
+    assert grad_ng is None
+    assert_close(loss_ng, loss_ref, torch.float32)
+    return loss, grad
+
+
+# (M, V): V = 20000 is two vocabulary blocks even under the interpreter (16384 wide).
+@triton_kernels
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("m,v", [(1, 1), (5, 1000), (2, 20000)])
+def test_triton_distillation_loss_divergences(m, v, divergence):
+    s, t = _logit_pair(m, v, torch.float32, seed=20)
+    lab = _dev_labels(m, v, seed=21)
+    _check_loss(s, t, lab, 2.0, 0.7, divergence, 0.3)
+
+
+@triton_kernels
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_triton_distillation_loss_dtypes_masks_and_ignored_rows(divergence, dtype):
+    s, t = _logit_pair(4, 333, dtype, seed=22, mask_teacher=True)
+    lab = _dev_labels(4, 333, seed=23, ignore_row=1)
+    s[1, 0] = float("nan")  # an ignored token contributes nothing, whatever it holds
+    loss, grad = _check_loss(s, t, lab, 1.5, 0.5, divergence, 0.5)
+    assert loss[1].item() == 0.0
+    assert torch.count_nonzero(grad[1]).item() == 0
+    assert torch.isfinite(loss).all() and torch.isfinite(grad.float()).all()
+
+
+@triton_kernels
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_triton_distillation_jsd_beta_endpoints(beta):
+    s, t = _logit_pair(3, 257, torch.float32, seed=24, mask_teacher=True)
+    _check_loss(s, t, _dev_labels(3, 257, seed=25), 1.0, 0.8, "jsd", beta)
+
+
+@triton_kernels
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_triton_distillation_loss_without_labels(divergence):
+    s, t = _logit_pair(3, 500, torch.bfloat16, seed=26)
+    _check_loss(s, t, None, 3.0, 1.0, divergence, 0.5)
+
+
+@triton_kernels
+def test_triton_distillation_nonfinite_logits_give_nonfinite_loss():
+    s, t = _logit_pair(3, 100, torch.float32, seed=27)
+    s[0, 5] = float("nan")
+    t[1, 7] = float("inf")
+    loss, _ = KD.distillation_loss(s, t, _dev_labels(3, 100, seed=28), 1.0, 0.5, "kl", 0.5, -100,
+                                   True)
+    assert not torch.isfinite(loss[0]) and not torch.isfinite(loss[1])
+    assert torch.isfinite(loss[2])
+
+
+@triton_kernels
+def test_triton_distillation_bad_label_is_an_error():
+    s, t = _logit_pair(2, 10, torch.float32, seed=29)
+    with pytest.raises(ValueError, match="labels"):
+        KD.distillation_loss(s, t, torch.tensor([3, 10], device=DEV), 1.0, 0.5, "kl", 0.5,
+                             -100, True)
+
+
+@triton_kernels
+def test_triton_distillation_grad_in_place_matches():
+    # The fused path writes the gradient over the student logits.
+    s, t = _logit_pair(3, 700, torch.bfloat16, seed=30)
+    lab = _dev_labels(3, 700, seed=31)
+    for div in ("kl", "reverse_kl", "jsd"):
+        loss, grad = KD.distillation_loss(s, t, lab, 2.0, 0.5, div, 0.5, -100, True)
+        buf = s.clone()
+        scale = torch.full((3,), 0.25, device=DEV)
+        loss2 = KD._launch(buf, t, lab, 2.0, 0.5, div, 0.5, -100, buf, scale)
+        assert torch.equal(loss2, loss)
+        assert_close(buf, grad * 0.25, torch.bfloat16)
+
+
+# (M, H, Ht, V, chunk)
+FUSED_SHAPES = [(1, 16, 8, 50, 4), (13, 32, 24, 300, 5)]
+
+
+@triton_kernels
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("m,h,ht,v,chunk", FUSED_SHAPES)
+def test_triton_fused_linear_distillation_loss(m, h, ht, v, chunk, divergence, dtype):
+    hs, ws = _randn(m, h, dtype=dtype, seed=40, device=DEV), _randn(v, h, dtype=dtype, seed=41, scale=0.25, device=DEV)
+    ht_, wt = _randn(m, ht, dtype=dtype, seed=42, device=DEV), _randn(v, ht, dtype=dtype, seed=43, scale=0.25, device=DEV)
+    bs, bt = _randn(v, dtype=dtype, seed=44, device=DEV), _randn(v, dtype=dtype, seed=45, device=DEV)
+    lab = _dev_labels(m, v, seed=46, ignore_row=m // 2)
+    ts = torch.rand(m, generator=_gen(47)).to(DEV)
+    args = (hs, ws, ht_, wt, lab, bs, bt, ts, chunk, 2.0, 0.6, divergence, 0.4, -100, True)
+    out = KD.fused_linear_distillation_loss(*args)
+    # The reference forms the logits in fp32; the kernel forms them in the inputs' dtype
+    # (a 16-bit GEMM on GPU), so 16-bit cases compare at that dtype's tolerance.
+    ref = R.fused_linear_distillation_loss(*args)
+    loss_tol = torch.float32 if dtype == torch.float32 else dtype
+    assert out[0].dtype == torch.float32
+    assert_close(out[0], ref[0], loss_tol)
+    for got, want, like in zip(out[1:], ref[1:], (hs, ws, bs), strict=True):
+        assert got.dtype == like.dtype and got.shape == like.shape
+        assert_close(got, want, dtype)
+
+
+@triton_kernels
+def test_triton_fused_linear_without_grad_or_bias():
+    hs, ws = _randn(6, 16, seed=50, device=DEV), _randn(40, 16, seed=51, device=DEV)
+    ht_, wt = _randn(6, 8, seed=52, device=DEV), _randn(40, 8, seed=53, device=DEV)
+    args = (hs, ws, ht_, wt, None, None, None, None, 4, 1.0, 1.0, "kl", 0.5, -100)
+    out = KD.fused_linear_distillation_loss(*args, False)
+    ref = R.fused_linear_distillation_loss(*args, False)
+    assert out[1] is None and out[2] is None and out[3] is None
+    assert_close(out[0], ref[0], torch.float32)
+    out = KD.fused_linear_distillation_loss(*args, True)
+    ref = R.fused_linear_distillation_loss(*args, True)
+    assert out[3] is None
+    assert_close(out[1], ref[1], torch.float32)
+    assert_close(out[2], ref[2], torch.float32)
+
+
+# ------------------------------------------------------------------------------------ cuda
+
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_cuda_distillation_closed_forms(divergence, temperature, beta):
+    """The per-row formulas distillation.cu evaluates (from running sums, no autograd), in
+    torch, against the reference's autograd: masked (-inf) teacher entries, an ignored row,
+    T != 1, beta at both ends."""
+    m, v, alpha, T = 6, 37, 0.7, temperature
+    g = _gen(7)
+    s = torch.randn(m, v, generator=g) * 3
+    t = torch.randn(m, v, generator=g) * 3
+    t[:, ::5] = float("-inf")
+    labels = torch.randint(0, v, (m,), generator=g)
+    labels[1] = -100
+    loss_ref, grad_ref = R.distillation_loss(s, t, labels, T, alpha, divergence, beta, -100)
+
+    z, u = s / T, t / T
+    log_zz, log_zu = z.logsumexp(-1, keepdim=True), u.logsumexp(-1, keepdim=True)
+    log_zs = s.logsumexp(-1, keepdim=True)
+    lq, lp = z - log_zz, u - log_zu
+    q, p = lq.exp(), lp.exp()
+    live = t != float("-inf")
+    zero = torch.zeros(())
+    if divergence == "kl":  # D = Σ_live p (u - z) + logZ_z - logZ_u;  dD/dz = q - p
+        d = torch.where(live, p * (u - z), zero).sum(-1, keepdim=True) + log_zz - log_zu
+        soft = q - p
+    elif divergence == "reverse_kl":
+        # D = Σ_live q (z - u) + (logZ_u - logZ_z) Q,  Q = Σ_live q
+        # dD/dz_j = live_j q_j (g_j + 1) - q_j (D + Q),  g = log q - log p
+        ql = torch.where(live, q, zero).sum(-1, keepdim=True)
+        d = torch.where(live, q * (z - u), zero).sum(-1, keepdim=True) + (log_zu - log_zz) * ql
+        soft = torch.where(live, q * ((lq - lp) + 1 - d - ql), -q * (d + ql))
+    else:  # dD/dz_j = (1 - β) q_j (log q_j - log m_j - KL(q ‖ m))
+        lm = (beta * p + (1 - beta) * q).log()
+        kl_pm = torch.where(live, p * (lp - lm), zero).sum(-1, keepdim=True)
+        kl_qm = (q * (lq - lm)).sum(-1, keepdim=True)
+        d = (beta * kl_pm if beta != 0 else 0) + ((1 - beta) * kl_qm if beta != 1 else 0)
+        soft = (1 - beta) * q * (lq - lm - kl_qm) if beta != 1 else torch.zeros_like(q)
+    safe = labels.clamp(min=0)
+    hard = log_zs.squeeze(-1) - s.gather(1, safe[:, None]).squeeze(1)
+    loss = alpha * T * T * d.squeeze(-1) + (1 - alpha) * hard
+    grad = alpha * T * soft + (1 - alpha) * (
+        (s - log_zs).exp() - torch.nn.functional.one_hot(safe, v)
+    )
+    valid = labels != -100
+    loss = torch.where(valid, loss, zero)
+    grad = torch.where(valid[:, None], grad, zero)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-5)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("m,v", [(1, 1), (3, 37), (8, 4096), (5, 32003)])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_cuda_distillation_loss(dtype, divergence, m, v, temperature):
+    from qtorch.backends import cuda as cb
+
+    g = _gen(m * v)
+    s = (torch.randn(m, v, generator=g) * 4).to("cuda", dtype)
+    t = (torch.randn(m, v, generator=g) * 4).to("cuda", dtype)
+    if v > 4:
+        t[:, 1::7] = float("-inf")  # masked vocabulary entries
+    labels = torch.randint(0, v, (m,), generator=g).cuda()
+    labels[0] = -100
+    if m > 2:
+        s[0] = float("nan")  # an ignored row leaks nothing
+    args = (temperature, 0.6, divergence, 0.4, -100, True)
+    loss, grad = cb._distillation_loss(s, t, labels, *args)
+    loss_ref, grad_ref = R.distillation_loss(s, t, labels, *args)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(loss, loss_ref, dtype=torch.float32)
+    assert_close(grad, grad_ref, dtype=dtype)
+    loss_nl, grad_nl = cb._distillation_loss(
+        s[1:], t[1:], None, temperature, 1.0, divergence, 0.4, -100, False
+    )
+    ref_nl, _ = R.distillation_loss(
+        s[1:], t[1:], None, temperature, 1.0, divergence, 0.4, -100, False
+    )
+    assert grad_nl is None
+    assert_close(loss_nl, ref_nl, dtype=torch.float32)
+
+
+@cuda_kernels
+def test_cuda_distillation_bad_label_is_value_error():
+    s = torch.randn(2, 10, device="cuda")
+    with qtorch.use_backend("cuda"):
+        with pytest.raises(ValueError, match="labels"):
+            ops.distillation_loss(s, s, torch.tensor([1, 10], device="cuda"))
+
+
+@cuda_kernels
+def test_cuda_distillation_nonfinite_teacher_poisons_counted_row():
+    s = torch.randn(2, 64, device="cuda")
+    t = torch.randn(2, 64, device="cuda")
+    t[1, 3] = float("nan")
+    loss, _ = torch.ops.qtorch_cuda.distillation_loss(s, t, None, 1.0, 1.0, 0, 0.5, -100, False)
+    assert torch.isfinite(loss[0]) and not torch.isfinite(loss[1])
