@@ -29,8 +29,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("CPU features: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in sorted(feats.items())))
         print(f"CPU kernel ISA in use: {C.isa()}")
         kernels = C.kernels()  # each family's variant: its CPU feature needs differ
-        print("CPU kernels: " + "; ".join(f"{f} {kernels[f]}" for f in
-                                          ("int8_mm", "weight_only", "distillation")))
+        print(
+            "CPU kernels: "
+            + "; ".join(f"{f} {kernels[f]}" for f in ("int8_mm", "weight_only", "distillation"))
+        )
     except ImportError as e:
         print(f"CPU features: unknown (qtorch._C not built: {e})")
     if torch.cuda.is_available():

@@ -82,8 +82,9 @@ def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
         _version(zeros),
     )
     qp, szp = packed(qweight, key, lambda: pack_int4(qweight, scales, zeros, group_size, x.dtype))
-    return torch.ops.qtorch_cuda.int4_weight_only_linear(x, qp, szp, qweight.shape[0], group_size,
-                                                         bias)
+    return torch.ops.qtorch_cuda.int4_weight_only_linear(
+        x, qp, szp, qweight.shape[0], group_size, bias
+    )
 
 
 @register_kernel("int8_weight_only_linear", "cuda")
