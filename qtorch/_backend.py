@@ -3,6 +3,12 @@
 Precedence: `use_backend(...)` scope > `set_backend(...)` > `QTORCH_BACKEND` > "auto".
 Backends register kernels with `register_kernel(op, backend)`; each kernel takes the op's
 arguments already validated, flattened to 2-D and made contiguous (see `qtorch/ops.py`).
+
+This module is the one owner of that precedence. The C++ paths (the quantized modules' kernel
+and eager fast path, csrc/cpu/linear_packed.cpp) only need to know whether the cpu backend
+serves CPU tensors now; `set_backend` and `use_backend` push their state to them (the
+process-wide choice, and how many scopes are open) and they hand every call they cannot
+answer from that to Python.
 """
 
 from __future__ import annotations
@@ -27,11 +33,23 @@ _KERNELS: dict[str, dict[str, Callable]] = {}  # op name -> backend -> kernel
 _STATUS: dict[str, tuple[bool, str]] = {}  # backend -> (available, reason)
 _loaded = False
 _load_lock = threading.Lock()
-# The C++ eager fast path (csrc/cpu/fast_path.cpp) reads these two directly: keep the names.
 _global_choice: str | None = None
 _scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "qtorch_backend", default=None
 )
+
+try:  # the compiled CPU extension, when built: the C side of the backend state
+    from qtorch import _C as _cext
+except ImportError:
+    _cext = None
+
+
+def _push_global() -> None:
+    if _cext is not None:
+        _cext.set_backend_choice(-1 if _global_choice is None else _CODES[_global_choice])
+
+
+_CODES = {"auto": 0, **{b: i + 1 for i, b in enumerate(BACKENDS)}}
 
 
 def register_kernel(op: str, backend: str) -> Callable[[Callable], Callable]:
@@ -112,6 +130,14 @@ def set_backend(name: str) -> None:
     """Set the process-wide backend: "auto" or one of `available_backends()`."""
     global _global_choice
     _global_choice = _check_name(name, "set_backend")
+    _push_global()
+
+
+def clear_backend() -> None:
+    """Forget `set_backend`'s choice: QTORCH_BACKEND, else "auto", decides again (tests)."""
+    global _global_choice
+    _global_choice = None
+    _push_global()
 
 
 def get_backend() -> str:
@@ -131,9 +157,13 @@ def get_backend() -> str:
 def use_backend(name: str):
     """Scoped override (per thread / async task, via a contextvar)."""
     token = _scoped_choice.set(_check_name(name, "use_backend"))
+    if _cext is not None:
+        _cext.backend_scopes(1)
     try:
         yield
     finally:
+        if _cext is not None:
+            _cext.backend_scopes(-1)
         _scoped_choice.reset(token)
 
 
@@ -163,6 +193,15 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
         return choice, impls[choice]
     # The named backend has no kernel for this op (yet): the reference serves it.
     return "reference", impls["reference"]
+
+
+def auto_backend(device: torch.device) -> str:
+    """The backend "auto" prefers for tensors on `device` (whatever op)."""
+    _load_backends()
+    for b in _AUTO_ORDER.get(device.type, ("reference",)):
+        if _STATUS.get(b, (False,))[0]:
+            return b
+    return "reference"
 
 
 def reference_kernel(op: str) -> Callable:

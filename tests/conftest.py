@@ -40,7 +40,7 @@ def _seed_per_test(request):
 def _reset_backend_choice():
     """No test leaks a set_backend() into the next."""
     yield
-    _backend._global_choice = None
+    _backend.clear_backend()
 
 
 class OpRecorder(TorchDispatchMode):

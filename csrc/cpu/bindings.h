@@ -8,6 +8,14 @@
 
 namespace qtorch::cpu::binding {
 
+// Packed weight-only weights (weight_only.h) for these sizes, else a ValueError.
+void check_int4_packed(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t N, int64_t K, int64_t gs);
+void check_int8wo_packed(const at::Tensor& w, const at::Tensor& scale, int64_t N, int64_t K);
+
+// A packed W8A8 weight (int8_mm.h) for this N, K: size and trailer, else a ValueError.
+void check_int8_packed(const at::Tensor& w_packed, int64_t N, int64_t K);
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_packed, int64_t N,
                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias);
 

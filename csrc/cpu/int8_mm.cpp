@@ -3,8 +3,9 @@
 // allocation and threading (at::parallel_for over weight panels x row blocks).
 //
 //   qtorch_cpu::pack_int8_mm(w s8 [N, K]) -> u8 [packed_b_bytes(N, K)]
-//       VNNI panels + compensation (layout in int8_mm.h); meant to run once per weight, not
-//       per call (the caller keeps the result).
+//       VNNI panels + compensation (layout in int8_mm.h): a quantized module packs once and
+//       keeps it (qtorch/nn/linear.py); an op on a canonical weight packs per call.
+//   qtorch_cpu::unpack_int8_mm(w_packed, N, K) -> s8 [N, K], bitwise what was packed
 //   qtorch_cpu::quantize_int8(x [M, K] f32/f16/bf16) -> (q s8 [M, K], scale f32 [M])
 //   qtorch_cpu::int8_scaled_mm(a s8 [M, K], b_packed, N, scale_a f32 [M], scale_b f32 [N],
 //       bias f32 [N]?, out_dtype f32/f16/bf16/int32) -> [M, N]
@@ -54,7 +55,11 @@ at::Tensor f32_vector(const at::Tensor& t, int64_t n, const char* what) {
   return qtorch::cpu::f32_contiguous(t);
 }
 
-void check_packed(const at::Tensor& bp, int64_t N, int64_t K) {
+}  // namespace
+
+namespace qtorch::cpu::binding {
+
+void check_int8_packed(const at::Tensor& bp, int64_t N, int64_t K) {
   TORCH_CHECK_TYPE(bp.scalar_type() == at::kByte, "packed weight must be uint8");
   TORCH_CHECK_VALUE(bp.dim() == 1 && bp.is_contiguous() && bp.numel() == im::packed_b_bytes(N, K),
                     "packed weight does not match N=", N, ", K=", K, " (", bp.numel(),
@@ -65,6 +70,12 @@ void check_packed(const at::Tensor& bp, int64_t N, int64_t K) {
                     "packed weight was packed for another shape (N=", trailer[1], ", K=",
                     trailer[2], "), not N=", N, ", K=", K);
 }
+
+}  // namespace qtorch::cpu::binding
+
+namespace {
+
+using qtorch::cpu::binding::check_int8_packed;
 
 // Threads: items are (panel, row block) pairs, panel-major, so a thread's contiguous share
 // walks consecutive panels and reuses each 64 x K weight panel (L2-resident) across all of its
@@ -97,6 +108,15 @@ at::Tensor pack_int8_mm(const at::Tensor& w_in) {
   return packed;
 }
 
+// The canonical int8 weight [N, K] back from a packed one (bitwise).
+at::Tensor unpack_int8_mm(const at::Tensor& wp, int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(N >= 1 && K >= 1, "unpack_int8_mm: bad N=", N, ", K=", K);
+  check_int8_packed(wp, N, K);
+  at::Tensor w = at::empty({N, K}, wp.options().dtype(at::kChar));
+  im::unpack_b(wp.data_ptr<uint8_t>(), N, K, w.data_ptr<int8_t>());
+  return w;
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x_in) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D, got shape ", x_in.sizes());
   const DType xt = kernel_dtype(x_in.scalar_type(), "x", false);
@@ -121,7 +141,7 @@ at::Tensor int8_scaled_mm(const at::Tensor& a_in, const at::Tensor& bp, int64_t 
   const at::Tensor a = a_in.contiguous();
   const int64_t M = a.size(0), K = a.size(1);
   TORCH_CHECK_VALUE(K >= 1 && N >= 0, "int8_scaled_mm: need K >= 1, got K=", K);
-  check_packed(bp, N, K);
+  check_int8_packed(bp, N, K);
   const at::Tensor sa = f32_vector(scale_a, M, "scale_a"), sb = f32_vector(scale_b, N, "scale_b");
   at::Tensor b32;
   if (bias.has_value()) b32 = f32_vector(*bias, N, "bias");
@@ -154,7 +174,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK_VALUE(K >= 1, "int8_linear: need K >= 1, got K=", K);
-  check_packed(wp, N, K);
+  check_int8_packed(wp, N, K);
   const at::Tensor sb = f32_vector(w_scale, N, "w_scale");
   at::Tensor b32;
   if (bias.has_value()) b32 = f32_vector(*bias, N, "bias");
@@ -187,6 +207,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
 
 TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
   m.def("pack_int8_mm(Tensor w) -> Tensor");
+  m.def("unpack_int8_mm(Tensor w_packed, int N, int K) -> Tensor");
   m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)");
   m.def(
       "int8_scaled_mm(Tensor a, Tensor b_packed, int N, Tensor scale_a, Tensor scale_b, "
@@ -198,6 +219,7 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
 
 TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
   m.impl("pack_int8_mm", &pack_int8_mm);
+  m.impl("unpack_int8_mm", &unpack_int8_mm);
   m.impl("quantize_int8", &quantize_int8);
   m.impl("int8_scaled_mm", &int8_scaled_mm);
   m.impl("int8_linear", &qtorch::cpu::binding::int8_linear);

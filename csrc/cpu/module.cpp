@@ -10,8 +10,8 @@
 
 namespace qc = qtorch::cpu;
 
-namespace qtorch::cpu::fast {
-void register_fast_path(pybind11::module_& m);  // fast_path.cpp
+namespace qtorch::cpu::packed {
+void register_python(pybind11::module_& m);  // linear_packed.cpp
 }
 
 static std::map<std::string, bool> cpu_features_dict() {
@@ -63,7 +63,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::string(qc::isa_name(qc::max_isa()));
       },
       "cap every family's kernel ISA (never above the hardware's); returns isa()");
-  qc::fast::register_fast_path(m);
+  qc::packed::register_python(m);
 }
 
 TORCH_LIBRARY(qtorch_cpu, m) {

@@ -6,8 +6,10 @@
 //       group_size) -> [w u8 [int4_packed_bytes], scale f32 [Nb*G*16], zero u8 [Nb*G*16]]
 //   qtorch_cpu::pack_int8_weight_only(w_q s8 [N, K], w_scale f32 [N])
 //       -> [w s8 [int8_packed_bytes], scale f32 [Nb*16]]
-//       Both are meant to run once per weight, not per call (the caller keeps the result); the
-//       weight buffer is 2 MiB aligned and madvise(MADV_HUGEPAGE)d: streaming it through 4 KiB
+//   qtorch_cpu::unpack_int4_weight_only / unpack_int8_weight_only(packed..., N, K[, group_size])
+//       -> the canonical buffers, bitwise what was packed
+//       A quantized module packs once and keeps the result (qtorch/nn/linear.py); an op on
+//       canonical buffers packs per call. The weight buffer is 2 MiB aligned and madvise(MADV_HUGEPAGE)d: streaming it through 4 KiB
 //       pages costs a TLB miss every 4 KiB, which halves the DRAM bandwidth a core sees here.
 //   qtorch_cpu::int4_weight_only_linear(x [M, K] f32/f16/bf16, w, scale, zero_packed, N, K,
 //       group_size, bias [N]?) -> [M, N] x.dtype
@@ -168,6 +170,32 @@ at::Tensor int4_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& 
   return out.to(dt);
 }
 
+// The canonical buffers back from a packed int4 weight (bitwise): [qweight u8 [N, K/2],
+// scales f32 [N, G], zeros u8 [N, G]].
+std::vector<at::Tensor> unpack_int4_weight_only(const at::Tensor& w, const at::Tensor& scale,
+                                                const at::Tensor& zero, int64_t N, int64_t K,
+                                                int64_t gs) {
+  qtorch::cpu::binding::check_int4_packed(w, scale, zero, N, K, gs);
+  const int64_t G = K / gs;
+  at::Tensor q = at::empty({N, K / 2}, w.options().dtype(at::kByte));
+  at::Tensor s = at::empty({N, G}, w.options().dtype(at::kFloat));
+  at::Tensor z = at::empty({N, G}, w.options().dtype(at::kByte));
+  wm::unpack_int4(w.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<uint8_t>(), N, K,
+                  gs, q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<uint8_t>());
+  return {q, s, z};
+}
+
+// [w_q s8 [N, K], w_scale f32 [N]] back from a packed int8 weight (bitwise).
+std::vector<at::Tensor> unpack_int8_weight_only(const at::Tensor& w, const at::Tensor& scale,
+                                                int64_t N, int64_t K) {
+  qtorch::cpu::binding::check_int8wo_packed(w, scale, N, K);
+  at::Tensor q = at::empty({N, K}, w.options().dtype(at::kChar));
+  at::Tensor s = at::empty({N}, w.options().dtype(at::kFloat));
+  wm::unpack_int8(w.data_ptr<int8_t>(), scale.data_ptr<float>(), N, K, q.data_ptr<int8_t>(),
+                  s.data_ptr<float>());
+  return {q, s};
+}
+
 std::vector<at::Tensor> pack_int8_weight_only(const at::Tensor& w_q,
                                               const at::Tensor& w_scale) {
   check_tensor(w_q, "w_q", at::kChar, 2);
@@ -253,24 +281,39 @@ struct Output {
 
 namespace qtorch::cpu::binding {
 
-at::Tensor int4_weight_only_linear(const at::Tensor& x_in, const at::Tensor& w,
-                                   const at::Tensor& scale, const at::Tensor& zero_packed,
-                                   int64_t N, int64_t K, int64_t gs,
-                                   const std::optional<at::Tensor>& bias) {
+void check_int4_packed(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t N, int64_t K, int64_t gs) {
   TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128 || gs == 256,
                     "group_size must be 32, 64, 128 or 256, got ", gs);
   TORCH_CHECK_VALUE(N >= 1 && K >= 1 && K % gs == 0, "bad N=", N, ", K=", K, " for group_size ",
                     gs);
-  TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == K, "x must have shape [M, ", K, "], got ",
-                    x_in.sizes());
   check_tensor(w, "packed weight", at::kByte, 1);
   check_tensor(scale, "packed scale", at::kFloat, 1);
-  check_tensor(zero_packed, "packed zero", at::kByte, 1);
+  check_tensor(zero, "packed zero", at::kByte, 1);
   TORCH_CHECK_VALUE(w.numel() == wm::int4_packed_bytes(N, K) && w.is_contiguous(),
                     "packed weight does not match N=", N, ", K=", K);
   TORCH_CHECK_VALUE(scale.numel() == wm::int4_meta_floats(N, K, gs) && scale.is_contiguous() &&
-                        zero_packed.numel() == scale.numel() && zero_packed.is_contiguous(),
+                        zero.numel() == scale.numel() && zero.is_contiguous(),
                     "packed scale/zero do not match N=", N, ", K=", K, ", group_size=", gs);
+}
+
+void check_int8wo_packed(const at::Tensor& w, const at::Tensor& scale, int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(N >= 1 && K >= 1, "bad N=", N, ", K=", K);
+  check_tensor(w, "packed weight", at::kChar, 1);
+  check_tensor(scale, "packed scale", at::kFloat, 1);
+  TORCH_CHECK_VALUE(w.numel() == wm::int8_packed_bytes(N, K) && w.is_contiguous(),
+                    "packed weight does not match N=", N, ", K=", K);
+  TORCH_CHECK_VALUE(scale.numel() == wm::num_blocks(N) * wm::kBlock && scale.is_contiguous(),
+                    "packed scale does not match N=", N);
+}
+
+at::Tensor int4_weight_only_linear(const at::Tensor& x_in, const at::Tensor& w,
+                                   const at::Tensor& scale, const at::Tensor& zero_packed,
+                                   int64_t N, int64_t K, int64_t gs,
+                                   const std::optional<at::Tensor>& bias) {
+  check_int4_packed(w, scale, zero_packed, N, K, gs);
+  TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == K, "x must have shape [M, ", K, "], got ",
+                    x_in.sizes());
   const int64_t M = x_in.size(0);
   Output out(x_in, M, N);
   if (M == 0) return out.out;
@@ -299,15 +342,9 @@ at::Tensor int4_weight_only_linear(const at::Tensor& x_in, const at::Tensor& w,
 at::Tensor int8_weight_only_linear(const at::Tensor& x_in, const at::Tensor& w,
                                    const at::Tensor& scale, int64_t N, int64_t K,
                                    const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(N >= 1 && K >= 1, "bad N=", N, ", K=", K);
+  check_int8wo_packed(w, scale, N, K);
   TORCH_CHECK_VALUE(x_in.dim() == 2 && x_in.size(1) == K, "x must have shape [M, ", K, "], got ",
                     x_in.sizes());
-  check_tensor(w, "packed weight", at::kChar, 1);
-  check_tensor(scale, "packed scale", at::kFloat, 1);
-  TORCH_CHECK_VALUE(w.numel() == wm::int8_packed_bytes(N, K) && w.is_contiguous(),
-                    "packed weight does not match N=", N, ", K=", K);
-  TORCH_CHECK_VALUE(scale.numel() == wm::num_blocks(N) * wm::kBlock && scale.is_contiguous(),
-                    "packed scale does not match N=", N);
   const int64_t M = x_in.size(0), kp = wm::int8_padded_k(K);
   Output out(x_in, M, N);
   if (M == 0) return out.out;
@@ -343,6 +380,10 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
       "pack_int4_weight_only(Tensor qweight, Tensor scales, Tensor zeros, int group_size) "
       "-> Tensor[]");
   m.def("pack_int8_weight_only(Tensor w_q, Tensor w_scale) -> Tensor[]");
+  m.def(
+      "unpack_int4_weight_only(Tensor w, Tensor scale, Tensor zero, int N, int K, "
+      "int group_size) -> Tensor[]");
+  m.def("unpack_int8_weight_only(Tensor w, Tensor scale, int N, int K) -> Tensor[]");
   m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def(
       "int4_linear_grad_input(Tensor grad_out, Tensor qweight, Tensor scales, Tensor zeros, "
@@ -359,6 +400,8 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
 TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
   m.impl("pack_int4_weight_only", &pack_int4_weight_only);
   m.impl("pack_int8_weight_only", &pack_int8_weight_only);
+  m.impl("unpack_int4_weight_only", &unpack_int4_weight_only);
+  m.impl("unpack_int8_weight_only", &unpack_int8_weight_only);
   m.impl("dequantize_int4", &dequantize_int4);
   m.impl("int4_linear_grad_input", &int4_linear_grad_input);
   m.impl("int4_weight_only_linear", &qtorch::cpu::binding::int4_weight_only_linear);

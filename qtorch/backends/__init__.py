@@ -32,6 +32,8 @@ then calls the kernel chosen by `qtorch._backend.resolve`. So every kernel recei
         grads are of sum_i token_scale[i] * loss[i] (token_scale None means all ones), in the
         dtype of the tensor they belong to, accumulated in fp32; never holds [M, V] at once.
 
-Weights arrive in the canonical layout (API.md); a kernel that wants another layout gets it
-from `qtorch._cache.packed(weight, key, fn)`, computed once per weight tensor.
+Weights arrive in the canonical layout (API.md); a kernel that wants another layout packs it
+per call: an op keeps nothing between calls. The quantized modules own a packed layout
+instead, which a backend registers with `qtorch._packed.register_layout` (pack, unpack and the
+kernels that run on it; see qtorch/_packed.py).
 """

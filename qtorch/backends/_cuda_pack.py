@@ -1,6 +1,6 @@
 """Weight repacking for the CUDA weight-only kernels (csrc/cuda/weight_only.cu), in plain torch.
 
-Runs once per weight (through `qtorch._cache.packed`), on the weight's device. Kept apart from
+Runs on the weight's device: once per module (its packed layout) or per call (an op). Kept apart from
 `qtorch.backends.cuda` so it imports (and is tested) without the compiled extension.
 
 Canonical input (API.md): qweight uint8 [N, K/2] (even k in the low nibble), scales fp32

@@ -16,7 +16,6 @@ import torch
 
 from qtorch import _C_cuda  # noqa: F401  ImportError here means "not built"
 from qtorch._backend import register_kernel
-from qtorch._cache import _version, packed
 from qtorch.backends._cuda_pack import pack_int4, pack_int8
 from qtorch.reference import distillation as _ref_distill
 from qtorch.reference import weight_only as _ref_wo
@@ -48,15 +47,11 @@ def _int8_scaled_mm(a, b, scale_a, scale_b, bias, out_dtype):
 
 
 def _int8_weight_k16(w_q):
-    """w_q [N, K] int8 -> [N, K rounded up to 16], zero padded, cached once per weight."""
+    """w_q [N, K] int8 -> [N, K rounded up to 16], zero padded (per call for an op)."""
     k = w_q.shape[1]
     if k % 16 == 0:
         return w_q
-
-    def pad():
-        return torch.nn.functional.pad(w_q, (0, -k % 16)).contiguous()
-
-    return packed(w_q, ("cuda_int8_k16",), pad)
+    return torch.nn.functional.pad(w_q, (0, -k % 16)).contiguous()
 
 
 @register_kernel("int8_linear", "cuda")
@@ -72,26 +67,15 @@ def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
     if x.dtype not in (torch.float16, torch.bfloat16):
         # The tensor-core kernel takes 16-bit activations; fp32 ones use the reference.
         return _ref_wo.int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias)
-    key = (
-        "cuda_int4",
-        group_size,
-        x.dtype,
-        scales.data_ptr(),
-        _version(scales),
-        zeros.data_ptr(),
-        _version(zeros),
-    )
-    qp, szp = packed(qweight, key, lambda: pack_int4(qweight, scales, zeros, group_size, x.dtype))
-    return torch.ops.qtorch_cuda.int4_weight_only_linear(
-        x, qp, szp, qweight.shape[0], group_size, bias
-    )
+    qp, szp = pack_int4(qweight, scales, zeros, group_size, x.dtype)
+    return torch.ops.qtorch_cuda.int4_weight_only_linear(x, qp, szp, qweight.shape[0], group_size, bias)
 
 
 @register_kernel("int8_weight_only_linear", "cuda")
 def _int8_weight_only_linear(x, w_q, w_scale, bias):
     if x.dtype not in (torch.float16, torch.bfloat16):
         return _ref_wo.int8_weight_only_linear(x, w_q, w_scale, bias)
-    qp = packed(w_q, ("cuda_w8",), lambda: pack_int8(w_q))
+    qp = pack_int8(w_q)
     k = x.shape[1]
     if k % 8:  # the kernel moves x in 16-byte pieces; the packed weight is 0 past K
         x = torch.nn.functional.pad(x, (0, -k % 8))

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from qtorch import _cache
 from qtorch._backend import register_kernel
+from qtorch._packed import Layout, register_layout
 from qtorch._kernels import INTERPRET, distillation, int8_mm, weight_only
 
 
@@ -38,17 +38,38 @@ def kernel_layout(
     )
 
 
-def _int4_packed(qweight, scales, zeros):
-    # Keyed on qweight (the big tensor); scales/zeros are part of the key by identity and
-    # version so a module that swaps them in place gets a fresh layout.
-    key = ("triton_w4a16", id(scales), _cache._version(scales), id(zeros), _cache._version(zeros))
-    return _cache.packed(qweight, key, lambda: kernel_layout(qweight, scales, zeros))
-
-
 def int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
-    """x [M, K] float, canonical int4 weight -> [M, N] x.dtype (the kernel contract)."""
-    return weight_only.int4_weight_only_linear(x, *_int4_packed(qweight, scales, zeros),
+    """x [M, K] float, canonical int4 weight -> [M, N] x.dtype (the kernel contract). An op
+    keeps nothing between calls, so the layout is prepared per call; a quantized module keeps
+    it (the "triton_w4a16" layout below)."""
+    return weight_only.int4_weight_only_linear(x, *kernel_layout(qweight, scales, zeros),
                                                group_size, bias)
+
+
+def _unpack_int4(weight, n, k, group_size):
+    qweight_t, scales_t, zeros_t = weight
+    return {"qweight": qweight_t.t().contiguous(), "scales": scales_t.t().contiguous(),
+            "zeros": zeros_t.t().to(torch.uint8).contiguous()}  # (integers 0..15: exact)
+
+
+def _grad_int4(grad, weight, n, k, group_size):
+    c = _unpack_int4(weight, n, k, group_size)
+    return torch.ops.qtorch.int4_linear_grad_input(grad, c["qweight"], c["scales"], c["zeros"],
+                                                   group_size)
+
+
+# The module layout: what the kernel reads, kept once by a quantized module on a device where
+# "auto" picks Triton (a GPU without the CUDA extension). The int8 kernels read the canonical
+# layout, so they need none.
+register_layout(Layout(
+    "triton_w4a16", "w4a16", "triton", -1, ("packed_weight", "packed_scale", "packed_zero"),
+    ("qweight", "scales", "zeros"),
+    pack=lambda c, n, k, gs: dict(zip(("packed_weight", "packed_scale", "packed_zero"),
+                                      kernel_layout(c["qweight"], c["scales"], c["zeros"]))),
+    unpack=_unpack_int4,
+    run=lambda x, w, bias, n, k, gs: weight_only.int4_weight_only_linear(x, *w, gs, bias),
+    grad_input=_grad_int4,
+))
 
 
 register_kernel("quantize_int8", "triton")(int8_mm.quantize_int8)

@@ -1,14 +1,23 @@
 """Quantized drop-in replacements for `nn.Linear`.
 
-Each module stores its weight once, already quantized, in the canonical layout of API.md
-(the state dict holds exactly these buffers), and runs through the `qtorch.ops` custom ops, so
-the backend chosen at call time (`qtorch.use_backend`, `QTORCH_BACKEND`, "auto") serves it and
-any backend-specific repacking is cached by the backend, never stored here.
+Each module holds its weight once, already quantized, and runs through the qtorch ops, so the
+backend chosen at call time (`qtorch.use_backend`, `QTORCH_BACKEND`, "auto") serves it.
 
     Int8DynamicLinear     W8A8   qweight int8 [N, K], weight_scale fp32 [N], bias
     Int8WeightOnlyLinear  W8A16  qweight int8 [N, K], weight_scale fp32 [N], bias
     Int4WeightOnlyLinear  W4A16  qweight uint8 [N, K // 2], scales fp32 [N, K // gs],
                                  zeros uint8 [N, K // gs], bias
+
+Those are the canonical buffers of API.md, what `state_dict` holds. Where the backend that
+"auto" picks on the module's device wants another layout (the cpu backend's VNNI-packed int8,
+its 16-channel int4 blocks; qtorch/_packed.py), the module owns that layout instead: it packs
+its canonical buffers once (in `from_float`, `load_state_dict`, `.to()`, or its first call),
+keeps the packed buffers (non-persistent) and drops the canonical ones it derived them from, so
+one copy of the weight is resident. Anything that asks for a canonical buffer (the attribute,
+`state_dict()`) gets it back: the module unpacks (bitwise) and runs from the canonical buffers
+again, which it packs once more only when nothing else holds a reference to them. So a write
+into them by any route (`.data`, numpy, `load_state_dict`, inference mode) is always seen, and
+no result is computed from stale data; while someone holds them, calls pack per call.
 
 Weights are frozen (buffers, no gradient); forward is differentiable w.r.t. the input and the
 bias, so heads or adapters on top of a quantized backbone train. `bias` stays a float
@@ -18,21 +27,54 @@ fp32 scales never change dtype (see `_QuantizedLinear._apply`).
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import torch
 from torch import Tensor, nn
 
-from qtorch import _backend, _checks, ops
+from qtorch import _backend, _checks, _packed, ops
 
 __all__ = ["Int8DynamicLinear", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear"]
 
+try:  # the C++ eager fast path of the packed layouts (csrc/cpu/linear_packed.cpp)
+    from qtorch._C import fast_linear as _fast_linear
+    from qtorch._C import use_counts as _use_counts
+except ImportError:
+    _fast_linear = _use_counts = None
+
+_is_compiling = torch.compiler.is_compiling
+_warned_shared = False
+
+
+def _sole_owner(buffers: dict, name: str) -> bool:
+    """Nothing but `buffers` refers to buffers[name]: no other Python reference, no other
+    tensor sharing its storage (views, `.data`, numpy), no C++ holder (autograd, DLPack)."""
+    t = buffers[name]
+    if sys.getrefcount(t) > 3:  # the dict's, `t` and getrefcount's argument
+        return False
+    if _use_counts is not None:
+        impl, storage = _use_counts(t)
+    else:  # without the extension only these private accessors tell (no public route)
+        impl, storage = t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
+    return impl == 1 and storage == 1
+
+
+def _own(t: Tensor) -> Tensor:
+    """t, or a copy of it when it shares its storage (a view of another tensor), so that the
+    module can later tell that nothing else holds its buffer."""
+    if _use_counts is not None:
+        shared = _use_counts(t)[1] > 1
+    else:
+        shared = t._base is not None
+    return t.clone() if shared else t
+
 
 class _QuantizedLinear(nn.Module):
-    """Shared plumbing: shapes, bias, dtype-stable buffers, repr."""
+    """Shared plumbing: shapes, bias, the packed layout, dtype-stable buffers, repr."""
 
-    # Buffers whose dtype is part of the format (fp32 scales): `.to(dtype)`, `.half()` and
-    # friends must move them between devices but never cast them.
-    _FIXED_DTYPE_BUFFERS: tuple[str, ...] = ()
-    _OP: str = ""  # the qtorch op forward calls, for the backend shown in extra_repr
+    _FAMILY: str = ""  # "w8a8" | "w8a16" | "w4a16" (qtorch/_packed.py)
+    _OP: str = ""  # the public qtorch op the module computes
 
     def __init__(self, in_features: int, out_features: int, bias: nn.Parameter | None) -> None:
         super().__init__()
@@ -41,6 +83,9 @@ class _QuantizedLinear(nn.Module):
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias)
         self.bias = bias
+        self._layout: _packed.Layout | None = None
+        for name in ("packed_weight", "packed_scale", "packed_zero"):
+            self.register_buffer(name, None, persistent=False)
 
     @staticmethod
     def _check_linear(linear: nn.Module) -> None:
@@ -56,17 +101,133 @@ class _QuantizedLinear(nn.Module):
                 f"({linear.in_features}, {linear.out_features})"
             )
 
+    # -- the layout --------------------------------------------------------------------------
+
+    def _group_size(self) -> int:
+        return 0
+
+    def _device(self) -> torch.device:
+        b = self._buffers
+        t = b["qweight"] if b.get("qweight") is not None else b["packed_weight"]
+        return t.device
+
+    def _pack(self) -> bool:
+        """Canonical -> the layout of the backend "auto" picks on this device, if it has one
+        and nothing but this module holds the canonical buffers it replaces. True if packed."""
+        if self._layout is not None:
+            return True
+        layout = _packed.layout_for(self._FAMILY, self._device())
+        if layout is None:
+            return False
+        b = self._buffers
+        if not all(_sole_owner(b, name) for name in layout.derived):
+            global _warned_shared
+            if not _warned_shared:
+                _warned_shared = True
+                warnings.warn(
+                    f"qtorch: a {type(self).__name__}'s canonical weight buffers are referenced "
+                    f"outside the module (e.g. a kept `.qweight` or `state_dict()`), so it "
+                    f"repacks its weight on every call until those references are gone",
+                    stacklevel=3)
+            return False
+        canon = {name: b[name] for name in _packed.FAMILIES[self._FAMILY][2]}
+        packed = layout.pack(canon, self.out_features, self.in_features, self._group_size())
+        del canon
+        for name, t in packed.items():
+            b[name] = t
+        self._layout = layout
+        for name in layout.derived:
+            b[name] = None
+        return True
+
+    def _unpack(self) -> None:
+        """The packed layout -> the canonical buffers (bitwise), which the module then runs
+        from; the packed buffers are dropped."""
+        layout = self._layout
+        if layout is None:
+            return
+        b = self._buffers
+        weight = [b[name] for name in layout.buffers]
+        canon = layout.unpack(weight, self.out_features, self.in_features, self._group_size())
+        del weight
+        for name, t in canon.items():
+            b[name] = t
+        self._layout = None
+        for name in layout.buffers:
+            if name not in canon and name.startswith("packed_"):
+                b[name] = None
+
+    def _canonical(self) -> dict[str, Tensor]:
+        """The canonical buffers without changing the module's state (unpacked copies when
+        packed), for `dequantize`."""
+        layout = self._layout
+        if layout is None:
+            return {name: self._buffers[name] for name in _packed.FAMILIES[self._FAMILY][2]}
+        weight = [self._buffers[name] for name in layout.buffers]
+        return layout.canonical(weight, self.out_features, self.in_features, self._group_size())
+
+    def __setattr__(self, name: str, value) -> None:
+        # Assigning a canonical buffer the packed layout replaced: run from the canonical
+        # buffers again (the packed ones are stale now).
+        layout = self.__dict__.get("_layout")
+        if layout is not None and name in layout.derived:
+            self._unpack()
+        super().__setattr__(name, value)
+
+    def __getattr__(self, name: str):
+        # A canonical buffer the packed layout replaced: unpack (its writes must be seen).
+        layout = self.__dict__.get("_layout")
+        if layout is not None and name in layout.derived:
+            self._unpack()
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._unpack()  # the state dict holds (and aliases) the canonical buffers
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        self._unpack()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._pack()
+
     def _apply(self, fn, recurse=True):
         # nn.Module._apply hands every float buffer to fn, so `model.to(torch.bfloat16)` would
-        # round the fp32 scales to bf16 (and quantize them a second time). Keep the originals
-        # and take only the device from fn's result.
-        keep = {name: self._buffers[name] for name in self._FIXED_DTYPE_BUFFERS}
+        # round the fp32 scales to bf16 (and quantize them a second time). Keep every buffer's
+        # dtype and take only the device from fn's result. A packed layout belongs to one
+        # device's backend: unpack, move, and pack again for the new device.
+        self._unpack()
+        keep = {name: t for name, t in self._buffers.items() if t is not None}
         super()._apply(fn, recurse)
         for name, old in keep.items():
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
+        del keep
+        self._pack()
         return self
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        layout = self._layout
+        if layout is None and not _is_compiling() and self._pack():
+            layout = self._layout
+        if layout is None:
+            return self._canonical_forward(x)
+        b = self._buffers
+        weight = [b[name] for name in layout.buffers]
+        bias = self._parameters["bias"]
+        n, k, gs = self.out_features, self.in_features, self._group_size()
+        if _fast_linear is not None and layout.code >= 0 and not _is_compiling():
+            out = _fast_linear(x, layout.code, n, k, gs, bias, *weight)
+            if out is not None:
+                return out
+        return torch.ops.qtorch.linear_packed(x, weight, bias, layout.name, n, k, gs)
+
+    def _canonical_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def dequantize(self) -> Tensor:
         """The weight the module multiplies by: float32 [out_features, in_features]."""
@@ -77,22 +238,21 @@ class _QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         choice = _backend.get_backend()
-        device = self._buffers["qweight"].device
+        device = self._device()
         try:
             served = _backend.resolve(self._OP, device)[0]
             backend = served if choice == served else f"{choice} -> {served}"
         except RuntimeError:  # e.g. use_backend("cuda") while the module is on the CPU
             backend = f"{choice} (cannot run on {device.type})"
+        layout = "canonical" if self._layout is None else self._layout.name
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, {self._format()}, backend={backend}"
+            f"bias={self.bias is not None}, {self._format()}, backend={backend}, layout={layout}"
         )
 
 
 class _Int8Linear(_QuantizedLinear):
     """Per-output-channel symmetric int8 weight: ŵ[n, k] = qweight[n, k] * weight_scale[n]."""
-
-    _FIXED_DTYPE_BUFFERS = ("weight_scale",)
 
     def __init__(
         self,
@@ -119,15 +279,17 @@ class _Int8Linear(_QuantizedLinear):
         """Quantize `linear.weight` once (qtorch.ops.quantize_int8, per output channel). The
         new module reuses `linear.bias` (the same Parameter, no copy)."""
         cls._check_linear(linear)
-        qweight, scale = ops.quantize_int8(linear.weight.detach())
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias,
                   device=linear.weight.device)
-        mod.qweight = qweight
-        mod.weight_scale = scale
+        qweight, scale = ops.quantize_int8(linear.weight.detach())
+        mod.qweight, mod.weight_scale = _own(qweight), _own(scale)
+        del qweight, scale
+        mod._pack()
         return mod
 
     def dequantize(self) -> Tensor:
-        return self.qweight.float() * self.weight_scale[:, None]
+        c = self._canonical()
+        return c["qweight"].float() * c["weight_scale"][:, None]
 
 
 class Int8DynamicLinear(_Int8Linear):
@@ -137,11 +299,12 @@ class Int8DynamicLinear(_Int8Linear):
     dx = grad @ ŵ."""
 
     _OP = "int8_linear"
+    _FAMILY = "w8a8"
 
     def _format(self) -> str:
         return "bits=8, weight=int8 per-channel, activation=int8 dynamic per-token"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _canonical_forward(self, x: Tensor) -> Tensor:
         return ops.int8_linear(x, self.qweight, self.weight_scale, self.bias)
 
 
@@ -149,11 +312,12 @@ class Int8WeightOnlyLinear(_Int8Linear):
     """W8A16: x [..., K] @ ŵ.T + bias with fp32 accumulation, output [..., N] in x.dtype."""
 
     _OP = "int8_weight_only_linear"
+    _FAMILY = "w8a16"
 
     def _format(self) -> str:
         return "bits=8, weight=int8 per-channel, activation=x.dtype"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _canonical_forward(self, x: Tensor) -> Tensor:
         return ops.int8_weight_only_linear(x, self.qweight, self.weight_scale, self.bias)
 
 
@@ -163,8 +327,8 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
     byte, element k in the low nibble of byte k // 2 when k is even, the high nibble when odd.
     Output [..., N] in x.dtype, fp32 accumulation."""
 
-    _FIXED_DTYPE_BUFFERS = ("scales",)
     _OP = "int4_weight_only_linear"
+    _FAMILY = "w4a16"
 
     def __init__(
         self,
@@ -208,17 +372,23 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias,
                   group_size=group_size, symmetric=symmetric, device=linear.weight.device)
         qweight, scales, zeros = ops.quantize_int4(linear.weight.detach(), group_size, symmetric)
-        mod.qweight, mod.scales, mod.zeros = qweight, scales, zeros
+        mod.qweight, mod.scales, mod.zeros = _own(qweight), _own(scales), _own(zeros)
+        del qweight, scales, zeros
+        mod._pack()
         return mod
 
+    def _group_size(self) -> int:
+        return self.group_size
+
     def dequantize(self) -> Tensor:
-        return ops.dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size)
+        c = self._canonical()
+        return ops.dequantize_int4(c["qweight"], c["scales"], c["zeros"], self.group_size)
 
     def _format(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
         return f"bits=4, group_size={self.group_size}, {kind}, activation=x.dtype"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _canonical_forward(self, x: Tensor) -> Tensor:
         return ops.int4_weight_only_linear(
             x, self.qweight, self.scales, self.zeros, self.group_size, self.bias
         )

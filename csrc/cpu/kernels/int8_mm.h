@@ -67,6 +67,13 @@ struct Epilogue {
 // w: s8 [N, ldw] row-major (ldw >= K). out: packed_b_bytes(N, K) bytes, 64-byte aligned.
 // Scalar only: it runs once per weight.
 void pack_b(const int8_t* w, int64_t N, int64_t K, int64_t ldw, uint8_t* out);
+// The inverse of pack_b: w s8 [N, K] row-major (bitwise the weight that was packed).
+void unpack_b(const uint8_t* bp, int64_t N, int64_t K, int8_t* w);
+// Columns [k0, k1) of ŵ = w * w_scale[n] in fp32 (the reference's one rounded multiply) from a
+// packed weight, into dst [N, ldd] (column k0 at dst[n * ldd]). For the backward, which
+// dequantizes one cache-sized column slab at a time.
+void dequant_b_slab(const uint8_t* bp, const float* w_scale, int64_t N, int64_t K, int64_t k0,
+                    int64_t k1, float* dst, int64_t ldd);
 
 // Per-row symmetric quantization of rows [m0, m1) of x (F32/F16/BF16 [M, ldx]):
 //   amax = max_k |x|, scale = amax / 127 (1 where amax == 0), q = clamp(rne(x / scale), -127, 127)

@@ -29,6 +29,27 @@ void pack_b(const int8_t* w, int64_t N, int64_t K, int64_t ldw, uint8_t* out) {
   trailer[2] = K;
 }
 
+void unpack_b(const uint8_t* bp, int64_t N, int64_t K, int8_t* w) {
+  const int64_t Kp = padded_k(K);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* panel = bp + (n / kPanel) * kPanel * Kp + (n % kPanel) * kGroup;
+    for (int64_t k = 0; k < K; ++k)
+      w[n * K + k] = int8_t(panel[(k / kGroup) * kPanel * kGroup + (k % kGroup)]);
+  }
+}
+
+void dequant_b_slab(const uint8_t* bp, const float* w_scale, int64_t N, int64_t K, int64_t k0,
+                    int64_t k1, float* dst, int64_t ldd) {
+  const int64_t Kp = padded_k(K);
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* panel = bp + (n / kPanel) * kPanel * Kp + (n % kPanel) * kGroup;
+    const float s = w_scale[n];
+    float* d = dst + n * ldd - k0;
+    for (int64_t k = k0; k < k1; ++k)
+      d[k] = float(int8_t(panel[(k / kGroup) * kPanel * kGroup + (k % kGroup)])) * s;
+  }
+}
+
 namespace scalar {
 
 static inline float load_x(const void* x, DType t, int64_t i) {

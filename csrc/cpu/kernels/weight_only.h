@@ -99,6 +99,19 @@ void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros
 void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, int8_t* w_out,
                float* scale_out);
 
+// The inverses of pack_int4 / pack_int8: the canonical buffers, bitwise what was packed.
+void unpack_int4(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N, int64_t K,
+                 int64_t gs, uint8_t* qweight, float* scales, uint8_t* zeros);
+void unpack_int8(const int8_t* w, const float* scale, int64_t N, int64_t K, int8_t* w_q,
+                 float* w_scale);
+// Columns [k0, k1) of ŵ in fp32 from a packed weight, into dst [N, ldd] (column k0 at
+// dst[n * ldd]): int4 (q - z) * s, int8 q * s, the reference's roundings. For the backward,
+// which dequantizes one cache-sized column slab at a time.
+void dequant_int4_slab(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N,
+                       int64_t K, int64_t gs, int64_t k0, int64_t k1, float* dst, int64_t ldd);
+void dequant_int8_slab(const int8_t* w, const float* scale, int64_t N, int64_t K, int64_t k0,
+                       int64_t k1, float* dst, int64_t ldd);
+
 // xsum[m][g] = sum of x[m][g*gs : (g+1)*gs] in fp32 (bf16 widened exactly); gs % 16 == 0.
 void group_sums(const void* x, DType act, int64_t M, int64_t ldx, int64_t K, int64_t gs,
                 float* xsum);

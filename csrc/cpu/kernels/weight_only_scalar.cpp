@@ -58,6 +58,67 @@ void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, in
   }
 }
 
+// Byte and nibble of q[n, k] in block n / 16 of the int4 layout (weight_only.h): k = 8 o + r with
+// r = 4 h + e (low nibble) or 4 h + 2 + e (high nibble), byte 4 c + 2 e + h of octet o.
+static inline int64_t int4_byte(int64_t n, int64_t k, int64_t Ko) {
+  const int64_t r = k & 7, h = r >> 2, e = r & 1;
+  return ((n / kBlock) * Ko + (k >> 3)) * 64 + 4 * (n % kBlock) + 2 * e + h;
+}
+static inline uint8_t int4_nibble(const uint8_t* w, int64_t n, int64_t k, int64_t Ko) {
+  const uint8_t b = w[int4_byte(n, k, Ko)];
+  return (k & 2) ? uint8_t(b >> 4) : uint8_t(b & 0xF);
+}
+
+void unpack_int4(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N, int64_t K,
+                 int64_t gs, uint8_t* qweight, float* scales, uint8_t* zeros) {
+  const int64_t G = K / gs, Ko = K / 8;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t k = 0; k < K; k += 2)
+      qweight[n * (K / 2) + k / 2] =
+          uint8_t(int4_nibble(w, n, k, Ko) | (int4_nibble(w, n, k + 1, Ko) << 4));
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t o = ((n / kBlock) * G + g) * kBlock + n % kBlock;
+      scales[n * G + g] = scale[o];
+      zeros[n * G + g] = zero[o];
+    }
+  }
+}
+
+void unpack_int8(const int8_t* w, const float* scale, int64_t N, int64_t K, int8_t* w_q,
+                 float* w_scale) {
+  const int64_t Kh = int8_padded_k(K) / 2;
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* blk = w + (n / kBlock) * Kh * 32 + 2 * (n % kBlock);
+    for (int64_t k = 0; k < K; ++k) w_q[n * K + k] = blk[(k / 2) * 32 + (k & 1)];
+    w_scale[n] = scale[n];
+  }
+}
+
+void dequant_int4_slab(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N,
+                       int64_t K, int64_t gs, int64_t k0, int64_t k1, float* dst, int64_t ldd) {
+  const int64_t G = K / gs, Ko = K / 8;
+  for (int64_t n = 0; n < N; ++n) {
+    float* d = dst + n * ldd - k0;
+    for (int64_t g = k0 / gs; g * gs < k1; ++g) {
+      const int64_t o = ((n / kBlock) * G + g) * kBlock + n % kBlock;
+      const float s = scale[o], z = float(zero[o]);
+      const int64_t a = k0 > g * gs ? k0 : g * gs, b = k1 < (g + 1) * gs ? k1 : (g + 1) * gs;
+      for (int64_t k = a; k < b; ++k) d[k] = (float(int4_nibble(w, n, k, Ko)) - z) * s;
+    }
+  }
+}
+
+void dequant_int8_slab(const int8_t* w, const float* scale, int64_t N, int64_t K, int64_t k0,
+                       int64_t k1, float* dst, int64_t ldd) {
+  const int64_t Kh = int8_padded_k(K) / 2;
+  for (int64_t n = 0; n < N; ++n) {
+    const int8_t* blk = w + (n / kBlock) * Kh * 32 + 2 * (n % kBlock);
+    const float s = scale[n];
+    float* d = dst + n * ldd - k0;
+    for (int64_t k = k0; k < k1; ++k) d[k] = float(blk[(k / 2) * 32 + (k & 1)]) * s;
+  }
+}
+
 void group_sums(const void* x, DType act, int64_t M, int64_t ldx, int64_t K, int64_t gs,
                 float* xsum) {
   // 16 partial sums (gs is a multiple of 16), so the compiler vectorizes the loop and no

@@ -1,0 +1,347 @@
+// The CPU kernel of `qtorch::linear_packed`: the forward of qtorch's quantized modules, run on
+// the packed layout each module owns (qtorch/nn/linear.py), and its backward w.r.t. x.
+//
+//   qtorch::linear_packed(x [..., K] float, weight Tensor[], bias [N]?, layout, N, K, group_size)
+//       -> [..., N] x.dtype
+//   qtorch::linear_packed_grad_input(grad [..., N] float, weight Tensor[], layout, N, K,
+//       group_size) -> [..., K] grad.dtype
+//
+// `weight` holds what the layout names (qtorch/backends/cpu.py registers the layouts):
+//   "cpu_w8a8"   [VNNI-packed weight (int8_mm.h), weight_scale f32 [N]]
+//   "cpu_w8a16"  [packed int8 weight, packed scale (weight_only.h)]
+//   "cpu_w4a16"  [packed int4 weight, packed scale, packed zero (weight_only.h)]
+// The schemas are defined in Python (qtorch/_packed.py), which also registers the fake
+// impl, the autograd formula and the Python kernel that serves every other case.
+//
+// Backend choice, per call. Python (qtorch/_backend.py) owns the precedence (use_backend >
+// set_backend > QTORCH_BACKEND > auto) and pushes its state here: set_backend's choice and how
+// many use_backend scopes are open. This file asks one question of it, "does the cpu backend
+// serve CPU tensors now?", and answers yes only when no scope is open and the process-wide
+// choice (or, without one, QTORCH_BACKEND) is auto or cpu. Anything else (an open scope, any
+// other backend, a bad QTORCH_BACKEND) goes to the Python kernel, which resolves the choice and
+// raises the contract's errors. So C++ never decides what Python would decide differently.
+//
+// The eager fast path. A module call through the dispatcher costs several us, a large share of
+// a decode-sized call. `fast_linear` is a plain C function the module calls first: for plain
+// CPU tensors outside autograd, tracing and dispatch modes, with the cpu backend in force, it
+// runs the same kernel and returns the result; otherwise it returns None and the module takes
+// the op. It reads the module's packed tensors from the arguments: there is no table.
+#include <torch/extension.h>
+
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/Parallel.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "bindings.h"
+#include "kernels/int8_mm.h"
+#include "kernels/weight_only.h"
+#include "scratch.h"
+
+namespace qtorch::cpu::packed {
+namespace {
+
+// ---------------------------------------------------------------- backend state (pushed)
+
+// Codes of qtorch._backend.BACKENDS; kUnset: set_backend has not chosen (or was cleared).
+enum Choice : int { kUnset = -1, kAuto = 0, kReference = 1, kCpu = 2, kTriton = 3, kCuda = 4 };
+std::atomic<int> g_global{kUnset};
+std::atomic<int> g_scopes{0};
+
+bool cpu_in_force() {
+  if (g_scopes.load(std::memory_order_relaxed) != 0) return false;
+  const int g = g_global.load(std::memory_order_relaxed);
+  if (g != kUnset) return g == kAuto || g == kCpu;
+  const char* env = std::getenv("QTORCH_BACKEND");
+  if (env == nullptr || *env == '\0') return true;
+  return std::strcmp(env, "auto") == 0 || std::strcmp(env, "cpu") == 0;
+}
+
+// ---------------------------------------------------------------- layouts
+
+enum Layout : int { kNone = -1, kW8A8 = 0, kW8A16 = 1, kW4A16 = 2 };
+
+Layout layout_of(c10::string_view name) {
+  if (name == "cpu_w8a8") return kW8A8;
+  if (name == "cpu_w8a16") return kW8A16;
+  if (name == "cpu_w4a16") return kW4A16;
+  return kNone;
+}
+
+size_t tensors_of(Layout l) { return l == kW4A16 ? 3 : 2; }
+
+// The packed tensors match the layout and the sizes (so every kernel access is in bounds).
+void check_weights(Layout l, at::TensorList w, int64_t N, int64_t K, int64_t gs) {
+  TORCH_CHECK_VALUE(w.size() == tensors_of(l), "linear_packed: layout takes ", tensors_of(l),
+                    " weight tensors, got ", w.size());
+  for (const at::Tensor& t : w)
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "linear_packed: weights must be CPU tensors");
+  switch (l) {
+    case kW8A8:
+      binding::check_int8_packed(w[0], N, K);
+      TORCH_CHECK_VALUE(w[1].scalar_type() == at::kFloat && w[1].dim() == 1 && w[1].size(0) == N,
+                        "weight_scale must be float32 [", N, "], got ", w[1].scalar_type(), " ",
+                        w[1].sizes());
+      break;
+    case kW8A16: binding::check_int8wo_packed(w[0], w[1], N, K); break;
+    case kW4A16: binding::check_int4_packed(w[0], w[1], w[2], N, K, gs); break;
+    default: TORCH_CHECK(false, "linear_packed: not a cpu layout");
+  }
+}
+
+// x [M, K] -> [M, N] in x.dtype. The bias is cast to x.dtype first, then added in fp32 by the
+// kernels, which is what the reference's `x @ ŵ.T + bias` in x.dtype rounds to.
+at::Tensor run(Layout l, const at::Tensor& x, at::TensorList w, const std::optional<at::Tensor>& bias,
+               int64_t N, int64_t K, int64_t gs) {
+  std::optional<at::Tensor> b = bias;
+  if (b.has_value() && b->scalar_type() != x.scalar_type()) b = b->to(x.scalar_type());
+  switch (l) {
+    case kW8A8: return binding::int8_linear(x, w[0], N, w[1], b);
+    case kW8A16: return binding::int8_weight_only_linear(x, w[0], w[1], N, K, b);
+    default: return binding::int4_weight_only_linear(x, w[0], w[1], w[2], N, K, gs, b);
+  }
+}
+
+// grad [M, N] @ ŵ [N, K] in fp32 as the reference (grad widened exactly, ŵ dequantized with the
+// reference's roundings, one fp32 GEMM, one rounding to grad.dtype). ŵ is never built whole:
+// each task dequantizes a column slab ŵ[:, k0:k0+kc] from the packed layout into a per-task
+// buffer and runs that slab's GEMM while it is cache-resident, so the module keeps one copy of
+// its weight (the packed one) and a backward costs no [N, K] fp32 tensor.
+at::Tensor grad_input(Layout l, const at::Tensor& grad, at::TensorList w, int64_t N, int64_t K,
+                      int64_t gs) {
+  const auto dt = grad.scalar_type();
+  const at::Tensor g = qtorch::cpu::f32_contiguous(grad);
+  const int64_t M = g.size(0);
+  at::Tensor out = at::empty({M, K}, g.options());
+  if (M == 0) return out.to(dt);
+  // Narrow slabs keep the buffer in L2 while dequantizing dominates (small M); wider ones
+  // give the GEMM a better shape once it dominates.
+  const int64_t kc = std::min<int64_t>(K, M <= 32 ? 64 : M <= 256 ? 128 : 256);
+  const int64_t slabs = (K + kc - 1) / kc;
+  at::parallel_for(0, slabs, 1, [&](int64_t c0, int64_t c1) {
+    at::Tensor buf = at::empty({N, kc}, g.options());
+    float* bp = buf.data_ptr<float>();
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k0 = c * kc, k1 = std::min(K, k0 + kc);
+      switch (l) {
+        case kW8A8:
+          int8_mm::dequant_b_slab(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(), N, K, k0, k1,
+                                 bp, kc);
+          break;
+        case kW8A16:
+          weight_only::dequant_int8_slab(w[0].data_ptr<int8_t>(), w[1].data_ptr<float>(), N, K, k0, k1,
+                                  bp, kc);
+          break;
+        default:
+          weight_only::dequant_int4_slab(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(),
+                                  w[2].data_ptr<uint8_t>(), N, K, gs, k0, k1, bp, kc);
+      }
+      at::Tensor dst = out.narrow(1, k0, k1 - k0);
+      at::mm_out(dst, g, buf.narrow(1, 0, k1 - k0));
+    }
+  });
+  return out.to(dt);
+}
+
+bool is_float(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
+
+std::vector<int64_t> lead_shape(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> s(t.sizes().begin(), t.sizes().end() - 1);
+  s.push_back(last);
+  return s;
+}
+
+// ---------------------------------------------------------------- the op kernels
+
+using LinearFn = at::Tensor(const at::Tensor&, at::TensorList, const std::optional<at::Tensor>&,
+                            c10::string_view, int64_t, int64_t, int64_t);
+using GradFn = at::Tensor(const at::Tensor&, at::TensorList, c10::string_view, int64_t, int64_t,
+                          int64_t);
+
+// The kernels on a cpu layout, whatever backend is in force (qtorch_cpu::linear_packed*: the
+// Python kernel calls them when a use_backend("cpu") scope is open).
+at::Tensor linear_packed_cpu(const at::Tensor& x, at::TensorList weight,
+                             const std::optional<at::Tensor>& bias, c10::string_view layout,
+                             int64_t N, int64_t K, int64_t gs) {
+  const Layout l = layout_of(layout);
+  TORCH_CHECK_VALUE(l != kNone, "linear_packed: ", layout, " is not a cpu layout");
+  TORCH_CHECK_TYPE(is_float(x.scalar_type()), "x must have dtype in (float32, float16, ",
+                   "bfloat16), got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "x [..., K] must have K = in_features = ",
+                    K, ", got x ", x.sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor for layout ", layout);
+  check_weights(l, weight, N, K, gs);
+  if (bias.has_value())
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (", N,
+                      ",), got ", bias->sizes());
+  const std::vector<int64_t> shape = lead_shape(x, N);
+  if (x.numel() == 0) return at::empty(shape, x.options());
+  return run(l, x.reshape({-1, K}), weight, bias, N, K, gs).view(shape);
+}
+
+at::Tensor linear_packed_grad_input_cpu(const at::Tensor& grad, at::TensorList weight,
+                                        c10::string_view layout, int64_t N, int64_t K,
+                                        int64_t gs) {
+  const Layout l = layout_of(layout);
+  TORCH_CHECK_VALUE(l != kNone, "linear_packed_grad_input: ", layout, " is not a cpu layout");
+  TORCH_CHECK_TYPE(is_float(grad.scalar_type()), "grad must be float32, float16 or bfloat16, got ",
+                   grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.dim() >= 1 && grad.size(-1) == N, "grad [..., N] must have N = ", N,
+                    ", got ", grad.sizes());
+  check_weights(l, weight, N, K, gs);
+  const std::vector<int64_t> shape = lead_shape(grad, K);
+  if (grad.numel() == 0) return at::zeros(shape, grad.options());
+  return grad_input(l, grad.reshape({-1, N}), weight, N, K, gs).view(shape);
+}
+
+// qtorch::linear_packed* on CPU: the kernels above when the cpu backend is in force and the
+// layout is a cpu one; the Python kernel (qtorch/_packed.py) otherwise.
+at::Tensor linear_packed(const at::Tensor& x, at::TensorList weight,
+                         const std::optional<at::Tensor>& bias, c10::string_view layout,
+                         int64_t N, int64_t K, int64_t gs) {
+  if (layout_of(layout) == kNone || !cpu_in_force()) {
+    static auto python = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qtorch::_linear_packed_python", "")
+                             .typed<LinearFn>();
+    return python.call(x, weight, bias, layout, N, K, gs);
+  }
+  return linear_packed_cpu(x, weight, bias, layout, N, K, gs);
+}
+
+at::Tensor linear_packed_grad_input(const at::Tensor& grad, at::TensorList weight,
+                                    c10::string_view layout, int64_t N, int64_t K, int64_t gs) {
+  if (layout_of(layout) == kNone || !cpu_in_force()) {
+    static auto python = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("qtorch::_linear_packed_grad_input_python", "")
+                             .typed<GradFn>();
+    return python.call(grad, weight, layout, N, K, gs);
+  }
+  return linear_packed_grad_input_cpu(grad, weight, layout, N, K, gs);
+}
+
+// ---------------------------------------------------------------- the eager fast path
+
+c10::DispatchKeySet g_plain_keys, g_inference_keys;
+
+// `o` is a plain (not subclassed, not wrapped by functorch / functionalization) dense CPU
+// tensor that autograd need not see. Returns it, or null.
+const at::Tensor* plain(PyObject* o) {
+  if (o == nullptr || !THPVariable_CheckExact(o)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(o);
+  const c10::DispatchKeySet ks = t.key_set();
+  if (ks != g_plain_keys && ks != g_inference_keys) return nullptr;
+  if (t.requires_grad() && at::GradMode::is_enabled()) return nullptr;
+  return &t;
+}
+
+// fast_linear(x, layout_code, N, K, group_size, bias, w0, w1, w2=None): the module's packed
+// call, or None (the caller then calls the op, which checks, raises and serves every case).
+PyObject* fast_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs < 8 || nargs > 9) Py_RETURN_NONE;
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled() ||
+      torch::jit::tracer::isTracing() || !cpu_in_force())
+    Py_RETURN_NONE;
+  const long code = PyLong_AsLong(args[1]);
+  const int64_t N = PyLong_AsLongLong(args[2]), K = PyLong_AsLongLong(args[3]),
+                gs = PyLong_AsLongLong(args[4]);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    Py_RETURN_NONE;
+  }
+  if (code < kW8A8 || code > kW4A16) Py_RETURN_NONE;
+  const Layout l = Layout(code);
+  const at::Tensor* x = plain(args[0]);
+  if (x == nullptr || !is_float(x->scalar_type()) || x->dim() < 1 || x->numel() == 0 ||
+      x->size(-1) != K)
+    Py_RETURN_NONE;
+  std::optional<at::Tensor> bias;
+  if (args[5] != Py_None) {
+    const at::Tensor* b = plain(args[5]);
+    if (b == nullptr || !is_float(b->scalar_type()) || b->dim() != 1 || b->size(0) != N)
+      Py_RETURN_NONE;
+    bias = *b;
+  }
+  // Own references: the kernel runs without the GIL, while another thread could drop the
+  // module's buffers.
+  std::vector<at::Tensor> w;
+  for (size_t i = 0; i < tensors_of(l); ++i) {
+    const at::Tensor* t = plain(args[6 + i]);
+    if (t == nullptr) Py_RETURN_NONE;
+    w.push_back(*t);
+  }
+  check_weights(l, w, N, K, gs);
+  const at::Tensor xt = *x;
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const std::vector<int64_t> shape = lead_shape(xt, N);
+    out = run(l, xt.dim() == 2 ? xt : xt.reshape({-1, K}), w, bias, N, K, gs);
+    if (xt.dim() != 2) out = out.view(shape);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef kMethods[] = {
+    {"fast_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_linear)),
+     METH_FASTCALL,
+     "fast_linear(x, layout_code, N, K, group_size, bias, w0, w1, w2=None): a quantized "
+     "module's call on its packed weights on the eager fast path, or None"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+void register_python(pybind11::module_& m) {
+  g_plain_keys = at::empty({1}).key_set();
+  {
+    c10::InferenceMode guard;
+    g_inference_keys = at::empty({1}).key_set();
+  }
+  if (PyModule_AddFunctions(m.ptr(), kMethods) < 0) throw pybind11::error_already_set();
+  m.def(
+      "set_backend_choice", [](int64_t code) { g_global.store(int(code)); },
+      "qtorch._backend pushes set_backend's choice (-1: none, 0 auto, 1 reference, 2 cpu, "
+      "3 triton, 4 cuda)");
+  m.def(
+      "backend_scopes", [](int64_t delta) { return int64_t(g_scopes.fetch_add(int(delta)) + delta); },
+      "qtorch._backend counts the open use_backend scopes (+1 on enter, -1 on exit)");
+  m.def(
+      "cpu_backend_in_force", []() { return cpu_in_force(); },
+      "whether the C++ paths run CPU tensors on the cpu backend now (tests)");
+  m.def(
+      "use_counts",
+      [](const at::Tensor& t) {
+        // use_count() includes the reference this call's argument holds.
+        return std::make_pair(int64_t(t.use_count()) - 1, int64_t(t.storage().use_count()));
+      },
+      "(references to t's TensorImpl, references to its storage), not counting this call's: "
+      "a quantized module drops its canonical buffers only when nothing else holds them");
+}
+
+}  // namespace qtorch::cpu::packed
+
+TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
+  m.def("linear_packed(Tensor x, Tensor[] weight, Tensor? bias, str layout, int N, int K, "
+        "int group_size) -> Tensor");
+  m.def("linear_packed_grad_input(Tensor grad, Tensor[] weight, str layout, int N, int K, "
+        "int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
+  m.impl("linear_packed", &qtorch::cpu::packed::linear_packed_cpu);
+  m.impl("linear_packed_grad_input", &qtorch::cpu::packed::linear_packed_grad_input_cpu);
+}
+
+TORCH_LIBRARY_IMPL(qtorch, CPU, m) {
+  m.impl("linear_packed", &qtorch::cpu::packed::linear_packed);
+  m.impl("linear_packed_grad_input", &qtorch::cpu::packed::linear_packed_grad_input);
+}

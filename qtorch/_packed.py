@@ -1,0 +1,209 @@
+"""Packed layouts and the op that quantized modules run on them.
+
+A backend whose kernels want another layout than the canonical one (API.md) registers it here
+as a `Layout`: how to pack the canonical buffers, how to unpack them again, and the kernels
+that run on it. A quantized module (qtorch/nn/linear.py) owns at most one layout at a time, as
+non-persistent buffers, and calls
+
+    qtorch::linear_packed(x [..., K], weight Tensor[], bias [N]?, layout, N, K, group_size)
+        -> [..., N] x.dtype
+    qtorch::linear_packed_grad_input(grad [..., N], weight Tensor[], layout, N, K, group_size)
+        -> [..., K] grad.dtype   (its backward w.r.t. x)
+
+where `weight` is the module's buffers that the layout names, in order. The backend choice
+stays per call (API.md): the C++ CPU kernel (csrc/cpu/linear_packed.cpp) serves a cpu layout
+when the cpu backend is in force; every other case comes to the Python kernel here, which runs
+the layout's own kernel when its backend is the one in force, and otherwise unpacks to the
+canonical buffers and calls the public op, which then runs whatever backend is chosen.
+
+There are no caches: nothing here or in the backends keeps a packed form keyed by a tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from qtorch import _backend
+from qtorch import _checks as chk
+
+# family -> (the public op it computes, the op of its backward w.r.t. x, canonical buffers)
+FAMILIES = {
+    "w8a8": ("int8_linear", "int8_linear_grad_input", ("qweight", "weight_scale")),
+    "w8a16": ("int8_weight_only_linear", "int8_linear_grad_input", ("qweight", "weight_scale")),
+    "w4a16": ("int4_weight_only_linear", "int4_linear_grad_input", ("qweight", "scales", "zeros")),
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+    """A backend's layout of one family's weights.
+
+    name:     e.g. "cpu_w4a16"; what the op receives
+    family:   "w8a8", "w8a16" or "w4a16"
+    backend:  the backend whose kernels run on it
+    code:     the C fast path's code for it (csrc/cpu/linear_packed.cpp), or -1
+    buffers:  the module buffers passed as `weight`, in order
+    derived:  the canonical buffers the packed ones replace (the module drops them)
+    pack:     (canonical: dict name -> Tensor, N, K, group_size) -> {packed buffer: Tensor}
+    unpack:   (weight: list[Tensor], N, K, group_size) -> {derived canonical buffer: Tensor},
+              bitwise what was packed
+    run:      (x [M, K], weight, bias | None, N, K, group_size) -> [M, N] x.dtype
+    grad_input: (grad [M, N], weight, N, K, group_size) -> [M, K] grad.dtype
+    """
+
+    name: str
+    family: str
+    backend: str
+    code: int
+    buffers: tuple[str, ...]
+    derived: tuple[str, ...]
+    pack: Callable
+    unpack: Callable
+    run: Callable
+    grad_input: Callable
+
+    def __reduce__(self):  # pickle / deepcopy refer to the registered layout by name
+        return (layout_named, (self.name,))
+
+    def canonical(self, weight, n: int, k: int, group_size: int) -> dict[str, Tensor]:
+        """All canonical buffers of the family (derived ones unpacked, shared ones as given)."""
+        out = dict(self.unpack(list(weight), n, k, group_size))
+        for name, t in zip(self.buffers, weight):
+            if name in FAMILIES[self.family][2]:
+                out[name] = t
+        return out
+
+
+_LAYOUTS: dict[str, Layout] = {}
+_BY_FAMILY: dict[tuple[str, str], Layout] = {}  # (family, backend) -> layout
+
+
+def register_layout(layout: Layout) -> Layout:
+    _LAYOUTS[layout.name] = layout
+    _BY_FAMILY[(layout.family, layout.backend)] = layout
+    return layout
+
+
+def layout_named(name: str) -> Layout:
+    _backend.backend_status()  # backends register their layouts when they load
+    try:
+        return _LAYOUTS[name]
+    except KeyError:
+        raise ValueError(f"unknown packed layout {name!r}") from None
+
+
+def layout_for(family: str, device: torch.device) -> Layout | None:
+    """The layout a module of `family` on `device` keeps: that of the backend "auto" picks
+    there, or None (canonical) when that backend reads the canonical layout."""
+    return _BY_FAMILY.get((family, _backend.auto_backend(device)))
+
+
+# ---------------------------------------------------------------------------- the ops
+
+_lib = torch.library.Library("qtorch", "FRAGMENT")
+_ARGS = "Tensor[] weight, str layout, int out_features, int in_features, int group_size"
+_lib.define(f"linear_packed(Tensor x, Tensor[] weight, Tensor? bias, str layout, "
+            f"int out_features, int in_features, int group_size) -> Tensor")
+_lib.define(f"linear_packed_grad_input(Tensor grad, {_ARGS}) -> Tensor")
+# The Python kernels, as ops of their own so the C++ CPU kernel can hand a call to them.
+_lib.define(f"_linear_packed_python(Tensor x, Tensor[] weight, Tensor? bias, str layout, "
+            f"int out_features, int in_features, int group_size) -> Tensor")
+_lib.define(f"_linear_packed_grad_input_python(Tensor grad, {_ARGS}) -> Tensor")
+
+
+def _check_x(x: Tensor, k: int, bias: Tensor | None, n: int, weight) -> None:
+    chk.tensor("x", x)
+    chk.dtype_in("x", x, chk.FLOAT_DTYPES)
+    chk.min_ndim("x", x, 1)
+    if x.shape[-1] != k:
+        raise ValueError(f"x [..., K] must have K = in_features = {k}, got x {tuple(x.shape)}")
+    chk.bias(bias, n)
+    chk.same_device(x=x, weight=weight[0], bias=bias)
+
+
+def _linear_packed_python(x, weight, bias, layout, n, k, group_size):
+    lay = layout_named(layout)
+    _check_x(x, k, bias, n, weight)
+    op = FAMILIES[lay.family][0]
+    backend, _ = _backend.resolve(op, x.device)
+    if backend != lay.backend:  # another backend in force: it reads the canonical buffers
+        canon = lay.canonical(weight, n, k, group_size)
+        args = [canon[name] for name in FAMILIES[lay.family][2]]
+        if lay.family == "w4a16":
+            args.append(group_size)
+        return getattr(torch.ops.qtorch, op)(x, *args, bias)
+    shape = (*x.shape[:-1], n)
+    if x.numel() == 0:
+        return x.new_empty(shape)
+    b = None if bias is None else bias.to(x.dtype)
+    return lay.run(x.reshape(-1, k), list(weight), b, n, k, group_size).reshape(shape)
+
+
+def _linear_packed_grad_input_python(grad, weight, layout, n, k, group_size):
+    lay = layout_named(layout)
+    op = FAMILIES[lay.family][1]
+    backend, _ = _backend.resolve(op, grad.device)
+    if backend != lay.backend:
+        canon = lay.canonical(weight, n, k, group_size)
+        if lay.family == "w4a16":
+            return torch.ops.qtorch.int4_linear_grad_input(
+                grad, canon["qweight"], canon["scales"], canon["zeros"], group_size)
+        return torch.ops.qtorch.int8_linear_grad_input(grad, canon["qweight"],
+                                                       canon["weight_scale"])
+    shape = (*grad.shape[:-1], k)
+    if grad.numel() == 0:
+        return grad.new_zeros(shape)
+    return lay.grad_input(grad.reshape(-1, n), list(weight), n, k, group_size).reshape(shape)
+
+
+for _name, _fn in (("_linear_packed_python", _linear_packed_python),
+                   ("_linear_packed_grad_input_python", _linear_packed_grad_input_python)):
+    _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+# Without the C++ CPU kernel (and on every other device) the public ops are served by the
+# Python kernels too; where the C++ kernel is registered for CPU it takes precedence.
+_lib.impl("linear_packed", _linear_packed_python, "CompositeExplicitAutograd")
+_lib.impl("linear_packed_grad_input", _linear_packed_grad_input_python,
+          "CompositeExplicitAutograd")
+
+
+def _fake(x, weight, bias, layout, n, k, group_size):
+    _check_x(x, k, bias, n, weight)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _fake_grad(grad, weight, layout, n, k, group_size):
+    return grad.new_empty((*grad.shape[:-1], k))
+
+
+for _name, _fn in (("linear_packed", _fake), ("_linear_packed_python", _fake),
+                   ("linear_packed_grad_input", _fake_grad),
+                   ("_linear_packed_grad_input_python", _fake_grad)):
+    torch.library.register_fake(f"qtorch::{_name}", _fn, lib=_lib)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, layout, n, k, group_size = inputs
+    ctx.save_for_backward(*weight)
+    ctx.meta = (layout, n, k, group_size)
+    ctx.n_weight = len(weight)
+    ctx.bias_grad = bias is not None and bias.requires_grad
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad):
+    layout, n, k, group_size = ctx.meta
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.qtorch.linear_packed_grad_input(grad, list(ctx.saved_tensors), layout, n, k,
+                                                       group_size)
+    if ctx.bias_grad:
+        gb = grad.reshape(-1, n).float().sum(0).to(ctx.bias_dtype)
+    return gx, [None] * ctx.n_weight, gb, None, None, None, None
+
+
+torch.library.register_autograd("qtorch::linear_packed", _backward, setup_context=_setup,
+                                lib=_lib)
