@@ -1,22 +1,24 @@
-"""The C++ eager fast path of the CPU linears (csrc/cpu/fast_path.cpp).
+"""The C++ eager fast path of the quantized modules (`qtorch._C.fast_linear`,
+csrc/cpu/linear_packed.cpp).
 
-It may only change what a call costs, never its result: it serves a call only when the full
-Python path would run the cpu kernel on the same packed weight, and answers None otherwise.
-These tests check both halves: that it does serve the common call (so its speed is real), and
-that every way the cached state can go stale (in-place updates of the weight or its scales, a
-dead weight whose address is reused) or the call leaves the plain eager case (autograd, another
-backend, modes, subclasses, tracing) falls back to the Python path.
+It may only change what a call costs, never its result: a module calls it first with its
+packed tensors, and it serves the call only when the op would run the cpu kernel on the same
+tensors; otherwise it answers None and the module calls the op. It holds no state of its own
+(the module passes its packed buffers), so nothing it serves can be stale. These tests check
+both halves: that it serves the common call (so its speed is real) with the op's result, and
+that every call outside the plain eager case (autograd, another backend, modes, subclasses,
+tracing, odd arguments) falls back.
 """
 
 from __future__ import annotations
 
-import gc
+import threading
 
 import pytest
 import torch
+from torch import nn
 
 import qtorch
-from qtorch import ops
 from qtorch import reference as R
 from qtorch.testing import assert_close
 from tests.conftest import OpRecorder
@@ -30,253 +32,193 @@ else:  # pragma: no cover
     _C = None
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def _int8(n=24, k=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w_q, w_scale = R.quantize_int8(torch.randn(n, k, generator=g))
-    return w_q, w_scale, torch.randn(n, generator=g)
-
-
-def _int4(n=24, k=64, gs=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    qw, sc, z = R.quantize_int4(torch.randn(n, k, generator=g), group_size=gs)
-    return qw, sc, z, torch.randn(n, generator=g)
-
-
-CASES = {
-    # name: (public op, fast-path function, reference); lambdas: _C may be missing
-    "int8_linear": (lambda: ops.int8_linear, lambda: _C.fast_int8_linear, R.int8_linear),
-    "int8_weight_only_linear": (lambda: ops.int8_weight_only_linear,
-                                lambda: _C.fast_int8_weight_only_linear,
-                                R.int8_weight_only_linear),
-    "int4_weight_only_linear": (lambda: ops.int4_weight_only_linear,
-                                lambda: _C.fast_int4_weight_only_linear,
+MODULES = {
+    "int8_linear": (qtorch.nn.Int8DynamicLinear, {}, R.int8_linear),
+    "int8_weight_only_linear": (qtorch.nn.Int8WeightOnlyLinear, {}, R.int8_weight_only_linear),
+    "int4_weight_only_linear": (qtorch.nn.Int4WeightOnlyLinear, {"group_size": 32},
                                 R.int4_weight_only_linear),
 }
 
 
-def _args(name, seed=0):
-    if name == "int4_weight_only_linear":
-        qw, sc, z, b = _int4(seed=seed)
-        return [qw, sc, z, 32], b, 64
-    w_q, w_scale, b = _int8(seed=seed)
-    return [w_q, w_scale], b, 40
+def _module(name, k=64, n=24, bias=True, seed=0):
+    cls, kw, _ = MODULES[name]
+    torch.manual_seed(seed)
+    return cls.from_float(nn.Linear(k, n, bias=bias), **kw)
 
 
-def _ref(name, x, weights, bias):
-    ref = CASES[name][2]
-    x2 = x.reshape(-1, x.shape[-1])
-    return ref(x2, *weights, bias).reshape(*x.shape[:-1], -1)
+def _fast_args(mod, x, bias="module"):
+    """The arguments forward passes to fast_linear."""
+    lay = mod._layout
+    weight = [mod._buffers[b] for b in lay.buffers]
+    b = mod.bias if bias == "module" else bias
+    return (x, lay.code, mod.out_features, mod.in_features, mod._group_size(), b, *weight)
 
 
-def _matches_ref(name, out, x, weights, bias):
+def _matches_ref(name, mod, out, x):
     """int8_linear accumulates in int32, so it equals the reference bitwise; the weight-only
     ops sum in fp32 in another order and get the tolerance every kernel-vs-reference test uses
     (qtorch.testing: 1e-4 of max |ref| for fp32; the output dtype's resolution otherwise)."""
-    ref = _ref(name, x, weights, bias)
+    c = mod._canonical()
+    args = [c["qweight"], c.get("weight_scale", c.get("scales"))]
+    if name == "int4_weight_only_linear":
+        args += [c["zeros"], mod.group_size]
+    bias = None if mod.bias is None else mod.bias.detach().to(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    ref = MODULES[name][2](x2, *args, bias).reshape(*x.shape[:-1], -1)
     if name == "int8_linear":
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
     else:
         assert_close(out, ref, x.dtype)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(MODULES))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lead", [(1,), (3,), (2, 5), ()])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_serves_the_common_call_with_the_same_result(name, dtype, lead, with_bias):
-    op, fast = CASES[name][0](), CASES[name][1]()
-    weights, bias, k = _args(name)
-    bias = bias.to(dtype) if with_bias else None
-    x = torch.randn(*lead, k, generator=torch.Generator().manual_seed(1)).to(dtype)
-    first = op(x, *weights, bias)  # packs and registers the weight
-    served = fast(x, *weights, bias)
-    assert served is not None, "the fast path did not serve a packed weight"
-    assert served.dtype == dtype and served.shape == (*lead, weights[0].shape[0])
-    torch.testing.assert_close(served, first, rtol=0, atol=0)
-    again = op(x, *weights, bias=bias)
-    torch.testing.assert_close(again, first, rtol=0, atol=0)
-    _matches_ref(name, served, x, weights, bias)
-
-
-def _packed_call(name, m):
-    """(op, fast, weights, bias, x) after one op call packed the weight; checks it is served."""
-    op, fast = CASES[name][0](), CASES[name][1]()
-    weights, bias, k = _args(name)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
-    op(x, *weights, bias)
-    assert fast(x, *weights, bias) is not None
-    return op, fast, weights, bias, x
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_in_place_weight_update_is_seen(name):
-    op, fast, weights, bias, x = _packed_call(name, 4)
-    if name == "int4_weight_only_linear":
-        weights[0].bitwise_xor_(0x5A)  # new nibbles
-    else:
-        weights[0].neg_()
-    assert fast(x, *weights, bias) is None  # stale: the version moved
-    _matches_ref(name, op(x, *weights, bias), x, weights, bias)
-    assert fast(x, *weights, bias) is not None  # repacked and registered again
-
-
-@pytest.mark.parametrize("name", ["int8_weight_only_linear", "int4_weight_only_linear"])
-def test_in_place_scale_update_is_seen(name):
-    # The weight-only packed forms fold the scales (and zeros) in: changing them is a miss.
-    op, fast, weights, bias, x = _packed_call(name, 3)
-    weights[1].mul_(2.0)
-    assert fast(x, *weights, bias) is None
-    _matches_ref(name, op(x, *weights, bias), x, weights, bias)
-    if name == "int4_weight_only_linear":
-        weights[2].add_(1).clamp_(max=15)  # zeros
-        assert fast(x, *weights, bias) is None
-        _matches_ref(name, op(x, *weights, bias), x, weights, bias)
-
-
-def test_a_dead_weight_is_never_served():
-    x = torch.randn(2, 40)
-    for seed in range(20):  # new weights of one shape: addresses get reused
-        w_q, w_scale, b = _int8(seed=seed)
-        out = ops.int8_linear(x, w_q, w_scale, b)
-        torch.testing.assert_close(out, R.int8_linear(x, w_q, w_scale, b), rtol=0, atol=0)
-        del w_q, w_scale, b, out  # freed here (refcount); gc.collect per round costs seconds
-    gc.collect()
-    w_q, w_scale, b = _int8(seed=99)
-    assert _C.fast_int8_linear(x, w_q, w_scale, b) is None  # never packed: nothing to serve
-
-
-def test_entries_do_not_pile_up():
-    x = torch.randn(1, 40)
-    for seed in range(300):
-        w_q, w_scale, b = _int8(seed=seed)
-        ops.int8_linear(x, w_q, w_scale, b)
-        del w_q, w_scale, b
-    gc.collect()
-    assert _C.fast_entries() < 200  # dead entries are swept as the table grows
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_falls_back_outside_plain_eager(name, monkeypatch):
-    op, fast, weights, bias, x = _packed_call(name, 2)
-
-    xg = x.clone().requires_grad_()
-    assert fast(xg, *weights, bias) is None  # autograd must record the op
+    mod = _module(name, bias=with_bias).to(dtype)
+    x = torch.randn(*lead, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
-        assert fast(xg, *weights, bias) is not None
-    with qtorch.use_backend("reference"):
-        assert fast(x, *weights, bias) is None
-    with qtorch.use_backend("cpu"):
-        assert fast(x, *weights, bias) is not None
-    qtorch.set_backend("reference")
-    try:
-        assert fast(x, *weights, bias) is None
-    finally:
-        qtorch.set_backend("auto")  # set_backend outranks QTORCH_BACKEND, here and in Python
-    monkeypatch.setenv("QTORCH_BACKEND", "reference")
-    assert fast(x, *weights, bias) is not None and qtorch.get_backend() == "auto"
-    monkeypatch.setattr(qtorch._backend, "_global_choice", None)
-    monkeypatch.setenv("QTORCH_BACKEND", "reference")
-    assert fast(x, *weights, bias) is None
-    monkeypatch.setenv("QTORCH_BACKEND", "cpu")
-    assert fast(x, *weights, bias) is not None
-    monkeypatch.setenv("QTORCH_BACKEND", "no-such-backend")
-    assert fast(x, *weights, bias) is None  # the Python path names the bad variable
-    with pytest.raises(RuntimeError, match="QTORCH_BACKEND"):
-        op(x, *weights, bias)
-    monkeypatch.delenv("QTORCH_BACKEND")
-
-    class Sub(torch.Tensor):
-        pass
-
-    assert fast(x.as_subclass(Sub), *weights, bias) is None
-
-    with OpRecorder() as rec:
-        assert fast(x, *weights, bias) is None
-        op(x, *weights, bias)
-    seen = [str(f) for f, _ in rec.calls]
-    assert any(f"qtorch.{name}" in o for o in seen), seen  # the mode saw the op
-
-    with torch.overrides.TorchFunctionMode():
-        assert fast(x, *weights, bias) is None
-    traced = torch.jit.trace(lambda t: op(t, *weights, bias), (x,), check_trace=False)
-    assert f"qtorch::{name}" in str(traced.graph)
+        served = _C.fast_linear(*_fast_args(mod, x))
+        assert served is not None, "the fast path did not serve a packed module"
+        assert served.dtype == dtype and served.shape == (*lead, 24)
+        op = torch.ops.qtorch.linear_packed(x, [mod._buffers[b] for b in mod._layout.buffers],
+                                            mod.bias, mod._layout.name, 24, 64, mod._group_size())
+        torch.testing.assert_close(served, op, rtol=0, atol=0)
+        torch.testing.assert_close(mod(x), served, rtol=0, atol=0)
+    _matches_ref(name, mod, served, x)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_odd_calls_fall_back_to_the_checked_path(name):
-    op, fast = CASES[name][0](), CASES[name][1]()
-    weights, bias, k = _args(name)
-    x = torch.randn(2, k)
-    op(x, *weights, bias)
-    assert fast(x, *weights, bias, bias) is None  # too many arguments
-    assert fast(x, *weights, bogus=bias) is None
-    assert fast(x, *weights[:-1]) is None
-    assert fast(x.numpy(), *weights, bias) is None
-    assert fast(torch.randn(0, k), *weights, bias) is None
-    assert fast(torch.randn(2, k + 1), *weights, bias) is None
-    assert fast(x.double(), *weights, bias) is None
-    assert fast(x, *weights, bias.double()) is None
-    assert fast(x, *weights, bias[:-1]) is None
-    with pytest.raises(ValueError, match="bias"):
-        op(x, *weights, bias[:-1])
-    with pytest.raises(TypeError, match="x"):
-        op(x.numpy(), *weights, bias)
-    # a non-contiguous weight view is served by the Python path, correctly
-    w_nc = weights[0].t().contiguous().t()
-    out = op(x, w_nc, *weights[1:], bias)
-    torch.testing.assert_close(out, op(x, *weights, bias), rtol=0, atol=0)
-
-
-def test_group_size_must_be_an_int():
-    qw, sc, z, b = _int4()
+@pytest.mark.parametrize("name", list(MODULES))
+def test_falls_back_outside_plain_eager(name, monkeypatch):
+    mod = _module(name)
     x = torch.randn(2, 64)
-    ops.int4_weight_only_linear(x, qw, sc, z, 32, b)
-    assert _C.fast_int4_weight_only_linear(x, qw, sc, z, 32, b) is not None
-    assert _C.fast_int4_weight_only_linear(x, qw, sc, z, 32.0, b) is None
-    assert _C.fast_int4_weight_only_linear(x, qw, sc, z, True, b) is None
-    assert _C.fast_int4_weight_only_linear(x, qw, sc, z, 64, b) is None  # not this packing
+    fast = _C.fast_linear
+
+    assert fast(*_fast_args(mod, x)) is None  # bias requires grad: autograd must see the op
+    with torch.no_grad():
+        assert fast(*_fast_args(mod, x)) is not None
+    xg = x.clone().requires_grad_()
+    assert fast(*_fast_args(mod, xg, bias=None)) is None
+    with torch.no_grad():
+        assert fast(*_fast_args(mod, xg, bias=None)) is not None
+        # Open use_backend scopes send every call to Python, which resolves them per thread.
+        with qtorch.use_backend("reference"):
+            assert fast(*_fast_args(mod, x)) is None
+        with qtorch.use_backend("cpu"):
+            assert fast(*_fast_args(mod, x)) is None
+            _matches_ref(name, mod, mod(x), x)  # the Python kernel runs the cpu layout
+        qtorch.set_backend("reference")
+        try:
+            assert fast(*_fast_args(mod, x)) is None
+        finally:
+            qtorch.set_backend("auto")  # set_backend outranks QTORCH_BACKEND, here and in Python
+        monkeypatch.setenv("QTORCH_BACKEND", "reference")
+        assert fast(*_fast_args(mod, x)) is not None and qtorch.get_backend() == "auto"
+        qtorch._backend.clear_backend()
+        monkeypatch.setenv("QTORCH_BACKEND", "reference")
+        assert fast(*_fast_args(mod, x)) is None
+        monkeypatch.setenv("QTORCH_BACKEND", "cpu")
+        assert fast(*_fast_args(mod, x)) is not None
+        monkeypatch.setenv("QTORCH_BACKEND", "no-such-backend")
+        assert fast(*_fast_args(mod, x)) is None  # the Python path names the bad variable
+        with pytest.raises(RuntimeError, match="QTORCH_BACKEND"):
+            mod(x)
+        monkeypatch.delenv("QTORCH_BACKEND")
+
+        class Sub(torch.Tensor):
+            pass
+
+        assert fast(*_fast_args(mod, x.as_subclass(Sub))) is None
+
+        with OpRecorder() as rec:
+            assert fast(*_fast_args(mod, x)) is None
+            mod(x)
+        seen = [str(f) for f, _ in rec.calls]
+        assert any("qtorch.linear_packed" in o for o in seen), seen  # the mode saw the op
+
+        with torch.overrides.TorchFunctionMode():
+            assert fast(*_fast_args(mod, x)) is None
+    traced = torch.jit.trace(mod, (x,), check_trace=False)  # (tracing reads the state dict)
+    assert "qtorch::" in str(traced.graph)  # a qtorch op is recorded, not its kernel
 
 
-def test_inference_mode_weights():
-    # Inference tensors have no version counter: the Python path serves them (and caches).
+@pytest.mark.parametrize("name", list(MODULES))
+def test_odd_calls_fall_back_to_the_checked_path(name):
+    mod = _module(name)
+    x = torch.randn(2, 64)
+    fast = _C.fast_linear
+    args = _fast_args(mod, x)
+    with torch.no_grad():
+        assert fast(*args) is not None
+        assert fast(*args, None, None) is None  # too many arguments
+        assert fast(*args[:7]) is None  # too few
+        assert fast(x.numpy(), *args[1:]) is None
+        assert fast(torch.randn(0, 64), *args[1:]) is None
+        assert fast(torch.randn(2, 65), *args[1:]) is None
+        assert fast(x.double(), *args[1:]) is None
+        assert fast(*args[:5], mod.bias.double(), *args[6:]) is None
+        assert fast(*args[:5], mod.bias[:-1], *args[6:]) is None
+        assert fast(x, 7, *args[2:]) is None  # not a layout code
+        assert fast(x, 1.5, *args[2:]) is None
+        assert fast(*args[:6], args[6].double(), *args[7:]) is None
+        with pytest.raises(ValueError, match="x"):
+            mod(torch.randn(2, 65))
+        with pytest.raises(TypeError, match="x"):
+            mod(x.numpy())
+        assert mod(torch.randn(0, 64)).shape == (0, 24)
+        # a non-contiguous x is served too, with the same result
+        xt = torch.randn(64, 3).t()
+        torch.testing.assert_close(fast(xt, *args[1:]), mod(xt.contiguous()), rtol=0, atol=0)
+
+
+def test_a_mismatched_packed_tensor_is_an_error_not_a_read_out_of_bounds():
+    mod = _module("int4_weight_only_linear")
+    x = torch.randn(2, 64)
+    args = list(_fast_args(mod, x))
+    args[4] = 64  # another group size than the packing's
+    with torch.no_grad():
+        assert _C.fast_linear(*args) is None
+        with pytest.raises(ValueError, match="packed"):
+            torch.ops.qtorch.linear_packed(x, list(args[6:]), None, mod._layout.name, 24, 64, 64)
+
+
+def test_inference_mode():
     with torch.inference_mode():
-        w_q, w_scale, b = _int8()
-        x = torch.randn(3, 40)
-        out = ops.int8_linear(x, w_q, w_scale, b)
-        torch.testing.assert_close(out, R.int8_linear(x, w_q, w_scale, b), rtol=0, atol=0)
-        assert _C.fast_int8_linear(x, w_q, w_scale, b) is None
-    w_q, w_scale, b = _int8(seed=1)
-    ops.int8_linear(torch.randn(1, 40), w_q, w_scale, b)
+        mod = _module("int8_linear")
+        x = torch.randn(3, 64)
+        out = _C.fast_linear(*_fast_args(mod, x))
+        assert out is not None
+        _matches_ref("int8_linear", mod, out, x)
+    mod = _module("int8_linear")
     with torch.inference_mode():
-        x = torch.randn(3, 40)
-        assert _C.fast_int8_linear(x, w_q, w_scale, b) is not None  # inference x is fine
+        x = torch.randn(3, 64)
+        assert _C.fast_linear(*_fast_args(mod, x)) is not None  # inference x is fine
 
 
 def test_compile_does_not_trace_into_the_fast_path():
-    w_q, w_scale, b = _int8()
-    x = torch.randn(3, 40)
-    ops.int8_linear(x, w_q, w_scale, b)
-    f = torch.compile(lambda t: ops.int8_linear(t, w_q, w_scale, b), fullgraph=True,
-                      backend="eager")
-    torch.testing.assert_close(f(x), R.int8_linear(x, w_q, w_scale, b), rtol=0, atol=0)
+    mod = _module("int8_linear")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        f = torch.compile(mod, fullgraph=True, backend="eager")
+        torch.testing.assert_close(f(x), mod(x), rtol=0, atol=0)
 
 
 def test_threads_see_their_own_backend_scope():
-    import threading
-
-    w_q, w_scale, b = _int8()
-    x = torch.randn(2, 40)
-    ops.int8_linear(x, w_q, w_scale, b)
+    mod = _module("int8_linear")
+    x = torch.randn(2, 64)
     seen = {}
 
     def worker():
-        with qtorch.use_backend("reference"):
-            seen["worker"] = _C.fast_int8_linear(x, w_q, w_scale, b)
+        with torch.no_grad(), qtorch.use_backend("reference"):
+            seen["worker"] = _C.fast_linear(*_fast_args(mod, x))
+            seen["in scope"] = qtorch.get_backend()
 
-    t = threading.Thread(target=worker)
-    t.start()
-    t.join()
-    assert seen["worker"] is None
-    assert _C.fast_int8_linear(x, w_q, w_scale, b) is not None
+    with torch.no_grad():
+        assert _C.fast_linear(*_fast_args(mod, x)) is not None
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()
+        assert seen == {"worker": None, "in scope": "reference"}
+        assert qtorch.get_backend() == "auto"
+        assert _C.fast_linear(*_fast_args(mod, x)) is not None

@@ -198,15 +198,19 @@ class _QuantizedLinear(nn.Module):
         # dtype and take only the device from fn's result. A packed layout belongs to one
         # device's backend: unpack, move, and pack again for the new device.
         self._unpack()
+        self._apply_keeping_dtypes(fn, recurse)
+        self._pack()
+        return self
+
+    def _apply_keeping_dtypes(self, fn, recurse):
+        # (a function of its own: the references it takes die with it, so _pack can tell
+        # that nothing but the module holds the buffers)
         keep = {name: t for name, t in self._buffers.items() if t is not None}
         super()._apply(fn, recurse)
         for name, old in keep.items():
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
-        del keep
-        self._pack()
-        return self
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -218,12 +222,13 @@ class _QuantizedLinear(nn.Module):
             return self._canonical_forward(x)
         b = self._buffers
         weight = [b[name] for name in layout.buffers]
-        bias = self._parameters["bias"]
+        bias = self._parameters.get("bias")
         n, k, gs = self.out_features, self.in_features, self._group_size()
         if _fast_linear is not None and layout.code >= 0 and not _is_compiling():
             out = _fast_linear(x, layout.code, n, k, gs, bias, *weight)
             if out is not None:
                 return out
+        _checks.tensor("x", x)  # the dispatcher would reject a non-tensor with a RuntimeError
         return torch.ops.qtorch.linear_packed(x, weight, bias, layout.name, n, k, gs)
 
     def _canonical_forward(self, x: Tensor) -> Tensor:
