@@ -79,12 +79,16 @@ class Layout:
 
 
 _LAYOUTS: dict[str, Layout] = {}
-_BY_FAMILY: dict[tuple[str, str], Layout] = {}  # (family, backend) -> layout
+# (family, backend) -> layout, and (family, backend, dtype) -> a layout made for activations of
+# that dtype (when the kernel's layout depends on it)
+_BY_FAMILY: dict[tuple, Layout] = {}
 
 
-def register_layout(layout: Layout) -> Layout:
+def register_layout(layout: Layout, dtype: torch.dtype | None = None) -> Layout:
     _LAYOUTS[layout.name] = layout
-    _BY_FAMILY[(layout.family, layout.backend)] = layout
+    key = (layout.family, layout.backend) if dtype is None else (layout.family, layout.backend,
+                                                                 dtype)
+    _BY_FAMILY[key] = layout
     return layout
 
 
@@ -96,10 +100,12 @@ def layout_named(name: str) -> Layout:
         raise ValueError(f"unknown packed layout {name!r}") from None
 
 
-def layout_for(family: str, device: torch.device) -> Layout | None:
-    """The layout a module of `family` on `device` keeps: that of the backend "auto" picks
-    there, or None (canonical) when that backend reads the canonical layout."""
-    return _BY_FAMILY.get((family, _backend.auto_backend(device)))
+def layout_for(family: str, device: torch.device, dtype: torch.dtype | None = None) -> Layout | None:
+    """The layout a module of `family` on `device`, computing in `dtype`, keeps: that of the
+    backend "auto" picks there, or None (canonical) when that backend reads the canonical
+    layout."""
+    backend = _backend.auto_backend(device)
+    return _BY_FAMILY.get((family, backend, dtype)) or _BY_FAMILY.get((family, backend))
 
 
 # ---------------------------------------------------------------------------- the ops

@@ -393,3 +393,24 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(TypeError, match="x"):
         mod(np.zeros((2, 64), dtype=np.float32))
     assert mod(torch.randn(0, 64)).shape == (0, 40)
+
+
+@pytest.mark.skipif("triton" not in qtorch.available_backends(), reason="triton cannot run here")
+def test_the_triton_layout(monkeypatch):
+    """The layout a module keeps where "auto" picks Triton (a GPU without the CUDA extension),
+    run here in Triton's interpreter: forward, backward, unpack."""
+    lay = _packed.layout_named("triton_w4a16")
+    monkeypatch.setitem(_packed._BY_FAMILY, ("w4a16", "cpu"), lay)
+    mod = _model("w4a16")[0]
+    assert _layout(mod) == "triton_w4a16"
+    x = torch.randn(3, 64, requires_grad=True)
+    with qtorch.use_backend("triton"):
+        out = mod(x)
+    assert_close(out, _reference(mod, x.detach()), torch.float32)
+    with qtorch.use_backend("triton"):
+        out.sum().backward()
+    assert_close(x.grad, torch.ones(3, 40) @ mod.dequantize(), torch.float32)
+    c = mod._canonical()
+    mod._unpack()
+    for key, t in c.items():
+        assert torch.equal(t, mod._buffers[key])

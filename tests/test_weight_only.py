@@ -31,6 +31,8 @@ from qtorch.backends._cuda_pack import (
     emulate_int8_fragments,
     pack_int4,
     pack_int8,
+    unpack_int4_weight,
+    unpack_int8,
 )
 from qtorch.ops import weight_only as wo_ops  # the backward helpers are internal ops
 from qtorch.reference.weight_only import unpack_int4
@@ -367,6 +369,17 @@ def test_cuda_int8_pack_is_the_mma_fragment_layout(n, k):
     got = emulate_int8_fragments(qp)
     assert torch.equal(got[:n, :k], w_q.long())
     assert (got[n:] == 0).all() and (got[:, k:] == 0).all()
+
+
+@pytest.mark.parametrize("n,k,gs", [(1, 64, 32), (17, 96, 32), (40, 128, 64), (33, 256, 128)])
+def test_cuda_packs_unpack_bitwise(n, k, gs):
+    """A quantized module on a CUDA device keeps these layouts and gives its canonical buffers
+    back from them (state_dict, attribute access): the inverses must be exact."""
+    q, s, z = R.quantize_int4(torch.randn(n, k, generator=_gen(n * k)), gs)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert torch.equal(unpack_int4_weight(pack_int4(q, s, z, gs, dtype)[0], n, k), q)
+    w_q = torch.randint(-128, 128, (n, k + 3), generator=_gen(n + k), dtype=torch.int8)
+    assert torch.equal(unpack_int8(pack_int8(w_q), n, k + 3), w_q)
 
 
 def test_cuda_int4_pack_rejects_fp32():

@@ -70,6 +70,18 @@ def pack_int8(w_q: torch.Tensor) -> torch.Tensor:
     return words.view(kp // 64, np_ // 16, 32, 2, 4).permute(0, 1, 3, 2, 4).contiguous()
 
 
+def unpack_int8(qpacked: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The inverse of pack_int8: int8 [N, K], bitwise the weight that was packed."""
+    kc, nb = qpacked.shape[0], qpacked.shape[1]
+    words = (qpacked.long() & 0xFFFFFFFF).permute(0, 1, 3, 2, 4).reshape(kc, nb, 32, 8)
+    b = (words[..., None] >> (8 * torch.arange(4, device=qpacked.device))) & 0xFF
+    blocks = torch.empty(kc, nb, 16, 64, dtype=torch.long, device=qpacked.device)
+    dn, dk = _byte_index(qpacked.device)
+    blocks[:, :, dn, dk] = b
+    u = blocks.permute(1, 2, 0, 3).reshape(16 * nb, 64 * kc)
+    return (u[:n, :k] - 128).to(torch.int8).contiguous()
+
+
 def emulate_int8_fragments(qpacked: torch.Tensor) -> torch.Tensor:
     """The integer weights [Np, Kp] the W8A16 kernel's B registers hold, rebuilt from the packed
     words by the mma.m16n8k16 B-fragment layout (b0 = {B[2t][g], B[2t+1][g]}, b1 = {B[2t+8][g],
@@ -132,6 +144,19 @@ def pack_int4(
     zb_bits = (z + MAGIC[dtype]).to(dtype).view(torch.int16).long() & 0xFFFF
     szpacked = _to_int32(s_bits | (zb_bits << 16)).t().contiguous()
     return qpacked, szpacked
+
+
+def unpack_int4_weight(qpacked: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The canonical qweight uint8 [N, K/2] back from pack_int4's qpacked (bitwise). The
+    scales and zeros are not recoverable from szpacked (it holds them in 16 bits)."""
+    kc, nb = qpacked.shape[0], qpacked.shape[1]
+    words = qpacked.long() & 0xFFFFFFFF  # [kc, nb, 32, 4]
+    nib = (words[..., None] >> (4 * torch.arange(8, device=qpacked.device))) & 0xF
+    blocks = torch.empty(kc, nb, 16, 64, dtype=torch.long, device=qpacked.device)
+    dn, dk = _fragment_index(qpacked.device)
+    blocks[:, :, dn, dk] = nib
+    q = blocks.permute(1, 2, 0, 3).reshape(16 * nb, 64 * kc)[:n, :k]
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
 
 
 def _bits16(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

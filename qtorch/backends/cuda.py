@@ -16,7 +16,8 @@ import torch
 
 from qtorch import _C_cuda  # noqa: F401  ImportError here means "not built"
 from qtorch._backend import register_kernel
-from qtorch.backends._cuda_pack import pack_int4, pack_int8
+from qtorch._packed import Layout, register_layout
+from qtorch.backends._cuda_pack import pack_int4, pack_int8, unpack_int4_weight, unpack_int8
 from qtorch.reference import distillation as _ref_distill
 from qtorch.reference import weight_only as _ref_wo
 
@@ -147,3 +148,72 @@ def _fused_linear_distillation_loss(
         compute_grad,
         loss_kernel=_distillation_loss,
     )
+
+
+# --- layouts owned by the quantized modules (qtorch/_packed.py) --------------------------------
+# What the kernels above read, prepared once by a module on a CUDA device. The W4A16 kernel
+# reads its scales and zeros in the activations' 16-bit type, which loses what fp32 held, so
+# that layout keeps them once more in fp32 (`packed_meta`, [2, N, G]: the scales and the zero
+# points) for unpacking bitwise; it is made for the module's activation dtype (bf16 unless the
+# module computes in fp16), and a call in another dtype takes the canonical path.
+
+
+def _grad_int8(grad, weight, n, k, group_size):
+    w = weight[0][:, :k] if weight[0].dim() == 2 else unpack_int8(weight[0], n, k)
+    return torch.ops.qtorch.int8_linear_grad_input(grad, w.contiguous(), weight[1])
+
+
+register_layout(Layout(
+    "cuda_w8a8", "w8a8", "cuda", -1, ("packed_weight", "weight_scale"), ("qweight",),
+    pack=lambda c, n, k, gs: {"packed_weight": _int8_weight_k16(c["qweight"])},
+    unpack=lambda w, n, k, gs: {"qweight": w[0][:, :k].contiguous()},
+    run=lambda x, w, bias, n, k, gs: torch.ops.qtorch_cuda.int8_linear(x, w[0], w[1], bias),
+    grad_input=_grad_int8,
+))
+
+
+def _run_w8a16(x, weight, bias, n, k, group_size):
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return _ref_wo.int8_weight_only_linear(x, unpack_int8(weight[0], n, k), weight[1], bias)
+    if k % 8:
+        x = torch.nn.functional.pad(x, (0, -k % 8))
+    return torch.ops.qtorch_cuda.int8wo_linear(x, weight[0], weight[1], n, bias)
+
+
+register_layout(Layout(
+    "cuda_w8a16", "w8a16", "cuda", -1, ("packed_weight", "weight_scale"), ("qweight",),
+    pack=lambda c, n, k, gs: {"packed_weight": pack_int8(c["qweight"])},
+    unpack=lambda w, n, k, gs: {"qweight": unpack_int8(w[0], n, k)},
+    run=_run_w8a16, grad_input=_grad_int8,
+))
+
+
+def _w4a16_layout(dtype: torch.dtype, name: str) -> Layout:
+    def pack(c, n, k, gs):
+        qp, szp = pack_int4(c["qweight"], c["scales"], c["zeros"], gs, dtype)
+        meta = torch.stack((c["scales"].float(), c["zeros"].float()))
+        return {"packed_weight": qp, "packed_scale": szp, "packed_meta": meta}
+
+    def unpack(w, n, k, gs):
+        return {"qweight": unpack_int4_weight(w[0], n, k), "scales": w[2][0].contiguous(),
+                "zeros": w[2][1].to(torch.uint8).contiguous()}  # (integers 0..15: exact)
+
+    def run(x, w, bias, n, k, gs):
+        if x.dtype != dtype:  # the kernel reads the scales in the activations' type
+            c = unpack(w, n, k, gs)
+            return torch.ops.qtorch.int4_weight_only_linear(x, c["qweight"], c["scales"],
+                                                            c["zeros"], gs, bias)
+        return torch.ops.qtorch_cuda.int4_linear(x, w[0], w[1], n, gs, bias)
+
+    def grad_input(grad, w, n, k, gs):
+        c = unpack(w, n, k, gs)
+        return torch.ops.qtorch.int4_linear_grad_input(grad, c["qweight"], c["scales"],
+                                                       c["zeros"], gs)
+
+    return Layout(name, "w4a16", "cuda", -1, ("packed_weight", "packed_scale", "packed_meta"),
+                  ("qweight", "scales", "zeros"), pack=pack, unpack=unpack, run=run,
+                  grad_input=grad_input)
+
+
+register_layout(_w4a16_layout(torch.float16, "cuda_w4a16_fp16"), dtype=torch.float16)
+register_layout(_w4a16_layout(torch.bfloat16, "cuda_w4a16_bf16"))

@@ -84,7 +84,7 @@ class _QuantizedLinear(nn.Module):
             bias = nn.Parameter(bias)
         self.bias = bias
         self._layout: _packed.Layout | None = None
-        for name in ("packed_weight", "packed_scale", "packed_zero"):
+        for name in ("packed_weight", "packed_scale", "packed_zero", "packed_meta"):
             self.register_buffer(name, None, persistent=False)
 
     @staticmethod
@@ -106,6 +106,14 @@ class _QuantizedLinear(nn.Module):
     def _group_size(self) -> int:
         return 0
 
+    def _compute_dtype(self) -> torch.dtype:
+        """The activations' dtype this module most likely sees (a layout may depend on it):
+        its bias's, else that of the weight it was made from."""
+        bias = self._parameters.get("bias")
+        if bias is not None:
+            return bias.dtype
+        return self.__dict__.get("_weight_dtype", torch.float32)
+
     def _device(self) -> torch.device:
         b = self._buffers
         t = b["qweight"] if b.get("qweight") is not None else b["packed_weight"]
@@ -116,7 +124,7 @@ class _QuantizedLinear(nn.Module):
         and nothing but this module holds the canonical buffers it replaces. True if packed."""
         if self._layout is not None:
             return True
-        layout = _packed.layout_for(self._FAMILY, self._device())
+        layout = _packed.layout_for(self._FAMILY, self._device(), self._compute_dtype())
         if layout is None:
             return False
         b = self._buffers
@@ -207,6 +215,9 @@ class _QuantizedLinear(nn.Module):
         # that nothing but the module holds the buffers)
         keep = {name: t for name, t in self._buffers.items() if t is not None}
         super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.__dict__.get("_weight_dtype", torch.float32)))
+        if isinstance(probe, Tensor) and probe.is_floating_point():
+            self._weight_dtype = probe.dtype  # what .half() / .to(bf16) make it compute in
         for name, old in keep.items():
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
@@ -286,6 +297,7 @@ class _Int8Linear(_QuantizedLinear):
         cls._check_linear(linear)
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias,
                   device=linear.weight.device)
+        mod._weight_dtype = linear.weight.dtype
         qweight, scale = ops.quantize_int8(linear.weight.detach())
         mod.qweight, mod.weight_scale = _own(qweight), _own(scale)
         del qweight, scale
@@ -376,6 +388,7 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         cls._check_linear(linear)
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias,
                   group_size=group_size, symmetric=symmetric, device=linear.weight.device)
+        mod._weight_dtype = linear.weight.dtype
         qweight, scales, zeros = ops.quantize_int4(linear.weight.detach(), group_size, symmetric)
         mod.qweight, mod.scales, mod.zeros = _own(qweight), _own(scales), _own(zeros)
         del qweight, scales, zeros
