@@ -111,14 +111,14 @@ def layout_for(family: str, device: torch.device, dtype: torch.dtype | None = No
 # ---------------------------------------------------------------------------- the ops
 
 _lib = torch.library.Library("qtorch", "FRAGMENT")
-_ARGS = "Tensor[] weight, str layout, int out_features, int in_features, int group_size"
-_lib.define(f"linear_packed(Tensor x, Tensor[] weight, Tensor? bias, str layout, "
-            f"int out_features, int in_features, int group_size) -> Tensor")
-_lib.define(f"linear_packed_grad_input(Tensor grad, {_ARGS}) -> Tensor")
+_SIZES = "str layout, int out_features, int in_features, int group_size"
+_LINEAR = f"(Tensor x, Tensor[] weight, Tensor? bias, {_SIZES}) -> Tensor"
+_GRAD = f"(Tensor grad, Tensor[] weight, {_SIZES}) -> Tensor"
+_lib.define("linear_packed" + _LINEAR)
+_lib.define("linear_packed_grad_input" + _GRAD)
 # The Python kernels, as ops of their own so the C++ CPU kernel can hand a call to them.
-_lib.define(f"_linear_packed_python(Tensor x, Tensor[] weight, Tensor? bias, str layout, "
-            f"int out_features, int in_features, int group_size) -> Tensor")
-_lib.define(f"_linear_packed_grad_input_python(Tensor grad, {_ARGS}) -> Tensor")
+_lib.define("_linear_packed_python" + _LINEAR)
+_lib.define("_linear_packed_grad_input_python" + _GRAD)
 
 
 def _check_x(x: Tensor, k: int, bias: Tensor | None, n: int, weight) -> None:

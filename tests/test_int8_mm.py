@@ -30,8 +30,6 @@ from qtorch import reference as R
 from qtorch.testing import assert_close, device_for
 from tests.conftest import TRITON_RUNS, cpu_kernels, cuda_kernels, triton_kernels
 
-if "cpu" in qtorch.available_backends():
-    from qtorch.backends import cpu as CPU
 if TRITON_RUNS:
     from qtorch._kernels import int8_mm as K8
 

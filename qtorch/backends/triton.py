@@ -13,8 +13,8 @@ import torch
 import triton
 
 from qtorch._backend import register_kernel
-from qtorch._packed import Layout, register_layout
 from qtorch._kernels import INTERPRET, distillation, int8_mm, weight_only
+from qtorch._packed import Layout, register_layout
 
 
 def status() -> tuple[bool, str]:
