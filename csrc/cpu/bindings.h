@@ -1,5 +1,6 @@
-// The linear entry points of the CPU bindings, shared with the eager fast path
-// (csrc/cpu/fast_path.cpp), which calls them directly instead of through the dispatcher.
+// The linear entry points of the CPU bindings and their packed-weight checks, shared with the
+// quantized modules' kernel and eager fast path (csrc/cpu/linear_packed.cpp), which call them
+// directly instead of through the dispatcher.
 // Contracts: the schemas at the top of int8_mm.cpp and weight_only.cpp.
 #pragma once
 #include <ATen/ATen.h>

@@ -177,7 +177,7 @@ def _run_w8a16(x, weight, bias, n, k, group_size):
         return _ref_wo.int8_weight_only_linear(x, unpack_int8(weight[0], n, k), weight[1], bias)
     if k % 8:
         x = torch.nn.functional.pad(x, (0, -k % 8))
-    return torch.ops.qtorch_cuda.int8wo_linear(x, weight[0], weight[1], n, bias)
+    return torch.ops.qtorch_cuda.int8_weight_only_linear(x, weight[0], weight[1], n, bias)
 
 
 register_layout(Layout(
@@ -203,7 +203,7 @@ def _w4a16_layout(dtype: torch.dtype, name: str) -> Layout:
             c = unpack(w, n, k, gs)
             return torch.ops.qtorch.int4_weight_only_linear(x, c["qweight"], c["scales"],
                                                             c["zeros"], gs, bias)
-        return torch.ops.qtorch_cuda.int4_linear(x, w[0], w[1], n, gs, bias)
+        return torch.ops.qtorch_cuda.int4_weight_only_linear(x, w[0], w[1], n, gs, bias)
 
     def grad_input(grad, w, n, k, gs):
         c = unpack(w, n, k, gs)
