@@ -312,21 +312,110 @@ def test_quantiles():
     assert (s.median, s.p20, s.p80, s.n) == (3.0, 1.8, 4.2, 5)
 
 
-def test_time_group_interleaves_and_rotates():
+def test_percentiles_is_the_linear_interpolated_quantile():
+    import statistics
+
+    ts = [5.0, 1.0, 4.0, 2.0, 3.0, 9.0, 0.5]
+    q = statistics.quantiles(ts, n=10, method="inclusive")
+    assert timing.percentiles(ts) == pytest.approx((q[1], statistics.median(ts), q[7]))
+    assert timing.percentiles([2.0]) == (2.0, 2.0, 2.0)
+    assert timing.Stats.of(ts).pcts == timing.percentiles(ts)
+
+
+def test_time_group_interleaves_in_shuffled_rounds():
     order = []
     fns = {n: (lambda n=n: order.append(n)) for n in "abc"}
     cfg = timing.TimingConfig(target_s=0.0, min_reps=4, max_reps=4, warmup=1, batch_below_s=0.0)
     stats = timing.time_group(fns, "cpu", cfg)
     assert {n: s.n for n, s in stats.items()} == {"a": 4, "b": 4, "c": 4}
-    # per implementation: one warm-up + one sizing call (kept as sample 1), then 3 rounds
-    assert order == list("aabbccabcbcacab")
+    # per implementation: one warm-up call, then the sizing sample (kept as sample 1): a hot
+    # sample is an untimed call followed by the timed one
+    assert order[:9] == list("aaabbbccc")
+    # then 3 rounds, one sample (two calls) of every implementation each, interleaved
+    assert len(order) == 9 + 3 * 6
+    rounds = [order[9 + 6 * i : 15 + 6 * i] for i in range(3)]
+    for r in rounds:
+        assert sorted(r) == list("aabbcc") and r[0::2] == r[1::2]
+    # the order changes from round to round (seeded: the same every run), so no
+    # implementation always goes first or always follows the same one
+    firsts = [tuple(r[0::2]) for r in rounds]
+    assert len(set(firsts)) > 1 and len({f[0] for f in firsts}) > 1
+    order.clear()
+    timing.time_group(fns, "cpu", cfg)
+    assert [tuple(order[9 + 6 * i : 15 + 6 * i : 2]) for i in range(3)] == firsts
 
 
-def test_cold_flush_touches_a_buffer_larger_than_the_llc():
-    f = timing.Flusher("cpu", 1 << 20)
-    assert f.buf.numel() == 2 << 20
-    f()
-    assert int(f.buf[0]) == 1
+def test_time_group_fixed_rounds_and_scopes():
+    import contextlib
+
+    inside = []
+
+    @contextlib.contextmanager
+    def scope():
+        inside.append(True)
+        yield
+        inside.pop()
+
+    calls = []
+    fns = {"a": lambda: calls.append(bool(inside)), "b": lambda: calls.append(None)}
+    cfg = timing.TimingConfig(rounds=3, warmup=0, batch_below_s=0.0)
+    stats = timing.time_group(fns, "cpu", cfg, scopes={"a": scope})
+    assert stats["a"].n == stats["b"].n == 3
+    assert calls.count(True) == 6 and False not in calls  # every call of a ran in its scope
+
+
+def test_copies_cover_the_cold_bytes():
+    mib = 1 << 20
+    assert timing.copies(16 * mib) == 8  # 128 MiB in all, four times a 32 MiB L3
+    assert timing.copies(200 * mib) == 1  # one weight larger than that streams by itself
+    assert timing.copies(100 * mib) == 2
+    assert timing.copies(1) == timing.MAX_COPIES
+    assert timing.copies(0) == 1
+    assert timing.copies(mib, cold_bytes=4 * mib) == 4
+
+
+def test_cold_timing_rotates_over_weight_copies():
+    """Cold: each sample is one pass over every copy (each called once, in turn); an
+    implementation without a weight is timed hot; copies have storage of their own."""
+    from qtorch.bench.types import Impl
+
+    seen = []
+
+    def make(w):
+        return lambda: seen.append(w["t"].data_ptr())
+
+    w0 = {"t": torch.zeros(256)}
+    with_weight = Impl(
+        "w", "qtorch", "x", make(w0), 1024, "fp32", copy=lambda: make(cases.clone_weights(w0))
+    )
+    hot = []
+    no_weight = Impl("nw", "baseline", "torch", lambda: hot.append(1), 0, "fp32")
+    cfg = timing.TimingConfig(cold=True, cold_bytes=4096, rounds=2, warmup=1, batch_below_s=0.0)
+    stats, ncopies = timing.time_impls([with_weight, no_weight], "cpu", cfg)
+    assert ncopies == {"w": 4, "nw": None}
+    assert stats["w"].n == 2 and stats["nw"].n == 2
+    assert len(set(seen)) == 4  # four distinct weight storages
+    # warm-up pass + two sample passes, each over all four copies
+    assert len(seen) == 3 * 4
+    assert all(seen[i : i + 4].count(p) == 1 for i in (0, 4, 8) for p in set(seen))
+    assert len(hot) == 1 + 2 * 2  # warm-up, then two hot samples of two calls
+
+
+def test_evict_writes_before_each_sample_instead_of_a_hot_call():
+    n = []
+    cfg = timing.TimingConfig(rounds=3, warmup=1, evict_bytes=1 << 16)
+    assert timing.time_group({"a": lambda: n.append(1)}, "cpu", cfg)["a"].n == 3
+    assert len(n) == 1 + 3  # warm-up, then one timed call per sample, no untimed call
+
+
+def test_rotating_cycles():
+    out = []
+    r = timing.Rotating([lambda i=i: out.append(i) for i in range(3)])
+    for _ in range(6):
+        r()
+    assert len(r) == 3 and sorted(out[:3]) == [0, 1, 2] and out[:3] == out[3:]
+    with pytest.raises(ValueError):
+        timing.Rotating([])
 
 
 # ------------------------------------------------------------------------------- memory

@@ -50,6 +50,7 @@ def cuda_peak_extra(fn) -> int:
 
 def _child(spec: dict) -> dict:
     from qtorch.bench.cases import Shape, build
+    from qtorch.bench.types import Options
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -57,7 +58,15 @@ def _child(spec: dict) -> dict:
     out = {}
     for sd in spec["shapes"]:
         shape = Shape(sd["M"], sd["K"], sd["N"], K2=sd.get("K2"))
-        built = build(spec["op"], shape, dtype, "cpu", spec["backends"], spec["peers"])
+        built = build(
+            spec["op"],
+            shape,
+            dtype,
+            "cpu",
+            spec["backends"],
+            spec["peers"],
+            Options.of(spec.get("options")),
+        )
         for impl in built.impls:
             if impl.name not in spec["impls"]:
                 continue
@@ -83,9 +92,11 @@ def cpu_peak_extra(
     with_peers: bool,
     threads: int | None,
     timeout_s: float = 600,
+    options: dict | None = None,
 ) -> dict:
     """{"M,K,N|impl": bytes} of peak RSS above the pre-call RSS, measured in one fresh child
-    process for this op; {"error": why} if the child failed."""
+    process for this op (the case built with `options`, an `Options.as_dict()`);
+    {"error": why} if the child failed."""
     spec = {
         "op": op,
         "shapes": [s.as_dict() for s in shapes],
@@ -94,6 +105,7 @@ def cpu_peak_extra(
         "impls": impls,
         "peers": with_peers,
         "threads": threads,
+        "options": options,
     }
     try:
         proc = subprocess.run(
