@@ -358,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
     # Cold weights by rotation (timing.py) on request, and always on CUDA, where a GPU's L2
     # would otherwise hold any weight of a few tens of MB between calls.
     cfg.cold = bool(args.cold or device == "cuda")
+    cfg.cold_bytes = timing.cold_bytes_for(device)
     options = cases.Options(read_ceiling=bool(args.cold and device == "cpu"))
 
     roof = None

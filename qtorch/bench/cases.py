@@ -8,8 +8,9 @@ whose `impls` are zero-argument callables over those inputs:
                      "qtorch:<b>" is the quantized module (qtorch.nn, loaded with the same
                      canonical weights the op rows get), which owns its kernel layout: what a
                      model runs. "qtorch:<b>:op" is the op called on the canonical weights
-                     (Options.op_rows; it may pack the weight per call), "qtorch:cpu:kernel"
-                     the C++ binding on a weight packed beforehand (Options.kernel_rows)
+                     (Options.op_rows; it may pack the weight per call). "qtorch:<b>:kernel"
+                     (Options.kernel_rows) skips the op layer: on cpu the C++ binding on a
+                     weight packed beforehand, elsewhere the backend's registered kernel
     kind "baseline"  plain PyTorch: F.linear on float weights (fp32/bf16), the eager
                      formula for quantize/dequantize, eager log_softmax + kl_div +
                      cross_entropy with autograd for the losses (baselines.py)
@@ -335,6 +336,40 @@ def _kernel_make(op: str, x: torch.Tensor, out_dtype, n: int, k: int):
     return make
 
 
+def _add_registered_kernels(
+    built: Built,
+    served: list[str],
+    call: Callable,
+    weights: dict | None = None,
+    weight_bytes: int = 0,
+    compute: str = "fp32",
+    skip: tuple[str, ...] = (),
+) -> None:
+    """A "qtorch:<b>:kernel" row per served backend not in `skip` (Options.kernel_rows): the
+    kernel that backend registered for the op (`qtorch._backend.resolve`), called as
+    `call(kernel, weights)` without the op layer's checks and dispatch."""
+    if not built.options.kernel_rows:
+        return
+    for b in served:
+        if b in skip:
+            continue
+        with qtorch.use_backend(b):
+            got, kernel = _backend.resolve(built.op, torch.device(built.device))
+        if got != b:
+            continue
+        built.impls.append(
+            _qtorch_impl(
+                f"qtorch:{b}:kernel",
+                b,
+                lambda w, kernel=kernel: lambda: call(kernel, w),
+                weights,
+                weight_bytes,
+                compute,
+                note="the backend's registered kernel, without the op layer",
+            )
+        )
+
+
 def _build_linear(op, s, dtype, device, backends, with_peers, opt: Options):
     m, k, n = s.M, s.K, s.N
     es = _esize(dtype)
@@ -371,6 +406,15 @@ def _build_linear(op, s, dtype, device, backends, with_peers, opt: Options):
             return lambda: ops.int8_scaled_mm(a, bb, sa, sbb, bi, dtype)
 
         served = _add_qtorch(built, backends, make, int8_wbytes, "int8", weights)
+        _add_registered_kernels(
+            built,
+            served,
+            lambda kern, wt: kern(a, wt["b"], sa, wt["sb"], wt["bias"], dtype),
+            weights,
+            int8_wbytes,
+            "int8",
+            skip=("cpu",),
+        )
         if opt.kernel_rows and "cpu" in served:
             kmake = _kernel_make(op, x, dtype, n, k)
             built.impls.append(
@@ -483,7 +527,8 @@ def _build_quantize_int8(s, dtype, device, backends, with_peers, opt):
     built.impls.append(
         Impl("torch:eager", "baseline", "torch", lambda: R.quantize_int8(x), 0, "fp32")
     )
-    _add_qtorch(built, backends, lambda _: lambda: ops.quantize_int8(x), 0, "fp32")
+    served = _add_qtorch(built, backends, lambda _: lambda: ops.quantize_int8(x), 0, "fp32")
+    _add_registered_kernels(built, served, lambda kern, _: kern(x))
     return built
 
 
@@ -501,7 +546,10 @@ def _build_dequantize_int4(s, dtype, device, backends, with_peers, opt):
         return lambda: ops.dequantize_int4(w["qw"], w["sc"], w["zp"], gs)
 
     built.impls.append(_baseline("torch:eager", eager, weights, wbytes, "fp32"))
-    _add_qtorch(built, backends, make, wbytes, "fp32", weights)
+    served = _add_qtorch(built, backends, make, wbytes, "fp32", weights)
+    _add_registered_kernels(
+        built, served, lambda kern, w: kern(w["qw"], w["sc"], w["zp"], gs), weights, wbytes
+    )
     _add_ceiling(built, s.N, s.K)
     return built
 
@@ -537,7 +585,19 @@ def _build_distillation(s, dtype, device, backends, with_peers, opt):
 
         return run
 
-    _add_qtorch(built, backends, make, 0, kind)
+    served = _add_qtorch(built, backends, make, 0, kind)
+    # the kernels compute the loss per token and its gradient in one call (no autograd)
+    args = (
+        labels,
+        LOSS_KW["temperature"],
+        LOSS_KW["alpha"],
+        opt.divergence,
+        0.5,  # beta, the jsd mixture weight (the ops' default)
+        -100,
+        True,
+    )
+    s_ = student.detach()
+    _add_registered_kernels(built, served, lambda kern, _: kern(s_, teacher, *args), compute=kind)
     if with_peers:
         peers.add_distillation_peers(built, student, teacher, labels)
     return built

@@ -7,7 +7,9 @@ their numbers are measured the same way and can be compared.
   (`copies`: >= `cold_bytes`, 128 MiB, four times the 32 MiB L3 of the CPU the README numbers
   come from) that every call finds its weight in DRAM, as decoding through a model's layers
   does; a sample is the per-call time of one pass over all copies (`Rotating`), so no row
-  profits from what the row before it left in cache. Ops without a weight (quantize_int8,
+  profits from what the row before it left in cache. A pass longer than `max_sample_s` is
+  timed in windows of consecutive calls instead (the rotation carries on across samples, so
+  each copy is still reused only after all the others). Ops without a weight (quantize_int8,
   distillation_loss) take activations that a model has just produced: they are timed hot.
 - Hot: each sample follows an untimed identical call (weights where that call left them);
   calls shorter than `batch_below_s` are timed in batches so timer overhead does not dominate.
@@ -82,10 +84,20 @@ class TimingConfig:
     cold: bool = False  # weights rotated over copies of >= cold_bytes (see the docstring)
     batch_below_s: float = 1e-4  # hot calls shorter than this are timed in batches
     cold_bytes: int = COLD_BYTES
+    max_sample_s: float = 1.0  # cold: a longer pass over the copies is timed in windows
     rounds: int | None = None  # a fixed number of samples each, instead of target_s
     evict_bytes: int = 0  # > 0: write this many bytes before every sample of a plain call
     clock: str = "wall"  # "wall" (perf_counter) or "thread" (this thread's CPU time)
     seed: int = 0  # of the per-round shuffle
+
+
+def cold_bytes_for(device: str) -> int:
+    """Bytes of weight copies that keep weights out of cache: COLD_BYTES on a CPU (the LLC
+    size sysfs reports is unreliable on VMs, so it is not used), four times the L2 on a GPU."""
+    if device != "cuda":
+        return COLD_BYTES
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or (64 << 20)
+    return max(COLD_BYTES, 4 * l2)
 
 
 def copies(weight_bytes: int, cold_bytes: int = COLD_BYTES, max_copies: int = MAX_COPIES) -> int:
@@ -190,9 +202,11 @@ def time_group(
     sampler = _Sampler(device, cfg)
     cuda = sampler.cuda
 
+    window: dict[str, int] = {}  # calls per cold sample: the pass, or a part of a long one
+
     def calls_of(name, inner):
         fn = fns[name]
-        return len(fn) if isinstance(fn, Rotating) else inner
+        return window.get(name, len(fn)) if isinstance(fn, Rotating) else inner
 
     def sample(name, inner):
         fn = fns[name]
@@ -207,6 +221,15 @@ def time_group(
         with scopes.get(name, nullscope)():
             for _ in range(cfg.warmup * calls_of(name, 1)):
                 fn()
+            if isinstance(fn, Rotating) and len(fn) > 1:
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                t1 = max(time.perf_counter() - t0, 1e-9)
+                window[name] = max(1, min(len(fn), int(cfg.max_sample_s / t1)))
         if cuda:
             torch.cuda.synchronize()
         s = sample(name, 1)
@@ -227,7 +250,7 @@ def time_group(
             continue
         rotating = isinstance(fns[n], Rotating)
         # what one sample costs: the timed calls, plus the untimed call before a hot one
-        cost = t * (len(fns[n]) if rotating else inner[n] + (0 if cfg.evict_bytes else 1))
+        cost = t * (calls_of(n, 1) if rotating else inner[n] + (0 if cfg.evict_bytes else 1))
         reps[n] = int(min(cfg.max_reps, max(cfg.min_reps, cfg.target_s / max(cost, 1e-9))))
     samples: dict[str, list] = {n: [est[n]] if inner[n] == 1 else [] for n in fns}
     names = list(fns)

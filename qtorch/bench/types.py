@@ -60,7 +60,10 @@ class Options:
 
     bias: bool = False  # linears: a float bias [N] on every implementation
     op_rows: bool = True  # linears: also the op on canonical weights ("qtorch:<b>:op")
-    kernel_rows: bool = False  # linears, cpu: the kernel binding on a prepacked weight
+    # "qtorch:<b>:kernel" rows, without the op layer: on cpu the C++ binding on a weight
+    # packed beforehand (linears, int8_scaled_mm); elsewhere the backend's registered kernel
+    # (not for linears off the cpu: their layout belongs to the module)
+    kernel_rows: bool = False
     read_ceiling: bool = False  # cpu: stream_read over the weight bytes, the same rounds
     dense_dtypes: tuple[str, ...] = ()  # more F.linear baselines, in these weight dtypes
     chunk_sizes: tuple[int | None, ...] = (None,)  # fused loss: one qtorch row per chunk size

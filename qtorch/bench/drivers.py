@@ -1,0 +1,100 @@
+"""What the scripts in benchmarks/ share: pick rows of engine cases under the labels a script
+prints, time them in one interleaved group, check them against the reference, and print the
+one-line-per-implementation format of the GPU scripts. Nothing here times or builds anything
+the engine does not: a script is a choice of cases, labels and a table layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+
+from qtorch.bench import timing
+from qtorch.bench.types import Built, Impl
+
+
+def select(built: Built, labels: dict[str, str]) -> list[Impl]:
+    """The implementations of `built` named in `labels` ({engine name: printed label}),
+    renamed to their labels, in the order of `labels`; names the case lacks are left out
+    (`missing` says why)."""
+    found = {i.name: i for i in built.impls}
+    return [dataclasses.replace(found[n], name=lab) for n, lab in labels.items() if n in found]
+
+
+def missing(built: Built, labels: dict[str, str]) -> dict[str, str]:
+    """{label: why} for the names in `labels` that `built` has no implementation for."""
+    names = {i.name for i in built.impls}
+    why = dict(built.skipped)
+    return {lab: why.get(n, "not built") for n, lab in labels.items() if n not in names}
+
+
+def time_rows(impls: list[Impl], device: str, cfg: timing.TimingConfig) -> dict:
+    """{label: Stats} of `impls` timed in one interleaved group, in the order given."""
+    stats, _ = timing.time_impls(impls, device, cfg)
+    return {i.name: stats[i.name] for i in impls}
+
+
+def rel_errors(impls: list[Impl], ref: torch.Tensor) -> dict[str, float]:
+    """{label: ||out - ref|| / ||ref||} of one call of each (output or its first element)."""
+    out = {}
+    with torch.no_grad():
+        for i in impls:
+            y = i.fn()
+            y = y[0] if isinstance(y, tuple | list) else y
+            out[i.name] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+    return out
+
+
+def ms(stats) -> str:
+    """ "p20/p50/p80" in ms, three decimals."""
+    return "/".join(f"{v * 1e3:.3f}" for v in stats.pcts)
+
+
+def pedantic(benchmark, impl: Impl, cold: bool, rounds: int, warmup_rounds: int):
+    """pytest-benchmark over one implementation: its body in its scope, cold over weight
+    copies as the engine rotates them (each timed call takes the next copy)."""
+    fns, _, _ = timing.rotations([impl], timing.TimingConfig(cold=cold))
+    with impl.scope():
+        return benchmark.pedantic(fns[impl.name], rounds=rounds, warmup_rounds=warmup_rounds)
+
+
+def case_row(
+    rows: list,
+    case: str,
+    impl: str,
+    stats,
+    baseline: float | None = None,
+    flops: float | None = None,
+    bytes_: float | None = None,
+    peak_gb: float | None = None,
+    widths: tuple[int, int] = (40, 26),
+) -> dict:
+    """Append and print one row of the GPU scripts' format: p20/p50/p80 in ms, the ratio to
+    the case's baseline p50 (ms), TFLOP/s, GB/s and peak memory where given."""
+    p20, p50, p80 = (v * 1e3 for v in stats.pcts)
+    r = {"case": case, "impl": impl, "p20_ms": p20, "p50_ms": p50, "p80_ms": p80}
+    if baseline is not None:
+        r["speedup_vs_baseline"] = baseline / p50
+    if flops:
+        r["tflops"] = flops / (p50 * 1e-3) / 1e12
+    if bytes_:
+        r["gb_per_s"] = bytes_ / (p50 * 1e-3) / 1e9
+    if peak_gb is not None:
+        r["peak_gb"] = peak_gb
+    rows.append(r)
+    extra = "".join(
+        f"  {k}={r[k]:.3f}"
+        for k in ("speedup_vs_baseline", "tflops", "gb_per_s", "peak_gb")
+        if k in r
+    )
+    wc, wi = widths
+    print(
+        f"{case:<{wc}} {impl:<{wi}} p50 {p50:9.4f} ms (p20 {p20:.4f}, p80 {p80:.4f}){extra}",
+        flush=True,
+    )
+    return r
+
+
+def skip_line(case: str, impl: str, why: str, widths: tuple[int, int] = (40, 26)) -> None:
+    print(f"{case:<{widths[0]}} {impl:<{widths[1]}} not run: {why}", file=sys.stdout, flush=True)
