@@ -16,7 +16,6 @@ Goals (issue 6): int8 GEMM >= 0.9x torch._int_mm at 8192^3; W4A16 >= 3x bf16 at 
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -25,7 +24,7 @@ import torch
 
 import qtorch
 from qtorch import _backend
-from qtorch.bench import cases, drivers, timing
+from qtorch.bench import cases, drivers
 from qtorch.bench.types import Options, Shape
 
 W = (34, 22)  # widths of the case and implementation columns
@@ -36,30 +35,21 @@ QUANT_SHAPES = [(4096, 4096), (16, 4096)]
 DISTILL_SHAPES, DISTILL_QUICK = [(4096, 32000), (2048, 128256)], [(1024, 32000)]
 
 
-def _cfg(device: str, quick: bool) -> timing.TimingConfig:
-    return timing.TimingConfig(
-        target_s=0.03 if quick else 0.2,
-        warmup=1 if quick else 3,
-        cold=True,
-        cold_bytes=timing.cold_bytes_for(device),
-    )
-
-
-def _timed(case, built_labels, device, cfg):
-    impls = []
-    for built, labels in built_labels:
-        impls += drivers.select(built, labels)
-        for label, why in drivers.missing(built, labels).items():
-            drivers.skip_line(case, label, why, W)
-    return drivers.time_rows(impls, device, cfg)
-
-
 def _ms(stats):
     return None if stats is None else stats.median * 1e3
 
 
+def _one_case(rows, case, built, labels, base_label, cfg, device, flops=None, nbytes=None):
+    """Time the labelled rows of one case together and print each against `base_label`."""
+    res = drivers.time_selected(case, [(built, labels)], device, cfg, W)
+    base = _ms(res.get(base_label))
+    for name in labels.values():
+        if name in res:
+            drivers.case_row(rows, case, name, res[name], base, flops, nbytes, widths=W)
+
+
 def bench_int8(rows, quick, triton_ok, device="cuda", backend="cuda"):
-    cfg = _cfg(device, quick)
+    cfg = drivers.gpu_config(device, quick)
     bf16 = torch.bfloat16
     for m, k, n in INT8_SHAPES[:2] if quick else INT8_SHAPES:
         case = f"int8 mm M={m} K={k} N={n}"
@@ -81,15 +71,11 @@ def bench_int8(rows, quick, triton_ok, device="cuda", backend="cuda"):
         }
         if triton_ok:
             labels["qtorch:triton"] = "triton int8_scaled_mm"
-        res = _timed(case, [(built, labels)], device, cfg)
-        base = _ms(res.get("torch._int_mm (s32 out)"))
-        for name in labels.values():
-            if name in res:
-                drivers.case_row(rows, case, name, res[name], base, 2 * m * n * k, widths=W)
+        _one_case(rows, case, built, labels, "torch._int_mm (s32 out)", cfg, device, 2 * m * n * k)
 
 
 def bench_int4(rows, quick, triton_ok, device="cuda", backend="cuda"):
-    cfg = _cfg(device, quick)
+    cfg = drivers.gpu_config(device, quick)
     for k, n in INT4_KN[:1] if quick else INT4_KN:
         for dtype in (torch.bfloat16, torch.float16):
             dname = str(dtype)[6:]
@@ -112,7 +98,7 @@ def bench_int4(rows, quick, triton_ok, device="cuda", backend="cuda"):
                         "int8_weight_only_linear", s, dtype, device, [backend], False, opt
                     )
                     groups.append((w8, {f"qtorch:{backend}": "cuda W8A16"}))
-                res = _timed(case, groups, device, cfg)
+                res = drivers.time_selected(case, groups, device, cfg, W)
                 base = _ms(res.get(f"{dname} matmul"))
                 flops = 2 * m * n * k
                 if f"{dname} matmul" in res:
@@ -153,7 +139,7 @@ def bench_int4(rows, quick, triton_ok, device="cuda", backend="cuda"):
 
 
 def bench_quantize(rows, quick, device="cuda", backend="cuda"):
-    cfg = _cfg(device, quick)
+    cfg = drivers.gpu_config(device, quick)
     for m, k in QUANT_SHAPES:
         case = f"quantize_int8 bf16 M={m} K={k}"
         built = cases.build(
@@ -166,15 +152,11 @@ def bench_quantize(rows, quick, device="cuda", backend="cuda"):
             Options(kernel_rows=True),
         )
         labels = {"torch:eager": "reference (torch ops)", f"qtorch:{backend}:kernel": "cuda"}
-        res = _timed(case, [(built, labels)], device, cfg)
-        base = _ms(res.get("reference (torch ops)"))
-        for name in labels.values():
-            if name in res:
-                drivers.case_row(rows, case, name, res[name], base, None, 3 * m * k, widths=W)
+        _one_case(rows, case, built, labels, labels["torch:eager"], cfg, device, None, 3 * m * k)
 
 
 def bench_distill(rows, quick, triton_ok, device="cuda", backend="cuda"):
-    cfg = _cfg(device, quick)
+    cfg = drivers.gpu_config(device, quick)
     for m, v in DISTILL_QUICK if quick else DISTILL_SHAPES:
         for div in ("kl", "jsd"):
             case = f"distill {div} bf16 M={m} V={v} (loss+grad)"
@@ -194,20 +176,13 @@ def bench_distill(rows, quick, triton_ok, device="cuda", backend="cuda"):
             }
             if triton_ok:
                 labels["qtorch:triton:kernel"] = "triton"
-            res = _timed(case, [(built, labels)], device, cfg)
-            base = _ms(res.get("reference (torch ops)"))
             # bytes: read s and t (twice, three times for jsd) + write grad
             nbytes = m * v * 2 * 3
-            for name in labels.values():
-                if name in res:
-                    drivers.case_row(rows, case, name, res[name], base, None, nbytes, widths=W)
+            _one_case(rows, case, built, labels, "reference (torch ops)", cfg, device, None, nbytes)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--json", help="write the rows and machine info here")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    args = p.parse_args(argv)
+    args = drivers.gpu_arguments(__doc__).parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device; nothing measured")
         return 0

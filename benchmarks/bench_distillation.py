@@ -80,9 +80,7 @@ def peak_bytes(impl: str, shape: Shape = FUSED) -> int:
 
 # ------------------------------------------------------------------------- pytest-benchmark
 
-needs_cpu = pytest.mark.skipif(
-    "cpu" not in qtorch.available_backends(), reason="qtorch._C (the cpu backend) is not built"
-)
+needs_cpu = drivers.needs_backend("cpu")
 
 
 @needs_cpu

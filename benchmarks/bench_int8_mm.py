@@ -79,9 +79,7 @@ def rounds_for(m: int) -> int:
 
 # ------------------------------------------------------------------------- pytest-benchmark
 
-needs_cpu = pytest.mark.skipif(
-    "cpu" not in qtorch.available_backends(), reason="qtorch._C (the cpu backend) is not built"
-)
+needs_cpu = drivers.needs_backend("cpu")
 
 
 @needs_cpu
@@ -119,10 +117,7 @@ def main(argv=None) -> None:
         f"{qtorch._C.isa()}, weights "
         f"{'hot (1 copy)' if args.hot else 'cold (>= 128 MiB of copies)'}"
     )
-    print(
-        "rel. error vs qtorch.reference.int8_linear (M=3):",
-        ", ".join(f"{k} {v:.1e}" for k, v in check_peers().items()),
-    )
+    drivers.print_errors("qtorch.reference.int8_linear (M=3)", check_peers())
     peak = ceiling.vnni_peak()
     print(f"VNNI peak (vpdpbusd zmm loop, {threads} threads): {peak / 1e12:.3f} TOP/s")
     bw = ceiling.dram_read_bandwidth()

@@ -19,14 +19,13 @@ case interleaved, p20 / p50 / p80 in ms. Without a CUDA device the script says s
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
 
 import torch
 
-from qtorch.bench import cases, drivers, memory, timing
+from qtorch.bench import cases, drivers, memory
 from qtorch.bench.types import Options, Shape
 
 BF16 = torch.bfloat16
@@ -35,28 +34,8 @@ WO_KN, WO_MS, WO_MS_QUICK = 8192, (1, 4, 16), (1, 16)
 FUSED, FUSED_QUICK = (8192, 4096, 128256), (2048, 4096, 128256)  # (B·T, H, V)
 
 
-def _cfg(device: str, quick: bool) -> timing.TimingConfig:
-    return timing.TimingConfig(
-        target_s=0.03 if quick else 0.2,
-        warmup=1 if quick else 3,
-        cold=True,
-        cold_bytes=timing.cold_bytes_for(device),
-    )
-
-
-def _timed(case, built_labels, device, cfg):
-    """{label: Stats} of the selected rows of several cases, timed in one group; a row that
-    a case could not build is reported and left out."""
-    impls = []
-    for built, labels in built_labels:
-        impls += drivers.select(built, labels)
-        for label, why in drivers.missing(built, labels).items():
-            drivers.skip_line(case, label, why)
-    return drivers.time_rows(impls, device, cfg)
-
-
 def bench_int8(rows, quick, device="cuda", backend="triton"):
-    cfg = _cfg(device, quick)
+    cfg = drivers.gpu_config(device, quick)
     for m, n, k in INT8_SHAPES[:1] if quick else INT8_SHAPES:
         case = f"int8 gemm M={m} N={n} K={k}"
         s = Shape(m, k, n)
@@ -70,7 +49,7 @@ def bench_int8(rows, quick, device="cuda", backend="triton"):
             Options(raw_int_mm=True, kernel_rows=True),
         )
         lin = cases.build("int8_linear", s, BF16, device, [backend], False, Options(op_rows=False))
-        res = _timed(
+        res = drivers.time_selected(
             case,
             [
                 (
@@ -111,7 +90,7 @@ def bench_int8(rows, quick, device="cuda", backend="triton"):
 
 
 def bench_weight_only(rows, quick, device="cuda", backend="triton"):
-    cfg = _cfg(device, quick)
+    cfg = drivers.gpu_config(device, quick)
     k = n = WO_KN
     for m in WO_MS_QUICK if quick else WO_MS:
         case = f"weight-only M={m} K={k} N={n}"
@@ -122,7 +101,7 @@ def bench_weight_only(rows, quick, device="cuda", backend="triton"):
         w8 = cases.build(
             "int8_weight_only_linear", s, BF16, device, [backend], False, Options(op_rows=False)
         )
-        res = _timed(
+        res = drivers.time_selected(
             case,
             [
                 (
@@ -160,7 +139,7 @@ def _peak_gb(fn, device) -> float | None:
 
 
 def bench_fused_distill(rows, quick, device="cuda", backend="triton"):
-    cfg = _cfg(device, quick)
+    cfg = drivers.gpu_config(device, quick)
     bt, h, v = FUSED_QUICK if quick else FUSED
     chunk = 1024
     eager_label, fused_label = "eager PyTorch", f"triton fused (chunk {chunk})"
@@ -206,10 +185,7 @@ def bench_fused_distill(rows, quick, device="cuda", backend="triton"):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", help="write the rows (and device/versions) to this file")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    args = p.parse_args(argv)
+    args = drivers.gpu_arguments(__doc__).parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_triton: no CUDA device; these GPU-only benchmarks did not run.")
         return 0

@@ -194,9 +194,7 @@ def backward_main(args) -> None:
 
 # ------------------------------------------------------------------------- pytest-benchmark
 
-needs_cpu = pytest.mark.skipif(
-    "cpu" not in qtorch.available_backends(), reason="qtorch._C (the cpu backend) is not built"
-)
+needs_cpu = drivers.needs_backend("cpu")
 
 
 @needs_cpu
@@ -246,10 +244,7 @@ def main(argv=None) -> None:
         f"qtorch cpu ISA {qtorch._C.isa()}, kernel "
         f"{torch.ops.qtorch_cpu.wo_kernel_name('bfloat16')}"
     )
-    print(
-        "rel. error vs qtorch.reference (M=3):",
-        ", ".join(f"{k} {v:.1e}" for k, v in check_peers().items()),
-    )
+    drivers.print_errors("qtorch.reference (M=3)", check_peers())
     bw = ceiling.dram_read_bandwidth()
     print(
         f"DRAM streaming read ({torch.get_num_threads()} threads, 512 MiB, huge pages): "

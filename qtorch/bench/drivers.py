@@ -14,6 +14,49 @@ from qtorch.bench import timing
 from qtorch.bench.types import Built, Impl
 
 
+def needs_backend(name: str):
+    """A pytest mark that skips a benchmark when qtorch backend `name` is not available."""
+    import pytest
+
+    import qtorch
+
+    return pytest.mark.skipif(
+        name not in qtorch.available_backends(),
+        reason=f"the {name} backend is not available here",
+    )
+
+
+def gpu_config(device: str, quick: bool) -> timing.TimingConfig:
+    """The GPU scripts' timing: weights cold over >= 4x the L2, ~0.2 s per implementation."""
+    return timing.TimingConfig(
+        target_s=0.03 if quick else 0.2,
+        warmup=1 if quick else 3,
+        cold=True,
+        cold_bytes=timing.cold_bytes_for(device),
+    )
+
+
+def gpu_arguments(doc: str):
+    """The GPU scripts' command line: --json PATH, --quick."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("--json", help="write the rows and machine info to this file")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    return p
+
+
+def time_selected(case: str, chosen: list, device: str, cfg, widths=(40, 26)) -> dict:
+    """{label: Stats} of the rows chosen from several cases ([(Built, {name: label})]), timed
+    in one group; a row a case could not build is printed as not run and left out."""
+    impls = []
+    for built, labels in chosen:
+        impls += select(built, labels)
+        for label, why in missing(built, labels).items():
+            skip_line(case, label, why, widths)
+    return time_rows(impls, device, cfg)
+
+
 def select(built: Built, labels: dict[str, str]) -> list[Impl]:
     """The implementations of `built` named in `labels` ({engine name: printed label}),
     renamed to their labels, in the order of `labels`; names the case lacks are left out
@@ -44,6 +87,11 @@ def rel_errors(impls: list[Impl], ref: torch.Tensor) -> dict[str, float]:
             y = y[0] if isinstance(y, tuple | list) else y
             out[i.name] = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
     return out
+
+
+def print_errors(what: str, errors: dict[str, float]) -> None:
+    """One line: each implementation's relative error against `what` (from rel_errors)."""
+    print(f"rel. error vs {what}:", ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
 
 def ms(stats) -> str:

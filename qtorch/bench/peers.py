@@ -231,47 +231,35 @@ def add_w4a16_peers(built: Built, x, weights: dict, gs: int) -> None:
     dtype, device = built.dtype, built.device
     n, k = weights["w"].shape
     wbytes = n * k // 2 + 2 * n * (k // gs) * torch.empty((), dtype=dtype).element_size()
-    if device == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+    keys = ("qw", "sc", "zp", "bias")
 
-        def setup_cpu(w):
-            q = unpack_int4(w["qw"]).to(torch.int32)  # [N, K] values 0..15
-            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    def setup_with(pack, mm):
+        def setup(w):
+            packed = pack(unpack_int4(w["qw"]))  # from [N, K] values 0..15
             sz, bias = int4pack_scales_and_zeros(w["sc"], w["zp"], dtype), w["bias"]
-            return lambda: _with_bias(torch._weight_int4pack_mm_for_cpu(x, packed, gs, sz), bias)
+            return lambda: _with_bias(mm(x, packed, gs, sz), bias)
 
-        _try(
-            built,
-            "torch:_weight_int4pack_mm_for_cpu",
-            "torch",
-            setup_cpu,
-            weights,
-            ("qw", "sc", "zp", "bias"),
-            wbytes,
-            float_kind(dtype),
+        return setup
+
+    if device == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        setup = setup_with(
+            lambda q: torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
+            torch._weight_int4pack_mm_for_cpu,
         )
+        name = "torch:_weight_int4pack_mm_for_cpu"
+        _try(built, name, "torch", setup, weights, keys, wbytes, float_kind(dtype))
     elif device == "cuda" and hasattr(torch, "_weight_int4pack_mm"):
         if dtype != torch.bfloat16:
             built.skipped.append(("torch:_weight_int4pack_mm", "tinygemm takes bfloat16 only"))
         else:
-
-            def setup_cuda(w):
-                q = unpack_int4(w["qw"])
-                # tinygemm's input packing: byte j holds k = 2j in the high nibble.
-                u8 = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)
-                packed = torch._convert_weight_to_int4pack(u8, 8)
-                sz, bias = int4pack_scales_and_zeros(w["sc"], w["zp"], dtype), w["bias"]
-                return lambda: _with_bias(torch._weight_int4pack_mm(x, packed, gs, sz), bias)
-
-            _try(
-                built,
-                "torch:_weight_int4pack_mm",
-                "torch",
-                setup_cuda,
-                weights,
-                ("qw", "sc", "zp", "bias"),
-                wbytes,
-                "bf16",
+            # tinygemm's input packing: byte j holds k = 2j in the high nibble.
+            setup = setup_with(
+                lambda q: torch._convert_weight_to_int4pack(
+                    ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8), 8
+                ),
+                torch._weight_int4pack_mm,
             )
+            _try(built, "torch:_weight_int4pack_mm", "torch", setup, weights, keys, wbytes, "bf16")
     _add_torchao(
         built, x, weights, "Int4WeightOnlyConfig", {"group_size": gs}, wbytes, float_kind(dtype)
     )
