@@ -22,20 +22,13 @@ import sys
 
 import torch
 
+from qtorch.testing import reset_vm_hwm, vm_hwm_kib
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
     return int(m.group(1)) if m else -1
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def cuda_peak_extra(fn) -> int:
@@ -73,10 +66,10 @@ def _child(spec: dict) -> dict:
             impl.fn()  # warm
             gc.collect()
             base = _status_kib("VmRSS")
-            if not _reset_hwm():
+            if not reset_vm_hwm():
                 return {"error": "cannot reset VmHWM (/proc/self/clear_refs not writable)"}
             impl.fn()
-            peak = _status_kib("VmHWM")
+            peak = vm_hwm_kib()
             out[f"{shape.M},{shape.K},{shape.N}|{impl.name}"] = max(peak - base, 0) * 1024
         del built
         gc.collect()
