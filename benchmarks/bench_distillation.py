@@ -125,10 +125,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     loss, fused = QUICK if args.quick else (LOSS, FUSED)
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, qtorch cpu ISA "
-        f"{qtorch._C.isa()}"
-    )
+    print(drivers.header(f"qtorch cpu ISA {qtorch._C.isa()}"))
     print(
         f"{'case':52s} {'eager p20/p50/p80 ms':>24s} {'qtorch p20/p50/p80 ms':>24s} {'speedup':>8s}"
     )

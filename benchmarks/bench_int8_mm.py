@@ -111,21 +111,17 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     ms = [int(v) for v in args.ms.split(",")]
-    threads = torch.get_num_threads()
-    print(
-        f"torch {torch.__version__}, {threads} threads, qtorch cpu ISA "
-        f"{qtorch._C.isa()}, weights "
-        f"{'hot (1 copy)' if args.hot else 'cold (>= 128 MiB of copies)'}"
-    )
+    weights = "hot (1 copy)" if args.hot else "cold (>= 128 MiB of copies)"
+    print(drivers.header(f"qtorch cpu ISA {qtorch._C.isa()}", f"weights {weights}"))
     drivers.print_errors("qtorch.reference.int8_linear (M=3)", check_peers())
     peak = ceiling.vnni_peak()
-    print(f"VNNI peak (vpdpbusd zmm loop, {threads} threads): {peak / 1e12:.3f} TOP/s")
-    bw = ceiling.dram_read_bandwidth()
     print(
-        f"DRAM streaming read ({threads} threads, 512 MiB, huge pages): "
-        f"{bw / 1e9:.1f} GB/s (at start; it drifts between ~35 and ~65 GB/s on this VM). "
-        f"'{READ}' = qtorch_cpu::stream_read of the int8 weight bytes, timed in the same "
-        f"rounds; '% read' = the row's weight bytes / p50 against the read's (fp32: 4x bytes)"
+        f"VNNI peak (vpdpbusd zmm loop, {torch.get_num_threads()} threads): {peak / 1e12:.3f} TOP/s"
+    )
+    drivers.print_dram_read(
+        READ,
+        "the int8 weight bytes",
+        "the row's weight bytes / p50 against the read's (fp32: 4x bytes)",
     )
     print(
         "ratio = p50 / qtorch:cpu p50 (kernel ratio = p50 / qtorch:kernel p50): > 1 means "

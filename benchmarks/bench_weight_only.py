@@ -171,8 +171,12 @@ def backward_impls() -> list[Impl]:
 
 def backward_main(args) -> None:
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, K = N = {N}, "
-        f"group {GROUP}, fp32, one weight (--cold: rotated copies); median of interleaved rounds"
+        drivers.header(
+            f"K = N = {N}",
+            f"group {GROUP}",
+            "fp32",
+            "one weight (--cold: rotated copies); median of interleaved rounds",
+        )
     )
     # One weight by default, as a training step rereads a layer's weight right after its
     # forward; these rows are compute-bound, so rotation would only multiply the run time.
@@ -239,18 +243,15 @@ def main(argv=None) -> None:
     if args.backward:
         backward_main(args)
         return
+    kernel = torch.ops.qtorch_cpu.wo_kernel_name("bfloat16")
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, clock {args.clock}, "
-        f"qtorch cpu ISA {qtorch._C.isa()}, kernel "
-        f"{torch.ops.qtorch_cpu.wo_kernel_name('bfloat16')}"
+        drivers.header(
+            f"clock {args.clock}", f"qtorch cpu ISA {qtorch._C.isa()}", f"kernel {kernel}"
+        )
     )
     drivers.print_errors("qtorch.reference (M=3)", check_peers())
-    bw = ceiling.dram_read_bandwidth()
-    print(
-        f"DRAM streaming read ({torch.get_num_threads()} threads, 512 MiB, huge pages): "
-        f"{bw / 1e9:.1f} GB/s (at start; it drifts between ~35 and ~65 GB/s on this VM). "
-        f"'{READ}' = qtorch_cpu::stream_read of N*K bytes, timed in the same rounds; "
-        f"'% read' = (weight bytes streamed / p50) / (its bytes / its p50)"
+    drivers.print_dram_read(
+        READ, "N*K bytes", "(weight bytes streamed / p50) / (its bytes / its p50)"
     )
     print(
         "speedup = peer time / qtorch time at p50 (and at p20, the figure least disturbed by "

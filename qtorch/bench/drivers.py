@@ -89,6 +89,25 @@ def rel_errors(impls: list[Impl], ref: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def header(*parts: str) -> str:
+    """The first line of a CPU script's table: torch version, threads, then `parts`."""
+    return ", ".join((f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", *parts))
+
+
+def print_dram_read(read_label: str, what: str, pct: str) -> None:
+    """The DRAM streaming-read rate at the start (ceiling.dram_read_bandwidth) and what the
+    script's read row (`read_label`, reading `what`) and its '% read' column mean."""
+    from qtorch.bench import ceiling
+
+    bw = ceiling.dram_read_bandwidth()
+    print(
+        f"DRAM streaming read ({torch.get_num_threads()} threads, 512 MiB, huge pages): "
+        f"{bw / 1e9:.1f} GB/s (at start; it drifts between ~35 and ~65 GB/s on this VM). "
+        f"'{read_label}' = qtorch_cpu::stream_read of {what}, timed in the same rounds; "
+        f"'% read' = {pct}"
+    )
+
+
 def print_errors(what: str, errors: dict[str, float]) -> None:
     """One line: each implementation's relative error against `what` (from rel_errors)."""
     print(f"rel. error vs {what}:", ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
