@@ -34,7 +34,7 @@ def build() -> list[Impl]:
     x, xb = torch.randn(1, K), torch.randn(1, K).to(torch.bfloat16)
     w_q, w_scale = R.quantize_int8(torch.randn(N, K))
     qw, sc, z = R.quantize_int4(torch.randn(N, K), 32, False)
-    packed = torch.ops.qtorch_cpu.int8_pack_weight(w_q)
+    packed = torch.ops.qtorch_cpu.pack_int8_mm(w_q)
     m8 = cases.quantized_module("int8_linear", {"w_q": w_q, "w_s": w_scale}, K, N)
     m4 = cases.quantized_module(
         "int4_weight_only_linear", {"qw": qw, "sc": sc, "zp": z, "gs": 32}, K, N
@@ -51,8 +51,8 @@ def build() -> list[Impl]:
             lambda: ops.int4_weight_only_linear(xb, qw, sc, z, 32),
         ),
         row(
-            "binding int8_linear_packed",
-            lambda: torch.ops.qtorch_cpu.int8_linear_packed(x, packed, N, w_scale, None),
+            "binding int8_linear",
+            lambda: torch.ops.qtorch_cpu.int8_linear(x, packed, N, w_scale, None),
         ),
         row("module Int8DynamicLinear", lambda: m8(x), torch.no_grad),
         row("module Int4WeightOnlyLinear bf16", lambda: m4(xb), torch.no_grad),

@@ -9,7 +9,7 @@ numbers are measured as `qtorch bench --cold` measures them. Rows:
                   its packed weight), backend cpu: per-token activation quantization fused
                   into the A-packing, VNNI GEMM, fused epilogue.
   qtorch:cpu op   `qtorch.ops.int8_linear` on the canonical weights (may pack per call).
-  qtorch:kernel   the kernel binding `torch.ops.qtorch_cpu.int8_linear_packed` on a weight
+  qtorch:kernel   the kernel binding `torch.ops.qtorch_cpu.int8_linear` on a weight
                   packed beforehand, i.e. without the module and qtorch.ops (checks, backend
                   choice), to separate the two costs.
   fbgemm          `torch.ao.nn.quantized.dynamic.Linear` (qint8 per-channel weight, dynamic

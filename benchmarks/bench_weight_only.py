@@ -23,7 +23,7 @@ speedup = peer p50 / qtorch p50.
 quantized backbone), K = N = 4096, group 128, fp32, the module on each backend:
   reference                the whole op (forward and backward) on the reference backend;
   cpu fwd, reference bwd   the cpu forward with the reference backward;
-  cpu                      the cpu forward and backward kernels (qtorch_cpu::int4_grad_input:
+  cpu                      the cpu forward and backward kernels (qtorch_cpu::int4_linear_grad_input:
                            ŵ dequantized in cache-sized column slabs, each followed by its
                            slab's fp32 GEMM, so the fp32 [N, K] ŵ never exists);
   bwd                      the backward alone (M = 16, 128, 1024): that kernel vs the whole
@@ -158,7 +158,7 @@ def backward_impls() -> list[Impl]:
         )
         row(
             f"M={m:<4d} bwd: slabs (cpu)",
-            lambda w, g=g: lambda: Q.int4_grad_input(g, w["qw"], w["sc"], w["zp"], GROUP),
+            lambda w, g=g: lambda: Q.int4_linear_grad_input(g, w["qw"], w["sc"], w["zp"], GROUP),
         )
     row(
         "dequantize reference",
@@ -243,7 +243,7 @@ def main(argv=None) -> None:
     if args.backward:
         backward_main(args)
         return
-    kernel = torch.ops.qtorch_cpu.wo_kernel_name("bfloat16")
+    kernel = torch.ops.qtorch_cpu.weight_only_kernel_name("bfloat16")
     print(
         drivers.header(
             f"clock {args.clock}", f"qtorch cpu ISA {qtorch._C.isa()}", f"kernel {kernel}"

@@ -308,30 +308,30 @@ def _kernel_make(op: str, x: torch.Tensor, out_dtype, n: int, k: int):
     if op == "int8_scaled_mm":
 
         def make(w):
-            bp = Q.int8_pack_weight(w["b"])
+            bp = Q.pack_int8_mm(w["b"])
             a, sa, sb, bias = w["a"], w["sa"], w["sb"], w.get("bias")
-            return lambda: Q.int8_scaled_mm_packed(a, bp, n, sa, sb, bias, out_dtype)
+            return lambda: Q.int8_scaled_mm(a, bp, n, sa, sb, bias, out_dtype)
 
     elif op == "int8_linear":
 
         def make(w):
-            wp, w_s, bias = Q.int8_pack_weight(w["w_q"]), w["w_s"], w.get("bias")
-            return lambda: Q.int8_linear_packed(x, wp, n, w_s, bias)
+            wp, w_s, bias = Q.pack_int8_mm(w["w_q"]), w["w_s"], w.get("bias")
+            return lambda: Q.int8_linear(x, wp, n, w_s, bias)
 
     elif op == "int8_weight_only_linear":
 
         def make(w):
-            wp, s = Q.wo_pack_int8(w["w_q"], w["w_s"].float())
+            wp, s = Q.pack_int8_weight_only(w["w_q"], w["w_s"].float())
             bias = w.get("bias")
-            return lambda: Q.wo_int8_linear(x, wp, s, n, k, bias)
+            return lambda: Q.int8_weight_only_linear(x, wp, s, n, k, bias)
 
     else:
 
         def make(w):
             gs = w["gs"]
-            wp, s, z = Q.wo_pack_int4(w["qw"], w["sc"].float(), w["zp"], gs)
+            wp, s, z = Q.pack_int4_weight_only(w["qw"], w["sc"].float(), w["zp"], gs)
             bias = w.get("bias")
-            return lambda: Q.wo_int4_linear(x, wp, s, z, n, k, gs, bias)
+            return lambda: Q.int4_weight_only_linear(x, wp, s, z, n, k, gs, bias)
 
     return make
 

@@ -31,7 +31,7 @@ def _buffer(n: int, k: int) -> torch.Tensor:
     # the read runs over memory laid out like the GEMMs' weights.
     import qtorch.backends.cpu  # noqa: F401  (loads qtorch._C, which defines the op)
 
-    return torch.ops.qtorch_cpu.int8_pack_weight(torch.ones(n, k, dtype=torch.int8))
+    return torch.ops.qtorch_cpu.pack_int8_mm(torch.ones(n, k, dtype=torch.int8))
 
 
 def read_ceiling(n: int, k: int) -> Impl:
