@@ -3,7 +3,8 @@ the peaks `qtorch bench` divides by can be tracked and compared across machines 
 
     pytest benchmarks/bench_roofline.py --benchmark-only
 
-Each records the achieved rate in extra_info (TFLOP/s, TOP/s or GB/s).
+Each records the achieved rate in extra_info (TFLOP/s, TOP/s or GB/s). The kernels and their
+sizes are the roofline module's own (`matmul_kernel`, `int_mm_kernel`, `copy_kernel`).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-N_CPU, N_CUDA = 1024, 8192
+from qtorch.bench import roofline
 
 
 def _n(device):
-    return N_CUDA if device == "cuda" else N_CPU
+    return roofline.GEMM_N[device]
 
 
 def _sync(device):
@@ -24,32 +25,26 @@ def _sync(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matmul_peak(benchmark, bench_device, dtype):
-    n = _n(bench_device)
-    a = torch.randn(n, n, device=bench_device).to(dtype)
-    b = torch.randn(n, n, device=bench_device).to(dtype)
+    fn, flop = roofline.matmul_kernel(dtype, _n(bench_device), bench_device)
     sync = _sync(bench_device)
-    benchmark(lambda: (torch.mm(a, b), sync()))
-    benchmark.extra_info["tflops"] = 2 * n**3 / benchmark.stats.stats.median / 1e12
+    benchmark(lambda: (fn(), sync()))
+    benchmark.extra_info["tflops"] = flop / benchmark.stats.stats.median / 1e12
 
 
 def test_int8_mm_peak(benchmark, bench_device):
     if not hasattr(torch, "_int_mm"):
         pytest.skip("torch._int_mm not in this torch")
-    n = _n(bench_device)
-    a = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=bench_device)
-    b = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=bench_device)
+    fn, ops = roofline.int_mm_kernel(_n(bench_device), bench_device)
     sync = _sync(bench_device)
-    benchmark(lambda: (torch._int_mm(a, b), sync()))
-    benchmark.extra_info["tops"] = 2 * n**3 / benchmark.stats.stats.median / 1e12
+    benchmark(lambda: (fn(), sync()))
+    benchmark.extra_info["tops"] = ops / benchmark.stats.stats.median / 1e12
 
 
 def test_copy_bandwidth(benchmark, bench_device):
-    nbytes = (1 << 30) if bench_device == "cuda" else (256 << 20)
-    src = torch.ones(nbytes // 4, device=bench_device)
-    dst = torch.empty_like(src)
+    fn, moved = roofline.copy_kernel(roofline.COPY_BYTES[bench_device], bench_device)
     sync = _sync(bench_device)
-    benchmark(lambda: (dst.copy_(src), sync()))
-    benchmark.extra_info["gbps"] = 2 * nbytes / benchmark.stats.stats.median / 1e9
+    benchmark(lambda: (fn(), sync()))
+    benchmark.extra_info["gbps"] = moved / benchmark.stats.stats.median / 1e9
 
 
 @pytest.mark.bench_op("int4_weight_only_linear")

@@ -93,11 +93,11 @@ def bench_case(benchmark, bench_device, bench_dtype):
             why = dict(built.skipped).get(impl, "not an implementation of this case here")
             pytest.skip(f"{impl}: {why}")
         it = found[impl]
-        fn = it.fn
+        fn = it.body  # timed inside its scope (the qtorch backend), as qtorch bench does
         if bench_device == "cuda":
 
             def fn():
-                it.fn()
+                it.body()
                 torch.cuda.synchronize()
 
         benchmark.extra_info.update(
@@ -110,6 +110,7 @@ def bench_case(benchmark, bench_device, bench_dtype):
             bytes=built.other_bytes + it.weight_bytes,
             weight_bytes=it.weight_bytes,
         )
-        return benchmark(fn)
+        with it.scope():
+            return benchmark(fn)
 
     return run

@@ -33,6 +33,10 @@ def _f(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def _x(v):
+    return "-" if v is None else f"{v:.2f}×"
+
+
 def render(doc: dict, source: str, ops: list[str] | None = None) -> str:
     m, v = doc["machine"], doc["versions"]
     commit = (v.get("commit") or "unknown")[:10] + (" (dirty)" if v.get("dirty") else "")
@@ -61,13 +65,18 @@ def render(doc: dict, source: str, ops: list[str] | None = None) -> str:
         blocks.setdefault((r["op"], r["dtype"]), []).append(r)
     for (op, dtype), rows in blocks.items():
         mem = any(r.get("peak_mem_bytes") is not None for r in rows)
+        read = any(r.get("read_pct") is not None for r in rows)
         out += [
             "",
-            f"**{op}** ({dtype}{', cold LLC' if any(r['cold'] for r in rows) else ''})",
+            f"**{op}** ({dtype}{', cold weights' if any(r['cold'] for r in rows) else ''})",
             "",
             "| shape | implementation | median | p20–p80 | TFLOP/s or TOP/s | GB/s | % roofline "
-            "| vs PyTorch | vs best peer |" + (" peak MiB |" if mem else ""),
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            + ("| % of read " if read else "")
+            + "| vs PyTorch | vs best peer |"
+            + (" peak MiB |" if mem else ""),
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+            + (" ---: |" if read else "")
+            + " ---: | ---: |"
             + (" ---: |" if mem else ""),
         ]
         for r in rows:
@@ -77,17 +86,19 @@ def render(doc: dict, source: str, ops: list[str] | None = None) -> str:
                 f"| {r['shape_text']} | {name} | {_t(r['median_s'])} | "
                 f"{_t(r['p20_s'])}–{_t(r['p80_s'])} | {_f(r['tflops'], '.3f')} | "
                 f"{_f(gbps, '.1f')} | {_f(r['roofline_pct'], '.0f')} | "
-                f"{_f(r['speedup_vs_baseline'], '.2f')}× | {_f(r['speedup_vs_best_peer'], '.2f')}"
-                f"{'×' if r['speedup_vs_best_peer'] is not None else ''} |"
+                + (f"{_f(r.get('read_pct'), '.0f')} | " if read else "")
+                + f"{_x(r['speedup_vs_baseline'])} | {_x(r['speedup_vs_best_peer'])} |"
                 + (f" {_f(_mib(r.get('peak_mem_bytes')), '.1f')} |" if mem else "")
             )
     out += [
         "",
         "GB/s counts weight bytes for ops with a weight, all bytes otherwise; "
         "speedups are medians of the same run (> 1: faster). A % roofline above 100 means "
-        "the data came from cache (weights smaller than the LLC; `--cold` flushes it) or "
-        "the measured peaks were low (a busy machine); peak MiB is memory beyond the "
-        "inputs (CPU: peak RSS in a child process).",
+        "the data came from cache (weights smaller than the LLC; `--cold` rotates weight "
+        "copies so they come from DRAM) or the measured peaks were low (a busy machine); "
+        "% of read compares a row's weight rate with a plain streaming read of the weight "
+        "bytes in the same rounds; peak MiB is memory beyond the inputs (CPU: peak RSS in a "
+        "child process).",
     ]
     return "\n".join(out)
 

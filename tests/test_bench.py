@@ -259,6 +259,137 @@ def test_reference_row_only_where_cheap():
         assert big is False
 
 
+needs_cpu = pytest.mark.skipif(
+    "cpu" not in qtorch.available_backends(), reason="qtorch._C (the cpu backend) is not built"
+)
+
+
+@pytest.mark.parametrize("op", list(cases.MODULE_FOR))
+def test_linear_qtorch_row_is_the_module_on_the_op_rows_weights(op):
+    """qtorch:<b> of a linear case is the qtorch.nn module loaded with the canonical weights
+    the op row gets: both compute the same output (exactly: the same kernel, the same
+    weights); the op row and the kernel-binding row are there with Options asking."""
+    backends = ["reference"] + (["cpu"] if "cpu" in qtorch.available_backends() else [])
+    opt = cases.Options(bias=True, kernel_rows=True)
+    built = build(op, Shape(3, 128, 96), torch.float32, "cpu", backends, False, opt)
+    by = {i.name: i for i in built.impls}
+    assert by["qtorch:reference"].note == f"qtorch.nn.{cases.MODULE_FOR[op]}"
+    assert "qtorch:reference:op" not in by  # nothing to pack: the module runs exactly the op
+    if "cpu" not in backends:
+        return
+    assert by["qtorch:cpu"].note == f"qtorch.nn.{cases.MODULE_FOR[op]}"
+    with torch.no_grad():
+        mod, op_out, kern = (
+            by[n].fn() for n in ("qtorch:cpu", "qtorch:cpu:op", "qtorch:cpu:kernel")
+        )
+        ref = by["qtorch:reference"].fn()
+    torch.testing.assert_close(mod, op_out, rtol=0, atol=0)
+    torch.testing.assert_close(kern, op_out, rtol=0, atol=0)
+    assert sqnr(ref, mod) > 70  # and the bias reached every row
+    assert all(
+        i.weight_bytes == by["qtorch:cpu"].weight_bytes for i in built.impls if i.kind == "qtorch"
+    )
+
+
+def test_weight_copies_compute_the_same_job():
+    """A cold copy of each implementation (built on cloned weights) gives the same output as
+    the implementation itself, from storage of its own."""
+    built = build(
+        "int4_weight_only_linear",
+        Shape(2, 64, 32),
+        torch.float32,
+        "cpu",
+        qtorch.available_backends()[:2],
+        True,
+        cases.Options(bias=True),
+    )
+    copied = [i for i in built.impls if i.copy is not None]
+    assert {i.kind for i in copied} >= {"qtorch", "baseline"}
+    with torch.no_grad():
+        for impl in copied:
+            with impl.scope():  # a body runs in its scope (the qtorch backend), as timed
+                out = impl.copy()()
+            torch.testing.assert_close(out, impl.fn(), rtol=0, atol=0)
+
+
+def test_options_roundtrip_through_json():
+    opt = cases.Options(bias=True, chunk_sizes=(None, 64), dense_dtypes=("float32",))
+    assert cases.Options.of(json.loads(json.dumps(opt.as_dict()))) == opt
+    assert cases.Options.of(None) == cases.Options()
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_the_one_eager_baseline_matches_the_reference_for_every_divergence(divergence):
+    from qtorch import reference as R
+    from qtorch.bench.baselines import eager_distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 40, generator=g), torch.randn(5, 40, generator=g)
+    labels = torch.tensor([1, -100, 3, 39, 0])
+    kw = dict(temperature=2.0, alpha=0.3, divergence=divergence, beta=0.4)
+    loss, _ = R.distillation_loss(s, t, labels, compute_grad=False, **kw)
+    keep = labels != -100
+    assert_close(eager_distillation_loss(s, t, labels, **kw), loss[keep].sum() / keep.sum())
+    loss_nl, _ = R.distillation_loss(s, t, None, compute_grad=False, **kw)
+    assert_close(eager_distillation_loss(s, t, None, **kw), loss_nl.mean())
+
+
+@needs_cpu
+def test_read_ceiling_row_and_read_pct():
+    from qtorch.bench import ceiling
+
+    impl = ceiling.read_ceiling(64, 128)
+    assert impl.kind == "ceiling" and impl.name == ceiling.NAME
+    assert impl.weight_bytes >= 64 * 128 and isinstance(impl.fn(), int)
+    assert impl.copy is not None and impl.copy() is not impl.body
+    # a row streaming twice the bytes in twice the time runs at the read's rate: 100 %
+    assert ceiling.read_pct(2e6, 2.0, 1e6, 1.0) == pytest.approx(100.0)
+    assert ceiling.read_pct(1e6, 2.0, 1e6, 1.0) == pytest.approx(50.0)
+
+
+@needs_cpu
+def test_cold_run_rotates_weights_and_reports_percent_of_read(
+    tmp_path, fake_roofline, capsys, monkeypatch
+):
+    """--cold: rows with a weight are rotated over copies (cold, copies > 1 where the weight
+    is small), the streaming-read row runs in the same rounds, and every row with a weight
+    gets read_pct against it; the table has a %read column."""
+    # 64 KiB of copies instead of 128 MiB: a few copies of the tiny weights, not a thousand
+    monkeypatch.setattr(timing, "cold_bytes_for", lambda device: 64 << 10)
+    rc, doc = _tiny_run(
+        tmp_path, ["--op", "int8_linear", "quantize_int8", "--cold"], backends=("cpu",)
+    )
+    assert rc == 0 and report.validate(doc) == []
+    lin = [r for r in doc["rows"] if r["op"] == "int8_linear"]
+    ceil = next(r for r in lin if r["kind"] == "ceiling")
+    assert ceil["impl"] == "read:stream_read" and ceil["read_pct"] == pytest.approx(100.0)
+    assert ceil["flop"] is None and ceil["speedup_vs_baseline"] is None
+    for r in lin:
+        assert r["cold"] and 2 <= r["copies"] <= 8 and r["read_pct"] > 0
+    assert {r["impl"] for r in lin} >= {"qtorch:cpu", "qtorch:cpu:op", "torch:F.linear(float32)"}
+    quant = [r for r in doc["rows"] if r["op"] == "quantize_int8"]
+    assert quant and all(not r["cold"] and r["copies"] is None for r in quant)
+    assert "%read" in capsys.readouterr().out
+
+
+def test_compiled_variant_that_fails_is_a_row_with_its_error(monkeypatch):
+    from qtorch.bench import compiled
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(torch.export, "export", broken)
+    model = compiled.w8a8_model(2, (32, 64))
+    out = compiled.variants(model, torch.randn(1, 32))
+    eager = out[0]
+    assert eager.name == compiled.EAGER and eager.fn().shape == (1, 32)
+    assert out[1:] == [
+        (compiled.COMPILED, "RuntimeError: no compiler here"),
+        (compiled.EXPORTED, "RuntimeError: no compiler here"),
+    ]
+
+
 # ------------------------------------------------------------------------- roofline cache
 
 
@@ -312,21 +443,131 @@ def test_quantiles():
     assert (s.median, s.p20, s.p80, s.n) == (3.0, 1.8, 4.2, 5)
 
 
-def test_time_group_interleaves_and_rotates():
+def test_percentiles_is_the_linear_interpolated_quantile():
+    import statistics
+
+    ts = [5.0, 1.0, 4.0, 2.0, 3.0, 9.0, 0.5]
+    q = statistics.quantiles(ts, n=10, method="inclusive")
+    assert timing.percentiles(ts) == pytest.approx((q[1], statistics.median(ts), q[7]))
+    assert timing.percentiles([2.0]) == (2.0, 2.0, 2.0)
+    assert timing.Stats.of(ts).pcts == timing.percentiles(ts)
+
+
+def test_time_group_interleaves_in_shuffled_rounds():
     order = []
     fns = {n: (lambda n=n: order.append(n)) for n in "abc"}
     cfg = timing.TimingConfig(target_s=0.0, min_reps=4, max_reps=4, warmup=1, batch_below_s=0.0)
     stats = timing.time_group(fns, "cpu", cfg)
     assert {n: s.n for n, s in stats.items()} == {"a": 4, "b": 4, "c": 4}
-    # per implementation: one warm-up + one sizing call (kept as sample 1), then 3 rounds
-    assert order == list("aabbccabcbcacab")
+    # per implementation: one warm-up call, then the sizing sample (kept as sample 1): a hot
+    # sample is an untimed call followed by the timed one
+    assert order[:9] == list("aaabbbccc")
+    # then 3 rounds, one sample (two calls) of every implementation each, interleaved
+    assert len(order) == 9 + 3 * 6
+    rounds = [order[9 + 6 * i : 15 + 6 * i] for i in range(3)]
+    for r in rounds:
+        assert sorted(r) == list("aabbcc") and r[0::2] == r[1::2]
+    # the order changes from round to round (seeded: the same every run), so no
+    # implementation always goes first or always follows the same one
+    firsts = [tuple(r[0::2]) for r in rounds]
+    assert len(set(firsts)) > 1 and len({f[0] for f in firsts}) > 1
+    order.clear()
+    timing.time_group(fns, "cpu", cfg)
+    assert [tuple(order[9 + 6 * i : 15 + 6 * i : 2]) for i in range(3)] == firsts
 
 
-def test_cold_flush_touches_a_buffer_larger_than_the_llc():
-    f = timing.Flusher("cpu", 1 << 20)
-    assert f.buf.numel() == 2 << 20
-    f()
-    assert int(f.buf[0]) == 1
+def test_time_group_fixed_rounds_and_scopes():
+    import contextlib
+
+    inside = []
+
+    @contextlib.contextmanager
+    def scope():
+        inside.append(True)
+        yield
+        inside.pop()
+
+    calls = []
+    fns = {"a": lambda: calls.append(bool(inside)), "b": lambda: calls.append(None)}
+    cfg = timing.TimingConfig(rounds=3, warmup=0, batch_below_s=0.0)
+    stats = timing.time_group(fns, "cpu", cfg, scopes={"a": scope})
+    assert stats["a"].n == stats["b"].n == 3
+    assert calls.count(True) == 6 and False not in calls  # every call of a ran in its scope
+
+
+def test_copies_cover_the_cold_bytes():
+    mib = 1 << 20
+    assert timing.copies(16 * mib) == 8  # 128 MiB in all, four times a 32 MiB L3
+    assert timing.copies(200 * mib) == 1  # one weight larger than that streams by itself
+    assert timing.copies(100 * mib) == 2
+    assert timing.copies(1) == timing.MAX_COPIES
+    assert timing.copies(0) == 1
+    assert timing.copies(mib, cold_bytes=4 * mib) == 4
+
+
+def test_cold_timing_rotates_over_weight_copies():
+    """Cold: each sample is one pass over every copy (each called once, in turn); an
+    implementation without a weight is timed hot; copies have storage of their own."""
+    from qtorch.bench.types import Impl
+
+    seen = []
+
+    def make(w):
+        return lambda: seen.append(w["t"].data_ptr())
+
+    w0 = {"t": torch.zeros(256)}
+    with_weight = Impl(
+        "w", "qtorch", "x", make(w0), 1024, "fp32", copy=lambda: make(cases.clone_weights(w0))
+    )
+    hot = []
+    no_weight = Impl("nw", "baseline", "torch", lambda: hot.append(1), 0, "fp32")
+    cfg = timing.TimingConfig(cold=True, cold_bytes=4096, rounds=2, warmup=1, batch_below_s=0.0)
+    stats, ncopies = timing.time_impls([with_weight, no_weight], "cpu", cfg)
+    assert ncopies == {"w": 4, "nw": None}
+    assert stats["w"].n == 2 and stats["nw"].n == 2
+    assert len(set(seen)) == 4  # four distinct weight storages
+    # a warm-up pass, one call that sizes the sample window, two sample passes; the copies
+    # are called in turn, so any four consecutive calls touch four different copies
+    assert len(seen) == 4 + 1 + 2 * 4
+    assert all(len(set(seen[i : i + 4])) == 4 for i in range(len(seen) - 3))
+    assert len(hot) == 1 + 2 * 2  # warm-up, then two hot samples of two calls
+
+
+def test_a_long_cold_pass_is_timed_in_windows():
+    import time
+
+    calls = []
+
+    def slow(i):
+        def run():
+            calls.append(i)
+            time.sleep(0.002)
+
+        return run
+
+    fns = {"w": timing.Rotating([slow(i) for i in range(10)])}
+    cfg = timing.TimingConfig(rounds=3, warmup=1, max_sample_s=0.005)
+    assert timing.time_group(fns, "cpu", cfg)["w"].n == 3
+    # warm-up pass (10), the sizing call, then samples of at most 0.005 / 0.002 = 2 calls
+    assert 10 + 1 + 3 <= len(calls) <= 10 + 1 + 3 * 2
+    assert all(len(set(calls[i : i + 10])) == 10 for i in range(len(calls) - 9))
+
+
+def test_evict_writes_before_each_sample_instead_of_a_hot_call():
+    n = []
+    cfg = timing.TimingConfig(rounds=3, warmup=1, evict_bytes=1 << 16)
+    assert timing.time_group({"a": lambda: n.append(1)}, "cpu", cfg)["a"].n == 3
+    assert len(n) == 1 + 3  # warm-up, then one timed call per sample, no untimed call
+
+
+def test_rotating_cycles():
+    out = []
+    r = timing.Rotating([lambda i=i: out.append(i) for i in range(3)])
+    for _ in range(6):
+        r()
+    assert len(r) == 3 and sorted(out[:3]) == [0, 1, 2] and out[:3] == out[3:]
+    with pytest.raises(ValueError):
+        timing.Rotating([])
 
 
 # ------------------------------------------------------------------------------- memory

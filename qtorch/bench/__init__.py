@@ -5,9 +5,13 @@
     qtorch bench --op int8_linear --backend cpu --shapes 1,4096,11008 16,4096,11008
     qtorch bench --json out.json --plot plots/
 
-Modules: cases (shapes, inputs, implementations), peers (other libraries), timing
-(interleaved medians), roofline (measured peaks, cached), memory (peak RSS / CUDA peak),
-report (table, JSON, plots), machine (what it ran on). The JSON schema is documented in
+The one benchmark engine: the scripts in benchmarks/ are thin drivers over these modules, so
+every number in the README is measured the same way. Modules: types (Shape, Options, Impl,
+Built), cases (shapes, inputs, qtorch and baseline implementations), peers (other
+libraries), baselines (plain-PyTorch formulas), ceiling (the same-round streaming-read
+ceiling), timing (interleaved rounds, cold weights by rotating copies, p20/p50/p80),
+roofline (measured peaks, cached), memory (VmHWM of a fresh child / CUDA peak), report
+(table, JSON, plots), machine (what it ran on). The JSON schema is documented in
 docs/bench_json_schema.md.
 """
 
@@ -112,8 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cold",
         action="store_true",
-        help="CPU decode cases (linear ops, M <= 16): flush the last-level cache "
-        "before every call, so weights stream from DRAM",
+        help="cold weights: every case with a weight rotates over copies of it (>= 128 MiB "
+        "in all), so each call reads its weight from DRAM, as decoding through a model "
+        "does; adds the streaming-read ceiling row on CPU (always on for CUDA)",
     )
     parser.add_argument(
         "--memory",
@@ -183,13 +188,16 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _row(built, impl, stats, roof, cold: bool, threads: int) -> dict:
+def _row(built, impl, stats, roof, copies: int | None, threads: int) -> dict:
     from qtorch.bench.cases import x_axis
     from qtorch.bench.roofline import roofline_time
 
     s = built.shape
-    nbytes = built.other_bytes + impl.weight_bytes
-    t_roof, bound = roofline_time(roof, built.flop, nbytes, impl.compute)
+    # the read ceiling moves the weight bytes and nothing else; it does no arithmetic
+    ceiling = impl.kind == "ceiling"
+    flop = None if ceiling else built.flop
+    nbytes = impl.weight_bytes + (0 if ceiling else built.other_bytes)
+    t_roof, bound = roofline_time(roof, flop, nbytes, impl.compute)
     x_label, x = x_axis(built.op, s)
     med = stats.median
     panel = (
@@ -210,17 +218,18 @@ def _row(built, impl, stats, roof, cold: bool, threads: int) -> dict:
         "dtype": str(built.dtype).split(".")[1],
         "device": built.device,
         "threads": threads,
-        "cold": cold,
+        "cold": copies is not None,
+        "copies": copies,
         "n": stats.n,
         "median_s": med,
         "p20_s": stats.p20,
         "p80_s": stats.p80,
-        "flop": built.flop,
+        "flop": flop,
         "bytes": nbytes,
         "weight_bytes": impl.weight_bytes,
         "compute": impl.compute,
         "unit": "TOP/s" if impl.compute == "int8" else "TFLOP/s",
-        "tflops": None if not built.flop else built.flop / med / 1e12,
+        "tflops": None if not flop else flop / med / 1e12,
         "gbps": nbytes / med / 1e9,
         "weight_gbps": impl.weight_bytes / med / 1e9 if impl.weight_bytes else None,
         "roofline_s": t_roof,
@@ -232,7 +241,22 @@ def _row(built, impl, stats, roof, cold: bool, threads: int) -> dict:
         "panel": panel,
         "peak_mem_bytes": None,
         "mem_kind": None,
+        "read_pct": None,
     }
+
+
+def _add_read_pct(case_rows: list[dict]) -> None:
+    """% of read: each row's weight rate against the streaming-read row of the same rounds."""
+    from qtorch.bench.ceiling import read_pct
+
+    ceil = next((r for r in case_rows if r["kind"] == "ceiling"), None)
+    if ceil is None:
+        return
+    for r in case_rows:
+        if r["weight_bytes"]:
+            r["read_pct"] = read_pct(
+                r["weight_bytes"], r["median_s"], ceil["weight_bytes"], ceil["median_s"]
+            )
 
 
 def _add_speedups(case_rows: list[dict]) -> None:
@@ -240,11 +264,14 @@ def _add_speedups(case_rows: list[dict]) -> None:
     peers = [r for r in case_rows if r["kind"] == "peer"]
     best_peer = min(peers, key=lambda r: r["median_s"]) if peers else None
     for r in case_rows:
+        versus = r["kind"] != "ceiling"  # a plain read does not do the job: no speedups
         r["baseline"] = base["impl"] if base else None
-        r["speedup_vs_baseline"] = base["median_s"] / r["median_s"] if base else None
+        r["speedup_vs_baseline"] = base["median_s"] / r["median_s"] if base and versus else None
         r["best_peer"] = best_peer["impl"] if best_peer else None
         r["speedup_vs_best_peer"] = (
-            best_peer["median_s"] / r["median_s"] if best_peer and r is not best_peer else None
+            best_peer["median_s"] / r["median_s"]
+            if best_peer and r is not best_peer and versus
+            else None
         )
         r["speedup_vs"] = {
             o["impl"]: o["median_s"] / r["median_s"] for o in case_rows if o is not r
@@ -328,10 +355,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.target_time is not None:
         cfg.target_s = args.target_time
-    cold_cfg = timing.TimingConfig(**{**cfg.__dict__, "cold": True})
-    flusher = None
-    if device == "cuda" or args.cold:
-        flusher = timing.Flusher(device, machine.llc_bytes())
+    # Cold weights by rotation (timing.py) on request, and always on CUDA, where a GPU's L2
+    # would otherwise hold any weight of a few tens of MB between calls.
+    cfg.cold = bool(args.cold or device == "cuda")
+    cfg.cold_bytes = timing.cold_bytes_for(device)
+    options = cases.Options(read_ceiling=bool(args.cold and device == "cpu"))
 
     roof = None
     if not args.no_roofline:
@@ -357,14 +385,16 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             skipped.append({"op": op, "impl": "*", "shape": shape.as_dict(), "reason": problem})
             continue
-        built = cases.build(op, shape, dtype, device, backends, with_peers=not args.no_peers)
+        built = cases.build(
+            op, shape, dtype, device, backends, with_peers=not args.no_peers, options=options
+        )
         for name, why in built.skipped:
             skipped.append({"op": op, "impl": name, "shape": shape.as_dict(), "reason": why})
-        fns = {}
+        ok = []
         for impl in built.impls:
             try:
                 impl.fn()  # a failing implementation is reported, not timed
-                fns[impl.name] = impl.fn
+                ok.append(impl)
             except Exception as e:  # noqa: BLE001  (any kernel error must reach the report)
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 skipped.append(
@@ -377,22 +407,18 @@ def run(args: argparse.Namespace) -> int:
                 )
                 if impl.kind == "qtorch":
                     failures.append(f"{op} {impl.name} {shape.text(op)}: {msg}")
-        cold = bool(args.cold and device == "cpu" and op in cases.LINEAR_OPS and shape.M <= 16)
-        stats = timing.time_group(fns, device, cold_cfg if cold else cfg, flusher)
-        case_rows = [
-            _row(built, i, stats[i.name], roof, cold, threads)
-            for i in built.impls
-            if i.name in stats
-        ]
+        stats, ncopies = timing.time_impls(ok, device, cfg)
+        case_rows = [_row(built, i, stats[i.name], roof, ncopies[i.name], threads) for i in ok]
         if device == "cuda":
             from qtorch.bench.memory import cuda_peak_extra
 
-            for r, i in zip(case_rows, [i for i in built.impls if i.name in stats], strict=True):
+            for r, i in zip(case_rows, ok, strict=True):
                 r["peak_mem_bytes"], r["mem_kind"] = cuda_peak_extra(i.fn), "cuda_max_allocated"
         _add_speedups(case_rows)
+        _add_read_pct(case_rows)
         case_rows.sort(key=lambda r: r["median_s"])
         rows.extend(case_rows)
-        del built, fns
+        del built, ok
     progress.close()
     load = machine.machine_info(device).get("load_avg_1m")
     oversubscribed = (
@@ -403,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     if args.memory and device == "cpu":
-        _cpu_memory(rows, ops, dtypes, backends, not args.no_peers, args.threads, err)
+        _cpu_memory(rows, ops, dtypes, backends, not args.no_peers, args.threads, err, options)
 
     print(report.format_table(rows, roof))
     sk = report.format_skipped(skipped)
@@ -451,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu_memory(rows, ops, dtypes, backends, with_peers, threads, err) -> None:
+def _cpu_memory(rows, ops, dtypes, backends, with_peers, threads, err, options) -> None:
     """Fill peak_mem_bytes from one fresh child process per (op, dtype)."""
     from qtorch.bench.cases import Shape
     from qtorch.bench.memory import cpu_peak_extra
@@ -472,6 +498,7 @@ def _cpu_memory(rows, ops, dtypes, backends, with_peers, threads, err) -> None:
                 sorted({r["impl"] for r in rs}),
                 with_peers,
                 threads,
+                options=options.as_dict(),
             )
             if "error" in res:
                 print(f"bench: memory for {op}: {res['error']}", file=err)

@@ -3,12 +3,19 @@
 A case is (op, Shape, dtype, device). `build(...)` makes the inputs once and returns a `Built`
 whose `impls` are zero-argument callables over those inputs:
 
-    kind "qtorch"    the qtorch op under `qtorch.use_backend(b)`, one per backend that
-                     registered a kernel for the op (`qtorch._backend.kernel_coverage()`)
+    kind "qtorch"    qtorch under `qtorch.use_backend(b)`, one per backend that registered a
+                     kernel for the op (`qtorch._backend.kernel_coverage()`). For the linears
+                     "qtorch:<b>" is the quantized module (qtorch.nn, loaded with the same
+                     canonical weights the op rows get), which owns its kernel layout: what a
+                     model runs. "qtorch:<b>:op" is the op called on the canonical weights
+                     (Options.op_rows; it may pack the weight per call). "qtorch:<b>:kernel"
+                     (Options.kernel_rows) skips the op layer: on cpu the C++ binding on a
+                     weight packed beforehand, elsewhere the backend's registered kernel
     kind "baseline"  plain PyTorch: F.linear on float weights (fp32/bf16), the eager
                      formula for quantize/dequantize, eager log_softmax + kl_div +
-                     cross_entropy with autograd for the losses
+                     cross_entropy with autograd for the losses (baselines.py)
     kind "peer"      other libraries doing the same job (peers.py), when installed
+    kind "ceiling"   the streaming read of the weight bytes (ceiling.py, Options.read_ceiling)
 
 Shape fields, per op (the `--shapes M,K,N` option uses the same meaning):
 
@@ -21,13 +28,13 @@ Shape fields, per op (the `--shapes M,K,N` option uses the same meaning):
 
 The distillation cases time forward + backward (what a training step pays); all other
 cases time the forward. Linear weights use a real model's (K, N); int4 uses group size 128
-where K allows, else the largest of 64/32 that divides K.
+where K allows, else the largest of 64/32 that divides K. The weights of a case (not its
+activations) are what cold timing copies and rotates (timing.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +42,23 @@ import torch.nn.functional as F
 import qtorch
 from qtorch import _backend, ops
 from qtorch import reference as R
-from qtorch.bench import peers
+from qtorch.bench import ceiling, peers
+from qtorch.bench.baselines import eager_distillation_loss
+from qtorch.bench.types import Built, Impl, Options, Shape, clone_weights
+
+__all__ = [
+    "OPS",
+    "LINEAR_OPS",
+    "MODULE_FOR",
+    "Shape",
+    "Options",
+    "Impl",
+    "Built",
+    "build",
+    "shapes_for",
+    "shape_problem",
+    "eager_distillation_loss",
+]
 
 OPS = (
     "quantize_int8",
@@ -48,36 +71,16 @@ OPS = (
     "fused_linear_distillation_loss",
 )
 LINEAR_OPS = ("int8_scaled_mm", "int8_linear", "int8_weight_only_linear", "int4_weight_only_linear")
+# The quantized module that runs each linear op in a model (qtorch.nn).
+MODULE_FOR = {
+    "int8_linear": "Int8DynamicLinear",
+    "int8_weight_only_linear": "Int8WeightOnlyLinear",
+    "int4_weight_only_linear": "Int4WeightOnlyLinear",
+}
 
 # Loss settings timed for both distillation ops: Hinton-style KD with a hard-label term.
 LOSS_KW = dict(temperature=2.0, alpha=0.5)
 IGNORE_FRACTION = 0.1  # share of tokens labelled ignore_index (padding), as in real batches
-
-
-@dataclass(frozen=True)
-class Shape:
-    M: int
-    K: int
-    N: int
-    label: str = ""
-    K2: int | None = None  # teacher hidden size (fused distillation only)
-
-    def as_dict(self) -> dict:
-        d = {"M": self.M, "K": self.K, "N": self.N}
-        if self.K2 is not None:
-            d["K2"] = self.K2
-        return d
-
-    def text(self, op: str) -> str:
-        if op == "quantize_int8":
-            return f"M={self.M} K={self.K}"
-        if op == "dequantize_int4":
-            return f"N={self.N} K={self.K}"
-        if op == "distillation_loss":
-            return f"M={self.M} V={self.N}"
-        if op == "fused_linear_distillation_loss":
-            return f"M={self.M} H={self.K}/{self.K2 or self.K} V={self.N}"
-        return f"M={self.M} K={self.K} N={self.N}"
 
 
 # Real models' layer shapes.  (K, N) = (in, out features) of the FFN up-projection.
@@ -164,51 +167,22 @@ def shape_problem(op: str, shape: Shape) -> str | None:
     return None
 
 
-@dataclass
-class Impl:
-    name: str  # "qtorch:cpu", "torch:F.linear", "fbgemm:dynamic_linear", ...
-    kind: str  # "qtorch" | "baseline" | "peer"
-    backend: str  # qtorch backend name, or the library of a baseline/peer
-    fn: Callable[[], object]
-    weight_bytes: int  # bytes of the weight in this implementation's storage (0: no weight)
-    compute: str  # roofline peak that bounds it: "int8" | "fp32" | "bf16" | "fp16"
-    note: str = ""
-
-
-@dataclass
-class Built:
-    op: str
-    shape: Shape
-    dtype: torch.dtype
-    device: str
-    flop: float | None  # useful arithmetic of one call (None: a memory-bound op, not counted)
-    other_bytes: int  # minimum traffic besides the weight: activations in, outputs out
-    impls: list[Impl] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (impl name, reason)
-
-
 def _esize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _compute_kind(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+_compute_kind = peers.float_kind
 
 
 def _in_backend(backend: str, fn: Callable) -> Callable:
-    """fn run with `backend` chosen, as `qtorch.use_backend(backend)` does. The name is
-    validated once here; per call only the scoped context variable is set, because
-    use_backend's validation costs about as much as a small op and would be timed with it."""
+    """fn run under `qtorch.use_backend(backend)`, as a user scopes a call. The name is
+    validated here, once, so an unavailable backend fails at build time."""
     with qtorch.use_backend(backend):
         pass
-    choice = _backend._scoped_choice
 
     def run():
-        token = choice.set(backend)
-        try:
+        with qtorch.use_backend(backend):
             return fn()
-        finally:
-            choice.reset(token)
 
     return run
 
@@ -227,21 +201,60 @@ def _reference_is_cheap(op: str, s: Shape) -> bool:
     return True
 
 
-def _add_qtorch(
-    built: Built, backends: list[str], make: Callable[[], Callable], weight_bytes: int, compute: str
-) -> None:
+def _qtorch_backends(built: Built, backends: list[str]) -> list[str]:
+    """The backends that get qtorch rows; the others are recorded as skipped."""
     coverage = _backend.kernel_coverage().get(built.op, [])
     compiled = [b for b in backends if b != "reference" and b in coverage]
+    out = []
     for b in backends:
         name = f"qtorch:{b}"
         if b not in coverage:
             built.skipped.append((name, f"no {b} kernel registered for {built.op}"))
-        elif b == "reference" and compiled and not _reference_is_cheap(built.op, built.shape):
+        elif (
+            b == "reference"
+            and compiled
+            and built.options.reference == "cheap"
+            and not _reference_is_cheap(built.op, built.shape)
+        ):
             built.skipped.append((name, "reference is slow at this size; rows only where cheap"))
         else:
-            built.impls.append(
-                Impl(name, "qtorch", b, _in_backend(b, make()), weight_bytes, compute)
-            )
+            out.append(b)
+    return out
+
+
+def _qtorch_impl(
+    name: str,
+    b: str,
+    make: Callable[[dict], Callable],
+    weights: dict | None,
+    weight_bytes: int,
+    compute: str,
+    note: str = "",
+) -> Impl:
+    """A qtorch row on backend b: make(weights) -> the call; copies from cloned weights."""
+    body = make(weights or {})
+    return Impl(
+        name,
+        "qtorch",
+        b,
+        _in_backend(b, body),
+        weight_bytes,
+        compute,
+        note=note,
+        body=body,
+        scope=lambda: qtorch.use_backend(b),
+        copy=None if not weights else (lambda: make(clone_weights(weights))),
+    )
+
+
+def _add_qtorch(built, backends, make, weight_bytes, compute, weights=None, note="") -> list:
+    """One "qtorch:<b>" row per backend with a kernel; returns those backends."""
+    served = _qtorch_backends(built, backends)
+    for b in served:
+        built.impls.append(
+            _qtorch_impl(f"qtorch:{b}", b, make, weights, weight_bytes, compute, note=note)
+        )
+    return served
 
 
 def _gen(device: str) -> torch.Generator:
@@ -252,93 +265,292 @@ def _randn(shape, dtype, device, scale=1.0):
     return (torch.randn(shape, generator=_gen(device), device=device) * scale).to(dtype)
 
 
-def _build_linear(op, s, dtype, device, backends, with_peers):
+def _baseline(name, fn_of, weights, weight_bytes, compute, note="") -> Impl:
+    return Impl(
+        name,
+        "baseline",
+        "torch",
+        fn_of(weights),
+        weight_bytes,
+        compute,
+        note=note,
+        copy=None if not weights else (lambda: fn_of(clone_weights(weights))),
+    )
+
+
+def quantized_module(op: str, w: dict, k: int, n: int) -> torch.nn.Module:
+    """The qtorch.nn module of a linear op, loaded with the canonical weights in `w` (what
+    `from_float` would have produced), frozen for inference."""
+    from qtorch import nn as qnn
+
+    bias = w.get("bias")
+    device = (w.get("w_q") if "w_q" in w else w["qw"]).device
+    if op == "int4_weight_only_linear":
+        mod = qnn.Int4WeightOnlyLinear(
+            k, n, bias=bias is not None, group_size=w["gs"], device=device
+        )
+        state = {"qweight": w["qw"], "scales": w["sc"], "zeros": w["zp"]}
+    else:
+        mod = getattr(qnn, MODULE_FOR[op])(k, n, bias=bias is not None, device=device)
+        state = {"qweight": w["w_q"], "weight_scale": w["w_s"]}
+    if bias is not None:
+        state["bias"] = bias
+    mod.load_state_dict(state)
+    if bias is not None:
+        mod.to(bias.dtype)  # the bias in the activations' dtype, as the op rows get it
+    return mod.requires_grad_(False)
+
+
+def _kernel_make(op: str, x: torch.Tensor, out_dtype, n: int, k: int):
+    """The cpu kernel binding on a weight packed beforehand: make(weights) -> call."""
+    Q = torch.ops.qtorch_cpu
+
+    if op == "int8_scaled_mm":
+
+        def make(w):
+            bp = Q.pack_int8_mm(w["b"])
+            a, sa, sb, bias = w["a"], w["sa"], w["sb"], w.get("bias")
+            return lambda: Q.int8_scaled_mm(a, bp, n, sa, sb, bias, out_dtype)
+
+    elif op == "int8_linear":
+
+        def make(w):
+            wp, w_s, bias = Q.pack_int8_mm(w["w_q"]), w["w_s"], w.get("bias")
+            return lambda: Q.int8_linear(x, wp, n, w_s, bias)
+
+    elif op == "int8_weight_only_linear":
+
+        def make(w):
+            wp, s = Q.pack_int8_weight_only(w["w_q"], w["w_s"].float())
+            bias = w.get("bias")
+            return lambda: Q.int8_weight_only_linear(x, wp, s, n, k, bias)
+
+    else:
+
+        def make(w):
+            gs = w["gs"]
+            wp, s, z = Q.pack_int4_weight_only(w["qw"], w["sc"].float(), w["zp"], gs)
+            bias = w.get("bias")
+            return lambda: Q.int4_weight_only_linear(x, wp, s, z, n, k, gs, bias)
+
+    return make
+
+
+def _add_registered_kernels(
+    built: Built,
+    served: list[str],
+    call: Callable,
+    weights: dict | None = None,
+    weight_bytes: int = 0,
+    compute: str = "fp32",
+    skip: tuple[str, ...] = (),
+) -> None:
+    """A "qtorch:<b>:kernel" row per served backend not in `skip` (Options.kernel_rows): the
+    kernel that backend registered for the op (`qtorch._backend.resolve`), called as
+    `call(kernel, weights)` without the op layer's checks and dispatch."""
+    if not built.options.kernel_rows:
+        return
+    for b in served:
+        if b in skip:
+            continue
+        with qtorch.use_backend(b):
+            got, kernel = _backend.resolve(built.op, torch.device(built.device))
+        if got != b:
+            continue
+        built.impls.append(
+            _qtorch_impl(
+                f"qtorch:{b}:kernel",
+                b,
+                lambda w, kernel=kernel: lambda: call(kernel, w),
+                weights,
+                weight_bytes,
+                compute,
+                note="the backend's registered kernel, without the op layer",
+            )
+        )
+
+
+def _build_linear(op, s, dtype, device, backends, with_peers, opt: Options):
     m, k, n = s.M, s.K, s.N
     es = _esize(dtype)
     x = _randn((m, k), dtype, device)
     w = _randn((n, k), torch.float32, device, 0.02)
+    bias = _randn((n,), dtype, device, 0.1) if opt.bias else None
     float_kind = _compute_kind(dtype)
     out_bytes = m * n * es
-    built = Built(op, s, dtype, device, 2.0 * m * k * n, m * k * es + out_bytes)
-    w_f = w.to(dtype)
-    built.impls.append(
-        Impl(
-            f"torch:F.linear({str(dtype).split('.')[1]})",
-            "baseline",
-            "torch",
-            lambda: F.linear(x, w_f),
-            n * k * es,
-            float_kind,
+    built = Built(op, s, dtype, device, 2.0 * m * k * n, m * k * es + out_bytes, options=opt)
+
+    for wname in dict.fromkeys((str(dtype).split(".")[1], *opt.dense_dtypes)):
+        wdt = getattr(torch, wname)
+        xd = x if wdt == dtype else x.to(wdt)
+
+        def dense(d, xd=xd):
+            return lambda: F.linear(xd, d["w"], d["bias"])
+
+        dw = {"w": w.to(wdt), "bias": None if bias is None else bias.to(wdt)}
+        built.impls.append(
+            _baseline(
+                f"torch:F.linear({wname})", dense, dw, n * k * _esize(wdt), _compute_kind(wdt)
+            )
         )
-    )
+
     int8_wbytes = n * k + 4 * n  # int8 [N, K] + fp32 scale [N]
     if op == "int8_scaled_mm":
         a, sa = R.quantize_int8(x)
         b, sb = R.quantize_int8(w)
         built.other_bytes = m * k + 4 * m + out_bytes
-        _add_qtorch(
+        weights = {"b": b, "sb": sb, "bias": bias}
+
+        def make(wt):
+            bb, sbb, bi = wt["b"], wt["sb"], wt["bias"]
+            return lambda: ops.int8_scaled_mm(a, bb, sa, sbb, bi, dtype)
+
+        served = _add_qtorch(built, backends, make, int8_wbytes, "int8", weights)
+        _add_registered_kernels(
             built,
-            backends,
-            lambda: lambda: ops.int8_scaled_mm(a, b, sa, sb, None, dtype),
+            served,
+            lambda kern, wt: kern(a, wt["b"], sa, wt["sb"], wt["bias"], dtype),
+            weights,
             int8_wbytes,
             "int8",
+            skip=("cpu",),
         )
+        if opt.kernel_rows and "cpu" in served:
+            kmake = _kernel_make(op, x, dtype, n, k)
+            built.impls.append(
+                _qtorch_impl(
+                    "qtorch:cpu:kernel",
+                    "cpu",
+                    lambda wt: kmake({**wt, "a": a, "sa": sa}),
+                    weights,
+                    int8_wbytes,
+                    "int8",
+                    note="the C++ binding on a weight packed beforehand",
+                )
+            )
         if with_peers:
-            peers.add_int8_mm_peers(built, a, b, sa, sb, int8_wbytes)
-    elif op in ("int8_linear", "int8_weight_only_linear"):
-        w_q, w_s = R.quantize_int8(w)
-        fn = getattr(ops, op)
-        kind = "int8" if op == "int8_linear" else float_kind
-        _add_qtorch(built, backends, lambda: lambda: fn(x, w_q, w_s), int8_wbytes, kind)
-        if with_peers:
-            adder = peers.add_w8a8_peers if op == "int8_linear" else peers.add_w8a16_peers
-            adder(built, x, w, w_q, w_s, int8_wbytes)
-    else:  # int4_weight_only_linear
-        gs = group_size_for(k)
-        qw, sc, zp = R.quantize_int4(w, gs)
-        int4_wbytes = n * k // 2 + 5 * n * (k // gs)  # nibbles + fp32 scale + u8 zero per group
-        _add_qtorch(
+            peers.add_int8_mm_peers(built, a, sa, {**weights, "w": w}, int8_wbytes)
+    else:
+        if op == "int4_weight_only_linear":
+            gs = group_size_for(k)
+            qw, sc, zp = R.quantize_int4(w, gs)
+            weights = {"qw": qw, "sc": sc, "zp": zp, "gs": gs, "bias": bias}
+            # nibbles + fp32 scale + u8 zero per group
+            wbytes, compute = n * k // 2 + 5 * n * (k // gs), float_kind
+
+            def make_op(wt):
+                q, sc_, zp_, bi = wt["qw"], wt["sc"], wt["zp"], wt["bias"]
+                return lambda: ops.int4_weight_only_linear(x, q, sc_, zp_, gs, bi)
+
+        else:
+            w_q, w_s = R.quantize_int8(w)
+            weights = {"w_q": w_q, "w_s": w_s, "bias": bias}
+            wbytes, compute = int8_wbytes, "int8" if op == "int8_linear" else float_kind
+            fn = getattr(ops, op)
+
+            def make_op(wt):
+                q, s_, bi = wt["w_q"], wt["w_s"], wt["bias"]
+                return lambda: fn(x, q, s_, bi)
+
+        def make_module(wt):
+            mod = quantized_module(op, wt, k, n)
+            return lambda: mod(x)
+
+        served = _add_qtorch(
             built,
             backends,
-            lambda: lambda: ops.int4_weight_only_linear(x, qw, sc, zp, gs),
-            int4_wbytes,
-            float_kind,
+            make_module,
+            wbytes,
+            compute,
+            weights,
+            note=f"qtorch.nn.{MODULE_FOR[op]}",
         )
+        if opt.op_rows:
+            for b in served:
+                if b == "reference":  # nothing to pack: the module runs exactly the op
+                    continue
+                built.impls.append(
+                    _qtorch_impl(
+                        f"qtorch:{b}:op",
+                        b,
+                        make_op,
+                        weights,
+                        wbytes,
+                        compute,
+                        note=f"qtorch.ops.{op} on the canonical weights (may pack per call)",
+                    )
+                )
+        if opt.kernel_rows and "cpu" in served:
+            built.impls.append(
+                _qtorch_impl(
+                    "qtorch:cpu:kernel",
+                    "cpu",
+                    _kernel_make(op, x, dtype, n, k),
+                    weights,
+                    wbytes,
+                    compute,
+                    note="the C++ binding on a weight packed beforehand",
+                )
+            )
         if with_peers:
-            peers.add_w4a16_peers(built, x, w, qw, sc, zp, gs)
+            full = {**weights, "w": w}
+            if op == "int8_linear":
+                peers.add_w8a8_peers(built, x, full, wbytes)
+            elif op == "int8_weight_only_linear":
+                peers.add_w8a16_peers(built, x, full, wbytes)
+            else:
+                peers.add_w4a16_peers(built, x, full, gs)
+    _add_ceiling(built, n, k)
     return built
 
 
-def _build_quantize_int8(s, dtype, device, backends, with_peers):
+def _add_ceiling(built: Built, n: int, k: int) -> None:
+    if not built.options.read_ceiling:
+        return
+    if built.device != "cpu" or not ceiling.available():
+        built.skipped.append((ceiling.NAME, "needs qtorch._C and CPU tensors"))
+        return
+    built.impls.append(ceiling.read_ceiling(n, k))
+
+
+def _build_quantize_int8(s, dtype, device, backends, with_peers, opt):
     x = _randn((s.M, s.K), dtype, device)
     built = Built(
-        "quantize_int8", s, dtype, device, None, s.M * s.K * (_esize(dtype) + 1) + 4 * s.M
+        "quantize_int8",
+        s,
+        dtype,
+        device,
+        None,
+        s.M * s.K * (_esize(dtype) + 1) + 4 * s.M,
+        options=opt,
     )
     built.impls.append(
         Impl("torch:eager", "baseline", "torch", lambda: R.quantize_int8(x), 0, "fp32")
     )
-    _add_qtorch(built, backends, lambda: lambda: ops.quantize_int8(x), 0, "fp32")
+    served = _add_qtorch(built, backends, lambda _: lambda: ops.quantize_int8(x), 0, "fp32")
+    _add_registered_kernels(built, served, lambda kern, _: kern(x))
     return built
 
 
-def _build_dequantize_int4(s, dtype, device, backends, with_peers):
+def _build_dequantize_int4(s, dtype, device, backends, with_peers, opt):
     gs = group_size_for(s.K)
     qw, sc, zp = R.quantize_int4(_randn((s.N, s.K), torch.float32, device, 0.02), gs)
+    weights = {"qw": qw, "sc": sc, "zp": zp}
     wbytes = s.N * s.K // 2 + 5 * s.N * (s.K // gs)
-    built = Built("dequantize_int4", s, dtype, device, None, 4 * s.N * s.K)  # fp32 out
-    built.impls.append(
-        Impl(
-            "torch:eager",
-            "baseline",
-            "torch",
-            lambda: R.dequantize_int4(qw, sc, zp, gs),
-            wbytes,
-            "fp32",
-        )
+    built = Built("dequantize_int4", s, dtype, device, None, 4 * s.N * s.K, options=opt)
+
+    def eager(w):
+        return lambda: R.dequantize_int4(w["qw"], w["sc"], w["zp"], gs)
+
+    def make(w):
+        return lambda: ops.dequantize_int4(w["qw"], w["sc"], w["zp"], gs)
+
+    built.impls.append(_baseline("torch:eager", eager, weights, wbytes, "fp32"))
+    served = _add_qtorch(built, backends, make, wbytes, "fp32", weights)
+    _add_registered_kernels(
+        built, served, lambda kern, w: kern(w["qw"], w["sc"], w["zp"], gs), weights, wbytes
     )
-    _add_qtorch(
-        built, backends, lambda: lambda: ops.dequantize_int4(qw, sc, zp, gs), wbytes, "fp32"
-    )
+    _add_ceiling(built, s.N, s.K)
     return built
 
 
@@ -349,84 +561,110 @@ def _labels(m: int, v: int, device: str) -> torch.Tensor:
     return labels.masked_fill(drop, -100)
 
 
-def eager_distillation_loss(student, teacher, labels, temperature, alpha, ignore_index=-100):
-    """What one writes in plain PyTorch: fp32 log-softmaxes, KL(p || q) via kl_div, T², plus
-    cross-entropy, mean over counted tokens; backward through autograd."""
-    t = temperature
-    log_q = F.log_softmax(student.float() / t, dim=-1)
-    log_p = F.log_softmax(teacher.float() / t, dim=-1)
-    soft = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1) * (t * t)
-    hard = F.cross_entropy(student.float(), labels, ignore_index=ignore_index, reduction="none")
-    keep = (labels != ignore_index).float()
-    return ((alpha * soft + (1 - alpha) * hard) * keep).sum() / keep.sum().clamp(min=1)
-
-
-def _build_distillation(s, dtype, device, backends, with_peers):
+def _build_distillation(s, dtype, device, backends, with_peers, opt):
     m, v = s.M, s.N
     es = _esize(dtype)
     student = _randn((m, v), dtype, device, 2.0).requires_grad_(True)
     teacher = _randn((m, v), dtype, device, 2.0) + 0.5
     labels = _labels(m, v, device)
+    kw = dict(LOSS_KW, divergence=opt.divergence)
     # Minimum traffic: read both logits once, write the student gradient once.
-    built = Built("distillation_loss", s, dtype, device, None, 3 * m * v * es)
+    built = Built("distillation_loss", s, dtype, device, None, 3 * m * v * es, options=opt)
     kind = _compute_kind(dtype)
 
     def eager():
-        loss = eager_distillation_loss(student, teacher, labels, **LOSS_KW)
+        loss = eager_distillation_loss(student, teacher, labels, **kw)
         return torch.autograd.grad(loss, student)
 
     built.impls.append(Impl("torch:eager+autograd", "baseline", "torch", eager, 0, kind))
 
-    def make():
+    def make(_):
         def run():
-            loss = ops.distillation_loss(student, teacher, labels, **LOSS_KW)
+            loss = ops.distillation_loss(student, teacher, labels, **kw)
             return torch.autograd.grad(loss, student)
 
         return run
 
-    _add_qtorch(built, backends, make, 0, kind)
+    served = _add_qtorch(built, backends, make, 0, kind)
+    # the kernels compute the loss per token and its gradient in one call (no autograd)
+    args = (
+        labels,
+        LOSS_KW["temperature"],
+        LOSS_KW["alpha"],
+        opt.divergence,
+        0.5,  # beta, the jsd mixture weight (the ops' default)
+        -100,
+        True,
+    )
+    s_ = student.detach()
+    _add_registered_kernels(built, served, lambda kern, _: kern(s_, teacher, *args), compute=kind)
     if with_peers:
         peers.add_distillation_peers(built, student, teacher, labels)
     return built
 
 
-def _build_fused(s, dtype, device, backends, with_peers):
+def _build_fused(s, dtype, device, backends, with_peers, opt):
     m, h, v = s.M, s.K, s.N
     ht = s.K2 or s.K
     es = _esize(dtype)
     hs = _randn((m, h), dtype, device).requires_grad_(True)
-    ws = _randn((v, h), dtype, device, 0.05).requires_grad_(True)
     ht_ = _randn((m, ht), dtype, device)
-    wt = _randn((v, ht), dtype, device, 0.05)
+    weights = {
+        "ws": _randn((v, h), dtype, device, 0.05).requires_grad_(True),
+        "wt": _randn((v, ht), dtype, device, 0.05),
+    }
     labels = _labels(m, v, device)
+    kw = dict(LOSS_KW, divergence=opt.divergence)
     # student logits, teacher logits, grad_hidden and grad_weight GEMMs
     flop = 2.0 * m * v * (3 * h + ht)
     wbytes = v * (h + ht) * es
     # + the gradient of the student weight written once, hidden states in, grad_hidden out
     built = Built(
-        "fused_linear_distillation_loss", s, dtype, device, flop, v * h * es + m * (2 * h + ht) * es
+        "fused_linear_distillation_loss",
+        s,
+        dtype,
+        device,
+        flop,
+        v * h * es + m * (2 * h + ht) * es,
+        options=opt,
     )
     kind = _compute_kind(dtype)
 
-    def eager():
-        logits_s = F.linear(hs, ws)
-        with torch.no_grad():
-            logits_t = F.linear(ht_, wt)
-        loss = eager_distillation_loss(logits_s, logits_t, labels, **LOSS_KW)
-        return torch.autograd.grad(loss, (hs, ws))
+    def eager(w):
+        ws, wt = w["ws"], w["wt"]
 
-    built.impls.append(Impl("torch:eager+autograd", "baseline", "torch", eager, wbytes, kind))
-
-    def make():
         def run():
-            loss = ops.fused_linear_distillation_loss(hs, ws, ht_, wt, labels, **LOSS_KW)
+            logits_s = F.linear(hs, ws)
+            with torch.no_grad():
+                logits_t = F.linear(ht_, wt)
+            loss = eager_distillation_loss(logits_s, logits_t, labels, **kw)
             return torch.autograd.grad(loss, (hs, ws))
 
         return run
 
-    _add_qtorch(built, backends, make, wbytes, kind)
+    built.impls.append(_baseline("torch:eager+autograd", eager, weights, wbytes, kind))
+
+    def make_for(chunk):
+        def make(w):
+            ws, wt = w["ws"], w["wt"]
+
+            def run():
+                loss = ops.fused_linear_distillation_loss(
+                    hs, ws, ht_, wt, labels, chunk_size=chunk, **kw
+                )
+                return torch.autograd.grad(loss, (hs, ws))
+
+            return run
+
+        return make
+
+    served = _qtorch_backends(built, backends)
+    for b in served:
+        for chunk in opt.chunk_sizes:
+            name = f"qtorch:{b}" + ("" if chunk is None else f" chunk_size={chunk}")
+            built.impls.append(_qtorch_impl(name, b, make_for(chunk), weights, wbytes, kind))
     if with_peers:
-        peers.add_fused_distillation_peers(built, hs, ws, ht_, wt, labels)
+        peers.add_fused_distillation_peers(built, hs, ht_, weights, labels, LOSS_KW)
     return built
 
 
@@ -437,6 +675,7 @@ def build(
     device: str,
     backends: list[str],
     with_peers: bool = True,
+    options: Options | None = None,
 ) -> Built:
     """Inputs and every implementation of one case (see the module docstring)."""
     if op not in OPS:
@@ -444,15 +683,18 @@ def build(
     problem = shape_problem(op, shape)
     if problem:
         raise ValueError(problem)
+    opt = options or Options()
     if op in LINEAR_OPS:
-        return _no_grad_build(_build_linear, op, shape, dtype, device, backends, with_peers)
+        return _no_grad_build(_build_linear, op, shape, dtype, device, backends, with_peers, opt)
     if op == "quantize_int8":
-        return _no_grad_build(_build_quantize_int8, shape, dtype, device, backends, with_peers)
+        return _no_grad_build(_build_quantize_int8, shape, dtype, device, backends, with_peers, opt)
     if op == "dequantize_int4":
-        return _no_grad_build(_build_dequantize_int4, shape, dtype, device, backends, with_peers)
+        return _no_grad_build(
+            _build_dequantize_int4, shape, dtype, device, backends, with_peers, opt
+        )
     if op == "distillation_loss":  # the losses time a backward: their inputs require grad
-        return _build_distillation(shape, dtype, device, backends, with_peers)
-    return _build_fused(shape, dtype, device, backends, with_peers)
+        return _build_distillation(shape, dtype, device, backends, with_peers, opt)
+    return _build_fused(shape, dtype, device, backends, with_peers, opt)
 
 
 def _no_grad_build(builder, *args):

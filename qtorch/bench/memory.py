@@ -22,20 +22,13 @@ import sys
 
 import torch
 
+from qtorch.testing import reset_vm_hwm, vm_hwm_kib
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
     return int(m.group(1)) if m else -1
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def cuda_peak_extra(fn) -> int:
@@ -50,6 +43,7 @@ def cuda_peak_extra(fn) -> int:
 
 def _child(spec: dict) -> dict:
     from qtorch.bench.cases import Shape, build
+    from qtorch.bench.types import Options
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -57,17 +51,25 @@ def _child(spec: dict) -> dict:
     out = {}
     for sd in spec["shapes"]:
         shape = Shape(sd["M"], sd["K"], sd["N"], K2=sd.get("K2"))
-        built = build(spec["op"], shape, dtype, "cpu", spec["backends"], spec["peers"])
+        built = build(
+            spec["op"],
+            shape,
+            dtype,
+            "cpu",
+            spec["backends"],
+            spec["peers"],
+            Options.of(spec.get("options")),
+        )
         for impl in built.impls:
             if impl.name not in spec["impls"]:
                 continue
             impl.fn()  # warm
             gc.collect()
             base = _status_kib("VmRSS")
-            if not _reset_hwm():
+            if not reset_vm_hwm():
                 return {"error": "cannot reset VmHWM (/proc/self/clear_refs not writable)"}
             impl.fn()
-            peak = _status_kib("VmHWM")
+            peak = vm_hwm_kib()
             out[f"{shape.M},{shape.K},{shape.N}|{impl.name}"] = max(peak - base, 0) * 1024
         del built
         gc.collect()
@@ -83,9 +85,11 @@ def cpu_peak_extra(
     with_peers: bool,
     threads: int | None,
     timeout_s: float = 600,
+    options: dict | None = None,
 ) -> dict:
     """{"M,K,N|impl": bytes} of peak RSS above the pre-call RSS, measured in one fresh child
-    process for this op; {"error": why} if the child failed."""
+    process for this op (the case built with `options`, an `Options.as_dict()`);
+    {"error": why} if the child failed."""
     spec = {
         "op": op,
         "shapes": [s.as_dict() for s in shapes],
@@ -94,6 +98,7 @@ def cpu_peak_extra(
         "impls": impls,
         "peers": with_peers,
         "threads": threads,
+        "options": options,
     }
     try:
         proc = subprocess.run(

@@ -1,4 +1,6 @@
-"""Peers: other libraries' implementations of the same job, timed next to qtorch.
+"""Peers: other libraries' implementations of the same job, timed next to qtorch. The only
+place that sets up another library's kernel for a benchmark (the scripts in benchmarks/ get
+theirs from here, through cases.build).
 
 Each `add_*` appends `Impl`s (kind "peer") to a `Built` case, or records in `built.skipped`
 why a peer is absent (not installed, wrong device, unsupported dtype or shape). Peer weights
@@ -6,6 +8,7 @@ are converted from the *same* quantized weights qtorch gets, so both compute the
 
     torch._int_mm                       int8 [M, K] @ int8 [K, N] -> int32 (CPU and CUDA);
                                         the per-row/per-channel scales applied in eager
+                                        ("torch:_int_mm(int32 out)": without them)
     fbgemm dynamic quantized Linear     torch.ao.nn.quantized.dynamic.Linear, per-channel
                                         int8 weight, activation quantized per tensor (uint8)
     torch._weight_int8pack_mm           W8A16 with per-channel scale
@@ -16,79 +19,126 @@ are converted from the *same* quantized weights qtorch gets, so both compute the
     torchao                             quantize_ configs on an nn.Linear, when importable
     Liger-Kernel                        LigerFusedLinearJSD (CUDA/Triton), when importable
 
-Optional peers that are installed but fail to set up (API drift between versions) are
-recorded as skipped with the error, never silently dropped and never fatal.
+A peer is set up by `setup(weights) -> call` from a dict of weight tensors; cold timing calls
+it again on fresh copies of those tensors (`Impl.copy`). Optional peers that are installed but
+fail to set up (API drift between versions) are recorded as skipped with the error, never
+silently dropped and never fatal.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Callable
 
 import torch
 
-from qtorch.reference.int8_mm import quantize_int8
+from qtorch import reference as R
+from qtorch.bench.types import Built, Impl, clone_weights
 from qtorch.reference.weight_only import unpack_int4
 
+_SETUP_ERRORS = (
+    RuntimeError,
+    ValueError,
+    TypeError,
+    NotImplementedError,
+    AttributeError,
+    ImportError,
+    AssertionError,
+)
 
-def _impl(*args, **kw):
-    from qtorch.bench.cases import Impl
 
-    return Impl(*args, **kw)
-
-
-def _float_kind(dtype):
+def float_kind(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-
-
-def _try(built, name: str, setup) -> None:
-    """Run `setup() -> Impl` for an optional peer; a failure becomes a skipped entry."""
-    try:
-        with warnings.catch_warnings():  # e.g. torch.ao's deprecation notice, once per setup
-            warnings.simplefilter("ignore")
-            impl = setup()
-            impl.fn()  # fail here, at setup, not in the middle of the timing loop
-        built.impls.append(impl)
-    except (
-        RuntimeError,
-        ValueError,
-        TypeError,
-        NotImplementedError,
-        AttributeError,
-        ImportError,
-        AssertionError,
-    ) as e:
-        built.skipped.append((name, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
 
 
 def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _quiet(setup: Callable[[dict], Callable], weights: dict) -> Callable:
+    with warnings.catch_warnings():  # e.g. torch.ao's deprecation notice, once per setup
+        warnings.simplefilter("ignore")
+        return setup(weights)
+
+
+def _try(
+    built: Built,
+    name: str,
+    backend: str,
+    setup: Callable[[dict], Callable],
+    weights: dict,
+    keys: tuple[str, ...],
+    weight_bytes: int,
+    compute: str,
+    note: str = "",
+) -> None:
+    """Set up an optional peer from weights[keys] and call it once (fail here, at setup, not in
+    the middle of the timing loop); a failure becomes a skipped entry."""
+    weights = {k: weights[k] for k in keys}
+    try:
+        body = _quiet(setup, weights)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            body()
+    except _SETUP_ERRORS as e:
+        built.skipped.append((name, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+        return
+    built.impls.append(
+        Impl(
+            name,
+            "peer",
+            backend,
+            body,
+            weight_bytes,
+            compute,
+            note=note,
+            copy=lambda: _quiet(setup, clone_weights(weights)),
+        )
+    )
+
+
+def _with_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
+
+
 # ------------------------------------------------------------------------ int8 GEMM (W8A8)
 
 
-def add_int8_mm_peers(built, a, b, sa, sb, wbytes) -> None:
-    """int8_scaled_mm: torch._int_mm plus the same scaling epilogue in eager."""
+def add_int8_mm_peers(built: Built, a, sa, weights: dict, wbytes: int) -> None:
+    """int8_scaled_mm: torch._int_mm plus the same scaling epilogue in eager (and, with
+    Options.raw_int_mm, torch._int_mm alone: int32 out, the GEMM without any epilogue)."""
+    if not hasattr(torch, "_int_mm"):
+        built.skipped.append(("torch:_int_mm", "torch._int_mm not in this torch"))
+        return
     out_dtype = built.dtype
-    bt = b.t()  # [K, N] view: _int_mm takes the column-major weight as is
+    sa2 = sa[:, None]
 
-    def setup():
-        sa2, sb2 = sa[:, None], sb[None, :]
-        return _impl(
-            "torch:_int_mm",
-            "peer",
+    def setup(w):
+        bt, sb2 = w["b"].t(), w["sb"][None, :]  # [K, N] view: _int_mm takes it as is
+        return lambda: (torch._int_mm(a, bt) * sa2 * sb2).to(out_dtype)
+
+    _try(built, "torch:_int_mm", "torch", setup, weights, ("b", "sb"), wbytes, "int8")
+    if built.options.raw_int_mm:
+
+        def setup_raw(w):
+            bt = w["b"].t()
+            return lambda: torch._int_mm(a, bt)
+
+        _try(
+            built,
+            "torch:_int_mm(int32 out)",
             "torch",
-            lambda: (torch._int_mm(a, bt) * sa2 * sb2).to(out_dtype),
+            setup_raw,
+            weights,
+            ("b",),
             wbytes,
             "int8",
+            note="int32 out, no scales: the GEMM alone",
         )
 
-    if hasattr(torch, "_int_mm"):
-        _try(built, "torch:_int_mm", setup)
 
-
-def add_w8a8_peers(built, x, w, w_q, w_s, wbytes) -> None:
+def add_w8a8_peers(built: Built, x, weights: dict, wbytes: int) -> None:
     """int8_linear (dynamic W8A8): fbgemm's dynamic quantized Linear, quantize + _int_mm in
     eager, torchao's int8 dynamic config."""
     dtype, device = built.dtype, built.device
@@ -97,149 +147,158 @@ def add_w8a8_peers(built, x, w, w_q, w_s, wbytes) -> None:
             built.skipped.append(("fbgemm:dynamic_linear", "takes float32 activations only"))
         else:
 
-            def setup_fbgemm():
+            def setup_fbgemm(w):
                 import torch.ao.nn.quantized.dynamic as nnqd
 
-                n, k = w_q.shape
-                lin = nnqd.Linear(k, n, bias_=False, dtype=torch.qint8)
+                n, k = w["w_q"].shape
+                lin = nnqd.Linear(k, n, bias_=w["bias"] is not None, dtype=torch.qint8)
                 qw = torch._make_per_channel_quantized_tensor(
-                    w_q.cpu(), w_s.double(), torch.zeros(n, dtype=torch.long), 0
+                    w["w_q"].cpu(), w["w_s"].double(), torch.zeros(n, dtype=torch.long), 0
                 )
-                lin.set_weight_bias(qw, None)
-                return _impl(
-                    "fbgemm:dynamic_linear",
-                    "peer",
-                    "fbgemm",
-                    lambda: lin(x),
-                    wbytes,
-                    "int8",
-                    note="activation quantized per tensor (uint8)",
-                )
+                lin.set_weight_bias(qw, w["bias"])
+                return lambda: lin(x)
 
-            _try(built, "fbgemm:dynamic_linear", setup_fbgemm)
-    if hasattr(torch, "_int_mm"):
-        bt = w_q.t()
-
-        def setup_int_mm():
-            def run():
-                q, s = quantize_int8(x)
-                return (torch._int_mm(q, bt) * s[:, None] * w_s[None, :]).to(dtype)
-
-            return _impl(
-                "torch:quantize+_int_mm",
-                "peer",
-                "torch",
-                run,
+            _try(
+                built,
+                "fbgemm:dynamic_linear",
+                "fbgemm",
+                setup_fbgemm,
+                weights,
+                ("w_q", "w_s", "bias"),
                 wbytes,
                 "int8",
-                note="eager per-token quantize, then torch._int_mm",
+                note="activation quantized per tensor (uint8)",
             )
+    if hasattr(torch, "_int_mm"):
 
-        _try(built, "torch:quantize+_int_mm", setup_int_mm)
-    _add_torchao(built, x, w, "Int8DynamicActivationInt8WeightConfig", {}, wbytes, "int8")
+        def setup_int_mm(w):
+            bt, w_s, bias = w["w_q"].t(), w["w_s"], w["bias"]
+
+            def run():
+                q, s = R.quantize_int8(x)
+                return _with_bias(
+                    (torch._int_mm(q, bt) * s[:, None] * w_s[None, :]).to(dtype), bias
+                )
+
+            return run
+
+        _try(
+            built,
+            "torch:quantize+_int_mm",
+            "torch",
+            setup_int_mm,
+            weights,
+            ("w_q", "w_s", "bias"),
+            wbytes,
+            "int8",
+            note="eager per-token quantize, then torch._int_mm",
+        )
+    _add_torchao(built, x, weights, "Int8DynamicActivationInt8WeightConfig", {}, wbytes, "int8")
 
 
 # ------------------------------------------------------------------ weight-only (W8A16/W4A16)
 
 
-def add_w8a16_peers(built, x, w, w_q, w_s, wbytes) -> None:
+def add_w8a16_peers(built: Built, x, weights: dict, wbytes: int) -> None:
     dtype = built.dtype
     if hasattr(torch, "_weight_int8pack_mm"):
 
-        def setup():
-            s = w_s.to(dtype)
-            return _impl(
-                "torch:_weight_int8pack_mm",
-                "peer",
-                "torch",
-                lambda: torch._weight_int8pack_mm(x, w_q, s),
-                wbytes,
-                _float_kind(dtype),
-            )
+        def setup(w):
+            w_q, s, bias = w["w_q"], w["w_s"].to(dtype), w["bias"]
+            return lambda: _with_bias(torch._weight_int8pack_mm(x, w_q, s), bias)
 
-        _try(built, "torch:_weight_int8pack_mm", setup)
-    _add_torchao(built, x, w, "Int8WeightOnlyConfig", {}, wbytes, _float_kind(dtype))
+        _try(
+            built,
+            "torch:_weight_int8pack_mm",
+            "torch",
+            setup,
+            weights,
+            ("w_q", "w_s", "bias"),
+            wbytes,
+            float_kind(dtype),
+        )
+    _add_torchao(built, x, weights, "Int8WeightOnlyConfig", {}, wbytes, float_kind(dtype))
 
 
-def add_w4a16_peers(built, x, w, qw, sc, zp, gs) -> None:
-    dtype, device = built.dtype, built.device
-    n, k = w.shape
-    q = unpack_int4(qw)  # [N, K] values 0..15
-    # torch's int4 packs dequantize (q - 8) * scale + zero_f: zero_f = (8 - z) * scale.
+def int4pack_scales_and_zeros(sc: torch.Tensor, zp: torch.Tensor, dtype: torch.dtype):
+    """torch's int4 packs dequantize (q - 8) * scale + zero_f: zero_f = (8 - z) * scale, as
+    [K // gs, N, 2] (scale, zero_f) in the activations' dtype."""
     zero_f = (8.0 - zp.float()) * sc
-    sz = torch.stack((sc.t(), zero_f.t()), dim=-1).contiguous()  # [K // gs, N, 2]
+    return torch.stack((sc.t(), zero_f.t()), dim=-1).contiguous().to(dtype)
+
+
+def add_w4a16_peers(built: Built, x, weights: dict, gs: int) -> None:
+    dtype, device = built.dtype, built.device
+    n, k = weights["w"].shape
     wbytes = n * k // 2 + 2 * n * (k // gs) * torch.empty((), dtype=dtype).element_size()
+    keys = ("qw", "sc", "zp", "bias")
+
+    def setup_with(pack, mm):
+        def setup(w):
+            packed = pack(unpack_int4(w["qw"]))  # from [N, K] values 0..15
+            sz, bias = int4pack_scales_and_zeros(w["sc"], w["zp"], dtype), w["bias"]
+            return lambda: _with_bias(mm(x, packed, gs, sz), bias)
+
+        return setup
+
     if device == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-
-        def setup_cpu():
-            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-            sz_d = sz.to(dtype)
-            return _impl(
-                "torch:_weight_int4pack_mm_for_cpu",
-                "peer",
-                "torch",
-                lambda: torch._weight_int4pack_mm_for_cpu(x, packed, gs, sz_d),
-                wbytes,
-                _float_kind(dtype),
-            )
-
-        _try(built, "torch:_weight_int4pack_mm_for_cpu", setup_cpu)
+        setup = setup_with(
+            lambda q: torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
+            torch._weight_int4pack_mm_for_cpu,
+        )
+        name = "torch:_weight_int4pack_mm_for_cpu"
+        _try(built, name, "torch", setup, weights, keys, wbytes, float_kind(dtype))
     elif device == "cuda" and hasattr(torch, "_weight_int4pack_mm"):
         if dtype != torch.bfloat16:
             built.skipped.append(("torch:_weight_int4pack_mm", "tinygemm takes bfloat16 only"))
         else:
-
-            def setup_cuda():
-                # tinygemm's input packing: byte j holds k = 2j in the high nibble.
-                u8 = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8)
-                packed = torch._convert_weight_to_int4pack(u8, 8)
-                sz_d = sz.to(dtype)
-                return _impl(
-                    "torch:_weight_int4pack_mm",
-                    "peer",
-                    "torch",
-                    lambda: torch._weight_int4pack_mm(x, packed, gs, sz_d),
-                    wbytes,
-                    "bf16",
-                )
-
-            _try(built, "torch:_weight_int4pack_mm", setup_cuda)
+            # tinygemm's input packing: byte j holds k = 2j in the high nibble.
+            setup = setup_with(
+                lambda q: torch._convert_weight_to_int4pack(
+                    ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8), 8
+                ),
+                torch._weight_int4pack_mm,
+            )
+            _try(built, "torch:_weight_int4pack_mm", "torch", setup, weights, keys, wbytes, "bf16")
     _add_torchao(
-        built, x, w, "Int4WeightOnlyConfig", {"group_size": gs}, wbytes, _float_kind(dtype)
+        built, x, weights, "Int4WeightOnlyConfig", {"group_size": gs}, wbytes, float_kind(dtype)
     )
 
 
-def _add_torchao(built, x, w, config_name: str, config_kw: dict, wbytes: int, kind: str) -> None:
+def _add_torchao(built: Built, x, weights, config_name: str, config_kw: dict, wbytes, kind):
     name = f"torchao:{config_name}"
     if not installed("torchao"):
         built.skipped.append((name, "torchao not installed"))
         return
 
-    def setup():
+    def setup(w):
         import torchao.quantization as tq
 
+        fw, bias = w["w"], w["bias"]
         lin = torch.nn.Linear(
-            w.shape[1], w.shape[0], bias=False, device=w.device, dtype=built.dtype
+            fw.shape[1], fw.shape[0], bias=bias is not None, device=fw.device, dtype=built.dtype
         )
         with torch.no_grad():
-            lin.weight.copy_(w.to(built.dtype))
+            lin.weight.copy_(fw.to(built.dtype))
+            if bias is not None:
+                lin.bias.copy_(bias)
         tq.quantize_(lin, getattr(tq, config_name)(**config_kw))
-        return _impl(name, "peer", "torchao", lambda: lin(x), wbytes, kind)
+        return lambda: lin(x)
 
-    _try(built, name, setup)
+    _try(built, name, "torchao", setup, weights, ("w", "bias"), wbytes, kind)
 
 
 # ----------------------------------------------------------------------------- distillation
 
 
-def add_distillation_peers(built, student, teacher, labels) -> None:
+def add_distillation_peers(built: Built, student, teacher, labels) -> None:
     # Liger-Kernel's unfused KD losses (LigerKLDIVLoss, LigerJSD) take log-probabilities and
     # have no hard-label term, so they time a different computation; not listed as peers.
     if not installed("liger_kernel"):
         built.skipped.append(("liger:*", "Liger-Kernel not installed"))
 
 
-def add_fused_distillation_peers(built, hs, ws, ht, wt, labels) -> None:
+def add_fused_distillation_peers(built: Built, hs, ht, weights: dict, labels, loss_kw) -> None:
     name = "liger:LigerFusedLinearJSD"
     if not installed("liger_kernel"):
         built.skipped.append((name, "Liger-Kernel not installed"))
@@ -248,23 +307,27 @@ def add_fused_distillation_peers(built, hs, ws, ht, wt, labels) -> None:
         built.skipped.append((name, "Triton kernels need a CUDA device"))
         return
 
-    def setup():
+    def setup(w):
         from liger_kernel.transformers import LigerFusedLinearJSD
 
-        loss_fn = LigerFusedLinearJSD(jsd_beta=0.5, temperature=2.0)
+        loss_fn = LigerFusedLinearJSD(jsd_beta=0.5, temperature=loss_kw["temperature"])
+        ws, wt = w["ws"], w["wt"]
 
         def run():
             loss = loss_fn(hs, ws, ht, wt, labels)
             return torch.autograd.grad(loss, (hs, ws))
 
-        return _impl(
-            name,
-            "peer",
-            "liger",
-            run,
-            ws.numel() * ws.element_size() + wt.numel() * wt.element_size(),
-            _float_kind(built.dtype),
-            note="JSD (beta=0.5) without the hard-label term: a near, not equal, job",
-        )
+        return run
 
-    _try(built, name, setup)
+    ws, wt = weights["ws"], weights["wt"]
+    _try(
+        built,
+        name,
+        "liger",
+        setup,
+        weights,
+        ("ws", "wt"),
+        ws.numel() * ws.element_size() + wt.numel() * wt.element_size(),
+        float_kind(built.dtype),
+        note="JSD (beta=0.5) without the hard-label term: a near, not equal, job",
+    )

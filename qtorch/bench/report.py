@@ -39,13 +39,17 @@ def format_table(rows: list[dict], roof: dict | None) -> str:
     for r in rows:
         blocks.setdefault((r["op"], r["dtype"]), []).append(r)
     mem = any(r.get("peak_mem_bytes") is not None for r in rows)
+    read = any(r.get("read_pct") is not None for r in rows)
     head = (
         f"{'shape':<24} {'impl':<36} {'median':>10} {'p20..p80':>19} {'T(FL)OP/s':>9} "
-        f"{'GB/s':>7} {'%roof':>6} {'vs base':>8} {'vs peer':>8}" + (" peak MiB" if mem else "")
+        f"{'GB/s':>7} {'%roof':>6}"
+        + (f" {'%read':>6}" if read else "")
+        + f" {'vs base':>8} {'vs peer':>8}"
+        + (" peak MiB" if mem else "")
     )
     for (op, dtype), rs in blocks.items():
         r0 = rs[0]
-        cold = " cold-cache decode" if any(r["cold"] for r in rs) else ""
+        cold = " cold weights (rotated copies)" if any(r["cold"] for r in rs) else ""
         out.append(f"\n== {op}  [{dtype}, {r0['device']}, {r0['threads']} threads{cold}]")
         out.append(head)
         out.append("-" * len(head))
@@ -59,8 +63,9 @@ def format_table(rows: list[dict], roof: dict | None) -> str:
             mark = "*" if r["kind"] == "qtorch" else " "
             out.append(
                 f"{shape:<24} {mark}{r['impl']:<35} {fmt_time(r['median_s']):>10} {band:>19} "
-                f"{_num(r['tflops'], '.3f'):>9} {_num(gbps, '.1f'):>7} {roofp or '-':>6} "
-                f"{_ratio(r['speedup_vs_baseline']):>8} {_ratio(r['speedup_vs_best_peer']):>8}"
+                f"{_num(r['tflops'], '.3f'):>9} {_num(gbps, '.1f'):>7} {roofp or '-':>6}"
+                + (f" {_num(r.get('read_pct'), '.0f'):>6}" if read else "")
+                + f" {_ratio(r['speedup_vs_baseline']):>8} {_ratio(r['speedup_vs_best_peer']):>8}"
                 + (f" {_num(_mib(r.get('peak_mem_bytes')), '.1f'):>8}" if mem else "")
             )
     out.append(
@@ -70,6 +75,11 @@ def format_table(rows: list[dict], roof: dict | None) -> str:
         "median;\nvs peer: fastest installed peer's median / this median (>1: this is "
         "faster)."
     )
+    if read:
+        out.append(
+            "%read: this row's weight bytes / time against read:stream_read's (the same "
+            "weight bytes read once, in the same rounds): 100 = streams as fast as a plain read."
+        )
     if mem:
         out.append(
             "peak MiB: memory of one call beyond its inputs (CPU: peak RSS in a child "
@@ -129,6 +139,7 @@ def plot(rows: list[dict], roof: dict | None, path: str) -> list[Path]:
 
     from qtorch.bench.roofline import compute_peak
 
+    rows = [r for r in rows if r["kind"] != "ceiling"]  # a read, not the op: no throughput
     ops = list(OrderedDict.fromkeys(r["op"] for r in rows))
     written = []
     for op, fpath in plot_paths(path, ops).items():
@@ -274,6 +285,11 @@ ROW_FIELDS = {
     "speedup_vs_best_peer": _OPT_NUM,
     "speedup_vs": dict,
 }
+# Added within schema 1: checked where present (files written before them lack them).
+OPTIONAL_ROW_FIELDS = {
+    "copies": (int, type(None)),
+    "read_pct": _OPT_NUM,
+}
 MACHINE_FIELDS = {
     "device": str,
     "cpu_model": str,
@@ -289,20 +305,21 @@ VERSION_FIELDS = {
     "dirty": (bool, type(None)),
 }
 SKIPPED_FIELDS = {"op": str, "impl": str, "shape": dict, "reason": str}
-KINDS = ("qtorch", "baseline", "peer")
+KINDS = ("qtorch", "baseline", "peer", "ceiling")
 
 
 def validate(doc: dict) -> list[str]:
     """Everything in `doc` (a loaded bench JSON) that breaks the schema; [] when valid."""
     errs = []
 
-    def check(obj, fields, where):
+    def check(obj, fields, where, optional=False):
         if not isinstance(obj, dict):
             errs.append(f"{where}: expected an object, got {type(obj).__name__}")
             return
         for name, types in fields.items():
             if name not in obj:
-                errs.append(f"{where}: missing {name!r}")
+                if not optional:
+                    errs.append(f"{where}: missing {name!r}")
             elif not isinstance(obj[name], types) or (
                 types in (_NUM, _OPT_NUM) and isinstance(obj[name], bool)
             ):
@@ -320,6 +337,7 @@ def validate(doc: dict) -> list[str]:
     for i, r in enumerate(doc["rows"]):
         where = f"rows[{i}]"
         check(r, ROW_FIELDS, where)
+        check(r, OPTIONAL_ROW_FIELDS, where, optional=True)
         if any(e.startswith(where) for e in errs):
             continue
         if r["kind"] not in KINDS:

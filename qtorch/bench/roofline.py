@@ -78,20 +78,45 @@ def _best_time(fn, device: str, reps: int) -> float:
     return best
 
 
-def _matmul_peak(dtype: torch.dtype, n: int, device: str, reps: int) -> float:
+# Sizes of the measuring kernels: a GEMM large enough to reach the peak, a copy far larger
+# than any cache (256 MiB CPU, 1 GiB GPU) so it streams DRAM.
+GEMM_N = {"cpu": 1024, "cuda": 8192}
+COPY_BYTES = {"cpu": 256 << 20, "cuda": 1 << 30}
+
+
+def matmul_kernel(dtype: torch.dtype, n: int, device: str):
+    """(call, flop): a dense n x n x n torch.mm, the fp32/bf16/fp16 compute peak's kernel."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    return 2 * n**3 / _best_time(lambda: torch.mm(a, b), device, reps)
+    return (lambda: torch.mm(a, b)), 2 * n**3
+
+
+def int_mm_kernel(n: int, device: str):
+    """(call, ops): torch._int_mm on n x n int8 operands."""
+    a = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
+    b = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
+    return (lambda: torch._int_mm(a, b)), 2 * n**3
+
+
+def copy_kernel(nbytes: int, device: str):
+    """(call, bytes moved): a copy reads and writes `nbytes` each."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    return (lambda: dst.copy_(src)), 2 * nbytes
+
+
+def _matmul_peak(dtype: torch.dtype, n: int, device: str, reps: int) -> float:
+    fn, flop = matmul_kernel(dtype, n, device)
+    return flop / _best_time(fn, device, reps)
 
 
 def _int8_peak(n: int, device: str, reps: int) -> tuple[float, str]:
     """Best int8 GEMM rate among PyTorch's own int8 paths (ops/s, path name)."""
-    a = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
-    b = torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device)
     best, path = 0.0, "none"
     if hasattr(torch, "_int_mm"):
         try:
-            rate = 2 * n**3 / _best_time(lambda: torch._int_mm(a, b), device, reps)
+            fn, ops = int_mm_kernel(n, device)
+            rate = ops / _best_time(fn, device, reps)
             best, path = rate, "torch._int_mm"
         except RuntimeError:  # no int8 GEMM for this device/build
             pass
@@ -118,9 +143,8 @@ def _fbgemm_rate(n: int, reps: int) -> float:
 
 def _bandwidth(nbytes: int, device: str, reps: int) -> float:
     """Copy bandwidth in bytes/s: a copy reads and writes `nbytes` each."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / _best_time(lambda: dst.copy_(src), device, reps)
+    fn, moved = copy_kernel(nbytes, device)
+    return moved / _best_time(fn, device, reps)
 
 
 def measure_peaks(device: str = "cpu") -> dict:
@@ -129,7 +153,7 @@ def measure_peaks(device: str = "cpu") -> dict:
     cuda = device == "cuda"
     # best of 10: on a shared CPU most calls lose time slices to other processes, and the
     # peak is what the machine does when it gets them
-    n, reps = (8192, 10) if cuda else (1024, 10)
+    n, reps = GEMM_N["cuda" if cuda else "cpu"], 10
     out = {
         "device": device,
         "device_name": device_name(device),
@@ -145,8 +169,7 @@ def measure_peaks(device: str = "cpu") -> dict:
     int8, path = _int8_peak(n, device, reps)
     out["int8_tops"] = int8 / 1e12
     out["int8_path"] = path
-    # A buffer far larger than any cache (256 MiB CPU, 1 GiB GPU) so the copy streams DRAM.
-    out["bandwidth_gbps"] = _bandwidth((1 << 30) if cuda else (256 << 20), device, reps) / 1e9
+    out["bandwidth_gbps"] = _bandwidth(COPY_BYTES["cuda" if cuda else "cpu"], device, reps) / 1e9
     return out
 
 
