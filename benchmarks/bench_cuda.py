@@ -1,4 +1,4 @@
-"""GPU benchmarks of the `cuda` backend (csrc/cuda/) against the baselines the issue names:
+"""GPU benchmarks of the `cuda` backend (csrc/cuda/) against its baselines:
 torch._int_mm (int8), bf16 torch.matmul (W4A16), the Triton backend, and the reference loss.
 
     python benchmarks/bench_cuda.py [--json results.json] [--quick]
@@ -11,7 +11,7 @@ the canonical weight (int8_scaled_mm, quantize_int8, distillation_loss); the lin
 through the `qtorch.nn` modules, which own their kernel layout. Exits with a message (status
 0) when there is no CUDA device or the cuda backend is not built.
 
-Goals (issue 6): int8 GEMM >= 0.9x torch._int_mm at 8192^3; W4A16 >= 3x bf16 at M <= 16.
+Goals: int8 GEMM >= 0.9x torch._int_mm at 8192^3; W4A16 >= 3x bf16 at M <= 16.
 """
 
 from __future__ import annotations

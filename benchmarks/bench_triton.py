@@ -1,4 +1,4 @@
-"""GPU benchmarks of the `triton` backend (kernels/) against the baselines issue 4 names.
+"""GPU benchmarks of the `triton` backend (kernels/) against its baselines.
 
     python benchmarks/bench_triton.py [--json results.json] [--quick]
 
