@@ -5,12 +5,13 @@ as a `Layout`: how to pack the canonical buffers, how to unpack them again, and 
 that run on it. A quantized module (qtorch/nn/linear.py) owns at most one layout at a time, as
 non-persistent buffers, and calls
 
-    qtorch::linear_packed(x [..., K], weight Tensor[], bias [N]?, layout, N, K, group_size)
+    qtorch::linear_packed(x [..., K], w0, w1, w2?, bias [N]?, layout, N, K, group_size)
         -> [..., N] x.dtype
-    qtorch::linear_packed_grad_input(grad [..., N], weight Tensor[], layout, N, K, group_size)
+    qtorch::linear_packed_grad_input(grad [..., N], w0, w1, w2?, layout, N, K, group_size)
         -> [..., K] grad.dtype   (its backward w.r.t. x)
 
-where `weight` is the module's buffers that the layout names, in order. The backend choice
+where w0, w1 (and w2) are the module's buffers that the layout names, in order (the `weight`
+list of the Python helpers below). The backend choice
 stays per call (API.md): the C++ CPU kernel (csrc/cpu/linear_packed.cpp) serves a cpu layout
 when the cpu backend is in force; every other case comes to the Python kernel here, which runs
 the layout's own kernel when its backend is the one in force, and otherwise unpacks to the
@@ -111,9 +112,10 @@ def layout_for(family: str, device: torch.device, dtype: torch.dtype | None = No
 # ---------------------------------------------------------------------------- the ops
 
 _lib = torch.library.Library("qtorch", "FRAGMENT")
+# The weights are separate arguments, not a Tensor[]: a list costs every call a conversion.
 _SIZES = "str layout, int out_features, int in_features, int group_size"
-_LINEAR = f"(Tensor x, Tensor[] weight, Tensor? bias, {_SIZES}) -> Tensor"
-_GRAD = f"(Tensor grad, Tensor[] weight, {_SIZES}) -> Tensor"
+_LINEAR = f"(Tensor x, Tensor w0, Tensor w1, Tensor? w2, Tensor? bias, {_SIZES}) -> Tensor"
+_GRAD = f"(Tensor grad, Tensor w0, Tensor w1, Tensor? w2, {_SIZES}) -> Tensor"
 _lib.define("linear_packed" + _LINEAR)
 _lib.define("linear_packed_grad_input" + _GRAD)
 # The Python kernels, as ops of their own so the C++ CPU kernel can hand a call to them.
@@ -131,7 +133,17 @@ def _check_x(x: Tensor, k: int, bias: Tensor | None, n: int, weight) -> None:
     chk.same_device(x=x, weight=weight[0], bias=bias)
 
 
-def _linear_packed_python(x, weight, bias, layout, n, k, group_size):
+def _list(w0, w1, w2) -> list[Tensor]:
+    return [w0, w1] if w2 is None else [w0, w1, w2]
+
+
+def flat(weight) -> tuple:
+    """A layout's weight list as the ops' (w0, w1, w2) arguments."""
+    return (weight[0], weight[1], weight[2] if len(weight) > 2 else None)
+
+
+def _linear_packed_python(x, w0, w1, w2, bias, layout, n, k, group_size):
+    weight = _list(w0, w1, w2)
     lay = layout_named(layout)
     _check_x(x, k, bias, n, weight)
     op = FAMILIES[lay.family][0]
@@ -149,7 +161,8 @@ def _linear_packed_python(x, weight, bias, layout, n, k, group_size):
     return lay.run(x.reshape(-1, k), list(weight), b, n, k, group_size).reshape(shape)
 
 
-def _linear_packed_grad_input_python(grad, weight, layout, n, k, group_size):
+def _linear_packed_grad_input_python(grad, w0, w1, w2, layout, n, k, group_size):
+    weight = _list(w0, w1, w2)
     lay = layout_named(layout)
     op = FAMILIES[lay.family][1]
     backend, _ = _backend.resolve(op, grad.device)
@@ -176,12 +189,12 @@ _lib.impl("linear_packed_grad_input", _linear_packed_grad_input_python,
           "CompositeExplicitAutograd")
 
 
-def _fake(x, weight, bias, layout, n, k, group_size):
-    _check_x(x, k, bias, n, weight)
+def _fake(x, w0, w1, w2, bias, layout, n, k, group_size):
+    _check_x(x, k, bias, n, [w0])
     return x.new_empty((*x.shape[:-1], n))
 
 
-def _fake_grad(grad, weight, layout, n, k, group_size):
+def _fake_grad(grad, w0, w1, w2, layout, n, k, group_size):
     return grad.new_empty((*grad.shape[:-1], k))
 
 
@@ -192,10 +205,9 @@ for _name, _fn in (("linear_packed", _fake), ("_linear_packed_python", _fake),
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, layout, n, k, group_size = inputs
-    ctx.save_for_backward(*weight)
+    x, w0, w1, w2, bias, layout, n, k, group_size = inputs
+    ctx.save_for_backward(w0, w1, w2)
     ctx.meta = (layout, n, k, group_size)
-    ctx.n_weight = len(weight)
     ctx.bias_grad = bias is not None and bias.requires_grad
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -204,11 +216,11 @@ def _backward(ctx, grad):
     layout, n, k, group_size = ctx.meta
     gx = gb = None
     if ctx.needs_input_grad[0]:
-        gx = torch.ops.qtorch.linear_packed_grad_input(grad, list(ctx.saved_tensors), layout, n, k,
+        gx = torch.ops.qtorch.linear_packed_grad_input(grad, *ctx.saved_tensors, layout, n, k,
                                                        group_size)
     if ctx.bias_grad:
         gb = grad.reshape(-1, n).float().sum(0).to(ctx.bias_dtype)
-    return gx, [None] * ctx.n_weight, gb, None, None, None, None
+    return gx, None, None, None, gb, None, None, None, None
 
 
 torch.library.register_autograd("qtorch::linear_packed", _backward, setup_context=_setup,

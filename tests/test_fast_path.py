@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import qtorch
+from qtorch import _packed
 from qtorch import reference as R
 from qtorch.testing import assert_close
 from tests.conftest import OpRecorder
@@ -82,8 +83,9 @@ def test_serves_the_common_call_with_the_same_result(name, dtype, lead, with_bia
         served = _C.fast_linear(*_fast_args(mod, x))
         assert served is not None, "the fast path did not serve a packed module"
         assert served.dtype == dtype and served.shape == (*lead, 24)
-        op = torch.ops.qtorch.linear_packed(x, [mod._buffers[b] for b in mod._layout.buffers],
-                                            mod.bias, mod._layout.name, 24, 64, mod._group_size())
+        weight = [mod._buffers[b] for b in mod._layout.buffers]
+        op = torch.ops.qtorch.linear_packed(x, *_packed.flat(weight), mod.bias, mod._layout.name,
+                                            24, 64, mod._group_size())
         torch.testing.assert_close(served, op, rtol=0, atol=0)
         torch.testing.assert_close(mod(x), served, rtol=0, atol=0)
     _matches_ref(name, mod, served, x)
@@ -180,7 +182,8 @@ def test_a_mismatched_packed_tensor_is_an_error_not_a_read_out_of_bounds():
     with torch.no_grad():
         assert _C.fast_linear(*args) is None
         with pytest.raises(ValueError, match="packed"):
-            torch.ops.qtorch.linear_packed(x, list(args[6:]), None, mod._layout.name, 24, 64, 64)
+            torch.ops.qtorch.linear_packed(x, *_packed.flat(list(args[6:])), None,
+                                           mod._layout.name, 24, 64, 64)
 
 
 def test_inference_mode():
@@ -222,3 +225,140 @@ def test_threads_see_their_own_backend_scope():
         assert seen == {"worker": None, "in scope": "reference"}
         assert qtorch.get_backend() == "auto"
         assert _C.fast_linear(*_fast_args(mod, x)) is not None
+
+
+# ------------------------------------------------------------------ the public ops' fast path
+# qtorch.ops.int8_linear / int8_weight_only_linear / int4_weight_only_linear on canonical
+# buffers: the same eager conditions, the weight packed for the call (an op keeps nothing).
+
+OPS = {
+    # name: (public op, fast-path function, reference); lambdas: _C may be missing
+    "int8_linear": (lambda: qtorch.ops.int8_linear, lambda: _C.fast_int8_linear, R.int8_linear),
+    "int8_weight_only_linear": (lambda: qtorch.ops.int8_weight_only_linear,
+                                lambda: _C.fast_int8_weight_only_linear,
+                                R.int8_weight_only_linear),
+    "int4_weight_only_linear": (lambda: qtorch.ops.int4_weight_only_linear,
+                                lambda: _C.fast_int4_weight_only_linear,
+                                R.int4_weight_only_linear),
+}
+
+
+def _op_args(name, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if name == "int4_weight_only_linear":
+        qw, sc, z = R.quantize_int4(torch.randn(24, 64, generator=g), group_size=32)
+        return [qw, sc, z, 32], torch.randn(24, generator=g), 64
+    w_q, w_scale = R.quantize_int8(torch.randn(24, 40, generator=g))
+    return [w_q, w_scale], torch.randn(24, generator=g), 40
+
+
+def _op_matches_ref(name, out, x, weights, bias):
+    ref = OPS[name][2](x.reshape(-1, x.shape[-1]), *weights, bias).reshape(*x.shape[:-1], -1)
+    if name == "int8_linear":
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    else:
+        assert_close(out, ref, x.dtype)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 5), ()])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_op_fast_path_serves_the_common_call(name, dtype, lead, with_bias):
+    op, fast = OPS[name][0](), OPS[name][1]()
+    weights, bias, k = _op_args(name)
+    bias = bias.to(dtype) if with_bias else None
+    x = torch.randn(*lead, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    served = fast(x, *weights, bias)
+    assert served is not None
+    assert served.dtype == dtype and served.shape == (*lead, 24)
+    with qtorch.use_backend("cpu"):  # an open scope: the Python path, the same cpu kernel
+        slow = op(x, *weights, bias=bias)
+    torch.testing.assert_close(served, slow, rtol=0, atol=0)
+    torch.testing.assert_close(op(x, *weights, bias), served, rtol=0, atol=0)
+    _op_matches_ref(name, served, x, weights, bias)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_op_fast_path_sees_every_write(name):
+    op, fast = OPS[name][0](), OPS[name][1]()
+    weights, bias, k = _op_args(name)
+    x = torch.randn(3, k)
+    fast(x, *weights, bias)
+    weights[0].data.copy_(weights[0].flip(0))  # no version counter sees .data
+    weights[1].numpy()[:] *= 2
+    out = fast(x, *weights, bias)
+    _op_matches_ref(name, out, x, weights, bias)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_op_fast_path_falls_back_outside_plain_eager(name, monkeypatch):
+    op, fast = OPS[name][0](), OPS[name][1]()
+    weights, bias, k = _op_args(name)
+    x = torch.randn(2, k)
+    assert fast(x, *weights, bias) is not None
+    xg = x.clone().requires_grad_()
+    assert fast(xg, *weights, bias) is None  # autograd must record the op
+    with torch.no_grad():
+        assert fast(xg, *weights, bias) is not None
+    with qtorch.use_backend("reference"):
+        assert fast(x, *weights, bias) is None
+    qtorch.set_backend("reference")
+    try:
+        assert fast(x, *weights, bias) is None
+    finally:
+        qtorch.set_backend("auto")
+    qtorch._backend.clear_backend()
+    monkeypatch.setenv("QTORCH_BACKEND", "reference")
+    assert fast(x, *weights, bias) is None
+    monkeypatch.setenv("QTORCH_BACKEND", "no-such-backend")
+    assert fast(x, *weights, bias) is None
+    with pytest.raises(RuntimeError, match="QTORCH_BACKEND"):
+        op(x, *weights, bias)
+    monkeypatch.delenv("QTORCH_BACKEND")
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert fast(x.as_subclass(Sub), *weights, bias) is None
+    with OpRecorder() as rec:
+        assert fast(x, *weights, bias) is None
+        op(x, *weights, bias)
+    assert any(f"qtorch.{name}" in str(f) for f, _ in rec.calls)
+    with torch.overrides.TorchFunctionMode():
+        assert fast(x, *weights, bias) is None
+    traced = torch.jit.trace(lambda t: op(t, *weights, bias), (x,), check_trace=False)
+    assert f"qtorch::{name}" in str(traced.graph)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_op_fast_path_odd_calls_fall_back_to_the_checked_path(name):
+    op, fast = OPS[name][0](), OPS[name][1]()
+    weights, bias, k = _op_args(name)
+    x = torch.randn(2, k)
+    assert fast(x, *weights, bias, bias) is None  # too many arguments
+    assert fast(x, *weights, bogus=bias) is None
+    assert fast(x, *weights[:-1]) is None
+    assert fast(x.numpy(), *weights, bias) is None
+    assert fast(torch.randn(0, k), *weights, bias) is None
+    assert fast(torch.randn(2, k + 1), *weights, bias) is None
+    assert fast(x.double(), *weights, bias) is None
+    assert fast(x, *weights, bias.double()) is None
+    assert fast(x, *weights, bias[:-1]) is None
+    with pytest.raises(ValueError, match="bias"):
+        op(x, *weights, bias[:-1])
+    with pytest.raises(TypeError, match="x"):
+        op(x.numpy(), *weights, bias)
+    w_nc = weights[0].t().contiguous().t()  # a non-contiguous weight: correct either way
+    torch.testing.assert_close(op(x, w_nc, *weights[1:], bias), op(x, *weights, bias),
+                               rtol=0, atol=0)
+
+
+def test_op_fast_path_group_size_must_be_an_int():
+    weights, bias, _ = _op_args("int4_weight_only_linear")
+    qw, sc, z, _gs = weights
+    x = torch.randn(2, 64)
+    assert _C.fast_int4_weight_only_linear(x, qw, sc, z, 32, bias) is not None
+    assert _C.fast_int4_weight_only_linear(x, qw, sc, z, 32.0, bias) is None
+    assert _C.fast_int4_weight_only_linear(x, qw, sc, z, True, bias) is None
+    assert _C.fast_int4_weight_only_linear(x, qw, sc, z, 64, bias) is None  # scales' shape

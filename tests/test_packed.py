@@ -381,7 +381,8 @@ def test_linear_packed_opcheck(name):
     for x, bias in ((torch.randn(3, 64), mod.bias.detach()), (torch.randn(2, 5, 64), None),
                     (torch.randn(1, 64, requires_grad=True), None)):
         torch.library.opcheck(torch.ops.qtorch.linear_packed.default,
-                              (x, weight, bias, lay.name, 24, 64, mod._group_size()))
+                              (x, *_packed.flat(weight), bias, lay.name, 24, 64,
+                               mod._group_size()))
 
 
 def test_bad_inputs_name_the_argument():

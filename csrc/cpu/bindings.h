@@ -29,4 +29,14 @@ at::Tensor int8_weight_only_linear(const at::Tensor& x, const at::Tensor& w,
                                    const at::Tensor& scale, int64_t N, int64_t K,
                                    const std::optional<at::Tensor>& bias);
 
+// The linears on canonical buffers, packed for the call only (the public ops' eager fast path).
+at::Tensor int8_linear_canonical(const at::Tensor& x, const at::Tensor& w_q,
+                                 const at::Tensor& w_scale, const std::optional<at::Tensor>& bias);
+at::Tensor int8_weight_only_linear_canonical(const at::Tensor& x, const at::Tensor& w_q,
+                                             const at::Tensor& w_scale,
+                                             const std::optional<at::Tensor>& bias);
+at::Tensor int4_weight_only_linear_canonical(const at::Tensor& x, const at::Tensor& qweight,
+                                             const at::Tensor& scales, const at::Tensor& zeros,
+                                             int64_t gs, const std::optional<at::Tensor>& bias);
+
 }  // namespace qtorch::cpu::binding

@@ -203,9 +203,47 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
   return out;
 }
 
+// The same two on a canonical weight w_q s8 [N, K], packed for this call only (into this
+// thread's scratch when it fits): an op keeps nothing between calls, a quantized module keeps
+// its packed weight instead (csrc/cpu/linear_packed.cpp).
+at::Tensor pack_for_call(const at::Tensor& w_q, at::Tensor& hold) {
+  check_2d(w_q, "w_q", at::kChar);
+  const at::Tensor w = w_q.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t bytes = im::packed_b_bytes(N, K);
+  uint8_t* bp = qtorch::cpu::temp<uint8_t>(qtorch::cpu::kPackSlot, bytes, at::kByte, hold);
+  im::pack_b(w.data_ptr<int8_t>(), N, K, K, bp);
+  return qtorch::cpu::temp_tensor(bp, bytes, at::kByte, hold);
+}
+
+at::Tensor int8_linear_canonical(const at::Tensor& x, const at::Tensor& w_q,
+                                 const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+  at::Tensor hold;
+  const at::Tensor wp = pack_for_call(w_q, hold);
+  return int8_linear(x, wp, w_q.size(0), w_scale, bias);
+}
+
 }  // namespace qtorch::cpu::binding
 
+namespace {
+
+at::Tensor int8_scaled_mm_canonical(const at::Tensor& a, const at::Tensor& b,
+                                    const at::Tensor& scale_a, const at::Tensor& scale_b,
+                                    const std::optional<at::Tensor>& bias,
+                                    at::ScalarType out_dtype) {
+  at::Tensor hold;
+  const at::Tensor bp = qtorch::cpu::binding::pack_for_call(b, hold);
+  return int8_scaled_mm(a, bp, b.size(0), scale_a, scale_b, bias, out_dtype);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
+  m.def(
+      "int8_scaled_mm_canonical(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, "
+      "Tensor? bias, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "int8_linear_canonical(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
   m.def("pack_int8_mm(Tensor w) -> Tensor");
   m.def("unpack_int8_mm(Tensor w_packed, int N, int K) -> Tensor");
   m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)");
@@ -223,4 +261,6 @@ TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
   m.impl("quantize_int8", &quantize_int8);
   m.impl("int8_scaled_mm", &int8_scaled_mm);
   m.impl("int8_linear", &qtorch::cpu::binding::int8_linear);
+  m.impl("int8_scaled_mm_canonical", &int8_scaled_mm_canonical);
+  m.impl("int8_linear_canonical", &qtorch::cpu::binding::int8_linear_canonical);
 }

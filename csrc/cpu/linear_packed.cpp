@@ -1,12 +1,13 @@
 // The CPU kernel of `qtorch::linear_packed`: the forward of qtorch's quantized modules, run on
 // the packed layout each module owns (qtorch/nn/linear.py), and its backward w.r.t. x.
 //
-//   qtorch::linear_packed(x [..., K] float, weight Tensor[], bias [N]?, layout, N, K, group_size)
+//   qtorch::linear_packed(x [..., K] float, w0, w1, w2?, bias [N]?, layout, N, K, group_size)
 //       -> [..., N] x.dtype
-//   qtorch::linear_packed_grad_input(grad [..., N] float, weight Tensor[], layout, N, K,
+//   qtorch::linear_packed_grad_input(grad [..., N] float, w0, w1, w2?, layout, N, K,
 //       group_size) -> [..., K] grad.dtype
 //
-// `weight` holds what the layout names (qtorch/backends/cpu.py registers the layouts):
+// w0, w1, w2 are what the layout names (qtorch/backends/cpu.py registers the layouts; separate
+// arguments rather than a Tensor[]: a list costs every call a conversion):
 //   "cpu_w8a8"   [VNNI-packed weight (int8_mm.h), weight_scale f32 [N]]
 //   "cpu_w8a16"  [packed int8 weight, packed scale (weight_only.h)]
 //   "cpu_w4a16"  [packed int4 weight, packed scale, packed zero (weight_only.h)]
@@ -151,6 +152,9 @@ at::Tensor grad_input(Layout l, const at::Tensor& grad, at::TensorList w, int64_
   return out.to(dt);
 }
 
+// Beyond this K an int32 dot product of int8 values can overflow; the op decides what happens.
+constexpr int64_t kMaxExactK = (int64_t(1) << 31) / (128 * 128);
+
 bool is_float(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
 
 std::vector<int64_t> lead_shape(const at::Tensor& t, int64_t last) {
@@ -161,14 +165,25 @@ std::vector<int64_t> lead_shape(const at::Tensor& t, int64_t last) {
 
 // ---------------------------------------------------------------- the op kernels
 
-using LinearFn = at::Tensor(const at::Tensor&, at::TensorList, const std::optional<at::Tensor>&,
+// The weight tensors as one list: w2 is absent for the two-tensor layouts.
+std::vector<at::Tensor> weights(const at::Tensor& w0, const at::Tensor& w1,
+                                const std::optional<at::Tensor>& w2) {
+  std::vector<at::Tensor> w{w0, w1};
+  if (w2.has_value()) w.push_back(*w2);
+  return w;
+}
+
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             c10::string_view, int64_t, int64_t, int64_t);
-using GradFn = at::Tensor(const at::Tensor&, at::TensorList, c10::string_view, int64_t, int64_t,
+using GradFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const std::optional<at::Tensor>&, c10::string_view, int64_t, int64_t,
                           int64_t);
 
 // The kernels on a cpu layout, whatever backend is in force (qtorch_cpu::linear_packed*: the
 // Python kernel calls them when a use_backend("cpu") scope is open).
-at::Tensor linear_packed_cpu(const at::Tensor& x, at::TensorList weight,
+at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& w1,
+                             const std::optional<at::Tensor>& w2,
                              const std::optional<at::Tensor>& bias, c10::string_view layout,
                              int64_t N, int64_t K, int64_t gs) {
   const Layout l = layout_of(layout);
@@ -178,16 +193,22 @@ at::Tensor linear_packed_cpu(const at::Tensor& x, at::TensorList weight,
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "x [..., K] must have K = in_features = ",
                     K, ", got x ", x.sizes());
   TORCH_CHECK_VALUE(x.device().is_cpu(), "x must be a CPU tensor for layout ", layout);
-  check_weights(l, weight, N, K, gs);
+  const std::vector<at::Tensor> w = weights(w0, w1, w2);
+  check_weights(l, w, N, K, gs);
   if (bias.has_value())
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (", N,
                       ",), got ", bias->sizes());
+  if (x.dim() == 2) {
+    if (x.size(0) == 0) return at::empty({0, N}, x.options());
+    return run(l, x, w, bias, N, K, gs);
+  }
   const std::vector<int64_t> shape = lead_shape(x, N);
   if (x.numel() == 0) return at::empty(shape, x.options());
-  return run(l, x.reshape({-1, K}), weight, bias, N, K, gs).view(shape);
+  return run(l, x.reshape({-1, K}), w, bias, N, K, gs).view(shape);
 }
 
-at::Tensor linear_packed_grad_input_cpu(const at::Tensor& grad, at::TensorList weight,
+at::Tensor linear_packed_grad_input_cpu(const at::Tensor& grad, const at::Tensor& w0,
+                                        const at::Tensor& w1, const std::optional<at::Tensor>& w2,
                                         c10::string_view layout, int64_t N, int64_t K,
                                         int64_t gs) {
   const Layout l = layout_of(layout);
@@ -196,35 +217,38 @@ at::Tensor linear_packed_grad_input_cpu(const at::Tensor& grad, at::TensorList w
                    grad.scalar_type());
   TORCH_CHECK_VALUE(grad.dim() >= 1 && grad.size(-1) == N, "grad [..., N] must have N = ", N,
                     ", got ", grad.sizes());
-  check_weights(l, weight, N, K, gs);
+  const std::vector<at::Tensor> w = weights(w0, w1, w2);
+  check_weights(l, w, N, K, gs);
   const std::vector<int64_t> shape = lead_shape(grad, K);
   if (grad.numel() == 0) return at::zeros(shape, grad.options());
-  return grad_input(l, grad.reshape({-1, N}), weight, N, K, gs).view(shape);
+  return grad_input(l, grad.reshape({-1, N}), w, N, K, gs).view(shape);
 }
 
 // qtorch::linear_packed* on CPU: the kernels above when the cpu backend is in force and the
 // layout is a cpu one; the Python kernel (qtorch/_packed.py) otherwise.
-at::Tensor linear_packed(const at::Tensor& x, at::TensorList weight,
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& w1,
+                         const std::optional<at::Tensor>& w2,
                          const std::optional<at::Tensor>& bias, c10::string_view layout,
                          int64_t N, int64_t K, int64_t gs) {
   if (layout_of(layout) == kNone || !cpu_in_force()) {
     static auto python = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("qtorch::_linear_packed_python", "")
                              .typed<LinearFn>();
-    return python.call(x, weight, bias, layout, N, K, gs);
+    return python.call(x, w0, w1, w2, bias, layout, N, K, gs);
   }
-  return linear_packed_cpu(x, weight, bias, layout, N, K, gs);
+  return linear_packed_cpu(x, w0, w1, w2, bias, layout, N, K, gs);
 }
 
-at::Tensor linear_packed_grad_input(const at::Tensor& grad, at::TensorList weight,
+at::Tensor linear_packed_grad_input(const at::Tensor& grad, const at::Tensor& w0,
+                                    const at::Tensor& w1, const std::optional<at::Tensor>& w2,
                                     c10::string_view layout, int64_t N, int64_t K, int64_t gs) {
   if (layout_of(layout) == kNone || !cpu_in_force()) {
     static auto python = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("qtorch::_linear_packed_grad_input_python", "")
                              .typed<GradFn>();
-    return python.call(grad, weight, layout, N, K, gs);
+    return python.call(grad, w0, w1, w2, layout, N, K, gs);
   }
-  return linear_packed_grad_input_cpu(grad, weight, layout, N, K, gs);
+  return linear_packed_grad_input_cpu(grad, w0, w1, w2, layout, N, K, gs);
 }
 
 // ---------------------------------------------------------------- the eager fast path
@@ -295,11 +319,143 @@ PyObject* fast_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// ---- the public linear ops' fast path (qtorch.ops.int8_linear, int8_weight_only_linear,
+// int4_weight_only_linear): the same eager conditions, the weight packed for this call only.
+
+bool plain_eager_state() {
+  return !c10::impl::TorchDispatchModeTLS::any_modes_set() &&
+         !at::impl::torch_function_mode_enabled() && !torch::jit::tracer::isTracing();
+}
+
+// METH_FASTCALL | METH_KEYWORDS argument parsing into `out` (n parameters, by position or by
+// name). False (the caller returns None) on too many arguments, unknown or repeated names.
+bool parse(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames, const char* const* names,
+           int n, PyObject** out) {
+  for (int i = 0; i < n; ++i) out[i] = nullptr;
+  if (nargs > n) return false;
+  for (Py_ssize_t i = 0; i < nargs; ++i) out[i] = args[i];
+  const Py_ssize_t nk = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+  for (Py_ssize_t j = 0; j < nk; ++j) {
+    PyObject* name = PyTuple_GET_ITEM(kwnames, j);
+    int idx = -1;
+    for (int i = 0; i < n && idx < 0; ++i)
+      if (PyUnicode_CompareWithASCIIString(name, names[i]) == 0) idx = i;
+    if (idx < 0 || out[idx] != nullptr) return false;
+    out[idx] = args[nargs + j];
+  }
+  return true;
+}
+
+// Optional bias: null/None -> no bias, a plain float [N] tensor -> it (cast to x.dtype, as the
+// Python path does), else not ok.
+bool parse_bias(PyObject* o, int64_t N, const at::Tensor& x, std::optional<at::Tensor>& bias) {
+  if (o == nullptr || o == Py_None) return true;
+  const at::Tensor* b = plain(o);
+  if (b == nullptr || !is_float(b->scalar_type()) || b->dim() != 1 || b->size(0) != N)
+    return false;
+  bias = b->scalar_type() == x.scalar_type() ? *b : b->to(x.scalar_type());
+  return true;
+}
+
+PyObject* finish(at::Tensor out, const at::Tensor& x, int64_t N) {
+  if (x.dim() != 2) out = out.view(lead_shape(x, N));
+  return THPVariable_Wrap(std::move(out));
+}
+
+const char* const kInt8Names[] = {"x", "w_q", "w_scale", "bias"};
+
+template <bool kW8A8>
+PyObject* fast_int8(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  HANDLE_TH_ERRORS
+  PyObject* a[4];
+  if (!parse(args, nargs, kwnames, kInt8Names, 4, a) || a[2] == nullptr) Py_RETURN_NONE;
+  if (!plain_eager_state() || !cpu_in_force()) Py_RETURN_NONE;
+  const at::Tensor *x = plain(a[0]), *w = plain(a[1]), *s = plain(a[2]);
+  if (x == nullptr || w == nullptr || s == nullptr) Py_RETURN_NONE;
+  if (!is_float(x->scalar_type()) || x->dim() < 1 || x->numel() == 0) Py_RETURN_NONE;
+  if (w->scalar_type() != at::kChar || w->dim() != 2) Py_RETURN_NONE;
+  const int64_t N = w->size(0), K = w->size(1);
+  if (N <= 0 || K <= 0 || x->size(-1) != K || K > kMaxExactK) Py_RETURN_NONE;
+  if (s->scalar_type() != at::kFloat || s->dim() != 1 || s->size(0) != N) Py_RETURN_NONE;
+  std::optional<at::Tensor> bias;
+  if (!parse_bias(a[3], N, *x, bias)) Py_RETURN_NONE;
+  const at::Tensor xt = *x, wt = *w, st = *s;  // own references: the GIL is released below
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const at::Tensor x2 = xt.dim() == 2 ? xt : xt.reshape({-1, K});
+    out = kW8A8 ? binding::int8_linear_canonical(x2, wt, st, bias)
+                : binding::int8_weight_only_linear_canonical(x2, wt, st, bias);
+  }
+  return finish(std::move(out), xt, N);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* fast_int8_linear(PyObject* m, PyObject* const* args, Py_ssize_t nargs, PyObject* kw) {
+  return fast_int8<true>(m, args, nargs, kw);
+}
+PyObject* fast_int8_weight_only_linear(PyObject* m, PyObject* const* args, Py_ssize_t nargs,
+                                       PyObject* kw) {
+  return fast_int8<false>(m, args, nargs, kw);
+}
+
+const char* const kInt4Names[] = {"x", "qweight", "scales", "zeros", "group_size", "bias"};
+
+PyObject* fast_int4_weight_only_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs,
+                                       PyObject* kwnames) {
+  HANDLE_TH_ERRORS
+  PyObject* a[6];
+  if (!parse(args, nargs, kwnames, kInt4Names, 6, a) || a[4] == nullptr) Py_RETURN_NONE;
+  if (!PyLong_CheckExact(a[4])) Py_RETURN_NONE;  // bool and other ints: the Python path
+  const long gs = PyLong_AsLong(a[4]);
+  if (gs == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    Py_RETURN_NONE;
+  }
+  if (gs != 32 && gs != 64 && gs != 128 && gs != 256) Py_RETURN_NONE;
+  if (!plain_eager_state() || !cpu_in_force()) Py_RETURN_NONE;
+  const at::Tensor *x = plain(a[0]), *q = plain(a[1]), *sc = plain(a[2]), *z = plain(a[3]);
+  if (x == nullptr || q == nullptr || sc == nullptr || z == nullptr) Py_RETURN_NONE;
+  if (!is_float(x->scalar_type()) || x->dim() < 1 || x->numel() == 0) Py_RETURN_NONE;
+  if (q->scalar_type() != at::kByte || q->dim() != 2) Py_RETURN_NONE;
+  const int64_t N = q->size(0), K = 2 * q->size(1);
+  if (N <= 0 || K <= 0 || K % gs != 0 || x->size(-1) != K) Py_RETURN_NONE;
+  const int64_t G = K / gs;
+  if (sc->scalar_type() != at::kFloat || sc->dim() != 2 || sc->size(0) != N || sc->size(1) != G)
+    Py_RETURN_NONE;
+  if (z->scalar_type() != at::kByte || z->dim() != 2 || z->size(0) != N || z->size(1) != G)
+    Py_RETURN_NONE;
+  std::optional<at::Tensor> bias;
+  if (!parse_bias(a[5], N, *x, bias)) Py_RETURN_NONE;
+  const at::Tensor xt = *x, qt = *q, st = *sc, zt = *z;
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    const at::Tensor x2 = xt.dim() == 2 ? xt : xt.reshape({-1, K});
+    out = binding::int4_weight_only_linear_canonical(x2, qt, st, zt, gs, bias);
+  }
+  return finish(std::move(out), xt, N);
+  END_HANDLE_TH_ERRORS
+}
+
+template <class F>
+PyCFunction c_function(F* f) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
+}
+
 PyMethodDef kMethods[] = {
-    {"fast_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_linear)),
-     METH_FASTCALL,
+    {"fast_linear", c_function(&fast_linear), METH_FASTCALL,
      "fast_linear(x, layout_code, N, K, group_size, bias, w0, w1, w2=None): a quantized "
      "module's call on its packed weights on the eager fast path, or None"},
+    {"fast_int8_linear", c_function(&fast_int8_linear), METH_FASTCALL | METH_KEYWORDS,
+     "int8_linear(x, w_q, w_scale, bias=None) on the eager fast path, or None"},
+    {"fast_int8_weight_only_linear", c_function(&fast_int8_weight_only_linear),
+     METH_FASTCALL | METH_KEYWORDS,
+     "int8_weight_only_linear(x, w_q, w_scale, bias=None) on the eager fast path, or None"},
+    {"fast_int4_weight_only_linear", c_function(&fast_int4_weight_only_linear),
+     METH_FASTCALL | METH_KEYWORDS,
+     "int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias=None) on the eager "
+     "fast path, or None"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -334,10 +490,10 @@ void register_python(pybind11::module_& m) {
 }  // namespace qtorch::cpu::packed
 
 TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
-  m.def("linear_packed(Tensor x, Tensor[] weight, Tensor? bias, str layout, int N, int K, "
-        "int group_size) -> Tensor");
-  m.def("linear_packed_grad_input(Tensor grad, Tensor[] weight, str layout, int N, int K, "
-        "int group_size) -> Tensor");
+  m.def("linear_packed(Tensor x, Tensor w0, Tensor w1, Tensor? w2, Tensor? bias, str layout, "
+        "int N, int K, int group_size) -> Tensor");
+  m.def("linear_packed_grad_input(Tensor grad, Tensor w0, Tensor w1, Tensor? w2, str layout, "
+        "int N, int K, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {

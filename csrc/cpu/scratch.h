@@ -33,15 +33,26 @@ class Scratch {
   size_t cap_ = 0;
 };
 
-// `n` elements of T for one call: slot `slot` (0..3) of this thread's scratch when small,
-// else a tensor kept alive by `hold`. Distinct temporaries of one call use distinct slots.
+// `n` elements of T for one call: slot `slot` (0..7) of this thread's scratch when small,
+// else a tensor kept alive by `hold`. Distinct temporaries of one call use distinct slots:
+// 0-3 the kernels' temporaries, 4-6 a weight an op packs for this call (kPackSlot).
 template <class T>
 T* temp(int slot, int64_t n, at::ScalarType st, at::Tensor& hold) {
-  thread_local Scratch slots[4];
+  thread_local Scratch slots[8];
   const size_t bytes = size_t(n > 0 ? n : 1) * sizeof(T);
   if (bytes <= Scratch::kMaxBytes) return static_cast<T*>(slots[slot].get(bytes));
   hold = at::empty({n}, at::TensorOptions().dtype(st));
   return static_cast<T*>(hold.data_ptr());
+}
+
+constexpr int kPackSlot = 4;
+
+// A tensor over `n` elements of this call's scratch (or `hold`, when that was allocated): for a
+// weight an op packs per call, handed to a binding that takes a packed tensor.
+template <class T>
+at::Tensor temp_tensor(T* p, int64_t n, at::ScalarType st, const at::Tensor& hold) {
+  if (hold.defined()) return hold;
+  return at::from_blob(p, {n}, at::TensorOptions().dtype(st));
 }
 
 // t as fp32 contiguous, without a dispatcher call when it already is.

@@ -365,6 +365,45 @@ at::Tensor int8_weight_only_linear(const at::Tensor& x_in, const at::Tensor& w,
   return out.out;
 }
 
+// The same two on canonical buffers, packed for this call only (into this thread's scratch
+// when they fit): an op keeps nothing between calls, a quantized module keeps its packed
+// weight instead (csrc/cpu/linear_packed.cpp).
+at::Tensor int4_weight_only_linear_canonical(const at::Tensor& x, const at::Tensor& qweight,
+                                             const at::Tensor& scales, const at::Tensor& zeros,
+                                             int64_t gs, const std::optional<at::Tensor>& bias) {
+  const auto dims = check_int4_canonical(qweight, scales, zeros, gs);
+  const int64_t N = dims[0], K = dims[1];
+  const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
+  const int64_t wb = wm::int4_packed_bytes(N, K), mf = wm::int4_meta_floats(N, K, gs);
+  at::Tensor hw, hs, hz;
+  uint8_t* w = qtorch::cpu::temp<uint8_t>(qtorch::cpu::kPackSlot, wb, at::kByte, hw);
+  float* ps = qtorch::cpu::temp<float>(qtorch::cpu::kPackSlot + 1, mf, at::kFloat, hs);
+  uint8_t* pz = qtorch::cpu::temp<uint8_t>(qtorch::cpu::kPackSlot + 2, mf, at::kByte, hz);
+  wm::pack_int4(q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<uint8_t>(), N, K, gs, w,
+                ps, pz);
+  return int4_weight_only_linear(x, qtorch::cpu::temp_tensor(w, wb, at::kByte, hw),
+                                 qtorch::cpu::temp_tensor(ps, mf, at::kFloat, hs),
+                                 qtorch::cpu::temp_tensor(pz, mf, at::kByte, hz), N, K, gs, bias);
+}
+
+at::Tensor int8_weight_only_linear_canonical(const at::Tensor& x, const at::Tensor& w_q,
+                                             const at::Tensor& w_scale,
+                                             const std::optional<at::Tensor>& bias) {
+  check_tensor(w_q, "w_q", at::kChar, 2);
+  check_tensor(w_scale, "w_scale", at::kFloat, 1);
+  const int64_t N = w_q.size(0), K = w_q.size(1);
+  TORCH_CHECK_VALUE(w_scale.size(0) == N, "w_scale must have shape [", N, "], got ",
+                    w_scale.sizes());
+  const at::Tensor q = w_q.contiguous(), s = w_scale.contiguous();
+  const int64_t wb = wm::int8_packed_bytes(N, K), sf = wm::num_blocks(N) * wm::kBlock;
+  at::Tensor hw, hs;
+  int8_t* w = qtorch::cpu::temp<int8_t>(qtorch::cpu::kPackSlot, wb, at::kChar, hw);
+  float* ps = qtorch::cpu::temp<float>(qtorch::cpu::kPackSlot + 1, sf, at::kFloat, hs);
+  wm::pack_int8(q.data_ptr<int8_t>(), s.data_ptr<float>(), N, K, w, ps);
+  return int8_weight_only_linear(x, qtorch::cpu::temp_tensor(w, wb, at::kChar, hw),
+                                 qtorch::cpu::temp_tensor(ps, sf, at::kFloat, hs), N, K, bias);
+}
+
 }  // namespace qtorch::cpu::binding
 
 namespace {
@@ -384,6 +423,12 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
       "unpack_int4_weight_only(Tensor w, Tensor scale, Tensor zero, int N, int K, "
       "int group_size) -> Tensor[]");
   m.def("unpack_int8_weight_only(Tensor w, Tensor scale, int N, int K) -> Tensor[]");
+  m.def(
+      "int4_weight_only_linear_canonical(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, "
+      "int group_size, Tensor? bias) -> Tensor");
+  m.def(
+      "int8_weight_only_linear_canonical(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) "
+      "-> Tensor");
   m.def("dequantize_int4(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def(
       "int4_linear_grad_input(Tensor grad_out, Tensor qweight, Tensor scales, Tensor zeros, "
@@ -402,6 +447,10 @@ TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
   m.impl("pack_int8_weight_only", &pack_int8_weight_only);
   m.impl("unpack_int4_weight_only", &unpack_int4_weight_only);
   m.impl("unpack_int8_weight_only", &unpack_int8_weight_only);
+  m.impl("int4_weight_only_linear_canonical",
+         &qtorch::cpu::binding::int4_weight_only_linear_canonical);
+  m.impl("int8_weight_only_linear_canonical",
+         &qtorch::cpu::binding::int8_weight_only_linear_canonical);
   m.impl("dequantize_int4", &dequantize_int4);
   m.impl("int4_linear_grad_input", &int4_linear_grad_input);
   m.impl("int4_weight_only_linear", &qtorch::cpu::binding::int4_weight_only_linear);

@@ -12,14 +12,15 @@ def status() -> tuple[bool, str]:
 
 
 from qtorch._backend import register_kernel  # noqa: E402
-from qtorch._packed import Layout, register_layout  # noqa: E402
+from qtorch._packed import Layout, flat, register_layout  # noqa: E402
 
 _ops = torch.ops.qtorch_cpu
 
 # --- W8A8 (quantize_int8, int8_scaled_mm, int8_linear) ---------------------------------------
 # The GEMM takes the weight VNNI-packed (csrc/cpu/kernels/int8_mm.h). Called as an op with a
-# canonical weight, it packs per call into a temporary; a quantized module keeps the packed
-# weight (the "cpu_w8a8" layout below), so its calls pack nothing.
+# canonical weight, it packs per call (the *_canonical bindings, into per-thread scratch when
+# it fits); a quantized module keeps the packed weight (the "cpu_w8a8" layout below), so its
+# calls pack nothing.
 
 
 @register_kernel("quantize_int8", "cpu")
@@ -29,14 +30,12 @@ def _quantize_int8(x):
 
 @register_kernel("int8_scaled_mm", "cpu")
 def _int8_scaled_mm(a, b, scale_a, scale_b, bias, out_dtype):
-    n = b.shape[0]
-    return _ops.int8_scaled_mm(a, _ops.pack_int8_mm(b), n, scale_a, scale_b, bias,
-                                      out_dtype)
+    return _ops.int8_scaled_mm_canonical(a, b, scale_a, scale_b, bias, out_dtype)
 
 
 @register_kernel("int8_linear", "cpu")
 def _int8_linear(x, w_q, w_scale, bias):
-    return _ops.int8_linear(x, _ops.pack_int8_mm(w_q), w_q.shape[0], w_scale, bias)
+    return _ops.int8_linear_canonical(x, w_q, w_scale, bias)
 
 
 # --- weight-only (int8_weight_only_linear, quantize_int4, dequantize_int4,
@@ -48,8 +47,7 @@ def _int8_linear(x, w_q, w_scale, bias):
 
 @register_kernel("int8_weight_only_linear", "cpu")
 def _int8_weight_only_linear(x, w_q, w_scale, bias):
-    w, s = _ops.pack_int8_weight_only(w_q, w_scale.float())
-    return _ops.int8_weight_only_linear(x, w, s, w_q.shape[0], w_q.shape[1], bias)
+    return _ops.int8_weight_only_linear_canonical(x, w_q, w_scale.float(), bias)
 
 
 @register_kernel("int8_linear_grad_input", "cpu")
@@ -58,14 +56,13 @@ def _int8_linear_grad_input(grad_out, w_q, w_scale):
     through the packed-layout backward (one fp32 GEMM per cache-sized column slab of ŵ)."""
     n, k = w_q.shape
     w, s = _ops.pack_int8_weight_only(w_q, w_scale.float())
-    return _ops.linear_packed_grad_input(grad_out, [w, s], "cpu_w8a16", n, k, 0)
+    return _ops.linear_packed_grad_input(grad_out, w, s, None, "cpu_w8a16", n, k, 0)
 
 
 @register_kernel("int4_weight_only_linear", "cpu")
 def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
-    w, s, z = _ops.pack_int4_weight_only(qweight, scales.float(), zeros, group_size)
-    return _ops.int4_weight_only_linear(x, w, s, z, qweight.shape[0], qweight.shape[1] * 2, group_size,
-                               bias)
+    return _ops.int4_weight_only_linear_canonical(x, qweight, scales.float(), zeros, group_size,
+                                                  bias)
 
 
 @register_kernel("dequantize_int4", "cpu")
@@ -88,10 +85,10 @@ def _int4_linear_grad_input(grad_out, qweight, scales, zeros, group_size):
 
 def _run(name):
     def run(x, weight, bias, n, k, group_size):
-        return _ops.linear_packed(x, weight, bias, name, n, k, group_size)
+        return _ops.linear_packed(x, *flat(weight), bias, name, n, k, group_size)
 
     def grad_input(grad, weight, n, k, group_size):
-        return _ops.linear_packed_grad_input(grad, weight, name, n, k, group_size)
+        return _ops.linear_packed_grad_input(grad, *flat(weight), name, n, k, group_size)
 
     return run, grad_input
 

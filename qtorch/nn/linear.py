@@ -240,7 +240,8 @@ class _QuantizedLinear(nn.Module):
             if out is not None:
                 return out
         _checks.tensor("x", x)  # the dispatcher would reject a non-tensor with a RuntimeError
-        return torch.ops.qtorch.linear_packed(x, weight, bias, layout.name, n, k, gs)
+        return torch.ops.qtorch.linear_packed(x, *_packed.flat(weight), bias, layout.name, n, k,
+                                              gs)
 
     def _canonical_forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError

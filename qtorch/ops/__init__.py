@@ -17,7 +17,7 @@ from torch import Tensor
 from qtorch.ops import distillation as _distillation  # noqa: F401  (defines the loss ops)
 from qtorch.ops import int8_mm as _int8_mm
 from qtorch.ops import weight_only as _weight_only
-from qtorch.ops._common import _check_loss_call_types, _public
+from qtorch.ops._common import FAST, _check_loss_call_types, _public
 
 __all__ = [
     "quantize_int8",
@@ -33,11 +33,13 @@ __all__ = [
 
 quantize_int8 = _public(_int8_mm.quantize_int8)
 int8_scaled_mm = _public(_int8_mm.int8_scaled_mm)
-int8_linear = _public(_int8_mm.int8_linear)
-int8_weight_only_linear = _public(_weight_only.int8_weight_only_linear)
+int8_linear = _public(_int8_mm.int8_linear, FAST.get("int8_linear"))
+int8_weight_only_linear = _public(_weight_only.int8_weight_only_linear,
+                                  FAST.get("int8_weight_only_linear"))
 quantize_int4 = _public(_weight_only.quantize_int4)
 dequantize_int4 = _public(_weight_only.dequantize_int4)
-int4_weight_only_linear = _public(_weight_only.int4_weight_only_linear)
+int4_weight_only_linear = _public(_weight_only.int4_weight_only_linear,
+                                  FAST.get("int4_weight_only_linear"))
 
 
 def distillation_loss(

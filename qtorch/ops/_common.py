@@ -163,15 +163,17 @@ def _plain_eager(args, kwargs) -> bool:
     return True
 
 
-def _public(opdef):
-    """The public function of `opdef` (made by `_custom_op`)."""
+def _public(opdef, fast=None):
+    """The public function of `opdef` (made by `_custom_op`). `fast`: a C function that runs
+    the common eager call on CPU tensors (valid arguments, the cpu backend in force; the weight
+    packed for the call) and returns None for anything else (csrc/cpu/linear_packed.cpp);
+    dynamo never traces into it."""
     fn = _IMPLS[opdef]
     sig = inspect.signature(fn)
     tensor_params = {n: "None" in str(p.annotation) for n, p in sig.parameters.items()
                      if str(p.annotation).startswith("Tensor")}
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def slow(*args, **kwargs):
         if _plain_eager(args, kwargs):
             return fn(*args, **kwargs)  # the op's implementation: checks raise TypeError too
         bound = sig.bind(*args, **kwargs)
@@ -180,9 +182,31 @@ def _public(opdef):
                 chk.tensor(name, value, optional=tensor_params[name])
         return opdef(*args, **kwargs)
 
+    if fast is None:
+        wrapper = functools.wraps(fn)(slow)
+    else:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if not _is_compiling():
+                out = fast(*args, **kwargs)
+                if out is not None:
+                    return out
+            return slow(*args, **kwargs)
+
     wrapper.__module__ = "qtorch.ops"  # where the public function lives (and pickles from)
     wrapper.op = opdef
     return wrapper
+
+
+_is_compiling = torch.compiler.is_compiling
+try:  # the C++ eager fast path of the CPU linears (absent without the compiled extension)
+    from qtorch import _C as _cext
+
+    FAST = {"int8_linear": _cext.fast_int8_linear,
+            "int8_weight_only_linear": _cext.fast_int8_weight_only_linear,
+            "int4_weight_only_linear": _cext.fast_int4_weight_only_linear}
+except (ImportError, AttributeError):
+    FAST = {}
 
 
 def _check_loss_call_types(tensors: dict, num_items_in_batch) -> None:
