@@ -4,33 +4,33 @@
     qtorch.reference.*                   their pure-PyTorch definitions
     qtorch.quantize_(model, config)      swap nn.Linear for quantized modules (qtorch.nn)
     qtorch.set_backend / use_backend     choose reference | cpu | triton | cuda | auto
+    qtorch.inductor_options()            for AOTInductor / Inductor's C++ wrapper
 """
 
-from qtorch import ops, reference
+from qtorch import nn, ops, reference
 from qtorch._backend import available_backends, get_backend, set_backend, use_backend
+from qtorch._packed import inductor_options
+from qtorch.quant_api import (
+    Int4WeightOnlyConfig,
+    Int8DynamicConfig,
+    Int8WeightOnlyConfig,
+    quantize_,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ops",
     "reference",
+    "nn",
+    "quantize_",
+    "Int8DynamicConfig",
+    "Int8WeightOnlyConfig",
+    "Int4WeightOnlyConfig",
     "available_backends",
     "get_backend",
     "set_backend",
     "use_backend",
+    "inductor_options",
     "__version__",
 ]
-
-try:  # the module layer (qtorch.nn, quantize_, configs) lands on top of the ops
-    from qtorch import nn  # noqa: F401
-    from qtorch.quant_api import (  # noqa: F401
-        Int4WeightOnlyConfig,
-        Int8DynamicConfig,
-        Int8WeightOnlyConfig,
-        quantize_,
-    )
-
-    __all__ += ["nn", "quantize_", "Int8DynamicConfig", "Int8WeightOnlyConfig",
-                "Int4WeightOnlyConfig"]
-except ImportError:
-    pass

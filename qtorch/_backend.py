@@ -42,6 +42,16 @@ try:  # the compiled CPU extension, when built: the C side of the backend state
     from qtorch import _C as _cext
 except ImportError:
     _cext = None
+else:
+    # Its C entry points (the AOTInductor shim of the quantized modules' op) must resolve for
+    # libraries loaded later, such as a compiled AOTInductor package: Python loaded it with
+    # RTLD_LOCAL; reopening it with RTLD_GLOBAL | RTLD_NOLOAD makes its symbols global.
+    import ctypes
+
+    try:
+        ctypes.CDLL(_cext.__file__, mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+    except (OSError, AttributeError):
+        pass
 
 
 def _push_global() -> None:

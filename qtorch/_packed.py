@@ -225,3 +225,20 @@ def _backward(ctx, grad):
 
 torch.library.register_autograd("qtorch::linear_packed", _backward, setup_context=_setup,
                                 lib=_lib)
+
+
+# ------------------------------------------------------------ Inductor's direct call of the op
+
+_C_SHIM = ("AOTITorchError aoti_torch_cpu_linear_packed(AtenTensorHandle x, AtenTensorHandle w0, "
+           "AtenTensorHandle w1, AtenTensorHandle* w2, AtenTensorHandle* bias, const char* layout, "
+           "int64_t N, int64_t K, int64_t group_size, AtenTensorHandle* ret0)")
+
+
+def inductor_options() -> dict:
+    """Inductor options under which AOTInductor (`torch._inductor.aoti_compile_and_package(ep,
+    inductor_configs=qtorch.inductor_options())`) and Inductor's C++ wrapper
+    (`torch.compile(m, options={**qtorch.inductor_options(), "cpp_wrapper": True})`) call the
+    quantized modules' CPU kernel through its C shim (csrc/cpu/linear_packed.cpp) instead of
+    their generic boxed custom-op call, which at decode sizes costs more than the kernel.
+    The compiled code then needs qtorch imported in the process that runs it."""
+    return {"aot_inductor.custom_ops_to_c_shims": {torch.ops.qtorch.linear_packed.default: [_C_SHIM]}}

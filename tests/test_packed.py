@@ -415,3 +415,27 @@ def test_the_triton_layout(monkeypatch):
     mod._unpack()
     for key, t in c.items():
         assert torch.equal(t, mod._buffers[key])
+
+
+def test_export_and_aot_inductor_call_the_kernel_and_follow_the_backend(monkeypatch, tmp_path):
+    """torch.export + AOTInductor of a quantized model: with qtorch.inductor_options() the
+    compiled code calls the op's C shim (no boxed custom-op call); the result equals eager and
+    the backend choice still holds per call."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    qtorch.quantize_(m, CONFIGS["w4a16"])
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        eager = m(x)
+        ep = torch.export.export(m, (x,))
+        pkg = torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(tmp_path / "m.pt2"), inductor_configs=qtorch.inductor_options())
+        run = torch._inductor.aoti_load_package(pkg)
+        assert_close(run(x), eager, torch.float32)
+        seen = []
+        real = qtorch._backend._KERNELS["int4_weight_only_linear"]["reference"]
+        monkeypatch.setitem(qtorch._backend._KERNELS["int4_weight_only_linear"], "reference",
+                            lambda *a: seen.append(1) or real(*a))
+        with qtorch.use_backend("reference"):
+            assert_close(run(x), eager, torch.float32)
+        assert seen == [1, 1]

@@ -35,6 +35,8 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/library.h>
 
@@ -504,4 +506,21 @@ TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
 TORCH_LIBRARY_IMPL(qtorch, CPU, m) {
   m.impl("linear_packed", &qtorch::cpu::packed::linear_packed);
   m.impl("linear_packed_grad_input", &qtorch::cpu::packed::linear_packed_grad_input);
+}
+
+// The C shim of qtorch::linear_packed for AOTInductor and Inductor's C++ wrapper, which call
+// it directly instead of through their generic custom-op path (a boxed call per layer that,
+// at decode sizes, costs more than the kernel). qtorch.inductor_options() names it.
+extern "C" AOTI_TORCH_EXPORT AOTITorchError aoti_torch_cpu_linear_packed(
+    AtenTensorHandle x, AtenTensorHandle w0, AtenTensorHandle w1, AtenTensorHandle* w2,
+    AtenTensorHandle* bias, const char* layout, int64_t N, int64_t K, int64_t group_size,
+    AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    namespace ai = torch::aot_inductor;
+    at::Tensor out = qtorch::cpu::packed::linear_packed(
+        *ai::tensor_handle_to_tensor_pointer(x), *ai::tensor_handle_to_tensor_pointer(w0),
+        *ai::tensor_handle_to_tensor_pointer(w1), ai::pointer_to_optional<at::Tensor>(w2),
+        ai::pointer_to_optional<at::Tensor>(bias), layout, N, K, group_size);
+    *ret0 = ai::new_tensor_handle(std::move(out));
+  });
 }
