@@ -98,8 +98,9 @@ def _row_max(x: Tensor) -> Tensor:
 
 
 def _chunk_loss(s: Tensor, t: Tensor, lab: Tensor | None, p: _Plan, want_grad: bool):
-    """One chunk: this rank's logits s, t [c, V_r] (fp32/fp64) -> (token losses [c],
-    d loss_i / d s [c, V_r] or None). Collective: every rank of the group calls it alike."""
+    """One chunk: this rank's logits s, t [c, V_r] (fp32/fp64; both are overwritten) ->
+    (token losses [c], d loss_i / d s [c, V_r] or None). Collective: every rank of the group
+    calls it alike. Works in place where it can: the chunk's [c, V_r] blocks are its memory."""
     temp, alpha, beta, div = p.temperature, p.alpha, p.beta, p.divergence
     group, sum_, max_ = p.group, dist.ReduceOp.SUM, dist.ReduceOp.MAX
     zero = s.new_zeros(())
@@ -107,32 +108,32 @@ def _chunk_loss(s: Tensor, t: Tensor, lab: Tensor | None, p: _Plan, want_grad: b
     if lab is not None:
         valid = lab != p.ignore_index
         # Ignored rows are zeroed so whatever they hold (NaN included) cannot leak.
-        s = torch.where(valid[:, None], s, zero)
-        t = torch.where(valid[:, None], t, zero)
-    z = s / temp if temp != 1 else s
-    u = t / temp if temp != 1 else t
-
-    # 1. the maxima over the whole vocabulary
-    mx = _all_reduce(torch.stack((_row_max(z), _row_max(u)), 1), max_, group)
-    log_q = z - mx[:, :1]
-    log_p = u - mx[:, 1:]
-    del u
-    # 2. the sums of exp below the maxima, and the label's logit from the rank that holds it
-    parts = [log_q.exp().sum(1), log_p.exp().sum(1)]
-    if valid is not None:
-        if temp != 1:  # logsumexp(s) needs its own sum; T·m_z is within rounding of max s
-            parts.append((s - temp * mx[:, :1]).exp().sum(1))
-        own = valid & (lab >= p.lo) & (lab < p.lo + p.rows)
-        col = torch.where(own, lab - p.lo, torch.zeros_like(lab))
-        s_lab = s.gather(1, col[:, None]).squeeze(1) if p.rows else s.new_zeros(s.shape[0])
-        parts.append(torch.where(own, s_lab, zero))
-    sums = _all_reduce(torch.stack(parts, 1), sum_, group)
-    log_q -= sums[:, :1].log()
-    log_p -= sums[:, 1:2].log()
-    q, pt = log_q.exp(), log_p.exp()
+        s.masked_fill_(~valid[:, None], 0)
+        t.masked_fill_(~valid[:, None], 0)
     # Entries the teacher masked with -inf contribute 0 (not 0 · inf = NaN); NaN or +inf
     # teacher logits are not masked, so they still poison the row as they should.
     live = t != float("-inf")
+    z = s / temp if temp != 1 else s  # (s itself is still needed for the CE when T != 1)
+    u = t.div_(temp) if temp != 1 else t
+
+    # 1. the maxima over the whole vocabulary
+    mx = _all_reduce(torch.stack((_row_max(z), _row_max(u)), 1), max_, group)
+    if valid is not None:  # the label's logit, from the rank that holds it (before z = s moves)
+        own = valid & (lab >= p.lo) & (lab < p.lo + p.rows)
+        col = torch.where(own, lab - p.lo, torch.zeros_like(lab))
+        s_lab = s.gather(1, col[:, None]).squeeze(1) if p.rows else s.new_zeros(s.shape[0])
+    log_q = z.sub_(mx[:, :1])  # z − m_z, log q once round 2 has S_z
+    log_p = u.sub_(mx[:, 1:])
+    # 2. the sums of exp below the maxima, and the label's logit
+    parts = [log_q.exp().sum(1), log_p.exp().sum(1)]
+    if valid is not None:
+        if temp != 1:  # logsumexp(s) needs its own sum; T·m_z is within rounding of max s
+            parts.append((s - temp * mx[:, :1]).exp_().sum(1))
+        parts.append(torch.where(own, s_lab, zero))
+    sums = _all_reduce(torch.stack(parts, 1), sum_, group)
+    log_q.sub_(sums[:, :1].log())
+    log_p.sub_(sums[:, 1:2].log())
+    q, pt = log_q.exp(), log_p.exp()
 
     def on_live(x):
         return torch.where(live, x, zero)
@@ -173,22 +174,21 @@ def _chunk_loss(s: Tensor, t: Tensor, lab: Tensor | None, p: _Plan, want_grad: b
     #   jsd         dD/dz = (1 − β) q (log q − log m − KL(q ‖ m))
     #   soft: d(T² D)/ds = T dD/dz;   hard: softmax(s) − onehot(label)
     if div == "kl":
-        dz = q - pt
+        g = q - pt
     elif div == "reverse_kl":
         r = on_live(log_q - log_p)
-        dz = on_live(q * (r + 1)) - q * (red[:, :1] + red[:, 1:2])
+        g = on_live(r.add_(1).mul_(q)) - q * (red[:, :1] + red[:, 1:2])
     elif beta == 1:
-        dz = torch.zeros_like(q)
+        g = torch.zeros_like(q)
     else:
-        dz = (1 - beta) * q * ((log_q - log_m) - kl_qm)
-    grad = (alpha * temp) * dz
+        g = (log_q - log_m).sub_(kl_qm).mul_(q).mul_(1 - beta)
+    g.mul_(alpha * temp)
     if valid is not None:
-        hard = q.clone() if temp == 1 else (s - lse_s[:, None]).exp()  # softmax(s)
+        g.add_(q if temp == 1 else (s - lse_s[:, None]).exp_(), alpha=1 - alpha)  # softmax(s)
         if p.rows:
-            hard.scatter_add_(1, col[:, None], -own[:, None].to(hard.dtype))
-        grad = grad + (1 - alpha) * hard
-        grad = torch.where(valid[:, None], grad, zero)
-    return loss, grad
+            g.scatter_add_(1, col[:, None], own[:, None].to(g.dtype) * -(1 - alpha))
+        g.masked_fill_(~valid[:, None], 0)
+    return loss, g
 
 
 def _chunk_loop(sh, sw, sb, th, tw, tb, p: _Plan, token_scale: Tensor | None, want_grad: bool):
@@ -229,7 +229,7 @@ def _chunk_loop(sh, sw, sb, th, tw, tb, p: _Plan, token_scale: Tensor | None, wa
         loss[a:e] = tok
         if g is None:
             continue
-        g = g * (token_scale[a:e, None].to(acc) if token_scale is not None else p.scale)
+        g.mul_(token_scale[a:e, None].to(acc) if token_scale is not None else p.scale)
         if need_h:
             gh[a:e] = g @ w_s
         if need_w:

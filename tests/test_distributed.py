@@ -26,6 +26,7 @@ steps; the quantized modules packed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -36,6 +37,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import qtorch
 import qtorch.distributed as qdist
@@ -198,14 +201,35 @@ def run_loss(case: Case, w: int, r: int, group) -> dict:
     if case.teacher != "tensor":
         tw = teacher_module(case, tw, tb)
         tb = tb if case.fault == "bias" else None
+    shapes = Shapes() if case.name in SHAPE_CASES else contextlib.nullcontext()
     try:
-        loss = qdist.fused_linear_distillation_loss(
-            sh, sw, x["th"], tw, x["labels"], sb, tb, group=group, chunk_size=case.chunk, **kw)
-        backward(loss, case, x)
+        with shapes:
+            loss = qdist.fused_linear_distillation_loss(
+                sh, sw, x["th"], tw, x["labels"], sb, tb, group=group, chunk_size=case.chunk,
+                **kw)
+            backward(loss, case, x)
     except Exception as e:  # the test asserts which; the next case must still run in step
         return {"error": type(e).__name__, "message": str(e)}
     return {"loss": loss.detach(), "gh": sh.grad, "gw": sw.grad,
-            "gb": None if sb is None else sb.grad}
+            "gb": None if sb is None else sb.grad, "shapes": getattr(shapes, "shapes", None)}
+
+
+SHAPE_CASES = ("kl-mean", "jsd-none", "teacher_int4")  # forward, backward, a module teacher
+
+
+class Shapes(TorchDispatchMode):
+    """The shapes of every floating-point tensor an op makes while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.is_floating_point():
+                self.shapes.add(tuple(o.shape))
+        return out
 
 
 def single_process(case: Case, w: int) -> dict:
@@ -440,6 +464,18 @@ def test_loss_and_gradients_match_the_single_process_op(runs, case, w):
             assert_close(got["gw"], ref["gw"][lo:hi], scale=ref["gw"].abs().max().item())
         if ref["gb"] is not None:
             assert_close(got["gb"], ref["gb"][lo:hi], scale=ref["gb"].abs().max().item())
+
+
+@pytest.mark.parametrize("w", [3, 2])
+@pytest.mark.parametrize("name", SHAPE_CASES)
+def test_no_rank_holds_more_than_a_chunk_of_its_block_of_logits(runs, name, w):
+    case = next(c for c in CASES if c.name == name)
+    for r, got in group_results(runs, name, w):
+        lo, hi = block(case, w, r)
+        # [rows, V_r]: the chunk's logits and what is made from them (and the weights' .T)
+        rows = {s[0] for s in got["shapes"] if len(s) == 2 and s[1] == hi - lo}
+        assert max(rows - set(case.hidden)) == case.chunk
+        assert not any(case.vocab in s for s in got["shapes"])  # nothing vocabulary-sized
 
 
 @pytest.mark.parametrize("w", [3, 2, 1])
