@@ -5,9 +5,10 @@
     qtorch.quantize_(model, config)      swap nn.Linear for quantized modules (qtorch.nn)
     qtorch.set_backend / use_backend     choose reference | cpu | triton | cuda | auto
     qtorch.inductor_options()            for AOTInductor / Inductor's C++ wrapper
+    qtorch.distributed.*                 the vocabulary-parallel loss; DDP with quantized modules
 """
 
-from qtorch import nn, ops, reference
+from qtorch import distributed, nn, ops, reference
 from qtorch._backend import available_backends, get_backend, set_backend, use_backend
 from qtorch._packed import inductor_options
 from qtorch.quant_api import (
@@ -23,6 +24,7 @@ __all__ = [
     "ops",
     "reference",
     "nn",
+    "distributed",
     "quantize_",
     "Int8DynamicConfig",
     "Int8WeightOnlyConfig",
