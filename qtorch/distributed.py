@@ -67,7 +67,7 @@ _NAME = "qtorch.distributed.fused_linear_distillation_loss"
 class _Plan:
     """Everything a call needs besides the differentiable tensors."""
 
-    group: object
+    group: object  # None for a group of one
     lo: int  # this rank's first vocabulary row
     rows: int  # V_r
     chunk: int
@@ -86,7 +86,8 @@ class _Plan:
 
 
 def _all_reduce(x: Tensor, op, group) -> Tensor:
-    dist.all_reduce(x, op=op, group=group)
+    if group is not None:  # None: a group of one, nothing to combine
+        dist.all_reduce(x, op=op, group=group)
     return x
 
 
@@ -340,6 +341,8 @@ def _check_local(sh, sw, th, tw, labels, sb, tb, chunk_size, temperature, alpha,
 def _gather_meta(values: list[float], device, group, world: int) -> Tensor:
     """[world, len(values)] float64: every rank's values, in group rank order."""
     mine = torch.tensor(values, dtype=torch.float64, device=device)
+    if world == 1:
+        return mine[None].cpu()
     out = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(out, mine, group=group)
     return torch.stack(out).cpu()
@@ -433,12 +436,13 @@ def fused_linear_distillation_loss(
     chk.positive("the vocabulary size (the shards' rows over the group)", vocab)
     check_labels(lab, vocab, ignore_index)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(m, vocab)
+    scale = 1.0 if reduction != "mean" else 0.0 if denom == 0 else 1.0 / denom
     plan = _Plan(
-        group=group, lo=sum(rows[:rank]), rows=rows[rank], chunk=int(chunk), labels=lab,
-        teacher_module=module, temperature=float(temperature), alpha=float(alpha),
-        divergence=divergence, beta=float(beta), ignore_index=int(ignore_index),
-        reduction=reduction, scale=(0.0 if denom == 0 else 1.0 / denom) if reduction == "mean"
-        else 1.0, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b,
+        group=group if world > 1 else None, lo=sum(rows[:rank]), rows=rows[rank],
+        chunk=int(chunk), labels=lab, teacher_module=module, temperature=float(temperature),
+        alpha=float(alpha), divergence=divergence, beta=float(beta),
+        ignore_index=int(ignore_index), reduction=reduction, scale=scale, grad_h=grad_h,
+        grad_w=grad_w, grad_b=grad_b,
     )
     lead = sh.shape[:-1]
     out = _VocabParallelLoss.apply(sh.reshape(m, sh.shape[-1]), sw, sb,
