@@ -463,10 +463,15 @@ def ddp_ignore_quantized_buffers(model: nn.Module, group=None) -> nn.Module:
     module's weight buffers (canonical and packed) alone; call it before wrapping. Returns
     `model`.
 
-    DDP would otherwise broadcast them from rank 0 before every forward (the whole frozen
-    backbone, each step) and keep references to them between steps, so that a module which
-    unpacked for a `state_dict()` sees its canonical buffers shared and never packs again (it
-    then repacks on every call). Quantization is deterministic and the buffers are frozen, so
+    DDP would otherwise broadcast every buffer from rank 0, at construction and before every
+    forward, pairing the ranks' buffers by position: a module holds either its canonical
+    buffers or its packed layout, so where the ranks' modules are in different states (one
+    rank called `state_dict()`, which unpacks) rank 0's canonical bytes land in the others'
+    packed buffers, silently wrong weights. Where the states agree it sends the whole frozen
+    backbone every step, and it keeps references to the buffers between steps, so that a
+    module which unpacked for a `state_dict()` sees its canonical buffers shared and never
+    packs again (it then repacks on every call). Quantization is deterministic and the buffers
+    are frozen, so
     they need no synchronisation while training; to keep DDP's guarantee that every rank starts
     from rank 0's weights, this broadcasts them once, in their canonical layout (the same on
     every rank, whatever layout each rank packed), from rank 0 of `group` (default: the world)

@@ -378,6 +378,9 @@ def run_dp(mode: str, rank: int) -> dict:
         call, state_dict = model, model.state_dict
     else:
         if mode == "ddp":
+            if rank > 0:  # other weights, and the canonical layout (rank 0's stays packed):
+                with torch.no_grad():  # rank 0's weights must win, as DDP promises
+                    model.block.proj.scales.mul_(2)
             qdist.ddp_ignore_quantized_buffers(model)
         ddp = DDP(model)
         call, state_dict = ddp, ddp.state_dict
