@@ -14,14 +14,17 @@ hidden states without a gradient, quantized teacher heads (int4, W8A8); the loss
 and every gradient (student_hidden: the full one; the shards: their rows) against
 `qtorch.ops.fused_linear_distillation_loss` (a quantized teacher: against
 `qtorch.ops.distillation_loss` on the student logits and the teacher modules' outputs). Errors
-raise on every rank, the ranks stay in step after them.
+raise on every rank, and the ranks stay in step after them. No rank makes a tensor of more than
+[chunk, V_r] logits, nor anything vocabulary-sized.
 
 Data parallel: a tiny transformer with a frozen qtorch-quantized block (W4A16 attention, W8A8
-MLP), LoRA adapters on two of its quantized layers and a trainable head, trained K steps with
-the fused distillation loss and `num_items_in_batch` = the global count of counted tokens (the
-README's recipe), under DDP (with and without `qtorch.distributed.ddp_ignore_quantized_buffers`)
-and FSDP2 (`fully_shard`), against one process on the global batch; a `state_dict()` between
-steps; the quantized modules packed at the end.
+MLP), LoRA adapters on two of its quantized layers and a trainable head, trained STEPS steps
+with the fused distillation loss and `num_items_in_batch` = the global count of counted tokens
+(the README's recipe; the ranks count different numbers of tokens), against one process on the
+global batch: under DDP with `qtorch.distributed.ddp_ignore_quantized_buffers` (the ranks
+starting from other weights and another layout than rank 0), plain DDP (all ranks alike), and
+FSDP2 (`fully_shard` on a quantized layer, the block and the model); a `state_dict()` between
+steps, after which the quantized modules must pack again.
 """
 
 from __future__ import annotations
@@ -110,14 +113,15 @@ CASES = [
     Case("default_chunk", chunk=None, lead=(40,)),
     Case("no_bias", bias=False),
     Case("frozen_head", frozen_head=True),
-    Case("hidden_no_grad", hidden_grad=False, reduction="sum"),
-    Case("empty_block"),
-    Case("teacher_int4", teacher="int4", hidden=(16, 64)),
-    Case("teacher_w8a8", teacher="w8a8", reduction="none"),
+    # errors, between other cases: the ranks must stay in step after them
     Case("error_label_range", labels="out_of_range"),
     Case("error_rows", fault="rows"),
     Case("error_kwargs", fault="kwargs"),
     Case("error_bias_with_module", teacher="int4", hidden=(16, 64), fault="bias"),
+    Case("hidden_no_grad", hidden_grad=False, reduction="sum"),
+    Case("empty_block"),
+    Case("teacher_int4", teacher="int4", hidden=(16, 64)),
+    Case("teacher_w8a8", teacher="w8a8", reduction="none"),
 ]
 CASE_NAMES = [c.name for c in CASES]
 
@@ -373,6 +377,7 @@ def run_dp(mode: str, rank: int) -> dict:
     model = student()
     if mode == "fsdp2":
         mesh = init_device_mesh("cpu", (WORLD,))
+        fully_shard(model.block.fc2, mesh=mesh)  # a quantized module as an FSDP unit of its own
         fully_shard(model.block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         call, state_dict = model, model.state_dict
@@ -384,11 +389,17 @@ def run_dp(mode: str, rank: int) -> dict:
             qdist.ddp_ignore_quantized_buffers(model)
         ddp = DDP(model)
         call, state_dict = ddp, ddp.state_dict
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        losses = train(model, call, data, n_global, dist.get_world_size(), state_dict)
-    params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-              for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = train(model, call, data, n_global, dist.get_world_size(), state_dict)
+        params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                  for n, p in model.named_parameters() if p.requires_grad}
+    except (RuntimeError, NotImplementedError) as e:  # (torch 2.13's gloo has all it needs)
+        if mode != "fsdp2" or not any(w in str(e).lower() for w in ("gloo", "not supported")):
+            raise
+        return {"skip": f"FSDP2 on the CPU needs a collective that gloo lacks in torch "
+                        f"{torch.__version__}: {e}"}
     mods = quantized(model)
     return {"count": int(count), "losses": losses, "params": params,
             "packed": {n: m._layout is not None for n, m in mods.items()},
@@ -554,6 +565,8 @@ def one_process() -> dict:
 def test_data_parallel_training_matches_one_process_on_the_global_batch(runs, mode):
     ref = one_process()
     got = [runs[r][mode] for r in range(WORLD)]
+    if "skip" in got[0]:
+        pytest.skip(got[0]["skip"])
     # the ranks count different numbers of tokens, so a per-rank mean would be wrong
     assert len({g["count"] for g in got}) == WORLD
     for step in range(STEPS):  # each rank's loss is its share of the global mean
@@ -574,5 +587,7 @@ def test_quantized_modules_pack_again_after_a_state_dict(runs, mode):
     FSDP2 keeps may stop them packing again (they would repack on every call and warn)."""
     for r in range(WORLD):
         got = runs[r][mode]
+        if "skip" in got:
+            pytest.skip(got["skip"])
         assert got["warnings"] == []
         assert got["packed"] == one_process()["packed"]
