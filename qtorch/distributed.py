@@ -378,8 +378,12 @@ def fused_linear_distillation_loss(
     concatenated heads (float32 scalar, or [...] with reduction="none"); differentiable w.r.t.
     student_hidden (the full gradient: the shards' contributions are all-reduced),
     student_weight_shard and student_bias_shard (this rank's rows of the full gradient). A
-    frozen head (requires_grad False) gets no weight gradient computed. Errors on any rank
-    raise on every rank (no rank is left waiting in a collective).
+    frozen head (requires_grad False) gets no weight gradient computed. The gradient that
+    reaches the loss must be the same on every rank (it is when every rank computes the same
+    thing from the loss), and with reduction="none" every rank must run the backward (it
+    recomputes the chunks, collectively). chunk_size None: the single-process default for the
+    whole vocabulary (`qtorch.reference.distillation.default_chunk_size`), the same on every
+    rank. Errors on any rank raise on every rank (no rank is left waiting in a collective).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{_NAME} needs torch.distributed initialized (init_process_group)")
