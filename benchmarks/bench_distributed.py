@@ -17,7 +17,9 @@ states and the student head (its bias too). Rows:
 Every row runs in fresh processes (torch.multiprocessing spawn), so no allocator history or
 other row's buffers count. Each rank builds only its own rows, makes one warm-up call, then
 measures its peak memory over one call as qtorch.bench.memory's child does (VmHWM after a
-reset, minus VmRSS before the call: what the call needs beyond its inputs), then times the
+reset, minus VmRSS before the call: what the call needs beyond its inputs; with a fixed glibc
+mmap threshold, MALLOC_MMAP_THRESHOLD_=128 KiB unless set, so that memory freed by the
+warm-up call is not resident and reused unseen), then times the
 call with the engine (qtorch.bench.timing: p20/p50/p80 over `--rounds` samples, each after a
 cache-evicting write rather than an untimed repeat of a multi-second call). The rounds are
 fixed, so every rank makes the same calls; the collectives keep the ranks in step. The chunk
@@ -123,6 +125,11 @@ def _rank_main(rank: int, spec: dict) -> None:
 def run_row(mode: str, ranks: int, vocab: int, tokens: int, hidden: int, rounds: int,
             threads: int) -> list[dict]:
     """One row: `ranks` fresh processes; each rank's result."""
+    # A fixed glibc mmap threshold: every block of logits is mapped at allocation and unmapped
+    # at free, so VmRSS follows the live memory. Glibc's default threshold grows to 32 MiB
+    # after the first such free, and blocks below it then come from the heap, where the
+    # warm-up call leaves them resident: the measured call would reuse them and look free.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 << 10))
     with tempfile.TemporaryDirectory() as d:
         spec = {"mode": mode, "ranks": ranks, "vocab": vocab, "tokens": tokens, "hidden": hidden,
                 "rounds": rounds, "threads": max(1, threads // ranks), "out": d,

@@ -98,12 +98,15 @@ def _row_max(x: Tensor) -> Tensor:
     return x.amax(-1)
 
 
-def _chunk_loss(s: Tensor, t: Tensor, lab: Tensor | None, p: _Plan, want_grad: bool):
-    """One chunk: this rank's logits s, t [c, V_r] (fp32/fp64; both are overwritten) ->
-    (token losses [c], d loss_i / d s [c, V_r] or None). Collective: every rank of the group
-    calls it alike. Works in place where it can: the chunk's [c, V_r] blocks are its memory."""
+def _chunk_loss(logits, lab: Tensor | None, p: _Plan, want_grad: bool):
+    """One chunk -> (token losses [c], d loss_i / d s [c, V_r] or None). `logits()` makes this
+    rank's fresh logit blocks s, t [c, V_r] (fp32/fp64); nothing else holds them, and the
+    chunk's memory is a few such blocks, so each block is turned into the next quantity in
+    place as soon as the one it holds is dead. Collective: every rank of the group calls it
+    alike."""
     temp, alpha, beta, div = p.temperature, p.alpha, p.beta, p.divergence
     group, sum_, max_ = p.group, dist.ReduceOp.SUM, dist.ReduceOp.MAX
+    s, t = logits()
     zero = s.new_zeros(())
     valid = None
     if lab is not None:
@@ -111,20 +114,22 @@ def _chunk_loss(s: Tensor, t: Tensor, lab: Tensor | None, p: _Plan, want_grad: b
         # Ignored rows are zeroed so whatever they hold (NaN included) cannot leak.
         s.masked_fill_(~valid[:, None], 0)
         t.masked_fill_(~valid[:, None], 0)
-    # Entries the teacher masked with -inf contribute 0 (not 0 · inf = NaN); NaN or +inf
-    # teacher logits are not masked, so they still poison the row as they should.
-    live = t != float("-inf")
-    z = s / temp if temp != 1 else s  # (s itself is still needed for the CE when T != 1)
-    u = t.div_(temp) if temp != 1 else t
+    # Entries the teacher masked with -inf have p = 0 and contribute 0 (not 0 · inf = NaN);
+    # NaN or +inf teacher logits are not masked, so they still poison the row as they should.
+    dead = t == float("-inf")
+    z = s / temp if temp != 1 else s  # (when T != 1, s itself is kept for the CE)
+    if temp != 1:
+        t.div_(temp)  # u = t / T
 
     # 1. the maxima over the whole vocabulary
-    mx = _all_reduce(torch.stack((_row_max(z), _row_max(u)), 1), max_, group)
-    if valid is not None:  # the label's logit, from the rank that holds it (before z = s moves)
+    mx = _all_reduce(torch.stack((_row_max(z), _row_max(t)), 1), max_, group)
+    if valid is not None:  # the label's logit, from the rank that holds it
         own = valid & (lab >= p.lo) & (lab < p.lo + p.rows)
         col = torch.where(own, lab - p.lo, torch.zeros_like(lab))
         s_lab = s.gather(1, col[:, None]).squeeze(1) if p.rows else s.new_zeros(s.shape[0])
-    log_q = z.sub_(mx[:, :1])  # z − m_z, log q once round 2 has S_z
-    log_p = u.sub_(mx[:, 1:])
+    log_q = z.sub_(mx[:, :1])  # z − m_z, log q once round 2 has S_z (in s itself when T = 1)
+    log_p = t.sub_(mx[:, 1:])
+    del z, t
     # 2. the sums of exp below the maxima, and the label's logit
     parts = [log_q.exp().sum(1), log_p.exp().sum(1)]
     if valid is not None:
@@ -134,23 +139,33 @@ def _chunk_loss(s: Tensor, t: Tensor, lab: Tensor | None, p: _Plan, want_grad: b
     sums = _all_reduce(torch.stack(parts, 1), sum_, group)
     log_q.sub_(sums[:, :1].log())
     log_p.sub_(sums[:, 1:2].log())
-    q, pt = log_q.exp(), log_p.exp()
 
-    def on_live(x):
-        return torch.where(live, x, zero)
-
-    # 3. the divergence's sums over the whole vocabulary
+    # 3. the divergence's sums over the whole vocabulary; q and p replace log q and log p
     if div == "kl":
-        parts = [(pt * on_live(log_p - log_q)).sum(1)]
+        r = (log_p - log_q).masked_fill_(dead, 0)  # log p − log q on live entries
+        q, pt = log_q.exp_(), log_p.exp_()
+        parts = [r.mul_(pt).sum(1)]
+        del r
     elif div == "reverse_kl":
-        parts = [(q * on_live(log_q - log_p)).sum(1), on_live(q).sum(1)]
+        r = (log_q - log_p).masked_fill_(dead, 0)  # log q − log p on live entries (kept: dD/dz)
+        del log_p  # (p is not needed)
+        q = log_q.exp_()
+        parts = [(q * r).sum(1), q.masked_fill(dead, 0).sum(1)]
     else:
+        # (log m is log p itself when β = 1 and log q when β = 0; it is not used after a, b)
         log_m = _log_mix(log_p, log_q, beta)
         parts = []
         if beta != 0:  # a term whose weight is 0 is left out: no 0 · inf for β ∈ {0, 1}
-            parts.append((pt * on_live(log_p - log_m)).sum(1))
+            b = (log_p - log_m).masked_fill_(dead, 0)
+            parts.append(b.mul_(log_p.exp_()).sum(1))
+            del b
         if beta != 1:
-            parts.append((q * (log_q - log_m)).sum(1))
+            a = log_q - log_m  # log q − log m (kept: dD/dz)
+        del log_m, log_p
+        q = log_q.exp_()
+        if beta != 1:
+            parts.append((q * a).sum(1))
+    del log_q
     red = _all_reduce(torch.stack(parts, 1), sum_, group)
     if div == "jsd":
         d = torch.zeros_like(red[:, 0])
@@ -176,16 +191,19 @@ def _chunk_loss(s: Tensor, t: Tensor, lab: Tensor | None, p: _Plan, want_grad: b
     #   soft: d(T² D)/ds = T dD/dz;   hard: softmax(s) − onehot(label)
     if div == "kl":
         g = q - pt
+        del pt
     elif div == "reverse_kl":
-        r = on_live(log_q - log_p)
-        g = on_live(r.add_(1).mul_(q)) - q * (red[:, :1] + red[:, 1:2])
+        g = r.add_(1).mul_(q).masked_fill_(dead, 0).sub_(q * (red[:, :1] + red[:, 1:2]))
+        del r
     elif beta == 1:
         g = torch.zeros_like(q)
     else:
-        g = (log_q - log_m).sub_(kl_qm).mul_(q).mul_(1 - beta)
+        g = a.sub_(kl_qm).mul_(q).mul_(1 - beta)
+        del a
     g.mul_(alpha * temp)
     if valid is not None:
-        g.add_(q if temp == 1 else (s - lse_s[:, None]).exp_(), alpha=1 - alpha)  # softmax(s)
+        # softmax(s): q itself when T = 1, else exp(s − logsumexp(s)) in s's place
+        g.add_(q if temp == 1 else s.sub_(lse_s[:, None]).exp_(), alpha=1 - alpha)
         if p.rows:
             g.scatter_add_(1, col[:, None], own[:, None].to(g.dtype) * -(1 - alpha))
         g.masked_fill_(~valid[:, None], 0)
@@ -215,18 +233,21 @@ def _chunk_loop(sh, sw, sb, th, tw, tb, p: _Plan, token_scale: Tensor | None, wa
     for a in range(0, m, p.chunk):
         e = min(a + p.chunk, m)
         h = sh[a:e].to(acc)
-        s = h @ w_s.T
-        if b_s is not None:
-            s += b_s
-        if p.teacher_module is None:
-            t = th[a:e].to(acc) @ w_t.T
-            if b_t is not None:
-                t += b_t
-        else:  # a quantized head: its own output on the chunk (its bias included)
-            t = p.teacher_module(th[a:e]).to(acc)
+
+        def logits(a=a, e=e, h=h):  # (made inside _chunk_loss, so that it alone holds them)
+            s = h @ w_s.T
+            if b_s is not None:
+                s += b_s
+            if p.teacher_module is None:
+                t = th[a:e].to(acc) @ w_t.T
+                if b_t is not None:
+                    t += b_t
+            else:  # a quantized head: its own output on the chunk (its bias included)
+                t = p.teacher_module(th[a:e]).to(acc)
+            return s, t
+
         lab = None if p.labels is None else p.labels[a:e]
-        tok, g = _chunk_loss(s, t, lab, p, want_grad)
-        del s, t
+        tok, g = _chunk_loss(logits, lab, p, want_grad)
         loss[a:e] = tok
         if g is None:
             continue
@@ -237,6 +258,7 @@ def _chunk_loop(sh, sw, sb, th, tw, tb, p: _Plan, token_scale: Tensor | None, wa
             gw.addmm_(g.T, h)
         if need_b:
             gb += g.sum(0)
+        del g  # before the next chunk's blocks exist
     if need_h:
         _all_reduce(gh, dist.ReduceOp.SUM, p.group)  # dh = Σ_r g_r W_s,r
         gh = gh.to(sh.dtype)
