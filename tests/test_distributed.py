@@ -9,9 +9,9 @@ Vocabulary-parallel loss (`qtorch.distributed.fused_linear_distillation_loss`), 
 1 (each rank alone): uneven blocks (one case with an empty one), every divergence × reduction,
 T != 1, alpha, labels=None, ignore_index (also a valid vocabulary id), all tokens ignored,
 num_items_in_batch (int, tensor, 0), masked (-inf) teacher entries including a whole block,
-NaN in a counted / an ignored token, bf16, leading dims, the default chunk, a frozen head,
-hidden states without a gradient, quantized teacher heads (int4, W8A8); the loss on every rank
-and every gradient (student_hidden: the full one; the shards: their rows) against
+NaN in a counted / an ignored token, bf16, fp16, fp64, leading dims, the default chunk, a
+frozen head, hidden states without a gradient, quantized teacher heads (int4, W8A8); the loss
+on every rank and every gradient (student_hidden: the full one; the shards: their rows) against
 `qtorch.ops.fused_linear_distillation_loss` (a quantized teacher: against
 `qtorch.ops.distillation_loss` on the student logits and the teacher modules' outputs). Errors
 raise on every rank, and the ranks stay in step after them. No rank makes a tensor of more than
@@ -109,6 +109,8 @@ CASES = [
     Case("nan_counted", nan="counted"),
     Case("nan_ignored", nan="ignored"),
     Case("bf16", dtype=torch.bfloat16, divergence="jsd"),
+    Case("fp16", dtype=torch.float16, divergence="reverse_kl"),
+    Case("fp64", dtype=torch.float64, reduction="none"),
     Case("lead_dims", lead=(3, 5), reduction="none"),
     Case("default_chunk", chunk=None, lead=(40,)),
     Case("no_bias", bias=False),
@@ -123,7 +125,6 @@ CASES = [
     Case("teacher_int4", teacher="int4", hidden=(16, 64)),
     Case("teacher_w8a8", teacher="w8a8", reduction="none"),
 ]
-CASE_NAMES = [c.name for c in CASES]
 
 
 def inputs(case: Case) -> dict:
@@ -465,7 +466,7 @@ def test_loss_and_gradients_match_the_single_process_op(runs, case, w):
             assert not torch.isfinite(ref["loss"]).all()
             assert not torch.isfinite(got["loss"]).all()
             continue
-        assert got["loss"].dtype == torch.float32
+        assert got["loss"].dtype == ref["loss"].dtype  # float32 (float64 from float64)
         assert_close(got["loss"], ref["loss"])
         for g in ("gh", "gw", "gb"):
             assert (got[g] is None) == (ref[g] is None), g
