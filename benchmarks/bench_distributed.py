@@ -51,8 +51,10 @@ def _inputs(spec: dict, rows: int, rank: int) -> dict:
     beyond the rank's own rows is ever made."""
     n, h = spec["tokens"], spec["hidden"]
     g = torch.Generator().manual_seed(0)
-    x = {"sh": torch.randn(n, h, generator=g).requires_grad_(),
-         "th": torch.randn(n, h, generator=g)}
+    x = {
+        "sh": torch.randn(n, h, generator=g).requires_grad_(),
+        "th": torch.randn(n, h, generator=g),
+    }
     labels = torch.randint(0, spec["vocab"], (n,), generator=g)
     labels[::10] = -100
     x["labels"] = labels
@@ -69,13 +71,17 @@ def _call(spec: dict, x: dict):
 
     kw = dict(temperature=2.0, alpha=0.5, divergence="kl")
     if spec["mode"] == "single":
+
         def loss():
             return qtorch.ops.fused_linear_distillation_loss(
-                x["sh"], x["sw"], x["th"], x["tw"], x["labels"], x["sb"], **kw)
+                x["sh"], x["sw"], x["th"], x["tw"], x["labels"], x["sb"], **kw
+            )
     else:
+
         def loss():
             return qdist.fused_linear_distillation_loss(
-                x["sh"], x["sw"], x["th"], x["tw"], x["labels"], x["sb"], **kw)
+                x["sh"], x["sw"], x["th"], x["tw"], x["labels"], x["sb"], **kw
+            )
 
     def step():
         for k in ("sh", "sw", "sb"):
@@ -95,8 +101,9 @@ def _rank_main(rank: int, spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     world = spec["ranks"]
     if spec["mode"] == "dist":
-        dist.init_process_group("gloo", init_method=f"file://{spec['store']}", rank=rank,
-                                world_size=world)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{spec['store']}", rank=rank, world_size=world
+        )
     v = spec["vocab"]
     rows = v // world + (1 if rank < v % world else 0)
     x = _inputs(spec, rows, rank)
@@ -108,13 +115,23 @@ def _rank_main(rank: int, spec: dict) -> None:
         raise RuntimeError("cannot reset VmHWM (/proc/self/clear_refs not writable)")
     step()
     peak = max(vm_hwm_kib() - base, 0) * 1024
-    cfg = timing.TimingConfig(rounds=spec["rounds"], warmup=0, batch_below_s=0.0,
-                              evict_bytes=32 << 20)
+    cfg = timing.TimingConfig(
+        rounds=spec["rounds"], warmup=0, batch_below_s=0.0, evict_bytes=32 << 20
+    )
     st = timing.time_group({"loss": step}, "cpu", cfg)["loss"]
     chunk = default_chunk_size(spec["tokens"], v)
-    out = {"rank": rank, "rows": rows, "chunk": chunk, "threads": spec["threads"],
-           "p20_ms": st.p20 * 1e3, "p50_ms": st.median * 1e3, "p80_ms": st.p80 * 1e3,
-           "samples": st.n, "peak_bytes": peak, "logit_block_bytes": chunk * rows * 4}
+    out = {
+        "rank": rank,
+        "rows": rows,
+        "chunk": chunk,
+        "threads": spec["threads"],
+        "p20_ms": st.p20 * 1e3,
+        "p50_ms": st.median * 1e3,
+        "p80_ms": st.p80 * 1e3,
+        "samples": st.n,
+        "peak_bytes": peak,
+        "logit_block_bytes": chunk * rows * 4,
+    }
     with open(os.path.join(spec["out"], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     if spec["mode"] == "dist":
@@ -122,8 +139,9 @@ def _rank_main(rank: int, spec: dict) -> None:
         dist.destroy_process_group()
 
 
-def run_row(mode: str, ranks: int, vocab: int, tokens: int, hidden: int, rounds: int,
-            threads: int) -> list[dict]:
+def run_row(
+    mode: str, ranks: int, vocab: int, tokens: int, hidden: int, rounds: int, threads: int
+) -> list[dict]:
     """One row: `ranks` fresh processes; each rank's result."""
     # A fixed glibc mmap threshold: every block of logits is mapped at allocation and unmapped
     # at free, so VmRSS follows the live memory. Glibc's default threshold grows to 32 MiB
@@ -131,11 +149,20 @@ def run_row(mode: str, ranks: int, vocab: int, tokens: int, hidden: int, rounds:
     # warm-up call leaves them resident: the measured call would reuse them and look free.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 << 10))
     with tempfile.TemporaryDirectory() as d:
-        spec = {"mode": mode, "ranks": ranks, "vocab": vocab, "tokens": tokens, "hidden": hidden,
-                "rounds": rounds, "threads": max(1, threads // ranks), "out": d,
-                "store": os.path.join(d, "store")}
-        torch.multiprocessing.start_processes(_rank_main, args=(spec,), nprocs=ranks,
-                                              start_method="spawn")
+        spec = {
+            "mode": mode,
+            "ranks": ranks,
+            "vocab": vocab,
+            "tokens": tokens,
+            "hidden": hidden,
+            "rounds": rounds,
+            "threads": max(1, threads // ranks),
+            "out": d,
+            "store": os.path.join(d, "store"),
+        }
+        torch.multiprocessing.start_processes(
+            _rank_main, args=(spec,), nprocs=ranks, start_method="spawn"
+        )
         res = []
         for r in range(ranks):
             with open(os.path.join(d, f"rank{r}.json")) as f:
@@ -152,8 +179,12 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=N)
     ap.add_argument("--hidden", type=int, default=H)
     ap.add_argument("--rounds", type=int, default=3, help="timed samples per rank")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                    help="torch threads per row, split between its ranks")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads per row, split between its ranks",
+    )
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a functional check")
     args = ap.parse_args(argv)
@@ -161,8 +192,10 @@ def main(argv=None) -> None:
         args.tokens, args.hidden = QUICK["tokens"], QUICK["hidden"]
         args.vocab, args.rounds = list(QUICK["vocabs"]), QUICK["rounds"]
     print(drivers.header(f"{args.threads} threads per row, split between its ranks", "gloo"))
-    print(f"{'case':34s} {'row':16s} {'rank':>4s} {'rows':>7s} {'p20/p50/p80 ms':>26s} "
-          f"{'peak MiB':>9s} {'logit block MiB':>16s}")
+    print(
+        f"{'case':34s} {'row':16s} {'rank':>4s} {'rows':>7s} {'p20/p50/p80 ms':>26s} "
+        f"{'peak MiB':>9s} {'logit block MiB':>16s}"
+    )
     rows = []
     for v in args.vocab:
         case = f"N={args.tokens} V={v} H={args.hidden} fp32"
@@ -172,11 +205,15 @@ def main(argv=None) -> None:
                 r.update(case=case, row=label, vocab=v, ranks=w)
                 rows.append(r)
                 ms = f"{r['p20_ms']:.0f}/{r['p50_ms']:.0f}/{r['p80_ms']:.0f}"
-                print(f"{case:34s} {label:16s} {r['rank']:4d} {r['rows']:7d} {ms:>26s} "
-                      f"{r['peak_bytes'] / 2**20:9.0f} {r['logit_block_bytes'] / 2**20:16.1f}",
-                      flush=True)
-    print("(peak = VmHWM - VmRSS before the measured call, after a warm-up call, per rank in a "
-          "fresh process; logit block = one [chunk, rows] fp32 block)")
+                print(
+                    f"{case:34s} {label:16s} {r['rank']:4d} {r['rows']:7d} {ms:>26s} "
+                    f"{r['peak_bytes'] / 2**20:9.0f} {r['logit_block_bytes'] / 2**20:16.1f}",
+                    flush=True,
+                )
+    print(
+        "(peak = VmHWM - VmRSS before the measured call, after a warm-up call, per rank in a "
+        "fresh process; logit block = one [chunk, rows] fp32 block)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "argv": sys.argv[1:], "rows": rows}, f, indent=1)

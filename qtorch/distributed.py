@@ -222,8 +222,11 @@ def _chunk_loop(sh, sw, sb, th, tw, tb, p: _Plan, token_scale: Tensor | None, wa
         b_t = None if tb is None else tb.to(acc)
     loss = torch.empty(m, dtype=acc, device=dev)
     gh = gw = gb = None
-    need_h, need_w, need_b = (want_grad and p.grad_h, want_grad and p.grad_w,
-                              want_grad and p.grad_b)
+    need_h, need_w, need_b = (
+        want_grad and p.grad_h,
+        want_grad and p.grad_w,
+        want_grad and p.grad_b,
+    )
     if need_h:
         gh = torch.zeros(sh.shape, dtype=acc, device=dev)
     if need_w:
@@ -303,32 +306,71 @@ class _VocabParallelLoss(torch.autograd.Function):
 
 _ALLOWED = (*chk.FLOAT_DTYPES, torch.float64)
 # Fields every rank must agree on (gathered once per call, with each rank's block size).
-_META = ("ok", "rows", "tokens", "H", "Ht", "chunk_size", "labels", "student_bias",
-         "teacher_bias", "grad_hidden", "temperature", "alpha", "divergence", "beta",
-         "ignore_index", "reduction", "denominator")
+_META = (
+    "ok",
+    "rows",
+    "tokens",
+    "H",
+    "Ht",
+    "chunk_size",
+    "labels",
+    "student_bias",
+    "teacher_bias",
+    "grad_hidden",
+    "temperature",
+    "alpha",
+    "divergence",
+    "beta",
+    "ignore_index",
+    "reduction",
+    "denominator",
+)
 
 
-def _check_local(sh, sw, th, tw, labels, sb, tb, chunk_size, temperature, alpha, divergence,
-                 beta, reduction, num_items_in_batch) -> None:
+def _check_local(
+    sh,
+    sw,
+    th,
+    tw,
+    labels,
+    sb,
+    tb,
+    chunk_size,
+    temperature,
+    alpha,
+    divergence,
+    beta,
+    reduction,
+    num_items_in_batch,
+) -> None:
     """The single-process op's checks, per shard (block sizes may differ by rank)."""
     module = isinstance(tw, nn.Module)
-    for name, t in (("student_hidden", sh), ("student_weight_shard", sw),
-                    ("teacher_hidden", th)) + (() if module else (("teacher_weight_shard", tw),)):
+    for name, t in (
+        ("student_hidden", sh),
+        ("student_weight_shard", sw),
+        ("teacher_hidden", th),
+    ) + (() if module else (("teacher_weight_shard", tw),)):
         chk.tensor(name, t)
         chk.dtype_in(name, t, _ALLOWED)
     chk.min_ndim("student_hidden", sh, 1)
     chk.min_ndim("teacher_hidden", th, 1)
     chk.ndim("student_weight_shard", sw, 2)
     if sh.shape[-1] != sw.shape[1]:
-        raise ValueError(f"student_hidden [..., H] and student_weight_shard [V_r, H] must share "
-                         f"H, got {tuple(sh.shape)} and {tuple(sw.shape)}")
+        raise ValueError(
+            f"student_hidden [..., H] and student_weight_shard [V_r, H] must share "
+            f"H, got {tuple(sh.shape)} and {tuple(sw.shape)}"
+        )
     if module:
         if not isinstance(tw, _QuantizedLinear):
-            raise TypeError(f"teacher_weight_shard must be a Tensor or a qtorch quantized linear "
-                            f"module, got {type(tw).__name__}")
+            raise TypeError(
+                f"teacher_weight_shard must be a Tensor or a qtorch quantized linear "
+                f"module, got {type(tw).__name__}"
+            )
         if tb is not None:
-            raise ValueError("teacher_bias_shard must be None when teacher_weight_shard is a "
-                             "module (the module's own bias is used)")
+            raise ValueError(
+                "teacher_bias_shard must be None when teacher_weight_shard is a "
+                "module (the module's own bias is used)"
+            )
         t_rows, t_in = tw.out_features, tw.in_features
         shown = f"{type(tw).__name__}(in_features={t_in}, out_features={t_rows})"
     else:
@@ -336,28 +378,41 @@ def _check_local(sh, sw, th, tw, labels, sb, tb, chunk_size, temperature, alpha,
         t_rows, t_in = tw.shape
         shown = str(tuple(tw.shape))
     if th.shape[-1] != t_in:
-        raise ValueError(f"teacher_hidden [..., Ht] and teacher_weight_shard [V_r, Ht] must share "
-                         f"Ht, got {tuple(th.shape)} and {shown}")
+        raise ValueError(
+            f"teacher_hidden [..., Ht] and teacher_weight_shard [V_r, Ht] must share "
+            f"Ht, got {tuple(th.shape)} and {shown}"
+        )
     if sw.shape[0] != t_rows:
-        raise ValueError(f"student and teacher shards must hold the same vocabulary rows: "
-                         f"student_weight_shard {tuple(sw.shape)} vs teacher_weight_shard {shown}")
+        raise ValueError(
+            f"student and teacher shards must hold the same vocabulary rows: "
+            f"student_weight_shard {tuple(sw.shape)} vs teacher_weight_shard {shown}"
+        )
     if sh.shape[:-1] != th.shape[:-1]:
-        raise ValueError(f"student_hidden {tuple(sh.shape)} and teacher_hidden {tuple(th.shape)} "
-                         f"must have the same leading (token) dims")
+        raise ValueError(
+            f"student_hidden {tuple(sh.shape)} and teacher_hidden {tuple(th.shape)} "
+            f"must have the same leading (token) dims"
+        )
     for name, b in (("student_bias_shard", sb), ("teacher_bias_shard", tb)):
         if b is not None:
             chk.tensor(name, b)
             chk.dtype_in(name, b, _ALLOWED)
             chk.shape(name, b, (sw.shape[0],), "[V_r]")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     chk.loss_labels(labels, sh.shape[:-1], "student_hidden")
     chk.loss_kwargs(temperature, alpha, divergence, beta, reduction, labels)
     chk.num_items_in_batch(num_items_in_batch)
-    chk.same_device(student_hidden=sh, student_weight_shard=sw, teacher_hidden=th,
-                    teacher_weight_shard=None if module else tw, labels=labels,
-                    student_bias_shard=sb, teacher_bias_shard=tb)
+    chk.same_device(
+        student_hidden=sh,
+        student_weight_shard=sw,
+        teacher_hidden=th,
+        teacher_weight_shard=None if module else tw,
+        labels=labels,
+        student_bias_shard=sb,
+        teacher_bias_shard=tb,
+    )
 
 
 def _gather_meta(values: list[float], device, group, world: int) -> Tensor:
@@ -418,8 +473,22 @@ def fused_linear_distillation_loss(
     sb, tb = student_bias_shard, teacher_bias_shard
     error = None
     try:
-        _check_local(sh, sw, th, tw, labels, sb, tb, chunk_size, temperature, alpha, divergence,
-                     beta, reduction, num_items_in_batch)
+        _check_local(
+            sh,
+            sw,
+            th,
+            tw,
+            labels,
+            sb,
+            tb,
+            chunk_size,
+            temperature,
+            alpha,
+            divergence,
+            beta,
+            reduction,
+            num_items_in_batch,
+        )
     except (TypeError, ValueError) as e:
         error = e
     module = tw if isinstance(tw, nn.Module) else None
@@ -439,10 +508,25 @@ def fused_linear_distillation_loss(
             denom = float(num_items_in_batch.item())
         else:
             denom = float(num_items_in_batch)
-        values = [1, sw.shape[0], m, sh.shape[-1], th.shape[-1], chunk_size or -1,
-                  labels is not None, sb is not None, tb is not None, grad_h, float(temperature),
-                  float(alpha), DIVERGENCES.index(divergence), float(beta), ignore_index,
-                  chk.REDUCTIONS.index(reduction), denom]
+        values = [
+            1,
+            sw.shape[0],
+            m,
+            sh.shape[-1],
+            th.shape[-1],
+            chunk_size or -1,
+            labels is not None,
+            sb is not None,
+            tb is not None,
+            grad_h,
+            float(temperature),
+            float(alpha),
+            DIVERGENCES.index(divergence),
+            float(beta),
+            ignore_index,
+            chk.REDUCTIONS.index(reduction),
+            denom,
+        ]
     else:
         values = [0] + [0] * (len(_META) - 1)
     meta = _gather_meta([float(v) for v in values], device, group, world)
@@ -450,13 +534,17 @@ def fused_linear_distillation_loss(
     if error is not None:
         raise error
     if bad:
-        raise RuntimeError(f"{_NAME}: the arguments of group rank(s) {bad} are invalid (their "
-                           f"error says why); no rank computed the loss")
+        raise RuntimeError(
+            f"{_NAME}: the arguments of group rank(s) {bad} are invalid (their "
+            f"error says why); no rank computed the loss"
+        )
     for i, name in enumerate(_META[2:], start=2):
         col = meta[:, i]
         if bool((col != col[0]).any()):
-            raise ValueError(f"{_NAME}: {name} must be the same on every rank of the group, got "
-                             f"{col.tolist()} (group rank order)")
+            raise ValueError(
+                f"{_NAME}: {name} must be the same on every rank of the group, got "
+                f"{col.tolist()} (group rank order)"
+            )
     rows = [int(v) for v in meta[:, 1].tolist()]
     vocab = sum(rows)
     chk.positive("the vocabulary size (the shards' rows over the group)", vocab)
@@ -464,16 +552,33 @@ def fused_linear_distillation_loss(
     chunk = chunk_size if chunk_size is not None else default_chunk_size(m, vocab)
     scale = 1.0 if reduction != "mean" else 0.0 if denom == 0 else 1.0 / denom
     plan = _Plan(
-        group=group if world > 1 else None, lo=sum(rows[:rank]), rows=rows[rank],
-        chunk=int(chunk), labels=lab, teacher_module=module, temperature=float(temperature),
-        alpha=float(alpha), divergence=divergence, beta=float(beta),
-        ignore_index=int(ignore_index), reduction=reduction, scale=scale, grad_h=grad_h,
-        grad_w=grad_w, grad_b=grad_b,
+        group=group if world > 1 else None,
+        lo=sum(rows[:rank]),
+        rows=rows[rank],
+        chunk=int(chunk),
+        labels=lab,
+        teacher_module=module,
+        temperature=float(temperature),
+        alpha=float(alpha),
+        divergence=divergence,
+        beta=float(beta),
+        ignore_index=int(ignore_index),
+        reduction=reduction,
+        scale=scale,
+        grad_h=grad_h,
+        grad_w=grad_w,
+        grad_b=grad_b,
     )
     lead = sh.shape[:-1]
-    out = _VocabParallelLoss.apply(sh.reshape(m, sh.shape[-1]), sw, sb,
-                                   th.reshape(m, th.shape[-1]), None if module else tw,
-                                   None if module else tb, plan)
+    out = _VocabParallelLoss.apply(
+        sh.reshape(m, sh.shape[-1]),
+        sw,
+        sb,
+        th.reshape(m, th.shape[-1]),
+        None if module else tw,
+        None if module else tb,
+        plan,
+    )
     return out.reshape(lead) if reduction == "none" else out
 
 
@@ -514,7 +619,8 @@ def ddp_ignore_quantized_buffers(model: nn.Module, group=None) -> nn.Module:
             for _, mod in mods:
                 _broadcast_canonical(mod, src, group)
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-        model, names)
+        model, names
+    )
     return model
 
 

@@ -91,8 +91,11 @@ class Case:
 
 
 CASES = [
-    *[Case(f"{d}-{r}", divergence=d, reduction=r, beta=0.3)
-      for d in ("kl", "reverse_kl", "jsd") for r in ("mean", "sum", "none")],
+    *[
+        Case(f"{d}-{r}", divergence=d, reduction=r, beta=0.3)
+        for d in ("kl", "reverse_kl", "jsd")
+        for r in ("mean", "sum", "none")
+    ],
     Case("T1", temperature=1.0),
     Case("alpha0", alpha=0.0),
     Case("alpha1", alpha=1.0),
@@ -174,9 +177,15 @@ def teacher_module(case: Case, weight: torch.Tensor, bias: torch.Tensor | None) 
 
 def loss_kwargs(case: Case) -> dict:
     n = case.num_items
-    return dict(temperature=case.temperature, alpha=case.alpha, divergence=case.divergence,
-                beta=case.beta, ignore_index=case.ignore_index, reduction=case.reduction,
-                num_items_in_batch=torch.tensor(n[1]) if isinstance(n, tuple) else n)
+    return dict(
+        temperature=case.temperature,
+        alpha=case.alpha,
+        divergence=case.divergence,
+        beta=case.beta,
+        ignore_index=case.ignore_index,
+        reduction=case.reduction,
+        num_items_in_batch=torch.tensor(n[1]) if isinstance(n, tuple) else n,
+    )
 
 
 def block(case: Case, w: int, r: int) -> tuple[int, int]:
@@ -210,13 +219,18 @@ def run_loss(case: Case, w: int, r: int, group) -> dict:
     try:
         with shapes:
             loss = qdist.fused_linear_distillation_loss(
-                sh, sw, x["th"], tw, x["labels"], sb, tb, group=group, chunk_size=case.chunk,
-                **kw)
+                sh, sw, x["th"], tw, x["labels"], sb, tb, group=group, chunk_size=case.chunk, **kw
+            )
             backward(loss, case, x)
     except Exception as e:  # the test asserts which; the next case must still run in step
         return {"error": type(e).__name__, "message": str(e)}
-    return {"loss": loss.detach(), "gh": sh.grad, "gw": sw.grad,
-            "gb": None if sb is None else sb.grad, "shapes": getattr(shapes, "shapes", None)}
+    return {
+        "loss": loss.detach(),
+        "gh": sh.grad,
+        "gw": sw.grad,
+        "gb": None if sb is None else sb.grad,
+        "shapes": getattr(shapes, "shapes", None),
+    }
 
 
 SHAPE_CASES = ("kl-mean", "jsd-none", "teacher_int4")  # forward, backward, a module teacher
@@ -248,17 +262,27 @@ def single_process(case: Case, w: int) -> dict:
     kw = loss_kwargs(case)
     if case.teacher == "tensor":
         loss = qtorch.ops.fused_linear_distillation_loss(
-            sh, sw, x["th"], x["tw"], x["labels"], sb, tb, chunk_size=case.chunk, **kw)
+            sh, sw, x["th"], x["tw"], x["labels"], sb, tb, chunk_size=case.chunk, **kw
+        )
     else:
         blocks = [block(case, w, r) for r in range(w)]
         with torch.no_grad():
-            t = torch.cat([teacher_module(case, x["tw"][lo:hi], None if tb is None else tb[lo:hi])(
-                x["th"]) for lo, hi in blocks], -1)
+            t = torch.cat(
+                [
+                    teacher_module(case, x["tw"][lo:hi], None if tb is None else tb[lo:hi])(x["th"])
+                    for lo, hi in blocks
+                ],
+                -1,
+            )
         s = sh @ sw.T + (sb if sb is not None else 0)
         loss = qtorch.ops.distillation_loss(s, t, x["labels"], **kw)
     backward(loss, case, x)
-    return {"loss": loss.detach(), "gh": sh.grad, "gw": sw.grad,
-            "gb": None if sb is None else sb.grad}
+    return {
+        "loss": loss.detach(),
+        "gh": sh.grad,
+        "gw": sw.grad,
+        "gb": None if sb is None else sb.grad,
+    }
 
 
 # ------------------------------------------------------------------ data parallel
@@ -309,17 +333,29 @@ class Student(nn.Module):
     def forward(self, tokens, teacher_hidden, teacher_weight, labels, num_items=None):
         h = self.ln(self.block(self.emb(tokens)))
         return qtorch.ops.fused_linear_distillation_loss(
-            h, self.head.weight, teacher_hidden, teacher_weight, labels, self.head.bias,
-            temperature=2.0, alpha=0.5, num_items_in_batch=num_items)
+            h,
+            self.head.weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            self.head.bias,
+            temperature=2.0,
+            alpha=0.5,
+            num_items_in_batch=num_items,
+        )
 
 
 def student() -> Student:
     torch.manual_seed(0)
     m = Student()
-    qtorch.quantize_(m.block, qtorch.Int4WeightOnlyConfig(group_size=32),
-                     filter_fn=lambda mod, name: name in ("qkv", "proj"))
-    qtorch.quantize_(m.block, qtorch.Int8DynamicConfig(),
-                     filter_fn=lambda mod, name: name in ("fc1", "fc2"))
+    qtorch.quantize_(
+        m.block,
+        qtorch.Int4WeightOnlyConfig(group_size=32),
+        filter_fn=lambda mod, name: name in ("qkv", "proj"),
+    )
+    qtorch.quantize_(
+        m.block, qtorch.Int8DynamicConfig(), filter_fn=lambda mod, name: name in ("fc1", "fc2")
+    )
     m.requires_grad_(False)
     m.block.qkv, m.block.fc1 = LoRA(m.block.qkv), LoRA(m.block.fc1)
     for mod in (m.block.ln1, m.block.ln2, m.ln, m.head):
@@ -333,20 +369,25 @@ def dp_data() -> dict:
     labels[2, :3] = IGNORE  # so the ranks count 10, 7 and 4 tokens
     labels[4, :] = IGNORE
     labels[5, 0] = IGNORE
-    return {"tokens": torch.randint(0, TOKENS, (BATCH, SEQ), generator=g),
-            "th": torch.randn(BATCH, SEQ, HT, generator=g), "labels": labels,
-            "tw": torch.randn(HEAD_V, HT, generator=g) / HT**0.5}
+    return {
+        "tokens": torch.randint(0, TOKENS, (BATCH, SEQ), generator=g),
+        "th": torch.randn(BATCH, SEQ, HT, generator=g),
+        "labels": labels,
+        "tw": torch.randn(HEAD_V, HT, generator=g) / HT**0.5,
+    }
 
 
 def quantized(model: nn.Module) -> dict:
-    return {n: m for n, m in model.named_modules() if isinstance(m, qtorch.nn.linear._QuantizedLinear)}
+    return {
+        n: m for n, m in model.named_modules() if isinstance(m, qtorch.nn.linear._QuantizedLinear)
+    }
 
 
-def train(model: nn.Module, call, data: dict, num_items=None, scale: float = 1.0,
-          state_dict=None) -> list[float]:
+def train(
+    model: nn.Module, call, data: dict, num_items=None, scale: float = 1.0, state_dict=None
+) -> list[float]:
     """STEPS of SGD with momentum on `call(batch) * scale`; a `state_dict()` after the first."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2,
-                          momentum=0.9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.2, momentum=0.9)
     losses = []
     for step in range(STEPS):
         loss = call(data["tokens"], data["th"], data["tw"], data["labels"], num_items)
@@ -370,7 +411,7 @@ def run_dp(mode: str, rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     per = BATCH // WORLD
-    data = {k: v[rank * per:(rank + 1) * per] for k, v in dp_data().items() if k != "tw"}
+    data = {k: v[rank * per : (rank + 1) * per] for k, v in dp_data().items() if k != "tw"}
     data["tw"] = dp_data()["tw"]
     count = (data["labels"] != IGNORE).sum()
     n_global = count.clone()
@@ -394,26 +435,41 @@ def run_dp(mode: str, rank: int) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             losses = train(model, call, data, n_global, dist.get_world_size(), state_dict)
-        params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-                  for n, p in model.named_parameters() if p.requires_grad}
+        params = {
+            n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
     except (RuntimeError, NotImplementedError) as e:  # (torch 2.13's gloo has all it needs)
         if mode != "fsdp2" or not any(w in str(e).lower() for w in ("gloo", "not supported")):
             raise
-        return {"skip": f"FSDP2 on the CPU needs a collective that gloo lacks in torch "
-                        f"{torch.__version__}: {e}"}
+        return {
+            "skip": f"FSDP2 on the CPU needs a collective that gloo lacks in torch "
+            f"{torch.__version__}: {e}"
+        }
     mods = quantized(model)
-    return {"count": int(count), "losses": losses, "params": params,
-            "packed": {n: m._layout is not None for n, m in mods.items()},
-            "weights": {n: m.dequantize() for n, m in mods.items()},
-            "warnings": [str(w.message) for w in caught if "qtorch" in str(w.message)]}
+    return {
+        "count": int(count),
+        "losses": losses,
+        "params": params,
+        "packed": {n: m._layout is not None for n, m in mods.items()},
+        "weights": {n: m.dequantize() for n, m in mods.items()},
+        "warnings": [str(w.message) for w in caught if "qtorch" in str(w.message)],
+    }
 
 
 # ------------------------------------------------------------------ the run
 
+
 def _worker(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)  # 3 processes on a few cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=120),
+    )
     pair = dist.new_group([1, 2])
     alone = [dist.new_group([r]) for r in range(WORLD)]  # every rank takes part in each
     res = {}
@@ -436,9 +492,11 @@ def runs(tmp_path_factory) -> list[dict]:
     # A fork server imports torch once and forks the ranks from it: three interpreters
     # importing torch side by side cost a few times more on a small machine.
     torch.multiprocessing.set_forkserver_preload(
-        ["torch", "qtorch", "torch.distributed.fsdp", "torch.distributed.tensor", __name__])
-    torch.multiprocessing.start_processes(_worker, args=(str(d / "store"), str(d)),
-                                          nprocs=WORLD, join=True, start_method="forkserver")
+        ["torch", "qtorch", "torch.distributed.fsdp", "torch.distributed.tensor", __name__]
+    )
+    torch.multiprocessing.start_processes(
+        _worker, args=(str(d / "store"), str(d)), nprocs=WORLD, join=True, start_method="forkserver"
+    )
     return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -538,8 +596,7 @@ def test_the_loss_needs_an_initialized_process_group():
         pytest.skip("a process group exists in this process")
     x = torch.randn(2, 4)
     with pytest.raises(RuntimeError, match="init_process_group"):
-        qdist.fused_linear_distillation_loss(x, torch.randn(3, 4), x, torch.randn(3, 4),
-                                             alpha=1.0)
+        qdist.fused_linear_distillation_loss(x, torch.randn(3, 4), x, torch.randn(3, 4), alpha=1.0)
 
 
 # ------------------------------------------------------------------ tests: data parallel
@@ -558,7 +615,8 @@ def one_process() -> dict:
             losses=losses,
             params={n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
             packed={n: m._layout is not None for n, m in mods.items()},
-            weights={n: m.dequantize() for n, m in mods.items()})
+            weights={n: m.dequantize() for n, m in mods.items()},
+        )
     return _ONE_PROCESS
 
 
@@ -571,8 +629,9 @@ def test_data_parallel_training_matches_one_process_on_the_global_batch(runs, mo
     # the ranks count different numbers of tokens, so a per-rank mean would be wrong
     assert len({g["count"] for g in got}) == WORLD
     for step in range(STEPS):  # each rank's loss is its share of the global mean
-        assert_close(torch.tensor(sum(g["losses"][step] for g in got)),
-                     torch.tensor(ref["losses"][step]))
+        assert_close(
+            torch.tensor(sum(g["losses"][step] for g in got)), torch.tensor(ref["losses"][step])
+        )
     for g in got:
         assert g["params"].keys() == ref["params"].keys()
         for name, p in ref["params"].items():
