@@ -31,6 +31,10 @@ then calls the kernel chosen by `qtorch._backend.resolve`. So every kernel recei
             grad_bias [V] | None)
         grads are of sum_i token_scale[i] * loss[i] (token_scale None means all ones), in the
         dtype of the tensor they belong to, accumulated in fp32; never holds [M, V] at once.
+        Every backend's is the one chunk loop, `qtorch.reference.distillation.
+        fused_linear_distillation_loss`, given the backend's per-chunk loss kernel (fp32 [n, V]
+        logits in; loss out, the gradient written over the student logits where it can) and
+        the head class whose GEMMs it runs.
 
 Weights arrive in the canonical layout (API.md); a kernel that wants another layout packs it
 per call: an op keeps nothing between calls. The quantized modules own a packed layout
