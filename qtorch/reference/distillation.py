@@ -268,6 +268,7 @@ def fused_linear_distillation_loss(
     beta: float = 0.5,
     ignore_index: int = -100,
     compute_grad: bool = True,
+    compute_grad_weight: bool = True,
     *,
     chunk_loss=reference_chunk_loss,
     head=LinearHead,
@@ -282,7 +283,8 @@ def fused_linear_distillation_loss(
         loss[a:b], g = chunk_loss(s, t, ...)       g = token_scale_i · d loss_i / d s_i,
                                                    written over s where the kernel can
         dh_s[a:b] = g @ W_s,  dW_s += g.T @ h_s,  db_s += Σ_rows g      (acc accumulators)
-    so gradients of Σ_i token_scale_i · loss_i come out of the same pass. `chunk_size` <= 0
+    so gradients of Σ_i token_scale_i · loss_i come out of the same pass; with
+    compute_grad_weight False (a frozen head) the dW_s GEMMs are skipped. `chunk_size` <= 0
     means `default_chunk_size`. Returns (loss [M] in acc, grad_hidden [M, H] | None,
     grad_weight [V, H] | None, grad_bias [V] | None), each grad in the dtype of its tensor.
     Memory beyond inputs and outputs: two [chunk, V] blocks in acc, reused by every chunk, and
@@ -302,7 +304,8 @@ def fused_linear_distillation_loss(
     grad_h = grad_w = grad_b = None
     if compute_grad:
         grad_h = torch.empty_like(student_hidden)
-        grad_w = torch.zeros((vocab, hidden), dtype=acc, device=dev)
+        if compute_grad_weight:
+            grad_w = torch.zeros((vocab, hidden), dtype=acc, device=dev)
         if student_bias is not None:
             grad_b = torch.zeros(vocab, dtype=acc, device=dev)
     for start in range(0, m, chunk):
@@ -319,8 +322,8 @@ def fused_linear_distillation_loss(
             student.backward(g, x_s, grad_h[start:end], grad_w)
             if grad_b is not None:
                 grad_b += g.sum(0)
-    if compute_grad:
+    if grad_w is not None:
         grad_w = grad_w.to(student_weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(student_bias.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(student_bias.dtype)
     return loss, grad_h, grad_w, grad_b
