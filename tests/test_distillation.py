@@ -396,6 +396,35 @@ def test_triton_fused_linear_without_grad_or_bias():
     assert_close(out[2], ref[2], torch.float32)
 
 
+@triton_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_triton_fused_linear_mixed16_head(dtype, divergence, monkeypatch):
+    """The head the Triton backend runs on CUDA for 16-bit inputs: 16-bit operands, fp32
+    logits (never rounded to 16 bits, so the loss matches the fp32 reference at fp32
+    tolerance), the gradient read in 16 bits by the backward GEMMs, dW accumulated in fp32 in
+    blocks of rows (made small here, so several blocks and a partial one run). Off CUDA the
+    fp32-output GEMM is emulated by an fp32 GEMM of the 16-bit values (exact products)."""
+    if torch.device(DEV).type != "cuda":
+        monkeypatch.setattr(TB, "_mm_fp32", lambda a, b, out=None: torch.mm(
+            a.float(), b.float(), out=out))
+    monkeypatch.setattr(TB, "_GW_ROWS", 128)
+    m, h, ht, v, chunk = 13, 32, 24, 300, 5
+    hs, ws = _randn(m, h, dtype=dtype, seed=60, device=DEV), _randn(v, h, dtype=dtype, seed=61, scale=0.25, device=DEV)
+    ht_, wt = _randn(m, ht, dtype=dtype, seed=62, device=DEV), _randn(v, ht, dtype=dtype, seed=63, scale=0.25, device=DEV)
+    bs, bt = _randn(v, dtype=dtype, seed=64, device=DEV), _randn(v, dtype=dtype, seed=65, device=DEV)
+    lab = _dev_labels(m, v, seed=66, ignore_row=m // 2)
+    ts = torch.rand(m, generator=_gen(67)).to(DEV)
+    args = (hs, ws, ht_, wt, lab, bs, bt, ts, chunk, 2.0, 0.6, divergence, 0.4, -100, True)
+    out = R.fused_linear_distillation_loss(*args, chunk_loss=KD.chunk_loss, head=TB.Mixed16Head)
+    ref = R.fused_linear_distillation_loss(*args)
+    assert out[0].dtype == torch.float32
+    assert_close(out[0], ref[0], torch.float32)
+    for got, want, like in zip(out[1:], ref[1:], (hs, ws, bs), strict=True):
+        assert got.dtype == like.dtype and got.shape == like.shape
+        assert_close(got, want, dtype)
+
+
 # ------------------------------------------------------------------------------------ cuda
 
 CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -83,6 +83,11 @@ _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 _GW_ROWS = 16384
 
 
+def _mm_fp32(a, b, out=None):
+    """a @ b of 16-bit operands, each product formed and summed in fp32, written as fp32."""
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
 class Mixed16Head:
     """`LinearHead`'s interface (qtorch/reference/distillation.py) for 16-bit hidden states and
     weight on CUDA: the operands stay 16-bit (tensor-core GEMMs, no fp32 copy of W) and cuBLAS
@@ -100,7 +105,7 @@ class Mixed16Head:
         return h
 
     def logits(self, x, out):
-        torch.mm(x, self.weight.T, out_dtype=torch.float32, out=out)
+        _mm_fp32(x, self.weight.T, out=out)
         if self.bias is not None:
             out += self.bias
         return out
@@ -116,8 +121,7 @@ class Mixed16Head:
         if grad_weight is not None:
             g16_t = g16.T
             for r0 in range(0, g16_t.shape[0], _GW_ROWS):
-                grad_weight[r0:r0 + _GW_ROWS] += torch.mm(g16_t[r0:r0 + _GW_ROWS], x,
-                                                          out_dtype=torch.float32)
+                grad_weight[r0:r0 + _GW_ROWS] += _mm_fp32(g16_t[r0:r0 + _GW_ROWS], x)
 
 
 def fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidden,
