@@ -358,26 +358,34 @@ def test_triton_distillation_grad_in_place_matches():
 FUSED_SHAPES = [(1, 16, 8, 50, 4), (13, 32, 24, 300, 5)]
 
 
-@triton_kernels
-@pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
-@pytest.mark.parametrize("m,h,ht,v,chunk", FUSED_SHAPES)
-def test_triton_fused_linear_distillation_loss(m, h, ht, v, chunk, divergence, dtype):
-    hs, ws = _randn(m, h, dtype=dtype, seed=40, device=DEV), _randn(v, h, dtype=dtype, seed=41, scale=0.25, device=DEV)
-    ht_, wt = _randn(m, ht, dtype=dtype, seed=42, device=DEV), _randn(v, ht, dtype=dtype, seed=43, scale=0.25, device=DEV)
-    bs, bt = _randn(v, dtype=dtype, seed=44, device=DEV), _randn(v, dtype=dtype, seed=45, device=DEV)
-    lab = _dev_labels(m, v, seed=46, ignore_row=m // 2)
-    ts = torch.rand(m, generator=_gen(47)).to(DEV)
-    args = (hs, ws, ht_, wt, lab, bs, bt, ts, chunk, 2.0, 0.6, divergence, 0.4, -100, True)
-    out = TB.fused_linear_distillation_loss(*args)
+def _fused_case(m, h, ht, v, chunk, dtype, divergence, seed):
+    """Kernel-contract arguments of a fused-linear case: biases, an ignored row, token_scale."""
+    hs, ws = _randn(m, h, dtype=dtype, seed=seed, device=DEV), _randn(v, h, dtype=dtype, seed=seed + 1, scale=0.25, device=DEV)
+    ht_, wt = _randn(m, ht, dtype=dtype, seed=seed + 2, device=DEV), _randn(v, ht, dtype=dtype, seed=seed + 3, scale=0.25, device=DEV)
+    bs, bt = _randn(v, dtype=dtype, seed=seed + 4, device=DEV), _randn(v, dtype=dtype, seed=seed + 5, device=DEV)
+    lab = _dev_labels(m, v, seed=seed + 6, ignore_row=m // 2)
+    ts = torch.rand(m, generator=_gen(seed + 7)).to(DEV)
+    return (hs, ws, ht_, wt, lab, bs, bt, ts, chunk, 2.0, 0.6, divergence, 0.4, -100, True)
+
+
+def _check_fused(out, args, dtype):
     # The logits are the fp32 accumulator of the GEMM on every path (16-bit operands on a GPU),
     # so the loss compares at fp32 tolerance; the gradients at the inputs' dtype.
     ref = R.fused_linear_distillation_loss(*args)
     assert out[0].dtype == torch.float32
     assert_close(out[0], ref[0], torch.float32)
-    for got, want, like in zip(out[1:], ref[1:], (hs, ws, bs), strict=True):
+    for got, want, like in zip(out[1:], ref[1:], (args[0], args[1], args[5]), strict=True):
         assert got.dtype == like.dtype and got.shape == like.shape
         assert_close(got, want, dtype)
+
+
+@triton_kernels
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("m,h,ht,v,chunk", FUSED_SHAPES)
+def test_triton_fused_linear_distillation_loss(m, h, ht, v, chunk, divergence, dtype):
+    args = _fused_case(m, h, ht, v, chunk, dtype, divergence, seed=40)
+    _check_fused(TB.fused_linear_distillation_loss(*args), args, dtype)
 
 
 @triton_kernels
@@ -409,20 +417,9 @@ def test_triton_fused_linear_mixed16_head(dtype, divergence, monkeypatch):
         monkeypatch.setattr(TB, "_mm_fp32", lambda a, b, out=None: torch.mm(
             a.float(), b.float(), out=out))
     monkeypatch.setattr(TB, "_GW_ROWS", 128)
-    m, h, ht, v, chunk = 13, 32, 24, 300, 5
-    hs, ws = _randn(m, h, dtype=dtype, seed=60, device=DEV), _randn(v, h, dtype=dtype, seed=61, scale=0.25, device=DEV)
-    ht_, wt = _randn(m, ht, dtype=dtype, seed=62, device=DEV), _randn(v, ht, dtype=dtype, seed=63, scale=0.25, device=DEV)
-    bs, bt = _randn(v, dtype=dtype, seed=64, device=DEV), _randn(v, dtype=dtype, seed=65, device=DEV)
-    lab = _dev_labels(m, v, seed=66, ignore_row=m // 2)
-    ts = torch.rand(m, generator=_gen(67)).to(DEV)
-    args = (hs, ws, ht_, wt, lab, bs, bt, ts, chunk, 2.0, 0.6, divergence, 0.4, -100, True)
+    args = _fused_case(13, 32, 24, 300, 5, dtype, divergence, seed=60)
     out = R.fused_linear_distillation_loss(*args, chunk_loss=KD.chunk_loss, head=TB.Mixed16Head)
-    ref = R.fused_linear_distillation_loss(*args)
-    assert out[0].dtype == torch.float32
-    assert_close(out[0], ref[0], torch.float32)
-    for got, want, like in zip(out[1:], ref[1:], (hs, ws, bs), strict=True):
-        assert got.dtype == like.dtype and got.shape == like.shape
-        assert_close(got, want, dtype)
+    _check_fused(out, args, dtype)
 
 
 # ------------------------------------------------------------------------------------ cuda
