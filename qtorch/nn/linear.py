@@ -23,10 +23,24 @@ Weights are frozen (buffers, no gradient); forward is differentiable w.r.t. the 
 bias, so heads or adapters on top of a quantized backbone train. `bias` stays a float
 `nn.Parameter` and follows `.to(dtype)` as in `nn.Linear`; the quantized buffers and their
 fp32 scales never change dtype (see `_QuantizedLinear._apply`).
+
+There is no float `weight`: reading or assigning `module.weight` raises an AttributeError that
+says what to do (`dequantize()` for the float32 weight; tie, resize or merge weights before
+quantizing). Code written for `nn.Linear` that reads `.weight` (weight tying, embedding
+resizing, adapter merging) thus fails loudly instead of working on a copy whose writes would be
+lost.
+
+A loader that fills a model's modules one at a time and then hands the model to code that
+rewrites non-persistent buffers (transformers' `from_pretrained` does, for every such buffer)
+keeps the modules canonical until it is done: `module._pack_deferred = True`, and modules made
+inside `with canonical_layout():` (e.g. by `from_float`) start canonical. It then clears the
+flag and calls `module._pack()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import warnings
 
@@ -45,6 +59,26 @@ except ImportError:
 
 _is_compiling = torch.compiler.is_compiling
 _warned_shared = False
+_canonical_only = contextvars.ContextVar("qtorch_canonical_only", default=False)
+
+_NO_WEIGHT = (
+    "{cls} has no float `weight`: it holds its weight quantized ({buffers}). Use "
+    "`.dequantize()` for the float32 weight [out_features, in_features]. Code that ties, resizes "
+    "or merges weights (e.g. transformers' tie_weights / resize_token_embeddings) must run before "
+    "quantizing, or on a layer kept in float (quantize_'s filter_fn, "
+    "QtorchConfig(modules_to_not_convert=[...]))."
+)
+
+
+@contextlib.contextmanager
+def canonical_layout():
+    """Quantized modules made or loaded inside keep their canonical buffers (no packed layout)
+    until `_pack()` is called outside it; see the module docstring."""
+    token = _canonical_only.set(True)
+    try:
+        yield
+    finally:
+        _canonical_only.reset(token)
 
 
 def _sole_owner(buffers: dict, name: str) -> bool:
@@ -75,6 +109,7 @@ class _QuantizedLinear(nn.Module):
 
     _FAMILY: str = ""  # "w8a8" | "w8a16" | "w4a16" (qtorch/_packed.py)
     _OP: str = ""  # the public qtorch op the module computes
+    _pack_deferred: bool = False  # True: stay canonical until a loader clears it (docstring)
 
     def __init__(self, in_features: int, out_features: int, bias: nn.Parameter | None) -> None:
         super().__init__()
@@ -124,6 +159,8 @@ class _QuantizedLinear(nn.Module):
         and nothing but this module holds the canonical buffers it replaces. True if packed."""
         if self._layout is not None:
             return True
+        if self._pack_deferred or _canonical_only.get():
+            return False
         layout = _packed.layout_for(self._FAMILY, self._device(), self._compute_dtype())
         if layout is None:
             return False
@@ -174,7 +211,13 @@ class _QuantizedLinear(nn.Module):
         weight = [self._buffers[name] for name in layout.buffers]
         return layout.canonical(weight, self.out_features, self.in_features, self._group_size())
 
+    def _no_weight(self) -> AttributeError:
+        buffers = ", ".join(_packed.FAMILIES[self._FAMILY][2]) if self._FAMILY else "buffers"
+        return AttributeError(_NO_WEIGHT.format(cls=type(self).__name__, buffers=buffers))
+
     def __setattr__(self, name: str, value) -> None:
+        if name == "weight":  # a float weight set here would be ignored by forward
+            raise self._no_weight()
         # Assigning a canonical buffer the packed layout replaced: run from the canonical
         # buffers again (the packed ones are stale now).
         layout = self.__dict__.get("_layout")
@@ -183,6 +226,8 @@ class _QuantizedLinear(nn.Module):
         super().__setattr__(name, value)
 
     def __getattr__(self, name: str):
+        if name == "weight":
+            raise self._no_weight()
         # A canonical buffer the packed layout replaced: unpack (its writes must be seen).
         layout = self.__dict__.get("_layout")
         if layout is not None and name in layout.derived:
