@@ -81,27 +81,41 @@ def canonical_layout():
         _canonical_only.reset(token)
 
 
+def _storage_counts(t: Tensor) -> tuple[int, int, int]:
+    """(references to t's TensorImpl, references to its storage, Python references to the
+    storage's Python object), not counting this call's. The storage's Python object is made
+    first: once anything has asked for it (`t.untyped_storage()`, as safetensors, transformers'
+    save_pretrained and huggingface_hub do for every tensor they save), torch keeps it, and its
+    reference to the storage, for the storage's lifetime, so the counts of a tensor nobody else
+    holds are those of `_SOLE` below, whether or not it was asked for before."""
+    s = t.untyped_storage()
+    if _use_counts is not None:
+        impl, storage = _use_counts(t)
+    else:  # without the extension only these private accessors tell (no public route)
+        impl, storage = t._use_count(), torch._C._storage_Use_Count(s._cdata)
+    return impl, storage, sys.getrefcount(s)
+
+
+def _sole_counts() -> tuple[int, int, int]:
+    return _storage_counts(torch.empty(1))
+
+
+_SOLE = _sole_counts()  # the counts of a tensor that nothing else holds
+
+
 def _sole_owner(buffers: dict, name: str) -> bool:
     """Nothing but `buffers` refers to buffers[name]: no other Python reference, no other
     tensor sharing its storage (views, `.data`, numpy), no C++ holder (autograd, DLPack)."""
     t = buffers[name]
     if sys.getrefcount(t) > 3:  # the dict's, `t` and getrefcount's argument
         return False
-    if _use_counts is not None:
-        impl, storage = _use_counts(t)
-    else:  # without the extension only these private accessors tell (no public route)
-        impl, storage = t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
-    return impl == 1 and storage == 1
+    return _storage_counts(t) == _SOLE
 
 
 def _own(t: Tensor) -> Tensor:
-    """t, or a copy of it when it shares its storage (a view of another tensor), so that the
-    module can later tell that nothing else holds its buffer."""
-    if _use_counts is not None:
-        shared = _use_counts(t)[1] > 1
-    else:
-        shared = t._base is not None
-    return t.clone() if shared else t
+    """t, or a copy of it when it shares its storage (a view of another tensor, a memory map),
+    so that the module can later tell that nothing else holds its buffer."""
+    return t if _storage_counts(t)[1:] == _SOLE[1:] else t.clone()
 
 
 class _QuantizedLinear(nn.Module):
