@@ -206,7 +206,7 @@ def test_weight_attribute_is_a_clear_error_not_a_copy(name):
     merging) must fail loudly: a float copy that it wrote into would be silently ignored."""
     mod = qtorch.quantize_(nn.Linear(64, 32), CONFIGS[name])
     with pytest.raises(AttributeError, match=r"no float `weight`.*\.dequantize\(\)"):
-        mod.weight
+        _ = mod.weight
     assert getattr(mod, "weight", None) is None and not hasattr(mod, "weight")
     with pytest.raises(AttributeError, match="no float `weight`"):
         mod.weight = nn.Parameter(torch.zeros(32, 64))
