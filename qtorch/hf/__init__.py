@@ -11,9 +11,10 @@
     peft_model = qtorch.hf.get_peft_model(model, peft.LoraConfig(...))   # LoRA on qtorch layers
     peft_model = qtorch.hf.peft_from_pretrained(model, adapter_dir)
 
-Without `import qtorch.hf`, loading a qtorch checkpoint fails in transformers with
-"Unknown quantization type, got qtorch". Needs transformers >= 5.24 (and peft >= 0.21 for the
-PEFT part, imported on first use).
+Without `import qtorch.hf`, transformers does not know quant_method "qtorch": it logs
+"Unknown quantization type, got qtorch ... we will skip the quantization" and loads the
+quantized layers as float ones with random weights. Needs transformers >= 5.0 (and peft >= 0.19
+for the PEFT part, imported on first use).
 """
 
 from transformers.quantizers.auto import (

@@ -32,8 +32,13 @@ def quantize_model(model: nn.Module, config: QtorchConfig, calibration_data=None
     `model`."""
     if not isinstance(config, QtorchConfig):
         raise TypeError(f"config must be a qtorch.hf.QtorchConfig, got {type(config).__name__}")
-    if getattr(model, "hf_quantizer", None) is not None:
-        raise ValueError("model is already quantized (model.hf_quantizer is set)")
+    previous = getattr(model, "hf_quantizer", None)
+    if previous is not None:
+        method = getattr(previous.quantization_config, "quant_method", None)
+        if getattr(method, "value", method) != "gguf":
+            raise ValueError(f"model is already quantized ({method}); load it in float")
+        # a GGUF file loads dequantized, in float: what is left of GGUF is its bookkeeping
+        previous.remove_quantization_config(model)
     quantizer = QtorchHfQuantizer(config, pre_quantized=False)
     if calibration_data is None:
         calibration_data = config.calibration_data

@@ -123,6 +123,9 @@ class QtorchConfig(QuantizationConfigMixin):
                "modules_to_not_convert": self.modules_to_not_convert}
         return out
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
     def __iter__(self):  # dict(config): the serialized fields, never calibration_data
         yield from self.to_dict().items()
 

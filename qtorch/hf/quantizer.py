@@ -328,12 +328,17 @@ class QtorchHfQuantizer(HfQuantizer):
                                       "(tie_word_embeddings=False unties it)")
 
     def warn_skipped(self) -> None:
-        if self.skipped:
-            warnings.warn(
-                f"qtorch: {len(self.skipped)} linear layer(s) kept in float, "
-                f"{self.quantization_config.config} cannot take them: "
-                + "; ".join(f"{n} ({why})" for n, why in sorted(self.skipped.items())),
-                UserWarning, stacklevel=2)
+        """One UserWarning naming every layer kept in float, grouped by reason."""
+        if not self.skipped:
+            return
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.skipped.items():
+            by_reason.setdefault(why, []).append(name)
+        warnings.warn(
+            f"qtorch: {len(self.skipped)} linear layer(s) kept in float by "
+            f"{self.quantization_config.config}: "
+            + "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items()),
+            UserWarning, stacklevel=2)
 
     def _dequantize(self, model, dtype=None):
         for name, mod in quantized_modules(model):
