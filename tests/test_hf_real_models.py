@@ -55,8 +55,9 @@ def _embed(model, batch):
 @pytest.mark.parametrize("config,fields,min_cos", [
     ("w8a8", {}, 0.99), ("w8a16", {}, 0.999), ("w4a16", {"group_size": 32}, 0.95)])
 def test_minilm_quantize_on_load_save_reload(minilm, tmp_path, config, fields, min_cos):
-    import qtorch.hf
     from transformers import BertModel
+
+    import qtorch.hf
 
     path, tok, fp32 = minilm
     batch = tok(SENTENCES, padding=True, return_tensors="pt")
@@ -104,8 +105,9 @@ def _ppl(model, ids):
     ("w8a16", {}, 1.02), ("w4a16", {"group_size": 64}, 2.0)])
 def test_smollm2_quantize_on_load_save_reload(smollm2, tmp_path, config, fields,
                                               max_ppl_ratio):
-    import qtorch.hf
     from transformers import AutoModelForCausalLM
+
+    import qtorch.hf
 
     path, ids = smollm2
     ppl_ref, _ = _ppl(AutoModelForCausalLM.from_pretrained(path), ids)
