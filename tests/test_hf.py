@@ -7,6 +7,7 @@ merging). Skipped, saying what to install, without transformers / peft."""
 import dataclasses
 import json
 import os
+import sys
 import warnings
 
 import pytest
@@ -109,6 +110,18 @@ def test_config_serializes_its_fields_and_never_calibration_data():
     assert QtorchConfig("w8a8").to_dict() == {
         "quant_method": "qtorch", "config": "w8a8", "algorithm": "rtn",
         "smoothquant_alpha": None, "modules_to_not_convert": None}
+
+
+def test_config_deepcopy_shares_calibration_data():
+    """transformers deep-copies the model config: calibration data (maybe a generator) is
+    shared, the fields copied."""
+    import copy
+
+    data = ({"input_ids": IDS} for _ in range(2))
+    cfg = QtorchConfig("w8a8", modules_to_not_convert=["lm_head"], calibration_data=data)
+    twin = copy.deepcopy(cfg)
+    assert twin == cfg and twin.calibration_data is data
+    assert twin.modules_to_not_convert is not cfg.modules_to_not_convert
 
 
 def test_config_rejects_bad_fields():
@@ -362,6 +375,34 @@ def test_gptq_on_load_with_calibration_data_round_trips(float_dirs, tmp_path):
     assert torch.equal(_out(_load("llama", tmp_path)), _out(model))
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux memory maps")
+def test_release_drops_the_pages_of_a_checkpoint_tensor_and_keeps_its_values(tmp_path):
+    """Quantizing on load reads each float weight from the checkpoint's memory map once; its
+    pages are given back afterwards (they would stay resident until loading ends)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qtorch.hf import _memory
+
+    def rss_file_kib():
+        line = next(x for x in open("/proc/self/status") if x.startswith("RssFile:"))
+        return int(line.split()[1])
+
+    w = torch.randn(1024, 1024)  # 4 MiB
+    path = str(tmp_path / "w.safetensors")
+    save_file({"w": w}, path)
+    with safe_open(path, "pt") as f:
+        t = f.get_slice("w")[...]
+        assert torch.equal(t, w)  # every page read: resident
+        before = rss_file_kib()
+        dropped = _memory.release([t], {path})
+        after = rss_file_kib()
+        assert dropped >= 4 * 2**20 - 2 * 4096
+        assert after <= before - 3 * 1024
+        assert torch.equal(t, w)  # a later read faults the pages in again from the file
+        assert _memory.release([w], {path}) == 0  # not a view of the file: left alone
+
+
 # ----------------------------------------------------------------------- tied weights
 
 
@@ -403,6 +444,17 @@ def test_quantize_model_on_a_loaded_model_saves_a_qtorch_checkpoint(float_dirs, 
     assert torch.equal(_out(reloaded), _out(model))
     on_load = _load("gpt2", path, quantization_config=CONFIGS["w4a16"][0]())
     assert torch.equal(_out(on_load), _out(model))
+
+
+def test_quantize_model_refuses_layers_quantized_with_another_config(float_dirs):
+    """A qtorch checkpoint describes one config: a W8A8 layer saved under a W8A16 config would
+    come back as W8A16, a silently different model."""
+    path, _ = float_dirs["llama"]
+    model = _load("llama", path)
+    qtorch.quantize_(model, qtorch.Int8DynamicConfig(),
+                     filter_fn=lambda m, fqn: fqn.endswith("q_proj"))
+    with pytest.raises(ValueError, match=r"self_attn\.q_proj is already a Int8DynamicLinear"):
+        qtorch.hf.quantize_model(model, QtorchConfig("w8a16"))
 
 
 @pytest.mark.parametrize("fam", ["llama", "gpt2"])

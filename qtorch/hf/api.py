@@ -40,6 +40,7 @@ def quantize_model(model: nn.Module, config: QtorchConfig, calibration_data=None
         # a GGUF file loads dequantized, in float: what is left of GGUF is its bookkeeping
         previous.remove_quantization_config(model)
     quantizer = QtorchHfQuantizer(config, pre_quantized=False)
+    _check_no_other_config(model, quantizer)
     if calibration_data is None:
         calibration_data = config.calibration_data
     if config.needs_calibration():
@@ -59,6 +60,24 @@ def quantize_model(model: nn.Module, config: QtorchConfig, calibration_data=None
         if hasattr(mod, "config") and hasattr(mod.config, "to_dict"):
             mod.config._is_quantized = True
     return model
+
+
+def _check_no_other_config(model: nn.Module, quantizer: QtorchHfQuantizer) -> None:
+    """A qtorch checkpoint describes one config: a layer quantized otherwise before (e.g. by
+    qtorch.quantize_ with another config) would be reloaded as the wrong module."""
+    want = _layers.module_class(quantizer.qcfg)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, _layers._QuantizedLinear):
+            continue
+        same = type(mod) is want and (
+            want is not qtorch.nn.Int4WeightOnlyLinear
+            or (mod.group_size, mod.symmetric) == (quantizer.qcfg.group_size,
+                                                    quantizer.qcfg.symmetric))
+        if not same:
+            raise ValueError(
+                f"{name} is already a {type(mod).__name__} ({mod._format()}), which "
+                f"{quantizer.quantization_config.config} does not describe: a qtorch checkpoint "
+                "holds one config; load the model in float and quantize it with one config")
 
 
 def _quantize_loaded(model: nn.Module, quantizer: QtorchHfQuantizer, calibration_data,

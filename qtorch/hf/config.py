@@ -25,6 +25,7 @@ while quantizing on load; it is never serialized.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -122,6 +123,13 @@ class QtorchConfig(QuantizationConfigMixin):
         out = {"quant_method": QUANT_METHOD, "config": self.config, **self.fields(),
                "modules_to_not_convert": self.modules_to_not_convert}
         return out
+
+    def __deepcopy__(self, memo):
+        # transformers deep-copies the model config, this included: calibration data (possibly
+        # a generator, which cannot be copied) is shared, not copied
+        new = QtorchConfig(**{k: copy.deepcopy(v, memo) for k, v in self.to_dict().items()},
+                           calibration_data=self.calibration_data)
+        return new
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()

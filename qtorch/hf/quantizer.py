@@ -110,9 +110,10 @@ def finish(model: nn.Module, names=None, revalidate: bool = False,
             if mod.bias is not None:
                 state["bias"] = mod.bias
             mod.load_state_dict(state, strict=True, assign=True)
-            del state
-            _memory.release(loaded, paths)
-            del loaded
+            replaced = [t for k, t in zip(persistent, loaded) if state[k] is not t]
+            del state, loaded
+            _memory.release(replaced, paths)  # the module holds copies of these now
+            del replaced
         mod._pack_deferred = False
         mod._pack()
 
