@@ -603,6 +603,26 @@ def test_merge_requantizes_and_warns_with_the_error_it_adds(float_dirs, cfg_name
 
 
 @needs_peft
+def test_merge_with_lora_bias_moves_it_into_the_bias(float_dirs):
+    path, _ = float_dirs["bert"]
+    pm = qtorch.hf.get_peft_model(_load("bert", path, quantization_config=QtorchConfig("w8a16")),
+                                  _lora(target_modules=["query"], lora_bias=True))
+    layer = pm.base_model.model.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.02)
+        layer.lora_B["default"].bias.normal_(0, 0.1)
+    unmerged = _out(pm)
+    bias = layer.base_layer.bias.detach().clone()
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        layer.merge(safe_merge=True)
+    expected = bias + layer.lora_B["default"].bias * layer.scaling["default"]
+    torch.testing.assert_close(layer.base_layer.bias, expected)
+    assert (_out(pm) - unmerged).abs().max() < 0.02 * unmerged.abs().max()
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.bias, bias) and torch.equal(_out(pm), unmerged)
+
+
+@needs_peft
 def test_lora_variants_that_need_the_float_weight_raise(float_dirs):
     path, _ = float_dirs["llama"]
     model = _load("llama", path, quantization_config=CONFIGS["w8a16"][0]())
