@@ -43,11 +43,9 @@ def quantize_model(model: nn.Module, config: QtorchConfig, calibration_data=None
     _check_no_other_config(model, quantizer)
     if calibration_data is None:
         calibration_data = config.calibration_data
-    if config.needs_calibration():
-        quantizer.validate_environment()  # names calibration_data when it is missing
-        if calibration_data is None:
-            raise ValueError(f"QtorchConfig(algorithm={config.algorithm!r}) needs "
-                             "calibration_data")
+    if config.needs_calibration() and calibration_data is None:
+        raise ValueError(f"QtorchConfig(algorithm={config.algorithm!r}, smoothquant_alpha="
+                         f"{config.smoothquant_alpha!r}) needs calibration_data (model inputs)")
     _quantize_loaded(model, quantizer, calibration_data, progress=progress)
     quantizer.warn_skipped()
     # what from_pretrained(..., quantization_config=config) leaves on the model
