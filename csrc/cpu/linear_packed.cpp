@@ -118,9 +118,9 @@ at::Tensor run(Layout l, const at::Tensor& x, at::TensorList w, const std::optio
 // each task dequantizes a column slab ŵ[:, k0:k0+kc] from the packed layout into a per-task
 // buffer and runs that slab's GEMM while it is cache-resident, so the module keeps one copy of
 // its weight (the packed one) and a backward costs no [N, K] fp32 tensor.
-// The W8A8 dequantizer writes the slab transposed, ŵᵀ[k0:k1, :] as [kc, N] (its SIMD paths
-// store whole vectors that way, int8_mm.h), and BLAS gets the transposed view; the others
-// write ŵ[:, k0:k1] as [N, kc].
+// The int8 layouts' dequantizers write the slab transposed, ŵᵀ[k0:k1, :] as [kc, N] (their
+// SIMD paths store whole vectors that way, int8_mm.h / weight_only.h), and BLAS gets the
+// transposed view; the int4 one writes ŵ[:, k0:k1] as [N, kc].
 at::Tensor grad_input(Layout l, const at::Tensor& grad, at::TensorList w, int64_t N, int64_t K,
                       int64_t gs) {
   const auto dt = grad.scalar_type();
@@ -132,7 +132,7 @@ at::Tensor grad_input(Layout l, const at::Tensor& grad, at::TensorList w, int64_
   // give the GEMM a better shape once it dominates.
   const int64_t kc = std::min<int64_t>(K, M <= 32 ? 64 : M <= 256 ? 128 : 256);
   const int64_t slabs = (K + kc - 1) / kc;
-  const bool transposed = l == kW8A8;
+  const bool transposed = l != kW4A16;
   at::parallel_for(0, slabs, 1, [&](int64_t c0, int64_t c1) {
     at::Tensor buf = transposed ? at::empty({kc, N}, g.options()) : at::empty({N, kc}, g.options());
     float* bp = buf.data_ptr<float>();
@@ -144,8 +144,8 @@ at::Tensor grad_input(Layout l, const at::Tensor& grad, at::TensorList w, int64_
                                     k1, bp, N);
           break;
         case kW8A16:
-          weight_only::dequant_int8_slab(w[0].data_ptr<int8_t>(), w[1].data_ptr<float>(), N, K, k0, k1,
-                                  bp, kc);
+          weight_only::dequant_int8_slab_t(w[0].data_ptr<int8_t>(), w[1].data_ptr<float>(), N,
+                                           K, k0, k1, bp, N);
           break;
         default:
           weight_only::dequant_int4_slab(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(),
