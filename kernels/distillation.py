@@ -19,12 +19,10 @@ A β term whose weight is 0 is left out (no 0 · inf), as in the reference.
 The gradient may be written in place over the student logits: every block is read before
 the same block is written, and s[label] is read in pass 1.
 
-fused_linear_distillation_loss chunks the tokens: per chunk, the logits s = h_s W_sᵀ (+ b_s)
-and t = h_t W_tᵀ (+ b_t) by torch matmuls (cuBLAS on GPU) in the inputs' dtype, the loss kernel
-overwrites s with token_scale_i · dloss_i/ds, then dh_s = g W_s, dW_s += gᵀ h_s and
-db_s += Σ_rows g, with dW_s and db_s accumulated in fp32. Peak memory beyond the inputs and
-gradients (dW_s is held in fp32): two [chunk, V] logits blocks and, on CUDA, one
-[16384, H] fp32 block of dW_s.
+fused_linear_distillation_loss is the one chunk loop (qtorch/reference/distillation.py) with
+`chunk_loss` below as its per-chunk kernel: the fp32 logits of a chunk go in, the kernel
+overwrites the student's with token_scale_i · dloss_i/ds. The GEMMs around it are the Triton
+adapter's choice (qtorch/backends/triton.py).
 """
 
 from __future__ import annotations
@@ -230,103 +228,11 @@ def distillation_loss(
     return loss, grad
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype) -> torch.Tensor:
-    """h [c, H] @ w[V, H]ᵀ (+ b) in `dtype` (a cuBLAS GEMM with fp32 accumulation on GPU)."""
-    h = h.to(dtype)
-    if b is None:
-        return h @ w.T
-    return torch.addmm(b.to(dtype), h, w.T)
-
-
-# torch.mm(a, b, out_dtype=torch.float32): a 16-bit GEMM that writes fp32 (torch >= 2.8, CUDA).
-_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
-# Rows of dW formed per GEMM on CUDA: bounds the fp32 temporary to 16384 × H (256 MiB at
-# H = 4096) instead of a second [V, H] fp32 buffer.
-_GW_ROWS = 16384
-
-
-def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc [V, H] fp32 += a [V, c] @ b [c, H].
-
-    CUDA, 16-bit a/b: cuBLAS forms each block of rows of the product in fp32 straight from the
-    16-bit operands (no rounding of the chunk's contribution to 16 bits, no fp32 copies of
-    a/b), then it is added to the accumulator. Elsewhere (CPU, the interpreter, fp32) the
-    product is formed in fp32."""
-    if acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and _MM_OUT_DTYPE:
-        for r0 in range(0, a.shape[0], _GW_ROWS):
-            acc[r0:r0 + _GW_ROWS] += torch.mm(a[r0:r0 + _GW_ROWS], b, out_dtype=torch.float32)
-    elif acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        # Older torch: the chunk's product is rounded to 16 bits once, then summed in fp32.
-        acc += a @ b
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
-def fused_linear_distillation_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    labels: torch.Tensor | None,
-    student_bias: torch.Tensor | None,
-    teacher_bias: torch.Tensor | None,
-    token_scale: torch.Tensor | None,
-    chunk_size: int,
-    temperature: float,
-    alpha: float,
-    divergence: str,
-    beta: float,
-    ignore_index: int,
-    compute_grad: bool,
-):
-    """student_hidden [M, H], student_weight [V, H], teacher_hidden [M, Ht], teacher_weight
-    [V, Ht], labels int64 [M] | None, biases [V] | None, token_scale fp32 [M] | None ->
-    (loss fp32 [M], grad_hidden [M, H] | None, grad_weight [V, H] | None, grad_bias [V] | None),
-    grads of Σ_i token_scale_i · loss_i in the dtype of their tensors."""
-    m, hidden = student_hidden.shape
-    vocab = student_weight.shape[0]
-    check_labels(labels, vocab, ignore_index)
-    dev = student_hidden.device
-    s_types = [student_hidden.dtype, student_weight.dtype] + (
-        [student_bias.dtype] if student_bias is not None else [])
-    t_types = [teacher_hidden.dtype, teacher_weight.dtype] + (
-        [teacher_bias.dtype] if teacher_bias is not None else [])
-    s_dtype = _promote(s_types)  # logits (and their gradient) in the student's common dtype
-    t_dtype = _promote(t_types)
-    w_s = student_weight.to(s_dtype)
-    w_t = teacher_weight.to(t_dtype)
-    loss = torch.empty((m,), dtype=torch.float32, device=dev)
-    grad_h = grad_w = grad_b = None
-    if compute_grad:
-        grad_h = torch.empty_like(student_hidden)
-        grad_w = torch.zeros((vocab, hidden), dtype=torch.float32, device=dev)
-        if student_bias is not None:
-            grad_b = torch.zeros((vocab,), dtype=torch.float32, device=dev)
-    for start in range(0, m, chunk_size):
-        end = min(start + chunk_size, m)
-        h_s = student_hidden[start:end].to(s_dtype)
-        s = _logits(h_s, w_s, student_bias, s_dtype)
-        t = _logits(teacher_hidden[start:end], w_t, teacher_bias, t_dtype)
-        lab = labels[start:end] if labels is not None else None
-        ts = token_scale[start:end] if token_scale is not None else None
-        # The kernel overwrites s with token_scale_i · d loss_i / d s_i.
-        loss[start:end] = _launch(s, t, lab, temperature, alpha, divergence, beta,
-                                  ignore_index, s if compute_grad else None, ts)
-        if compute_grad:
-            grad_h[start:end] = (s @ w_s).to(grad_h.dtype)
-            _accumulate_fp32(grad_w, s.T, h_s)
-            if grad_b is not None:
-                grad_b += s.float().sum(0)
-        del s, t
-    if compute_grad:
-        grad_w = grad_w.to(student_weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(student_bias.dtype)
-    return loss, grad_h, grad_w, grad_b
-
-
-def _promote(dtypes) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
-    return out
+def chunk_loss(s, t, labels, token_scale, temperature, alpha, divergence, beta, ignore_index,
+               compute_grad):
+    """The per-chunk kernel of the fused-linear chunk loop (qtorch/reference/distillation.py):
+    s, t [n, V] fp32 logits -> (loss fp32 [n], s overwritten with token_scale_i · d loss_i / d s_i,
+    or None). Labels are checked once by the loop."""
+    loss = _launch(s, t, labels, temperature, alpha, divergence, beta, ignore_index,
+                   s if compute_grad else None, token_scale)
+    return loss, s if compute_grad else None

@@ -1,4 +1,4 @@
-"""`qtorch` command line: info, validate, bench (`python -m qtorch ...` is the same)."""
+"""`qtorch` command line: info, validate, bench, quantize (`python -m qtorch ...` is the same)."""
 
 from __future__ import annotations
 
@@ -95,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         p_bench.set_defaults(func=lambda a: bench.run(a))
     except ImportError as e:
         p_bench.set_defaults(func=lambda a, e=e: print(f"qtorch bench unavailable: {e}") or 1)
+    from qtorch import cli_quantize
+
+    p_quant = sub.add_parser(
+        "quantize", help="quantize a local Hugging Face model and save it (qtorch checkpoint)",
+        description=cli_quantize.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli_quantize.add_arguments(p_quant)
+    p_quant.set_defaults(func=cli_quantize.run)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

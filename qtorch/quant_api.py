@@ -80,9 +80,11 @@ def quantize_(
 
     Layers the config cannot take (e.g. in_features not divisible by the int4 group size) stay
     `nn.Linear` and are named in one UserWarning. Each weight is quantized once, on its own
-    device; the float weight is released when nothing else refers to it (a tied weight, e.g.
-    an embedding shared with an LM head, stays alive through its other user). If `model` is
-    itself an `nn.Linear` it cannot be replaced in place: the quantized module is returned.
+    device; the float weight is released when nothing else refers to it. A tied weight (e.g.
+    an embedding shared with an LM head) stays alive through its other user, and the quantized
+    layer no longer shares it: a second UserWarning names each such pair (keep the layer in
+    float with filter_fn to keep the tie). If `model` is itself an `nn.Linear` it cannot be
+    replaced in place: the quantized module is returned.
     """
     if type(config) not in _MODULE_FOR:
         raise TypeError(
@@ -111,10 +113,14 @@ def quantize_(
         # A Linear reachable under several names is quantized once and shared, as before.
         targets = [(fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
                    if isinstance(m, nn.Linear)]
+        owners = _parameter_owners(model)
         done: dict[int, nn.Module | None] = {}
+        untied: list[str] = []
         for fqn, linear in targets:
             if id(linear) not in done:
                 done[id(linear)] = convert(fqn, linear)
+                if done[id(linear)] is not None:
+                    untied += _ties_broken(fqn, linear, owners)
             new = done[id(linear)]
             if new is None:
                 continue
@@ -129,4 +135,29 @@ def quantize_(
             UserWarning,
             stacklevel=2,
         )
+    if not isinstance(model, nn.Linear) and untied:
+        warnings.warn(
+            "quantize_: tied weights untied: " + "; ".join(untied) + ". The quantized layer "
+            "holds its own quantized copy and the other user keeps the float weight, so they no "
+            "longer share one (code that ties or resizes them, e.g. transformers' tie_weights, "
+            "now raises). To keep a tie, leave that layer in float with filter_fn.",
+            UserWarning,
+            stacklevel=2,
+        )
     return result
+
+
+def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id(parameter) -> every (name, owning module) under which the model reaches it."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for fqn, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((f"{fqn}.{pname}" if fqn else pname, mod))
+    return owners
+
+
+def _ties_broken(fqn: str, linear: nn.Linear, owners) -> list[str]:
+    """'<fqn>.weight was tied to <name>' for each other module that shares linear's weight
+    (the same Linear under another name is replaced by the same quantized module: no break)."""
+    others = [name for name, mod in owners.get(id(linear.weight), []) if mod is not linear]
+    return [f"{fqn}.weight was tied to {name}" for name in others]

@@ -34,6 +34,8 @@ if "cpu" in qtorch.available_backends():
 if TRITON_RUNS:
     from qtorch._kernels import distillation as KD
 
+    from qtorch.backends import triton as TB
+
 DIVERGENCES = ["kl", "reverse_kl", "jsd"]
 
 
@@ -356,27 +358,34 @@ def test_triton_distillation_grad_in_place_matches():
 FUSED_SHAPES = [(1, 16, 8, 50, 4), (13, 32, 24, 300, 5)]
 
 
+def _fused_case(m, h, ht, v, chunk, dtype, divergence, seed):
+    """Kernel-contract arguments of a fused-linear case: biases, an ignored row, token_scale."""
+    hs, ws = _randn(m, h, dtype=dtype, seed=seed, device=DEV), _randn(v, h, dtype=dtype, seed=seed + 1, scale=0.25, device=DEV)
+    ht_, wt = _randn(m, ht, dtype=dtype, seed=seed + 2, device=DEV), _randn(v, ht, dtype=dtype, seed=seed + 3, scale=0.25, device=DEV)
+    bs, bt = _randn(v, dtype=dtype, seed=seed + 4, device=DEV), _randn(v, dtype=dtype, seed=seed + 5, device=DEV)
+    lab = _dev_labels(m, v, seed=seed + 6, ignore_row=m // 2)
+    ts = torch.rand(m, generator=_gen(seed + 7)).to(DEV)
+    return (hs, ws, ht_, wt, lab, bs, bt, ts, chunk, 2.0, 0.6, divergence, 0.4, -100, True)
+
+
+def _check_fused(out, args, dtype):
+    # The logits are the fp32 accumulator of the GEMM on every path (16-bit operands on a GPU),
+    # so the loss compares at fp32 tolerance; the gradients at the inputs' dtype.
+    ref = R.fused_linear_distillation_loss(*args)
+    assert out[0].dtype == torch.float32
+    assert_close(out[0], ref[0], torch.float32)
+    for got, want, like in zip(out[1:], ref[1:], (args[0], args[1], args[5]), strict=True):
+        assert got.dtype == like.dtype and got.shape == like.shape
+        assert_close(got, want, dtype)
+
+
 @triton_kernels
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("m,h,ht,v,chunk", FUSED_SHAPES)
 def test_triton_fused_linear_distillation_loss(m, h, ht, v, chunk, divergence, dtype):
-    hs, ws = _randn(m, h, dtype=dtype, seed=40, device=DEV), _randn(v, h, dtype=dtype, seed=41, scale=0.25, device=DEV)
-    ht_, wt = _randn(m, ht, dtype=dtype, seed=42, device=DEV), _randn(v, ht, dtype=dtype, seed=43, scale=0.25, device=DEV)
-    bs, bt = _randn(v, dtype=dtype, seed=44, device=DEV), _randn(v, dtype=dtype, seed=45, device=DEV)
-    lab = _dev_labels(m, v, seed=46, ignore_row=m // 2)
-    ts = torch.rand(m, generator=_gen(47)).to(DEV)
-    args = (hs, ws, ht_, wt, lab, bs, bt, ts, chunk, 2.0, 0.6, divergence, 0.4, -100, True)
-    out = KD.fused_linear_distillation_loss(*args)
-    # The reference forms the logits in fp32; the kernel forms them in the inputs' dtype
-    # (a 16-bit GEMM on GPU), so 16-bit cases compare at that dtype's tolerance.
-    ref = R.fused_linear_distillation_loss(*args)
-    loss_tol = torch.float32 if dtype == torch.float32 else dtype
-    assert out[0].dtype == torch.float32
-    assert_close(out[0], ref[0], loss_tol)
-    for got, want, like in zip(out[1:], ref[1:], (hs, ws, bs), strict=True):
-        assert got.dtype == like.dtype and got.shape == like.shape
-        assert_close(got, want, dtype)
+    args = _fused_case(m, h, ht, v, chunk, dtype, divergence, seed=40)
+    _check_fused(TB.fused_linear_distillation_loss(*args), args, dtype)
 
 
 @triton_kernels
@@ -384,15 +393,33 @@ def test_triton_fused_linear_without_grad_or_bias():
     hs, ws = _randn(6, 16, seed=50, device=DEV), _randn(40, 16, seed=51, device=DEV)
     ht_, wt = _randn(6, 8, seed=52, device=DEV), _randn(40, 8, seed=53, device=DEV)
     args = (hs, ws, ht_, wt, None, None, None, None, 4, 1.0, 1.0, "kl", 0.5, -100)
-    out = KD.fused_linear_distillation_loss(*args, False)
+    out = TB.fused_linear_distillation_loss(*args, False)
     ref = R.fused_linear_distillation_loss(*args, False)
     assert out[1] is None and out[2] is None and out[3] is None
     assert_close(out[0], ref[0], torch.float32)
-    out = KD.fused_linear_distillation_loss(*args, True)
+    out = TB.fused_linear_distillation_loss(*args, True)
     ref = R.fused_linear_distillation_loss(*args, True)
     assert out[3] is None
     assert_close(out[1], ref[1], torch.float32)
     assert_close(out[2], ref[2], torch.float32)
+
+
+@triton_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_triton_fused_linear_mixed16_head(dtype, divergence, monkeypatch):
+    """The head the Triton backend runs on CUDA for 16-bit inputs: 16-bit operands, fp32
+    logits (never rounded to 16 bits, so the loss matches the fp32 reference at fp32
+    tolerance), the gradient read in 16 bits by the backward GEMMs, dW accumulated in fp32 in
+    blocks of rows (made small here, so several blocks and a partial one run). Off CUDA the
+    fp32-output GEMM is emulated by an fp32 GEMM of the 16-bit values (exact products)."""
+    if torch.device(DEV).type != "cuda":
+        monkeypatch.setattr(TB, "_mm_fp32", lambda a, b, out=None: torch.mm(
+            a.float(), b.float(), out=out))
+    monkeypatch.setattr(TB, "_GW_ROWS", 128)
+    args = _fused_case(13, 32, 24, 300, 5, dtype, divergence, seed=60)
+    out = R.fused_linear_distillation_loss(*args, chunk_loss=KD.chunk_loss, head=TB.Mixed16Head)
+    _check_fused(out, args, dtype)
 
 
 # ------------------------------------------------------------------------------------ cuda

@@ -172,6 +172,35 @@ def test_cpu_an_op_keeps_nothing_between_calls():
 
 
 @cpu_kernels
+@pytest.mark.parametrize("n, k", [(1, 1), (17, 3), (65, 130), (130, 333), (70, 4099)])
+def test_cpu_packing_and_backward_are_the_same_on_every_isa(isa, n, k):
+    """The packed weight is the same bytes on every ISA (the scalar definition's), and so is
+    the quantized module's backward w.r.t. x, which dequantizes the packed weight one slab of
+    ŵ at a time (K = 4099: many slabs and a 3-column tail one): bitwise, and within fp32
+    rounding of grad @ ŵ with the reference's ŵ."""
+    from qtorch import _C
+
+    w_q, w_scale = _weight(n, k, seed=n + k)
+    grad = _randn(5, n, seed=k)
+
+    def run():
+        packed = torch.ops.qtorch_cpu.pack_int8_mm(w_q)
+        gx = torch.ops.qtorch_cpu.linear_packed_grad_input(grad, packed, w_scale, None,
+                                                           "cpu_w8a8", n, k, 0)
+        return packed, gx
+
+    packed, gx = run()
+    _C.set_isa("scalar")
+    try:
+        packed_s, gx_s = run()
+    finally:
+        _C.set_isa(isa)
+    assert torch.equal(packed, packed_s)
+    assert torch.equal(gx, gx_s)
+    assert_close(gx, grad @ (w_q.float() * w_scale[:, None]), torch.float32)
+
+
+@cpu_kernels
 def test_cpu_binding_rejects_a_mismatched_packed_weight():
     w_q, w_scale = _weight(65, 40, seed=9)
     packed = torch.ops.qtorch_cpu.pack_int8_mm(w_q)

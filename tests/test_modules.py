@@ -168,6 +168,51 @@ def test_shared_linear_is_quantized_once_and_stays_shared():
     assert isinstance(model[0], Int8WeightOnlyLinear) and model[0] is model[2]
 
 
+class TiedLM(nn.Module):
+    """An embedding whose weight the LM head shares, as tie_word_embeddings makes it."""
+
+    def __init__(self, vocab=96, hidden=64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.body = nn.Linear(hidden, hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.body(self.embed(ids)))
+
+
+def test_quantizing_a_tied_head_names_the_tie_in_a_warning():
+    model = TiedLM()
+    with pytest.warns(UserWarning, match=r"lm_head\.weight was tied to embed\.weight"):
+        qtorch.quantize_(model, qtorch.Int8WeightOnlyConfig())
+    assert isinstance(model.lm_head, Int8WeightOnlyLinear)
+    assert model.embed.weight.dtype == torch.float32  # the embedding keeps the float weight
+
+
+def test_keeping_a_tied_head_in_float_keeps_the_tie_without_a_warning():
+    model = TiedLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qtorch.quantize_(model, qtorch.Int8WeightOnlyConfig(),
+                         filter_fn=lambda mod, fqn: fqn != "lm_head")
+    assert isinstance(model.body, Int8WeightOnlyLinear)
+    assert model.lm_head.weight is model.embed.weight
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_weight_attribute_is_a_clear_error_not_a_copy(name):
+    """Code written for nn.Linear that reads or assigns `.weight` (weight tying, resizing,
+    merging) must fail loudly: a float copy that it wrote into would be silently ignored."""
+    mod = qtorch.quantize_(nn.Linear(64, 32), CONFIGS[name])
+    with pytest.raises(AttributeError, match=r"no float `weight`.*\.dequantize\(\)"):
+        _ = mod.weight
+    assert getattr(mod, "weight", None) is None and not hasattr(mod, "weight")
+    with pytest.raises(AttributeError, match="no float `weight`"):
+        mod.weight = nn.Parameter(torch.zeros(32, 64))
+    assert "weight" not in dict(mod.named_parameters())
+
+
 def test_configs_are_frozen_and_checked():
     cfg = qtorch.Int4WeightOnlyConfig()
     assert (cfg.group_size, cfg.symmetric) == (128, False)

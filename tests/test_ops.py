@@ -278,12 +278,50 @@ def test_fused_linear_distillation_vs_reference(backend, dtype, with_bias, reduc
     n_valid = (labels != -100).sum()
     div = n_valid if reduction == "mean" else 1
     ref_loss = ref[0].sum() / n_valid if reduction == "mean" else ref[0]
-    # logits come from a matmul in the input dtype on some backends: judge in that dtype
-    assert_close(out, ref_loss, dtype=dtype)
+    # every backend's logits are the fp32 accumulator of its GEMM, so the loss is judged in
+    # fp32; the gradients in the inputs' dtype
+    assert_close(out, ref_loss, dtype=torch.float32)
     assert_close(hr.grad, ref[1] / div, dtype=dtype)
     assert_close(wr.grad, ref[2] / div, dtype=dtype)
     if with_bias:
         assert_close(br.grad, ref[3] / div, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_linear_frozen_student_head(backend, reduction, monkeypatch):
+    """student_weight.requires_grad False: no weight gradient is computed (the chunk loop's
+    weight-gradient GEMM never runs) and w.grad stays None; the loss and the hidden-state and
+    bias gradients are exactly those of the trainable head."""
+    dev = device_for(backend)
+    m, h, v = 13, 16, 97
+    hs, ws = _randn(m, h, device=dev), _randn(v, h, device=dev, seed=1) * 0.2
+    ht, wt = _randn(m, h + 3, device=dev, seed=2), _randn(v, h + 3, device=dev, seed=3) * 0.2
+    bs = _randn(v, device=dev, seed=4)
+    labels = torch.randint(0, v, (m,), generator=_gen(5)).to(dev)
+    labels[::4] = -100
+    head = R.distillation.LinearHead
+    backward, weight_grads = head.backward, []
+
+    def spy(self, g, x, grad_input, grad_weight):
+        weight_grads.append(grad_weight is not None)
+        return backward(self, g, x, grad_input, grad_weight)
+
+    monkeypatch.setattr(head, "backward", spy)
+    runs = {}
+    for frozen in (False, True):
+        weight_grads.clear()
+        x, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(not frozen)
+        b = bs.clone().requires_grad_(True)
+        with qtorch.use_backend(backend):
+            out = ops.fused_linear_distillation_loss(x, w, ht, wt, labels, b, chunk_size=5,
+                                                     reduction=reduction)
+            out.sum().backward()
+        assert weight_grads and all(weight_grads) != frozen and any(weight_grads) != frozen
+        runs[frozen] = (out.detach(), x.grad, b.grad, w.grad)
+    assert runs[True][3] is None and runs[False][3] is not None
+    for got, want in zip(runs[True][:3], runs[False][:3]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_distillation_gradcheck_float64():

@@ -162,6 +162,29 @@ def test_state_dict_aliases_and_load_repacks(name):
         torch.testing.assert_close(m2(x), out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_asking_for_the_storage_does_not_stop_repacking(name):
+    """safetensors, transformers' save_pretrained and huggingface_hub call
+    `t.untyped_storage()` on every tensor they save; torch then keeps that storage's Python
+    object (and its reference to the storage) for good. That is not another holder: once the
+    state dict is gone the module packs again."""
+    m = _model(name)
+    x = torch.randn(2, 64)
+    sd = m.state_dict()
+    for t in sd.values():
+        t.untyped_storage().data_ptr()
+    del sd, t
+    _check(m[0], x)
+    assert _layout(m[0]) == f"cpu_{name}"
+    w = m[0].qweight
+    w.untyped_storage()  # while someone holds the buffer it is not packed
+    _check(m[0], x)
+    assert _layout(m[0]) is None
+    del w
+    _check(m[0], x)
+    assert _layout(m[0]) == f"cpu_{name}"
+
+
 # --------------------------------------------------------------- ops keep nothing
 
 

@@ -184,6 +184,35 @@ def test_cpu_binding_rejects_mismatched_buffers():
 
 
 @cpu_kernels
+@pytest.mark.parametrize("n, k", [(1, 1), (17, 3), (33, 130), (130, 333), (70, 4099)])
+def test_cpu_int8_packing_and_backward_are_the_same_on_every_isa(isa, n, k):
+    """The packed int8 weight is the same bytes on every ISA (the scalar definition's), and so
+    is the W8A16 module's backward w.r.t. x, which dequantizes the packed weight one slab of
+    ŵ at a time (K = 4099: many slabs and a 3-column tail one): bitwise, and within fp32
+    rounding of grad @ ŵ with the reference's ŵ."""
+    from qtorch import _C
+
+    w_q, w_scale = R.quantize_int8(_randn(n, k, seed=n + k))
+    grad = _randn(5, n, seed=k)
+
+    def run():
+        p8, s8 = torch.ops.qtorch_cpu.pack_int8_weight_only(w_q, w_scale)
+        gx = torch.ops.qtorch_cpu.linear_packed_grad_input(grad, p8, s8, None, "cpu_w8a16", n, k,
+                                                           0)
+        return p8, s8, gx
+
+    p8, s8, gx = run()
+    _C.set_isa("scalar")
+    try:
+        p8_s, s8_s, gx_s = run()
+    finally:
+        _C.set_isa(isa)
+    assert torch.equal(p8, p8_s) and torch.equal(s8, s8_s)
+    assert torch.equal(gx, gx_s)
+    assert_close(gx, grad @ (w_q.float() * w_scale[:, None]), torch.float32)
+
+
+@cpu_kernels
 def test_cpu_kernel_name_reported():
     name = torch.ops.qtorch_cpu.weight_only_kernel_name("bfloat16")
     assert isinstance(name, str) and name

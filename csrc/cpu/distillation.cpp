@@ -5,17 +5,13 @@
 //   qtorch_cpu::distillation_loss(student [M, V], teacher [M, V], labels int64 [M]?, T, alpha,
 //       divergence, beta, ignore_index, compute_grad)
 //       -> (loss f32 [M], grad [M, V] student.dtype = d loss_i / d student_i, or empty [0])
-//   qtorch_cpu::fused_linear_distillation_loss(student_hidden [M, H], student_weight [V, H],
-//       teacher_hidden [M, Ht], teacher_weight [V, Ht], labels int64 [M]?, student_bias [V]?,
-//       teacher_bias [V]?, token_scale f32 [M]?, chunk_size, T, alpha, divergence, beta,
-//       ignore_index, compute_grad)
-//       -> (loss f32 [M], grad_hidden [M, H], grad_weight [V, H], grad_bias [V]) of
-//          Σ_i token_scale_i · loss_i, each in its tensor's dtype (empty [0] when absent).
-//       Token chunks of `chunk_size` rows (<= 0: ~2M logits per chunk): logits in fp32 by BLAS,
-//       the row kernel writes the fp32 gradient over the student logits in place, then
-//       grad_hidden = g @ W_s, grad_W += g.T @ h_s, grad_b += Σ_rows g (fp32 accumulators).
-//       Peak extra memory: two [chunk, V] fp32 blocks + fp32 copies of W/grad_W when the
-//       weights are not fp32; never [M, V].
+//   qtorch_cpu::distillation_loss_inplace(student [M, V], teacher [M, V], labels int64 [M]?,
+//       token_scale f32 [M]?, T, alpha, divergence, beta, ignore_index, compute_grad)
+//       -> loss f32 [M]; with compute_grad, student is overwritten with
+//          token_scale_i · d loss_i / d student_i (token_scale absent: all ones).
+//       The per-chunk kernel of fused_linear_distillation_loss, whose chunk loop (the GEMMs,
+//       fp32 accumulation of the weight gradient) is written once for every backend, in
+//       qtorch/reference/distillation.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -90,119 +86,70 @@ void run_rows(const dk::Params& P, const void* s, DType sdt, const void* t, DTyp
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> distillation_loss(
-    const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
-    double temperature, double alpha, c10::string_view divergence, double beta,
-    int64_t ignore_index, bool compute_grad) {
+// Checks shared by both ops: student and teacher [M, V] contiguous CPU fp32/fp16/bf16 of one
+// shape, V >= 1, the loss parameters, labels in range (or none, and then alpha == 1).
+struct Rows {
+  DType sdt, tdt;
+  dk::Params P;
+  int64_t M, V;
+  const int64_t* labels;
+};
+
+Rows check_rows(const at::Tensor& student, const at::Tensor& teacher,
+                const c10::optional<at::Tensor>& labels, double temperature, double alpha,
+                c10::string_view divergence, double beta, int64_t ignore_index) {
   check_2d(student, "student");
   check_2d(teacher, "teacher");
   TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "student ", student.sizes(),
                     " and teacher ", teacher.sizes(), " must have the same shape");
-  const DType sdt = kernel_dtype(student, "student"), tdt = kernel_dtype(teacher, "teacher");
-  const dk::Params P = make_params(temperature, alpha, divergence, beta);
-  const int64_t M = student.size(0), V = student.size(1);
-  TORCH_CHECK_VALUE(V >= 1, "vocab size must be >= 1, got ", V);
-  const int64_t* lab = check_labels(labels, M, V, ignore_index);
-  TORCH_CHECK_VALUE(lab != nullptr || P.alpha == 1.0f,
+  Rows r;
+  r.sdt = kernel_dtype(student, "student");
+  r.tdt = kernel_dtype(teacher, "teacher");
+  r.P = make_params(temperature, alpha, divergence, beta);
+  r.M = student.size(0);
+  r.V = student.size(1);
+  TORCH_CHECK_VALUE(r.V >= 1, "vocab size must be >= 1, got ", r.V);
+  r.labels = check_labels(labels, r.M, r.V, ignore_index);
+  TORCH_CHECK_VALUE(r.labels != nullptr || r.P.alpha == 1.0f,
                     "labels=None leaves no hard-label term, so alpha must be 1.0, got ", alpha);
-  at::Tensor loss = at::empty({M}, student.options().dtype(at::kFloat));
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> distillation_loss(
+    const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
+    double temperature, double alpha, c10::string_view divergence, double beta,
+    int64_t ignore_index, bool compute_grad) {
+  const Rows r = check_rows(student, teacher, labels, temperature, alpha, divergence, beta,
+                            ignore_index);
+  at::Tensor loss = at::empty({r.M}, student.options().dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
-  run_rows(P, student.data_ptr(), sdt, teacher.data_ptr(), tdt, lab, ignore_index, M, V,
-           loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr, sdt, nullptr);
+  run_rows(r.P, student.data_ptr(), r.sdt, teacher.data_ptr(), r.tdt, r.labels, ignore_index,
+           r.M, r.V, loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr, r.sdt,
+           nullptr);
   return {loss, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_linear_distillation_loss(
-    const at::Tensor& hs, const at::Tensor& ws, const at::Tensor& ht, const at::Tensor& wt,
-    const c10::optional<at::Tensor>& labels, const c10::optional<at::Tensor>& bs,
-    const c10::optional<at::Tensor>& bt, const c10::optional<at::Tensor>& token_scale,
-    int64_t chunk_size, double temperature, double alpha, c10::string_view divergence,
-    double beta, int64_t ignore_index, bool compute_grad) {
-  check_2d(hs, "student_hidden");
-  check_2d(ws, "student_weight");
-  check_2d(ht, "teacher_hidden");
-  check_2d(wt, "teacher_weight");
-  for (const at::Tensor* t : {&hs, &ws, &ht, &wt}) kernel_dtype(*t, "hidden states and weights");
-  const int64_t M = hs.size(0), H = hs.size(1), V = ws.size(0);
-  TORCH_CHECK_VALUE(ws.size(1) == H, "student_weight ", ws.sizes(), " must be [V, H] with H=", H,
-                    " of student_hidden ", hs.sizes());
-  TORCH_CHECK_VALUE(ht.size(0) == M && wt.size(1) == ht.size(1),
-                    "teacher_hidden ", ht.sizes(), " and teacher_weight ", wt.sizes(),
-                    " must be [M, Ht] and [V, Ht] with M=", M);
-  TORCH_CHECK_VALUE(wt.size(0) == V, "student and teacher vocab sizes must match: student_weight ",
-                    ws.sizes(), " vs teacher_weight ", wt.sizes());
-  TORCH_CHECK_VALUE(V >= 1, "vocab size must be >= 1, got ", V);
-  for (const auto* b : {&bs, &bt})
-    if (b->has_value())
-      TORCH_CHECK_VALUE((*b)->dim() == 1 && (*b)->size(0) == V, "bias must have shape [", V,
-                        "], got ", (*b)->sizes());
-  const float* ts = nullptr;
-  at::Tensor ts_c;
+// The per-chunk kernel of the fused-linear loop (qtorch/reference/distillation.py): the
+// gradient, times token_scale_i, overwrites the student logits row by row. In place is safe
+// because the gradient has the student's dtype (same element positions) and the row kernel
+// reads element j of a row before it writes element j, and never reads it again afterwards.
+at::Tensor distillation_loss_inplace(
+    const at::Tensor& student, const at::Tensor& teacher, const c10::optional<at::Tensor>& labels,
+    const c10::optional<at::Tensor>& token_scale, double temperature, double alpha,
+    c10::string_view divergence, double beta, int64_t ignore_index, bool compute_grad) {
+  const Rows r = check_rows(student, teacher, labels, temperature, alpha, divergence, beta,
+                            ignore_index);
+  at::Tensor ts;
   if (token_scale.has_value()) {
-    ts_c = token_scale->to(at::kFloat).contiguous();
-    TORCH_CHECK_VALUE(ts_c.dim() == 1 && ts_c.size(0) == M, "token_scale must have shape [", M,
-                      "], got ", ts_c.sizes());
-    ts = ts_c.data_ptr<float>();
+    ts = token_scale->to(at::kFloat).contiguous();
+    TORCH_CHECK_VALUE(ts.dim() == 1 && ts.size(0) == r.M && ts.device().is_cpu(),
+                      "token_scale must be a CPU tensor of shape [", r.M, "], got ", ts.sizes());
   }
-  const dk::Params P = make_params(temperature, alpha, divergence, beta);
-  const int64_t* lab = check_labels(labels, M, V, ignore_index);
-  TORCH_CHECK_VALUE(lab != nullptr || P.alpha == 1.0f,
-                    "labels=None leaves no hard-label term, so alpha must be 1.0, got ", alpha);
-
-  const auto f32 = hs.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({M}, f32);
-  at::Tensor empty = at::empty({0}, hs.options());
-  at::Tensor grad_h = compute_grad ? at::empty_like(hs) : empty;
-  if (M == 0) {
-    at::Tensor gw = compute_grad ? at::zeros_like(ws) : at::empty({0}, hs.options());
-    at::Tensor gb = compute_grad && bs.has_value() ? at::zeros_like(*bs) : at::empty({0}, hs.options());
-    return {loss, grad_h, gw, gb};
-  }
-  // The logits are defined in fp32 (as the reference computes them): fp32 views of the
-  // weights (no copy for fp32 weights), fp32 accumulators for the weight/bias gradients.
-  const at::Tensor ws32 = ws.to(at::kFloat), wt32 = wt.to(at::kFloat);
-  const at::Tensor bs32 = bs.has_value() ? bs->to(at::kFloat) : at::Tensor();
-  const at::Tensor bt32 = bt.has_value() ? bt->to(at::kFloat) : at::Tensor();
-  at::Tensor gw32 = compute_grad ? at::zeros({V, H}, f32) : at::Tensor();
-  at::Tensor gb32 = compute_grad && bs.has_value() ? at::zeros({V}, f32) : at::Tensor();
-
-  const int64_t chunk = std::min<int64_t>(
-      M, chunk_size > 0 ? chunk_size : std::max<int64_t>(1, (int64_t(2) << 20) / V));
-  at::Tensor s_buf = at::empty({chunk, V}, f32), t_buf = at::empty({chunk, V}, f32);
-  at::Tensor gh32 = compute_grad && hs.scalar_type() != at::kFloat ? at::empty({chunk, H}, f32)
-                                                                   : at::Tensor();
-  for (int64_t start = 0; start < M; start += chunk) {
-    const int64_t n = std::min(chunk, M - start);
-    const at::Tensor h = hs.narrow(0, start, n).to(at::kFloat);
-    const at::Tensor htc = ht.narrow(0, start, n).to(at::kFloat);
-    at::Tensor s = s_buf.narrow(0, 0, n), t = t_buf.narrow(0, 0, n);
-    if (bs32.defined()) at::addmm_out(s, bs32, h, ws32.t());
-    else at::mm_out(s, h, ws32.t());
-    if (bt32.defined()) at::addmm_out(t, bt32, htc, wt32.t());
-    else at::mm_out(t, htc, wt32.t());
-    // Each row's gradient overwrites its own student logits: the kernel reads element j of a
-    // row before it writes it, and never reads it again afterwards.
-    run_rows(P, s.data_ptr(), DType::F32, t.data_ptr(), DType::F32,
-             lab != nullptr ? lab + start : nullptr, ignore_index, n, V,
-             loss.data_ptr<float>() + start, compute_grad ? s.data_ptr() : nullptr,
-             DType::F32, ts != nullptr ? ts + start : nullptr);
-    if (!compute_grad) continue;
-    const at::Tensor& g = s;
-    if (gh32.defined()) {
-      at::Tensor ghc = gh32.narrow(0, 0, n);
-      at::mm_out(ghc, g, ws32);
-      grad_h.narrow(0, start, n).copy_(ghc);
-    } else {
-      at::Tensor ghc = grad_h.narrow(0, start, n);
-      at::mm_out(ghc, g, ws32);
-    }
-    gw32.addmm_(g.t(), h);
-    if (gb32.defined()) gb32.add_(g.sum(0));
-  }
-  if (!compute_grad) return {loss, empty, at::empty({0}, hs.options()), at::empty({0}, hs.options())};
-  at::Tensor gw = gw32.to(ws.scalar_type());
-  at::Tensor gb = gb32.defined() ? gb32.to(bs->scalar_type()) : at::empty({0}, hs.options());
-  return {loss, grad_h, gw, gb};
+  at::Tensor loss = at::empty({r.M}, student.options().dtype(at::kFloat));
+  run_rows(r.P, student.data_ptr(), r.sdt, teacher.data_ptr(), r.tdt, r.labels, ignore_index,
+           r.M, r.V, loss.data_ptr<float>(), compute_grad ? student.data_ptr() : nullptr, r.sdt,
+           ts.defined() ? ts.data_ptr<float>() : nullptr);
+  return loss;
 }
 
 }  // namespace
@@ -213,14 +160,12 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
       "float alpha, str divergence, float beta, int ignore_index, bool compute_grad) "
       "-> (Tensor, Tensor)");
   m.def(
-      "fused_linear_distillation_loss(Tensor student_hidden, Tensor student_weight, "
-      "Tensor teacher_hidden, Tensor teacher_weight, Tensor? labels, Tensor? student_bias, "
-      "Tensor? teacher_bias, Tensor? token_scale, int chunk_size, float temperature, "
-      "float alpha, str divergence, float beta, int ignore_index, bool compute_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "distillation_loss_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, "
+      "Tensor? token_scale, float temperature, float alpha, str divergence, float beta, "
+      "int ignore_index, bool compute_grad) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {
   m.impl("distillation_loss", &distillation_loss);
-  m.impl("fused_linear_distillation_loss", &fused_linear_distillation_loss);
+  m.impl("distillation_loss_inplace", &distillation_loss_inplace);
 }

@@ -97,6 +97,17 @@ void run_gemm(const uint8_t* ap, int64_t M, int64_t K, const uint8_t* bp, int64_
   });
 }
 
+// Packs w (s8 [N, K], contiguous) into bp: the panels split over threads, in tasks of at least
+// 256 KiB of packed weight (a small weight stays on one thread), then the trailer.
+void pack_weight(const int8_t* w, int64_t N, int64_t K, uint8_t* bp) {
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t(1) << 18) / (im::kPanel * im::padded_k(K)));
+  at::parallel_for(0, im::num_panels(N), grain, [&](int64_t b, int64_t e) {
+    im::pack_b_panels(w, N, K, K, b, e, bp);
+  });
+  im::pack_b_trailer(N, K, bp);
+}
+
 at::Tensor pack_int8_mm(const at::Tensor& w_in) {
   check_2d(w_in, "w", at::kChar);
   const at::Tensor w = w_in.contiguous();
@@ -104,7 +115,7 @@ at::Tensor pack_int8_mm(const at::Tensor& w_in) {
   const int64_t bytes = im::packed_b_bytes(N, K);
   // Large packed weights are streamed from DRAM at small M: huge pages (alloc.h).
   at::Tensor packed = qtorch::cpu::huge_page_empty({bytes}, at::kByte, "pack_int8_mm");
-  im::pack_b(w.data_ptr<int8_t>(), N, K, K, packed.data_ptr<uint8_t>());
+  pack_weight(w.data_ptr<int8_t>(), N, K, packed.data_ptr<uint8_t>());
   return packed;
 }
 
@@ -212,7 +223,7 @@ at::Tensor pack_for_call(const at::Tensor& w_q, at::Tensor& hold) {
   const int64_t N = w.size(0), K = w.size(1);
   const int64_t bytes = im::packed_b_bytes(N, K);
   uint8_t* bp = qtorch::cpu::temp<uint8_t>(qtorch::cpu::kPackSlot, bytes, at::kByte, hold);
-  im::pack_b(w.data_ptr<int8_t>(), N, K, K, bp);
+  pack_weight(w.data_ptr<int8_t>(), N, K, bp);
   return qtorch::cpu::temp_tensor(bp, bytes, at::kByte, hold);
 }
 

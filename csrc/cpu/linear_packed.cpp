@@ -118,6 +118,9 @@ at::Tensor run(Layout l, const at::Tensor& x, at::TensorList w, const std::optio
 // each task dequantizes a column slab ŵ[:, k0:k0+kc] from the packed layout into a per-task
 // buffer and runs that slab's GEMM while it is cache-resident, so the module keeps one copy of
 // its weight (the packed one) and a backward costs no [N, K] fp32 tensor.
+// The int8 layouts' dequantizers write the slab transposed, ŵᵀ[k0:k1, :] as [kc, N] (their
+// SIMD paths store whole vectors that way, int8_mm.h / weight_only.h), and BLAS gets the
+// transposed view; the int4 one writes ŵ[:, k0:k1] as [N, kc].
 at::Tensor grad_input(Layout l, const at::Tensor& grad, at::TensorList w, int64_t N, int64_t K,
                       int64_t gs) {
   const auto dt = grad.scalar_type();
@@ -129,26 +132,27 @@ at::Tensor grad_input(Layout l, const at::Tensor& grad, at::TensorList w, int64_
   // give the GEMM a better shape once it dominates.
   const int64_t kc = std::min<int64_t>(K, M <= 32 ? 64 : M <= 256 ? 128 : 256);
   const int64_t slabs = (K + kc - 1) / kc;
+  const bool transposed = l != kW4A16;
   at::parallel_for(0, slabs, 1, [&](int64_t c0, int64_t c1) {
-    at::Tensor buf = at::empty({N, kc}, g.options());
+    at::Tensor buf = transposed ? at::empty({kc, N}, g.options()) : at::empty({N, kc}, g.options());
     float* bp = buf.data_ptr<float>();
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t k0 = c * kc, k1 = std::min(K, k0 + kc);
       switch (l) {
         case kW8A8:
-          int8_mm::dequant_b_slab(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(), N, K, k0, k1,
-                                 bp, kc);
+          int8_mm::dequant_b_slab_t(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(), N, K, k0,
+                                    k1, bp, N);
           break;
         case kW8A16:
-          weight_only::dequant_int8_slab(w[0].data_ptr<int8_t>(), w[1].data_ptr<float>(), N, K, k0, k1,
-                                  bp, kc);
+          weight_only::dequant_int8_slab_t(w[0].data_ptr<int8_t>(), w[1].data_ptr<float>(), N,
+                                           K, k0, k1, bp, N);
           break;
         default:
           weight_only::dequant_int4_slab(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(),
                                   w[2].data_ptr<uint8_t>(), N, K, gs, k0, k1, bp, kc);
       }
       at::Tensor dst = out.narrow(1, k0, k1 - k0);
-      at::mm_out(dst, g, buf.narrow(1, 0, k1 - k0));
+      at::mm_out(dst, g, transposed ? buf.narrow(0, 0, k1 - k0).t() : buf.narrow(1, 0, k1 - k0));
     }
   });
   return out.to(dt);

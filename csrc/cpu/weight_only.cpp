@@ -72,6 +72,17 @@ std::array<int64_t, 3> check_int4_canonical(const at::Tensor& qweight, const at:
   return {N, K, G};
 }
 
+// pack_int8 with the 16-channel blocks split over threads, in tasks of at least 256 KiB of
+// packed weight (a small weight stays on one thread).
+void pack_int8_parallel(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K,
+                        int8_t* w_out, float* scale_out) {
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t(1) << 18) / (wm::kBlock * wm::int8_padded_k(K)));
+  at::parallel_for(0, wm::num_blocks(N), grain, [&](int64_t b, int64_t e) {
+    wm::pack_int8_blocks(w_q, w_scale, N, K, b, e, w_out, scale_out);
+  });
+}
+
 std::vector<at::Tensor> pack_int4_weight_only(const at::Tensor& qweight,
                                               const at::Tensor& scales, const at::Tensor& zeros,
                                               int64_t gs) {
@@ -206,8 +217,8 @@ std::vector<at::Tensor> pack_int8_weight_only(const at::Tensor& w_q,
   const at::Tensor q = w_q.contiguous(), s = w_scale.contiguous();
   at::Tensor w = alloc_aligned(wm::int8_packed_bytes(N, K), at::kChar);
   at::Tensor ps = alloc_aligned(wm::num_blocks(N) * wm::kBlock, at::kFloat);
-  wm::pack_int8(q.data_ptr<int8_t>(), s.data_ptr<float>(), N, K, w.data_ptr<int8_t>(),
-                ps.data_ptr<float>());
+  pack_int8_parallel(q.data_ptr<int8_t>(), s.data_ptr<float>(), N, K, w.data_ptr<int8_t>(),
+                     ps.data_ptr<float>());
   return {w, ps};
 }
 
@@ -399,7 +410,7 @@ at::Tensor int8_weight_only_linear_canonical(const at::Tensor& x, const at::Tens
   at::Tensor hw, hs;
   int8_t* w = qtorch::cpu::temp<int8_t>(qtorch::cpu::kPackSlot, wb, at::kChar, hw);
   float* ps = qtorch::cpu::temp<float>(qtorch::cpu::kPackSlot + 1, sf, at::kFloat, hs);
-  wm::pack_int8(q.data_ptr<int8_t>(), s.data_ptr<float>(), N, K, w, ps);
+  pack_int8_parallel(q.data_ptr<int8_t>(), s.data_ptr<float>(), N, K, w, ps);
   return int8_weight_only_linear(x, qtorch::cpu::temp_tensor(w, wb, at::kChar, hw),
                                  qtorch::cpu::temp_tensor(ps, sf, at::kFloat, hs), N, K, bias);
 }

@@ -26,11 +26,17 @@ then calls the kernel chosen by `qtorch._backend.resolve`. So every kernel recei
                       teacher_hidden [M, Ht], teacher_weight [V, Ht], labels [M] | None,
                       student_bias [V] | None, teacher_bias [V] | None,
                       token_scale fp32 [M] | None, chunk_size: int, temperature, alpha,
-                      divergence, beta, ignore_index, compute_grad: bool)
+                      divergence, beta, ignore_index, compute_grad: bool,
+                      compute_grad_weight: bool = True)
         -> (loss fp32 [M], grad_hidden [M, H] | None, grad_weight [V, H] | None,
-            grad_bias [V] | None)
+            grad_bias [V] | None); grad_weight is None (its GEMMs skipped) when
+        compute_grad_weight is False (a frozen student head)
         grads are of sum_i token_scale[i] * loss[i] (token_scale None means all ones), in the
         dtype of the tensor they belong to, accumulated in fp32; never holds [M, V] at once.
+        Every backend's is the one chunk loop, `qtorch.reference.distillation.
+        fused_linear_distillation_loss`, given the backend's per-chunk loss kernel (fp32 [n, V]
+        logits in; loss out, the gradient written over the student logits where it can) and
+        the head class whose GEMMs it runs.
 
 Weights arrive in the canonical layout (API.md); a kernel that wants another layout packs it
 per call: an op keeps nothing between calls. The quantized modules own a packed layout

@@ -13,6 +13,7 @@ def status() -> tuple[bool, str]:
 
 from qtorch._backend import register_kernel  # noqa: E402
 from qtorch._packed import Layout, flat, register_layout  # noqa: E402
+from qtorch.reference import distillation as _ref_distill  # noqa: E402
 
 _ops = torch.ops.qtorch_cpu
 
@@ -127,32 +128,29 @@ register_layout(Layout(
 
 
 # --- distillation kernels (distillation_loss, fused_linear_distillation_loss) ---------------
-# csrc/cpu/distillation.cpp: one pass per row for the
-# online softmax statistics of s/T, s and t/T, then the loss terms and d loss / d s; rows in
-# parallel. The fused-linear op chunks tokens (fp32 logits by BLAS, gradient written over the
-# chunk's logits in place), so [M, V] never exists.
+# csrc/cpu/distillation.cpp: one pass per row for the online softmax statistics of s/T, s and
+# t/T, then the loss terms and d loss / d s; rows in parallel. The fused-linear op is the one
+# chunk loop (qtorch/reference/distillation.py) with fp32 BLAS GEMMs (`LinearHead`) and the
+# row kernel writing each chunk's gradient over its logits in place, so [M, V] never exists.
 
 
 @register_kernel("distillation_loss", "cpu")
 def _distillation_loss(student, teacher, labels, temperature, alpha, divergence, beta,
                        ignore_index, compute_grad):
-    loss, grad = torch.ops.qtorch_cpu.distillation_loss(
+    loss, grad = _ops.distillation_loss(
         student, teacher, labels, temperature, alpha, divergence, beta, ignore_index,
         compute_grad,
     )
     return loss, grad if compute_grad else None
 
 
+def _chunk_loss(s, t, labels, token_scale, temperature, alpha, divergence, beta, ignore_index,
+                compute_grad):
+    loss = _ops.distillation_loss_inplace(s, t, labels, token_scale, temperature, alpha,
+                                          divergence, beta, ignore_index, compute_grad)
+    return loss, s if compute_grad else None
+
+
 @register_kernel("fused_linear_distillation_loss", "cpu")
-def _fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidden,
-                                    teacher_weight, labels, student_bias, teacher_bias,
-                                    token_scale, chunk_size, temperature, alpha, divergence,
-                                    beta, ignore_index, compute_grad):
-    loss, gh, gw, gb = torch.ops.qtorch_cpu.fused_linear_distillation_loss(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-        teacher_bias, token_scale, chunk_size if chunk_size is not None else 0, temperature,
-        alpha, divergence, beta, ignore_index, compute_grad,
-    )
-    if not compute_grad:
-        return loss, None, None, None
-    return loss, gh, gw, gb if student_bias is not None else None
+def _fused_linear_distillation_loss(*args):
+    return _ref_distill.fused_linear_distillation_loss(*args, chunk_loss=_chunk_loss)

@@ -111,43 +111,13 @@ def _distillation_loss(
     return loss, grad.to(student.dtype)
 
 
+_chunk_loss = _ref_distill.chunk_loss_from(_distillation_loss)
+
+
 @register_kernel("fused_linear_distillation_loss", "cuda")
-def _fused_linear_distillation_loss(
-    student_hidden,
-    student_weight,
-    teacher_hidden,
-    teacher_weight,
-    labels,
-    student_bias,
-    teacher_bias,
-    token_scale,
-    chunk_size,
-    temperature,
-    alpha,
-    divergence,
-    beta,
-    ignore_index,
-    compute_grad,
-):
-    # The reference's chunk loop (cuBLAS matmuls per chunk) with this backend's loss kernel.
-    return _ref_distill.fused_linear_distillation_loss(
-        student_hidden,
-        student_weight,
-        teacher_hidden,
-        teacher_weight,
-        labels,
-        student_bias,
-        teacher_bias,
-        token_scale,
-        chunk_size,
-        temperature,
-        alpha,
-        divergence,
-        beta,
-        ignore_index,
-        compute_grad,
-        loss_kernel=_distillation_loss,
-    )
+def _fused_linear_distillation_loss(*args):
+    # The one chunk loop with this backend's loss kernel; fp32 cuBLAS GEMMs (`LinearHead`).
+    return _ref_distill.fused_linear_distillation_loss(*args, chunk_loss=_chunk_loss)
 
 
 # --- layouts owned by the quantized modules (qtorch/_packed.py) --------------------------------

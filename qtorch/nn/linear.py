@@ -23,10 +23,24 @@ Weights are frozen (buffers, no gradient); forward is differentiable w.r.t. the 
 bias, so heads or adapters on top of a quantized backbone train. `bias` stays a float
 `nn.Parameter` and follows `.to(dtype)` as in `nn.Linear`; the quantized buffers and their
 fp32 scales never change dtype (see `_QuantizedLinear._apply`).
+
+There is no float `weight`: reading or assigning `module.weight` raises an AttributeError that
+says what to do (`dequantize()` for the float32 weight; tie, resize or merge weights before
+quantizing). Code written for `nn.Linear` that reads `.weight` (weight tying, embedding
+resizing, adapter merging) thus fails loudly instead of working on a copy whose writes would be
+lost.
+
+A loader that fills a model's modules one at a time and then hands the model to code that
+rewrites non-persistent buffers (transformers' `from_pretrained` does, for every such buffer)
+keeps the modules canonical until it is done: `module._pack_deferred = True`, and modules made
+inside `with canonical_layout():` (e.g. by `from_float`) start canonical. It then clears the
+flag and calls `module._pack()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import warnings
 
@@ -45,6 +59,48 @@ except ImportError:
 
 _is_compiling = torch.compiler.is_compiling
 _warned_shared = False
+_canonical_only = contextvars.ContextVar("qtorch_canonical_only", default=False)
+
+_NO_WEIGHT = (
+    "{cls} has no float `weight`: it holds its weight quantized ({buffers}). Use "
+    "`.dequantize()` for the float32 weight [out_features, in_features]. Code that ties, resizes "
+    "or merges weights (e.g. transformers' tie_weights / resize_token_embeddings) must run before "
+    "quantizing, or on a layer kept in float (quantize_'s filter_fn, "
+    "QtorchConfig(modules_to_not_convert=[...]))."
+)
+
+
+@contextlib.contextmanager
+def canonical_layout():
+    """Quantized modules made or loaded inside keep their canonical buffers (no packed layout)
+    until `_pack()` is called outside it; see the module docstring."""
+    token = _canonical_only.set(True)
+    try:
+        yield
+    finally:
+        _canonical_only.reset(token)
+
+
+def _storage_counts(t: Tensor) -> tuple[int, int, int]:
+    """(references to t's TensorImpl, references to its storage, Python references to the
+    storage's Python object), not counting this call's. The storage's Python object is made
+    first: once anything has asked for it (`t.untyped_storage()`, as safetensors, transformers'
+    save_pretrained and huggingface_hub do for every tensor they save), torch keeps it, and its
+    reference to the storage, for the storage's lifetime, so the counts of a tensor nobody else
+    holds are those of `_SOLE` below, whether or not it was asked for before."""
+    s = t.untyped_storage()
+    if _use_counts is not None:
+        impl, storage = _use_counts(t)
+    else:  # without the extension only these private accessors tell (no public route)
+        impl, storage = t._use_count(), torch._C._storage_Use_Count(s._cdata)
+    return impl, storage, sys.getrefcount(s)
+
+
+def _sole_counts() -> tuple[int, int, int]:
+    return _storage_counts(torch.empty(1))
+
+
+_SOLE = _sole_counts()  # the counts of a tensor that nothing else holds
 
 
 def _sole_owner(buffers: dict, name: str) -> bool:
@@ -53,21 +109,13 @@ def _sole_owner(buffers: dict, name: str) -> bool:
     t = buffers[name]
     if sys.getrefcount(t) > 3:  # the dict's, `t` and getrefcount's argument
         return False
-    if _use_counts is not None:
-        impl, storage = _use_counts(t)
-    else:  # without the extension only these private accessors tell (no public route)
-        impl, storage = t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
-    return impl == 1 and storage == 1
+    return _storage_counts(t) == _SOLE
 
 
 def _own(t: Tensor) -> Tensor:
-    """t, or a copy of it when it shares its storage (a view of another tensor), so that the
-    module can later tell that nothing else holds its buffer."""
-    if _use_counts is not None:
-        shared = _use_counts(t)[1] > 1
-    else:
-        shared = t._base is not None
-    return t.clone() if shared else t
+    """t, or a copy of it when it shares its storage (a view of another tensor, a memory map),
+    so that the module can later tell that nothing else holds its buffer."""
+    return t if _storage_counts(t)[1:] == _SOLE[1:] else t.clone()
 
 
 class _QuantizedLinear(nn.Module):
@@ -75,6 +123,7 @@ class _QuantizedLinear(nn.Module):
 
     _FAMILY: str = ""  # "w8a8" | "w8a16" | "w4a16" (qtorch/_packed.py)
     _OP: str = ""  # the public qtorch op the module computes
+    _pack_deferred: bool = False  # True: stay canonical until a loader clears it (docstring)
 
     def __init__(self, in_features: int, out_features: int, bias: nn.Parameter | None) -> None:
         super().__init__()
@@ -124,6 +173,8 @@ class _QuantizedLinear(nn.Module):
         and nothing but this module holds the canonical buffers it replaces. True if packed."""
         if self._layout is not None:
             return True
+        if self._pack_deferred or _canonical_only.get():
+            return False
         layout = _packed.layout_for(self._FAMILY, self._device(), self._compute_dtype())
         if layout is None:
             return False
@@ -174,7 +225,13 @@ class _QuantizedLinear(nn.Module):
         weight = [self._buffers[name] for name in layout.buffers]
         return layout.canonical(weight, self.out_features, self.in_features, self._group_size())
 
+    def _no_weight(self) -> AttributeError:
+        buffers = ", ".join(_packed.FAMILIES[self._FAMILY][2]) if self._FAMILY else "buffers"
+        return AttributeError(_NO_WEIGHT.format(cls=type(self).__name__, buffers=buffers))
+
     def __setattr__(self, name: str, value) -> None:
+        if name == "weight":  # a float weight set here would be ignored by forward
+            raise self._no_weight()
         # Assigning a canonical buffer the packed layout replaced: run from the canonical
         # buffers again (the packed ones are stale now).
         layout = self.__dict__.get("_layout")
@@ -183,6 +240,8 @@ class _QuantizedLinear(nn.Module):
         super().__setattr__(name, value)
 
     def __getattr__(self, name: str):
+        if name == "weight":
+            raise self._no_weight()
         # A canonical buffer the packed layout replaced: unpack (its writes must be seen).
         layout = self.__dict__.get("_layout")
         if layout is not None and name in layout.derived:

@@ -196,10 +196,12 @@ def _fused_linear_distillation_loss_fwd(
     num_items_i: int,
     chunk_size: int,
     compute_grad: bool,
+    compute_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """[M, H] hidden states -> (loss, grad_hidden, grad_weight, grad_bias); the loss is reduced
     ("mean"/"sum": grads of the reduced loss) or per token ("none": no grads here, the backward
-    recomputes them weighted by the incoming per-token gradient). Absent grads are empty."""
+    recomputes them weighted by the incoming per-token gradient). Absent grads are empty;
+    grad_weight is absent (never computed) when compute_grad_weight is False."""
     m = student_hidden.shape[0]
     fn = _loss_kernel("fused_linear_distillation_loss", student_hidden)
     token_scale = None
@@ -213,6 +215,7 @@ def _fused_linear_distillation_loss_fwd(
         student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.contiguous(),
         teacher_weight.contiguous(), _c(labels), _c(student_bias), _c(teacher_bias), token_scale,
         chunk_size, temperature, alpha, divergence, beta, ignore_index, compute_grad,
+        compute_grad_weight,
     )
     if reduction == "none":
         loss = tok
@@ -230,13 +233,13 @@ def _fused_linear_distillation_loss_fwd(
 @_fused_linear_distillation_loss_fwd.register_fake
 def _(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
       teacher_bias, temperature, alpha, divergence, beta, ignore_index, reduction, num_items_t,
-      num_items_i, chunk_size, compute_grad):
+      num_items_i, chunk_size, compute_grad, compute_grad_weight):
     acc = _acc_dtype(student_hidden)
     m = student_hidden.shape[0]
     loss = student_hidden.new_empty((m,) if reduction == "none" else (), dtype=acc)
     grads = compute_grad and reduction != "none"
     gh = student_hidden.new_empty(student_hidden.shape if grads else (0,))
-    gw = student_weight.new_empty(student_weight.shape if grads else (0,))
+    gw = student_weight.new_empty(student_weight.shape if grads and compute_grad_weight else (0,))
     gb = (student_bias.new_empty(student_bias.shape) if grads and student_bias is not None
           else student_hidden.new_empty((0,)))
     return loss, gh, gw, gb
@@ -258,43 +261,48 @@ def _fused_linear_distillation_loss_bwd(
     beta: float,
     ignore_index: int,
     chunk_size: int,
+    compute_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """reduction="none" backward: grads of Σ_i grad_loss[i] · loss_i, recomputed chunk by chunk."""
+    """reduction="none" backward: grads of Σ_i grad_loss[i] · loss_i, recomputed chunk by chunk
+    (grad_weight empty, never computed, when compute_grad_weight is False)."""
     fn = _loss_kernel("fused_linear_distillation_loss", student_hidden)
     _, gh, gw, gb = fn(
         student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.contiguous(),
         teacher_weight.contiguous(), _c(labels), _c(student_bias), _c(teacher_bias),
         grad_loss.to(_acc_dtype(student_hidden)).contiguous(), chunk_size, temperature, alpha, divergence, beta,
-        ignore_index, True,
+        ignore_index, True, compute_grad_weight,
     )
-    return gh, gw, student_hidden.new_empty((0,)) if gb is None else gb
+    return (gh, student_hidden.new_empty((0,)) if gw is None else gw,
+            student_hidden.new_empty((0,)) if gb is None else gb)
 
 
 @_fused_linear_distillation_loss_bwd.register_fake
 def _(grad_loss, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-      student_bias, teacher_bias, temperature, alpha, divergence, beta, ignore_index, chunk_size):
+      student_bias, teacher_bias, temperature, alpha, divergence, beta, ignore_index, chunk_size,
+      compute_grad_weight):
     gb = (student_bias.new_empty(student_bias.shape) if student_bias is not None
           else student_hidden.new_empty((0,)))
-    return student_hidden.new_empty(student_hidden.shape), student_weight.new_empty(
-        student_weight.shape), gb
+    gw = student_weight.new_empty(student_weight.shape if compute_grad_weight else (0,))
+    return student_hidden.new_empty(student_hidden.shape), gw, gb
 
 
 def _fused_setup(ctx, inputs, output):
     (sh, sw, th, tw, labels, sb, tb, temperature, alpha, divergence, beta, ignore_index,
-     reduction, _nt, _ni, chunk_size, _cg) = inputs
+     reduction, _nt, _ni, chunk_size, _cg, grad_weight) = inputs
     ctx.set_materialize_grads(False)  # no zero tensors for the saved-gradient outputs
     ctx.reduction = reduction
     ctx.has_bias = sb is not None
+    ctx.grad_weight = grad_weight
     if reduction == "none":
         ctx.save_for_backward(sh, sw, th, tw, labels, sb, tb)
-        ctx.args = (temperature, alpha, divergence, beta, ignore_index, chunk_size)
+        ctx.args = (temperature, alpha, divergence, beta, ignore_index, chunk_size, grad_weight)
     else:
         ctx.save_for_backward(output[1], output[2], output[3])
 
 
 def _fused_backward(ctx, grad_loss, *_):
     if grad_loss is None:  # the loss is not in the graph that is being differentiated
-        return (None,) * 17
+        return (None,) * 18
     if ctx.reduction == "none":
         sh, sw, th, tw, labels, sb, tb = ctx.saved_tensors
         gh, gw, gb = _fused_linear_distillation_loss_bwd(grad_loss, sh, sw, th, tw, labels, sb, tb,
@@ -305,8 +313,9 @@ def _fused_backward(ctx, grad_loss, *_):
             raise RuntimeError("fused_linear_distillation_loss: forward ran without gradients")
         gh, gw = gh * grad_loss.to(gh.dtype), gw * grad_loss.to(gw.dtype)
         gb = gb * grad_loss.to(gb.dtype)
+    gw = gw if ctx.grad_weight else None  # a frozen head: no weight gradient was computed
     gb = gb if ctx.has_bias else None
-    return (gh, gw, None, None, None, gb) + (None,) * 11
+    return (gh, gw, None, None, None, gb) + (None,) * 12
 
 
 _fused_linear_distillation_loss_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -378,12 +387,12 @@ def _fused_impl(
     chunk = chunk_size if chunk_size is not None else default_chunk_size(m, v)
     nt = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else None
     ni = num_items_in_batch if isinstance(num_items_in_batch, int) else -1
-    wants_grad = any(t is not None and t.requires_grad
-                     for t in (student_hidden, student_weight, student_bias))
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias))
     loss, *_ = torch.ops.qtorch._fused_linear_distillation_loss_fwd(
         sh, student_weight, th, teacher_weight, lab, student_bias, teacher_bias,
         float(temperature), float(alpha), divergence, float(beta), int(ignore_index), reduction,
-        nt, ni, int(chunk), torch.is_grad_enabled() and wants_grad,
+        nt, ni, int(chunk), wants_grad, wants_grad and student_weight.requires_grad,
     )
     return loss.reshape(lead) if reduction == "none" else loss
 

@@ -188,6 +188,70 @@ def default_chunk_size(num_tokens: int, vocab: int) -> int:
     return max(1, min(num_tokens, (8 * 1024 * 1024) // max(vocab, 1)))
 
 
+def chunk_loss_from(loss_kernel):
+    """The per-chunk loss kernel of the chunk loop, made from a kernel with the signature of
+    `distillation_loss` (which returns a fresh gradient): (s, t, labels, token_scale, temperature,
+    alpha, divergence, beta, ignore_index, compute_grad) -> (loss [n], token_scale_i ·
+    d loss_i / d s_i [n, V] or None). Kernels that can write the gradient over s in place
+    (cpu, triton) provide their own and return s."""
+
+    def chunk_loss(s, t, labels, token_scale, temperature, alpha, divergence, beta, ignore_index,
+                   compute_grad):
+        loss, g = loss_kernel(s, t, labels, temperature, alpha, divergence, beta, ignore_index,
+                              compute_grad)
+        if g is not None and token_scale is not None:
+            g.mul_(token_scale[:, None].to(g.dtype))
+        return loss, g
+
+    return chunk_loss
+
+
+reference_chunk_loss = chunk_loss_from(distillation_loss)
+
+
+class LinearHead:
+    """A vocabulary head x @ W.T (+ b) of the chunk loop, its GEMMs in the accumulation dtype
+    `acc` (fp32; float64 for float64 inputs): the definition of the logits, and the GEMMs the
+    cpu and cuda backends run (BLAS / cuBLAS). Made once per call: W and b are converted to
+    `acc` once (no copy when they already are). Per chunk of n rows:
+
+        operand(h [n, K])              the hidden states as the GEMMs read them
+        logits(x, out [n, V] acc)      out = x @ W.T (+ b); returns out
+        backward(g [n, V] acc, x, grad_input [n, K] | None, grad_weight [V, K] acc | None)
+                                       grad_input = g @ W,  grad_weight += g.T @ x
+
+    A teacher head needs only `operand` and `logits`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype):
+        self.acc = acc
+        self.weight = weight.to(acc)
+        self.bias = bias.to(acc) if bias is not None else None
+        self._grad_input_acc = None  # [chunk, K] acc, for hidden states not stored in acc
+
+    def operand(self, h: torch.Tensor) -> torch.Tensor:
+        return h.to(self.acc)
+
+    def logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return torch.mm(x, self.weight.T, out=out)
+        return torch.addmm(self.bias, x, self.weight.T, out=out)
+
+    def backward(self, g, x, grad_input, grad_weight) -> None:
+        if grad_input is not None:
+            if grad_input.dtype == self.acc:
+                torch.mm(g, self.weight, out=grad_input)
+            else:  # formed in acc, rounded once into the hidden states' dtype
+                n = g.shape[0]
+                if self._grad_input_acc is None or self._grad_input_acc.shape[0] < n:
+                    self._grad_input_acc = g.new_empty((n, self.weight.shape[1]))
+                buf = self._grad_input_acc[:n]
+                torch.mm(g, self.weight, out=buf)
+                grad_input.copy_(buf)
+        if grad_weight is not None:
+            grad_weight.addmm_(g.T, x)
+
+
 def fused_linear_distillation_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -204,57 +268,62 @@ def fused_linear_distillation_loss(
     beta: float = 0.5,
     ignore_index: int = -100,
     compute_grad: bool = True,
-    loss_kernel=distillation_loss,
+    compute_grad_weight: bool = True,
+    *,
+    chunk_loss=reference_chunk_loss,
+    head=LinearHead,
 ):
     """The distillation loss of s = h_s @ W_s.T (+ b_s) and t = h_t @ W_t.T (+ b_t), chunked
-    over tokens so only one [chunk, V] block of logits exists at a time.
+    over tokens so only one [chunk, V] block of logits per head exists at a time.
 
-    Gradients of Σ_i token_scale_i · loss_i are computed chunk by chunk in the same pass:
-        g = d loss / d s  (from `loss_kernel`, [chunk, V])
-        dh_s = g @ W_s,   dW_s += g.T @ h_s,   db_s += Σ_rows g        (fp32 accumulators)
-    Returns (loss fp32 [M], grad_hidden [M, H] | None, grad_weight [V, H] | None,
-    grad_bias [V] | None), each grad in the dtype of its tensor. `loss_kernel` has the
-    signature of `distillation_loss`; compiled backends pass their own to reuse this loop.
+    This is the one chunk loop of every backend: a backend passes its per-chunk loss kernel
+    (`chunk_loss`, see `chunk_loss_from`) and the head class whose GEMMs it runs (`head`, see
+    `LinearHead`); the defaults are the reference's. Per chunk of rows [a, b):
+        s, t = logits of both heads, in the accumulation dtype (fp32; float64 for float64)
+        loss[a:b], g = chunk_loss(s, t, ...)       g = token_scale_i · d loss_i / d s_i,
+                                                   written over s where the kernel can
+        dh_s[a:b] = g @ W_s,  dW_s += g.T @ h_s,  db_s += Σ_rows g      (acc accumulators)
+    so gradients of Σ_i token_scale_i · loss_i come out of the same pass; with
+    compute_grad_weight False (a frozen head) the dW_s GEMMs are skipped. `chunk_size` <= 0
+    means `default_chunk_size`. Returns (loss [M] in acc, grad_hidden [M, H] | None,
+    grad_weight [V, H] | None, grad_bias [V] | None), each grad in the dtype of its tensor.
+    Memory beyond inputs and outputs: two [chunk, V] blocks in acc, reused by every chunk, and
+    the [V, H] accumulator of the weight gradient; never [M, V].
     """
-    m = student_hidden.shape[0]
+    m, hidden = student_hidden.shape
     vocab = student_weight.shape[0]
     check_labels(labels, vocab, ignore_index)
     dev = student_hidden.device
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    w_s = student_weight.to(acc)
-    w_t = teacher_weight.to(acc)
-    b_s = student_bias.to(acc) if student_bias is not None else None
-    b_t = teacher_bias.to(acc) if teacher_bias is not None else None
+    chunk = chunk_size if chunk_size > 0 else default_chunk_size(m, vocab)
+    student = head(student_weight, student_bias, acc)
+    teacher = head(teacher_weight, teacher_bias, acc)
+    s_buf = torch.empty((min(chunk, m), vocab), dtype=acc, device=dev)
+    t_buf = torch.empty_like(s_buf)
     loss = torch.empty(m, dtype=acc, device=dev)
     grad_h = grad_w = grad_b = None
     if compute_grad:
         grad_h = torch.empty_like(student_hidden)
-        grad_w = torch.zeros(w_s.shape, dtype=acc, device=dev)
-        grad_b = torch.zeros(vocab, dtype=acc, device=dev) if b_s is not None else None
-    for start in range(0, m, chunk_size):
-        end = min(start + chunk_size, m)
-        h_s = student_hidden[start:end].to(acc)
-        s = h_s @ w_s.T
-        t = teacher_hidden[start:end].to(acc) @ w_t.T
-        if b_s is not None:
-            s += b_s
-        if b_t is not None:
-            t += b_t
+        if compute_grad_weight:
+            grad_w = torch.zeros((vocab, hidden), dtype=acc, device=dev)
+        if student_bias is not None:
+            grad_b = torch.zeros(vocab, dtype=acc, device=dev)
+    for start in range(0, m, chunk):
+        end = min(start + chunk, m)
+        x_s = student.operand(student_hidden[start:end])
+        s = student.logits(x_s, s_buf[: end - start])
+        t = teacher.logits(teacher.operand(teacher_hidden[start:end]), t_buf[: end - start])
         lab = labels[start:end] if labels is not None else None
-        l_c, g = loss_kernel(
-            s, t, lab, temperature, alpha, divergence, beta, ignore_index, compute_grad
-        )
+        ts = token_scale[start:end] if token_scale is not None else None
+        l_c, g = chunk_loss(s, t, lab, ts, temperature, alpha, divergence, beta, ignore_index,
+                            compute_grad)
         loss[start:end] = l_c
         if compute_grad:
-            if token_scale is not None:
-                g = g * token_scale[start:end, None].to(acc)
-            grad_h[start:end] = (g @ w_s).to(grad_h.dtype)
-            grad_w.addmm_(g.T, h_s)
+            student.backward(g, x_s, grad_h[start:end], grad_w)
             if grad_b is not None:
                 grad_b += g.sum(0)
-        del s, t
-    if compute_grad:
+    if grad_w is not None:
         grad_w = grad_w.to(student_weight.dtype)
-        if grad_b is not None:
-            grad_b = grad_b.to(student_bias.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(student_bias.dtype)
     return loss, grad_h, grad_w, grad_b

@@ -65,15 +65,26 @@ struct Epilogue {
 // ---- dispatching entry points (the ISA of isa(Family::Int8Mm), cpu_features.h) --------------
 
 // w: s8 [N, ldw] row-major (ldw >= K). out: packed_b_bytes(N, K) bytes, 64-byte aligned.
-// Scalar only: it runs once per weight.
+// pack_b packs the whole weight on the calling thread: pack_b_panels over every panel, then
+// pack_b_trailer. pack_b_panels writes panels [p0, p1) and their compensation entries and
+// nothing else, so disjoint panel ranges can be packed by different threads; pack_b_trailer
+// writes the 64-byte {magic, N, K} trailer (zero padded). Every ISA writes the same bytes.
 void pack_b(const int8_t* w, int64_t N, int64_t K, int64_t ldw, uint8_t* out);
+void pack_b_panels(const int8_t* w, int64_t N, int64_t K, int64_t ldw, int64_t p0, int64_t p1,
+                   uint8_t* out);
+void pack_b_trailer(int64_t N, int64_t K, uint8_t* out);
 // The inverse of pack_b: w s8 [N, K] row-major (bitwise the weight that was packed).
 void unpack_b(const uint8_t* bp, int64_t N, int64_t K, int8_t* w);
-// Columns [k0, k1) of ŵ = w * w_scale[n] in fp32 (the reference's one rounded multiply) from a
-// packed weight, into dst [N, ldd] (column k0 at dst[n * ldd]). For the backward, which
-// dequantizes one cache-sized column slab at a time.
-void dequant_b_slab(const uint8_t* bp, const float* w_scale, int64_t N, int64_t K, int64_t k0,
-                    int64_t k1, float* dst, int64_t ldd);
+// Rows [k0, k1) of ŵᵀ, ŵ = w * w_scale[n] in fp32 (the reference's one rounded multiply of the
+// exact float(w)), from a packed weight, into dst [k1 - k0, ldd] (ldd >= N):
+//     dst[(k - k0) * ldd + n] = float(w[n, k]) * w_scale[n]
+// For the backward, which dequantizes one cache-sized slab of ŵ at a time and hands BLAS the
+// transposed view. Transposed because a 32-bit lane of the packed layout holds 4 consecutive
+// k of one channel: 16 lanes are 16 channels at 4 k, i.e. 4 contiguous 16-float pieces of 4
+// rows of ŵᵀ, so the SIMD paths store whole vectors with no transpose (ŵ itself would need a
+// 16 x 16 register transpose and narrow per-channel stores).
+void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_t K, int64_t k0,
+                      int64_t k1, float* dst, int64_t ldd);
 
 // Per-row symmetric quantization of rows [m0, m1) of x (F32/F16/BF16 [M, ldx]):
 //   amax = max_k |x|, scale = amax / 127 (1 where amax == 0), q = clamp(rne(x / scale), -127, 127)
@@ -100,6 +111,10 @@ const char* kernel_name();
   void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap);  \
   void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0,           \
             int64_t m1, int64_t p0, int64_t p1, const Epilogue& ep);                          \
+  void pack_b_panels(const int8_t* w, int64_t N, int64_t K, int64_t ldw, int64_t p0,          \
+                     int64_t p1, uint8_t* out);                                               \
+  void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_t K,        \
+                        int64_t k0, int64_t k1, float* dst, int64_t ldd);                     \
   }
 QTORCH_INT8_MM_DECLARE(scalar)
 QTORCH_INT8_MM_DECLARE(avx2)

@@ -6,16 +6,23 @@
 // channels x 4 k sign-extend to one ymm [c0k0 c0k1 c0k2 c0k3 c1k0 ...], the row's 4 u8
 // broadcast as [a0 a1 a2 a3] x 4, and vpmaddwd leaves per channel two partial sums (k0+k1,
 // k2+k3) that are accumulated separately over all of K and added once at the end (hadd).
+//
+// Packing and slab dequantization as in the AVX-512 file, on 8 channels: an 8 x 8 transpose of
+// 32-bit lanes per 8 rows x 32 bytes (column sums by vpmaddubsw + vpmaddwd with ones), and
+// exact floats from bytes by and + xor + sub (simd_avx2.h; no vpternlogd here).
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstring>
 
 #include "kernels/int8_mm.h"
+#include "kernels/simd_avx2.h"
 
 namespace qtorch::cpu::int8_mm::avx2 {
 
 namespace {
+
+using namespace qtorch::cpu::simd;
 
 template <DType T>
 inline __m256 load8(const void* x, int64_t i) {
@@ -189,7 +196,105 @@ void tile(const uint8_t* a, int64_t Kp, const uint8_t* panel, int c, int64_t m, 
   }
 }
 
+// Rows t in [t0, t1) of one 4-k group for one 8-channel vector: row t at d + (t - t0) * ldd.
+inline __attribute__((always_inline)) void dequant_group(const uint8_t* src, __m256 s,
+                                                         __m256i mk, bool full, float* d,
+                                                         int64_t ldd, int t0, int t1) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  const __m256i y = _mm256_srli_epi32(x, 16);
+  const __m256 r[4] = {exact_byte0(x), exact_byte1(x), exact_byte0(y), exact_byte1(y)};
+  for (int t = 0; t < 4; ++t) {
+    if (t < t0 || t >= t1) continue;
+    const __m256 v = _mm256_mul_ps(r[t], s);
+    if (full) _mm256_storeu_ps(d + (t - t0) * ldd, v);
+    else _mm256_maskstore_ps(d + (t - t0) * ldd, mk, v);
+  }
+}
+
 }  // namespace
+
+void pack_b_panels(const int8_t* w, int64_t N, int64_t K, int64_t ldw, int64_t p0, int64_t p1,
+                   uint8_t* out) {
+  const int64_t Kp = padded_k(K), ng = Kp / kGroup;
+  int32_t* comp = reinterpret_cast<int32_t*>(out + packed_b_panel_bytes(N, K));
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  for (int64_t p = p0; p < p1; ++p) {
+    uint8_t* panel = out + p * kPanel * Kp;
+    for (int64_t jb = 0; jb < kPanel / 8; ++jb) {
+      const int64_t n0 = p * kPanel + 8 * jb;
+      __m256i sum = _mm256_setzero_si256();
+      // 32 k (8 groups) of 8 channels per step; bytes past K and rows past N are 0.
+      for (int64_t c = 0; c < K; c += 32) {
+        __m256i r[8];
+        for (int i = 0; i < 8; ++i) {
+          const int8_t* src = w + (n0 + i) * ldw + c;
+          if (n0 + i >= N) {
+            r[i] = _mm256_setzero_si256();
+          } else if (K - c >= 32) {
+            r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+          } else {
+            alignas(32) int8_t tmp[32] = {};
+            std::memcpy(tmp, src, size_t(K - c));
+            r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+          }
+        }
+        transpose8x8(r);
+        const int64_t gn = ng - c / kGroup < 8 ? ng - c / kGroup : 8;
+        uint8_t* dst = panel + (c / kGroup) * kPanel * kGroup + 32 * jb;
+        for (int g = 0; g < 8; ++g) {
+          if (g >= gn) break;
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + g * kPanel * kGroup), r[g]);
+          // 4 bytes summed exactly: pairs in int16 (|sum| <= 256), then pairs of pairs in int32.
+          sum = _mm256_add_epi32(
+              sum, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, r[g]), ones16));
+        }
+      }
+      // comp = 128 * colsum, modulo 2^32 as the scalar definition.
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(comp + n0), _mm256_slli_epi32(sum, 7));
+    }
+  }
+}
+
+void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_t K, int64_t k0,
+                      int64_t k1, float* dst, int64_t ldd) {
+  if (k1 <= k0) return;
+  const int64_t Kp = padded_k(K), np = num_panels(N);
+  // Whole groups [ga, gb); a partial one at either end stores only the rows it owns.
+  const int64_t g0 = k0 / kGroup, g1 = (k1 + kGroup - 1) / kGroup;
+  const int64_t ga = (k0 + kGroup - 1) / kGroup, gb = k1 / kGroup > ga ? k1 / kGroup : ga;
+  for (int64_t p = 0; p < np; ++p) {
+    const uint8_t* panel = bp + p * kPanel * Kp;
+    const int64_t n0 = p * kPanel, nn = N - n0 < kPanel ? N - n0 : kPanel;
+    // 8 channels at a time over every group of the slab (16 ymm cannot hold 8 scale vectors);
+    // the panel's slab (64 x 4 bytes per group) stays in L1 across the 8 passes.
+    for (int64_t v = 0; v * 8 < nn; ++v) {
+      const int64_t left = nn - 8 * v;
+      const bool full = left >= 8;
+      const __m256i mk = lanes8(left);
+      const __m256 s = full ? _mm256_loadu_ps(w_scale + n0 + 8 * v)
+                            : _mm256_maskload_ps(w_scale + n0 + 8 * v, mk);
+      const uint8_t* src = panel + 32 * v;
+      float* d = dst + n0 + 8 * v;
+      auto edge = [&](int64_t g) {
+        const int t0 = int(k0 > g * kGroup ? k0 - g * kGroup : 0);
+        const int t1 = int(k1 < (g + 1) * kGroup ? k1 - g * kGroup : kGroup);
+        dequant_group(src + g * kPanel * kGroup, s, mk, full, d + (g * kGroup + t0 - k0) * ldd,
+                      ldd, t0, t1);
+      };
+      if (g0 < ga) edge(g0);
+      if (full) {
+        for (int64_t g = ga; g < gb; ++g)
+          dequant_group(src + g * kPanel * kGroup, s, mk, true, d + (g * kGroup - k0) * ldd, ldd,
+                        0, kGroup);
+      } else {
+        for (int64_t g = ga; g < gb; ++g)
+          dequant_group(src + g * kPanel * kGroup, s, mk, false, d + (g * kGroup - k0) * ldd,
+                        ldd, 0, kGroup);
+      }
+      if (gb < g1) edge(gb);
+    }
+  }
+}
 
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
                    float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {

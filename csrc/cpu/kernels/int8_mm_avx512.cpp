@@ -7,15 +7,29 @@
 // fit the 32 zmm; 24 independent chains cover vpdpbusd's latency at one issue per cycle).
 // A 64 x K weight panel (256 KiB at K = 4096) stays in L2 while every row block of the
 // thread's share walks it; A rows are read sequentially (MR streams).
+//
+// Packing (pack_b_panels): a packed group is the 32-bit lane (4 consecutive k) of one channel,
+// so a panel is the 32-bit transpose of the weight rows: 16 rows x 64 bytes (16 lanes each)
+// are loaded, transposed in registers (16 x 16, 64 shuffles) and stored as 16 groups of 16
+// channels; vpdpbusd with a vector of ones sums each channel's 4 bytes into its lane, so the
+// compensation needs no horizontal reduction.
+//
+// Dequantization (dequant_b_slab_t): one 64-byte load is 16 channels x 4 k; each byte becomes
+// an exact float with a vpternlogd and a vsubps (exact_byte0/1, simd_avx512.h; bytes 2 and 3
+// after one shift), one vmulps by the channel scales rounds it once, and the 16 floats are a
+// contiguous piece of row k of ŵᵀ.
 #include <immintrin.h>
 
 #include <cstring>
 
 #include "kernels/int8_mm.h"
+#include "kernels/simd_avx512.h"
 
 namespace qtorch::cpu::int8_mm::avx512 {
 
 namespace {
+
+using namespace qtorch::cpu::simd;
 
 constexpr int kMR = 6;
 
@@ -140,7 +154,86 @@ void tile(const uint8_t* a, int64_t Kp, const uint8_t* panel, int64_t m, int64_t
     store_row(acc[r][0], acc[r][1], acc[r][2], acc[r][3], m + r, n0, nn, comp, ep);
 }
 
+// Rows t in [t0, t1) of one 4-k group for one 16-channel vector: row t at d + (t - t0) * ldd.
+inline __attribute__((always_inline)) void dequant_group(const uint8_t* src, __m512 s,
+                                                         __mmask16 mk, float* d, int64_t ldd,
+                                                         int t0, int t1) {
+  const __m512i x = _mm512_loadu_si512(src);
+  const __m512i y = _mm512_srli_epi32(x, 16);
+  const __m512 r[4] = {exact_byte0(x), exact_byte1(x), exact_byte0(y), exact_byte1(y)};
+  _Pragma("GCC unroll 4") for (int t = 0; t < 4; ++t)
+    if (t >= t0 && t < t1) _mm512_mask_storeu_ps(d + (t - t0) * ldd, mk, _mm512_mul_ps(r[t], s));
+}
+
 }  // namespace
+
+void pack_b_panels(const int8_t* w, int64_t N, int64_t K, int64_t ldw, int64_t p0, int64_t p1,
+                   uint8_t* out) {
+  const int64_t Kp = padded_k(K), ng = Kp / kGroup;
+  int32_t* comp = reinterpret_cast<int32_t*>(out + packed_b_panel_bytes(N, K));
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t p = p0; p < p1; ++p) {
+    uint8_t* panel = out + p * kPanel * Kp;
+    for (int64_t jb = 0; jb < kPanel / 16; ++jb) {
+      const int64_t n0 = p * kPanel + 16 * jb;
+      __m512i sum = _mm512_setzero_si512();
+      // 64 k (16 groups) of 16 channels per step; bytes past K and rows past N load as 0.
+      for (int64_t c = 0; c < K; c += 64) {
+        const __mmask64 km = tail64(K - c);
+        __m512i r[16];
+        _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i)
+          r[i] = n0 + i < N ? _mm512_maskz_loadu_epi8(km, w + (n0 + i) * ldw + c)
+                            : _mm512_setzero_si512();
+        transpose16x16(r);
+        const int64_t gn = ng - c / kGroup < 16 ? ng - c / kGroup : 16;
+        uint8_t* dst = panel + (c / kGroup) * kPanel * kGroup + 64 * jb;
+        _Pragma("GCC unroll 16") for (int g = 0; g < 16; ++g) {
+          if (g < gn) {
+            _mm512_storeu_si512(dst + g * kPanel * kGroup, r[g]);
+            sum = _mm512_dpbusd_epi32(sum, ones, r[g]);
+          }
+        }
+      }
+      // comp = 128 * colsum, modulo 2^32 as the scalar definition.
+      _mm512_storeu_si512(comp + n0, _mm512_slli_epi32(sum, 7));
+    }
+  }
+}
+
+void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_t K, int64_t k0,
+                      int64_t k1, float* dst, int64_t ldd) {
+  if (k1 <= k0) return;
+  const int64_t Kp = padded_k(K), np = num_panels(N);
+  // Groups [ga, gb) lie wholly inside [k0, k1); a partial group at either end (g0 < ga, or
+  // gb < g1) stores only the rows it owns.
+  const int64_t g0 = k0 / kGroup, g1 = (k1 + kGroup - 1) / kGroup;
+  const int64_t ga = (k0 + kGroup - 1) / kGroup, gb = k1 / kGroup > ga ? k1 / kGroup : ga;
+  for (int64_t p = 0; p < np; ++p) {
+    const uint8_t* panel = bp + p * kPanel * Kp;
+    const int64_t n0 = p * kPanel, nv = (N - n0 < kPanel ? N - n0 + 15 : kPanel) / 16;
+    __mmask16 mk[4];
+    __m512 s[4];
+    for (int v = 0; v < 4; ++v) {
+      mk[v] = lanes16(N - n0 - 16 * v);
+      s[v] = _mm512_maskz_loadu_ps(mk[v], w_scale + n0 + (v < nv ? 16 * v : 0));
+    }
+    auto edge = [&](int64_t g) {
+      const int t0 = int(k0 > g * kGroup ? k0 - g * kGroup : 0);
+      const int t1 = int(k1 < (g + 1) * kGroup ? k1 - g * kGroup : kGroup);
+      float* d = dst + (g * kGroup + t0 - k0) * ldd + n0;
+      for (int64_t v = 0; v < nv; ++v)
+        dequant_group(panel + g * kPanel * kGroup + 64 * v, s[v], mk[v], d + 16 * v, ldd, t0, t1);
+    };
+    if (g0 < ga) edge(g0);
+    for (int64_t g = ga; g < gb; ++g) {
+      const uint8_t* src = panel + g * kPanel * kGroup;
+      float* d = dst + (g * kGroup - k0) * ldd + n0;
+      for (int64_t v = 0; v < nv; ++v)
+        dequant_group(src + 64 * v, s[v], mk[v], d + 16 * v, ldd, 0, kGroup);
+    }
+    if (gb < g1) edge(gb);
+  }
+}
 
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
                    float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {

@@ -8,25 +8,16 @@
 
 namespace qtorch::cpu::int8_mm {
 
+void pack_b_trailer(int64_t N, int64_t K, uint8_t* out) {
+  uint8_t* t = out + packed_b_bytes(N, K) - kTrailerBytes;
+  std::memset(t, 0, size_t(kTrailerBytes));
+  const int64_t v[3] = {kPackMagic, N, K};
+  std::memcpy(t, v, sizeof v);
+}
+
 void pack_b(const int8_t* w, int64_t N, int64_t K, int64_t ldw, uint8_t* out) {
-  const int64_t Kp = padded_k(K);
-  std::memset(out, 0, size_t(packed_b_bytes(N, K)));
-  int32_t* comp = reinterpret_cast<int32_t*>(out + packed_b_panel_bytes(N, K));
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t p = n / kPanel, j = n % kPanel;
-    uint8_t* panel = out + p * kPanel * Kp;
-    int32_t colsum = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const int8_t v = w[n * ldw + k];
-      panel[(k / kGroup) * kPanel * kGroup + j * kGroup + (k % kGroup)] = uint8_t(v);
-      colsum += v;
-    }
-    comp[n] = int32_t(uint32_t(colsum) * 128u);
-  }
-  int64_t* trailer = reinterpret_cast<int64_t*>(out + packed_b_bytes(N, K) - kTrailerBytes);
-  trailer[0] = kPackMagic;
-  trailer[1] = N;
-  trailer[2] = K;
+  pack_b_panels(w, N, K, ldw, 0, num_panels(N), out);
+  pack_b_trailer(N, K, out);
 }
 
 void unpack_b(const uint8_t* bp, int64_t N, int64_t K, int8_t* w) {
@@ -38,19 +29,40 @@ void unpack_b(const uint8_t* bp, int64_t N, int64_t K, int8_t* w) {
   }
 }
 
-void dequant_b_slab(const uint8_t* bp, const float* w_scale, int64_t N, int64_t K, int64_t k0,
-                    int64_t k1, float* dst, int64_t ldd) {
+namespace scalar {
+
+// The definitions the SIMD paths are tested against (byte for byte, bit for bit).
+void pack_b_panels(const int8_t* w, int64_t N, int64_t K, int64_t ldw, int64_t p0, int64_t p1,
+                   uint8_t* out) {
   const int64_t Kp = padded_k(K);
-  for (int64_t n = 0; n < N; ++n) {
-    const uint8_t* panel = bp + (n / kPanel) * kPanel * Kp + (n % kPanel) * kGroup;
-    const float s = w_scale[n];
-    float* d = dst + n * ldd - k0;
-    for (int64_t k = k0; k < k1; ++k)
-      d[k] = float(int8_t(panel[(k / kGroup) * kPanel * kGroup + (k % kGroup)])) * s;
+  std::memset(out + p0 * kPanel * Kp, 0, size_t((p1 - p0) * kPanel * Kp));
+  int32_t* comp = reinterpret_cast<int32_t*>(out + packed_b_panel_bytes(N, K));
+  std::memset(comp + p0 * kPanel, 0, size_t((p1 - p0) * kPanel) * sizeof(int32_t));
+  const int64_t n1 = p1 * kPanel < N ? p1 * kPanel : N;
+  for (int64_t n = p0 * kPanel; n < n1; ++n) {
+    const int64_t p = n / kPanel, j = n % kPanel;
+    uint8_t* panel = out + p * kPanel * Kp;
+    int32_t colsum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int8_t v = w[n * ldw + k];
+      panel[(k / kGroup) * kPanel * kGroup + j * kGroup + (k % kGroup)] = uint8_t(v);
+      colsum += v;
+    }
+    comp[n] = int32_t(uint32_t(colsum) * 128u);
   }
 }
 
-namespace scalar {
+void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_t K, int64_t k0,
+                      int64_t k1, float* dst, int64_t ldd) {
+  const int64_t Kp = padded_k(K);
+  for (int64_t k = k0; k < k1; ++k) {
+    float* d = dst + (k - k0) * ldd;
+    for (int64_t n = 0; n < N; ++n) {
+      const uint8_t* panel = bp + (n / kPanel) * kPanel * Kp + (n % kPanel) * kGroup;
+      d[n] = float(int8_t(panel[(k / kGroup) * kPanel * kGroup + (k % kGroup)])) * w_scale[n];
+    }
+  }
+}
 
 static inline float load_x(const void* x, DType t, int64_t i) {
   switch (t) {
@@ -149,6 +161,24 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
     case Isa::Avx512: return avx512::gemm(ap, K, bp, N, m0, m1, p0, p1, ep);
     case Isa::Avx2: return avx2::gemm(ap, K, bp, N, m0, m1, p0, p1, ep);
     default: return scalar::gemm(ap, K, bp, N, m0, m1, p0, p1, ep);
+  }
+}
+
+void pack_b_panels(const int8_t* w, int64_t N, int64_t K, int64_t ldw, int64_t p0, int64_t p1,
+                   uint8_t* out) {
+  switch (isa(Family::Int8Mm)) {
+    case Isa::Avx512: return avx512::pack_b_panels(w, N, K, ldw, p0, p1, out);
+    case Isa::Avx2: return avx2::pack_b_panels(w, N, K, ldw, p0, p1, out);
+    default: return scalar::pack_b_panels(w, N, K, ldw, p0, p1, out);
+  }
+}
+
+void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_t K, int64_t k0,
+                      int64_t k1, float* dst, int64_t ldd) {
+  switch (isa(Family::Int8Mm)) {
+    case Isa::Avx512: return avx512::dequant_b_slab_t(bp, w_scale, N, K, k0, k1, dst, ldd);
+    case Isa::Avx2: return avx2::dequant_b_slab_t(bp, w_scale, N, K, k0, k1, dst, ldd);
+    default: return scalar::dequant_b_slab_t(bp, w_scale, N, K, k0, k1, dst, ldd);
   }
 }
 

@@ -90,27 +90,50 @@ struct Problem {
   int64_t nb0 = 0, nb1 = 0;     // block range
 };
 
-// ---- packing (scalar; runs once per weight) -------------------------------------------------
+// ---- packing ----------------------------------------------------------------------------------
 // qweight: canonical u8 [N][K/2] (k even in the low nibble); scales fp32 [N][G]; zeros u8
-// [N][G]. Requires K % gs == 0 and gs % 4 == 0.
+// [N][G]. Requires K % gs == 0 and gs % 4 == 0. Scalar.
 void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros, int64_t N,
                int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, uint8_t* zero_out);
-// w_q: s8 [N][K]; w_scale fp32 [N].
+// w_q: s8 [N][K]; w_scale fp32 [N]. pack_int8 packs every block on the calling thread;
+// pack_int8_blocks writes blocks [nb0, nb1) of w_out and of scale_out and nothing else, so
+// disjoint block ranges can be packed by different threads. Every ISA writes the same bytes
+// (the _scalar one is the definition the others are tested against).
 void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, int8_t* w_out,
                float* scale_out);
+void pack_int8_blocks(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, int64_t nb0,
+                      int64_t nb1, int8_t* w_out, float* scale_out);
+void pack_int8_blocks_scalar(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K,
+                             int64_t nb0, int64_t nb1, int8_t* w_out, float* scale_out);
+void pack_int8_blocks_avx2(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K,
+                           int64_t nb0, int64_t nb1, int8_t* w_out, float* scale_out);
+void pack_int8_blocks_avx512(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K,
+                             int64_t nb0, int64_t nb1, int8_t* w_out, float* scale_out);
 
 // The inverses of pack_int4 / pack_int8: the canonical buffers, bitwise what was packed.
 void unpack_int4(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N, int64_t K,
                  int64_t gs, uint8_t* qweight, float* scales, uint8_t* zeros);
 void unpack_int8(const int8_t* w, const float* scale, int64_t N, int64_t K, int8_t* w_q,
                  float* w_scale);
-// Columns [k0, k1) of ŵ in fp32 from a packed weight, into dst [N, ldd] (column k0 at
-// dst[n * ldd]): int4 (q - z) * s, int8 q * s, the reference's roundings. For the backward,
-// which dequantizes one cache-sized column slab at a time.
+// Columns [k0, k1) of ŵ = (q - z) * s in fp32 (the reference's roundings) from a packed int4
+// weight, into dst [N, ldd] (column k0 at dst[n * ldd]). For the backward, which dequantizes
+// one cache-sized column slab at a time. Scalar.
 void dequant_int4_slab(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N,
                        int64_t K, int64_t gs, int64_t k0, int64_t k1, float* dst, int64_t ldd);
-void dequant_int8_slab(const int8_t* w, const float* scale, int64_t N, int64_t K, int64_t k0,
-                       int64_t k1, float* dst, int64_t ldd);
+// Rows [k0, k1) of ŵᵀ, ŵ = q * s in fp32 (one rounded multiply of the exact float(q)), from a
+// packed int8 weight, into dst [k1 - k0, ldd] (ldd >= N):
+//     dst[(k - k0) * ldd + n] = float(q[n, k]) * s[n]
+// Transposed because a k-pair of a block is 16 channels x 2 k: widened to 32-bit lanes it is
+// two contiguous 16-float pieces of rows 2t and 2t + 1 of ŵᵀ, stored as whole vectors (the
+// backward hands BLAS the transposed view).
+void dequant_int8_slab_t(const int8_t* w, const float* scale, int64_t N, int64_t K, int64_t k0,
+                         int64_t k1, float* dst, int64_t ldd);
+void dequant_int8_slab_t_scalar(const int8_t* w, const float* scale, int64_t N, int64_t K,
+                                int64_t k0, int64_t k1, float* dst, int64_t ldd);
+void dequant_int8_slab_t_avx2(const int8_t* w, const float* scale, int64_t N, int64_t K,
+                              int64_t k0, int64_t k1, float* dst, int64_t ldd);
+void dequant_int8_slab_t_avx512(const int8_t* w, const float* scale, int64_t N, int64_t K,
+                                int64_t k0, int64_t k1, float* dst, int64_t ldd);
 
 // xsum[m][g] = sum of x[m][g*gs : (g+1)*gs] in fp32 (bf16 widened exactly); gs % 16 == 0.
 void group_sums(const void* x, DType act, int64_t M, int64_t ldx, int64_t K, int64_t gs,

@@ -4,10 +4,15 @@
 // 2 k, so a half block is two such vectors; x pairs (x[k], x[k+1]) are broadcast per row, and
 // the two k lanes of a channel are summed at the end (hadd + a 64-bit permute). int4: see
 // int4_tile (one channel per lane, no reduction).
+// int8 packing and slab dequantization as in the AVX-512 file, on 8-channel halves: an 8 x 8
+// transpose of 32-bit lanes, then vpshufb + vpermq (+ vperm2i128 across the two halves) to
+// de-interleave the pairs; exact floats from bytes by and + xor + sub (simd_avx2.h).
 #include "weight_only.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+
+#include "simd_avx2.h"
 
 #include <cstring>
 
@@ -155,6 +160,89 @@ void drive(const W& w, const Problem& p, int64_t block_bytes, int mr_cap, Tile&&
 
 }  // namespace
 
+void pack_int8_blocks_avx2(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K,
+                           int64_t nb0, int64_t nb1, int8_t* w_out, float* scale_out) {
+  using namespace qtorch::cpu::simd;
+  const int64_t Kh = int8_padded_k(K) / 2;
+  // In each 128-bit lane (4 channels x pairs a, b as 16-bit words): the words of pair a, then
+  // those of pair b.
+  const __m256i words = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                         0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int64_t n0 = nb * kBlock;
+    int8_t* blk = w_out + nb * Kh * 32;
+    // 16 pairs (32 k) of 16 channels per step; bytes past K and rows past N are 0.
+    for (int64_t c = 0; c < K; c += 32) {
+      __m256i r[2][8];
+      for (int h = 0; h < 2; ++h) {
+        for (int i = 0; i < 8; ++i) {
+          const int64_t n = n0 + 8 * h + i;
+          const int8_t* src = w_q + n * K + c;
+          if (n >= N) {
+            r[h][i] = _mm256_setzero_si256();
+          } else if (K - c >= 32) {
+            r[h][i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+          } else {
+            alignas(32) int8_t tmp[32] = {};
+            std::memcpy(tmp, src, size_t(K - c));
+            r[h][i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+          }
+        }
+        transpose8x8(r[h]);  // r[h][d] lane i: channel 8h + i, pairs 2d and 2d + 1
+      }
+      const int64_t pairs = Kh - c / 2 < 16 ? Kh - c / 2 : 16;
+      int8_t* dst = blk + (c / 2) * 32;
+      for (int d = 0; d < 8 && 2 * d < pairs; ++d) {
+        // [channels 0-7 at pair 2d | channels 0-7 at pair 2d + 1], the same for 8-15.
+        const __m256i lo = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(r[0][d], words), 0xd8);
+        const __m256i hi = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(r[1][d], words), 0xd8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64 * d),
+                            _mm256_permute2x128_si256(lo, hi, 0x20));
+        if (2 * d + 1 < pairs)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64 * d + 32),
+                              _mm256_permute2x128_si256(lo, hi, 0x31));
+      }
+    }
+    for (int64_t i = 0; i < kBlock; ++i)
+      scale_out[n0 + i] = n0 + i < N ? w_scale[n0 + i] : 0.f;
+  }
+}
+
+void dequant_int8_slab_t_avx2(const int8_t* w, const float* scale, int64_t N, int64_t K,
+                              int64_t k0, int64_t k1, float* dst, int64_t ldd) {
+  using namespace qtorch::cpu::simd;
+  if (k1 <= k0) return;
+  const int64_t Kh = int8_padded_k(K) / 2, Nb = num_blocks(N);
+  const int64_t ta = (k0 + 1) / 2, tb = k1 / 2 > ta ? k1 / 2 : ta;  // whole pairs
+  for (int64_t nb = 0; nb < Nb; ++nb) {
+    for (int64_t h = 0; h < 2; ++h) {  // 8 channels at a time
+      const int64_t n0 = nb * kBlock + 8 * h;
+      if (n0 >= N) break;
+      const bool full = N - n0 >= 8;
+      const __m256i mk = lanes8(N - n0);
+      const __m256 s = _mm256_loadu_ps(scale + n0);  // the packed scale: 16 per block
+      const int8_t* src = w + nb * Kh * 32 + 16 * h;
+      float* d = dst + n0;
+      auto pair = [&](int64_t t) {
+        return _mm256_cvtepu16_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32 * t)));
+      };
+      auto put = [&](float* row, __m256 v) {
+        if (full) _mm256_storeu_ps(row, v);
+        else _mm256_maskstore_ps(row, mk, v);
+      };
+      if (k0 & 1) put(d, _mm256_mul_ps(exact_byte1(pair(k0 / 2)), s));
+      for (int64_t t = ta; t < tb; ++t) {
+        const __m256i x = pair(t);
+        float* row = d + (2 * t - k0) * ldd;
+        put(row, _mm256_mul_ps(exact_byte0(x), s));
+        put(row + ldd, _mm256_mul_ps(exact_byte1(x), s));
+      }
+      if (k1 & 1) put(d + (k1 - 1 - k0) * ldd, _mm256_mul_ps(exact_byte0(pair(k1 / 2)), s));
+    }
+  }
+}
+
 void int4_gemm_avx2(const Int4Weights& w, const Problem& p) {
   drive(w, p, (w.K / 8) * 64, 4, [&](int mr, int nr, int64_t m0, int64_t h) {
     QT_WO_AVX2_DISPATCH(int4_tile, w)
@@ -174,6 +262,14 @@ void int8_gemm_avx2(const Int8Weights& w, const Problem& p) {
 namespace qtorch::cpu::weight_only {
 void int4_gemm_avx2(const Int4Weights& w, const Problem& p) { int4_gemm_scalar(w, p); }
 void int8_gemm_avx2(const Int8Weights& w, const Problem& p) { int8_gemm_scalar(w, p); }
+void pack_int8_blocks_avx2(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K,
+                           int64_t nb0, int64_t nb1, int8_t* w_out, float* scale_out) {
+  pack_int8_blocks_scalar(w_q, w_scale, N, K, nb0, nb1, w_out, scale_out);
+}
+void dequant_int8_slab_t_avx2(const int8_t* w, const float* scale, int64_t N, int64_t K,
+                              int64_t k0, int64_t k1, float* dst, int64_t ldd) {
+  dequant_int8_slab_t_scalar(w, scale, N, K, k0, k1, dst, ldd);
+}
 }  // namespace qtorch::cpu::weight_only
 
 #endif

@@ -14,10 +14,21 @@
 //   16-byte slice widened to 32-bit lanes holds 8 channels x 2 consecutive k, multiplied by
 //   the broadcast x pair (x[k], x[k+1]); the two lanes of a channel are added at the end
 //   (vpermt2ps even/odd + add).
+//
+// int8 packing (pack_int8_blocks_avx512): a k-pair of a block is 16 channels' 16-bit words, so
+// 16 rows x 64 bytes (16 32-bit lanes = 32 pairs each) transposed as 32-bit lanes (16 x 16, in
+// registers) give, per lane pair of pairs (2d, 2d+1), 16 channels x 2 words interleaved; one
+// vpermw per 64-byte store puts the 16 words of pair 2d before those of pair 2d+1.
+// int8 slab dequantization (dequant_int8_slab_t_avx512): a k-pair (32 bytes) zero-extended
+// to 32-bit lanes is one channel per lane, its even k in bits 0..7 and odd k in bits 8..15;
+// each becomes an exact float by a vpternlogd and a vsubps (simd_avx512.h), rounded once by
+// the vmulps with the channel scales: two 16-float pieces of rows 2t, 2t+1 of ŵᵀ.
 #include "weight_only.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 #include <immintrin.h>
+
+#include "simd_avx512.h"
 
 #include <array>
 #include <cstring>
@@ -267,6 +278,71 @@ int64_t chunk_blocks(int64_t block_bytes, int nr) {
 
 }  // namespace
 
+void pack_int8_blocks_avx512(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K,
+                             int64_t nb0, int64_t nb1, int8_t* w_out, float* scale_out) {
+  using namespace qtorch::cpu::simd;
+  const int64_t Kh = int8_padded_k(K) / 2;
+  // Word i of the store: pair 2d of channel i (i < 16), pair 2d + 1 of channel i - 16.
+  alignas(64) static const uint16_t kDeinterleave[32] = {
+      0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+      1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  const __m512i idx = _mm512_load_si512(kDeinterleave);
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int64_t n0 = nb * kBlock;
+    int8_t* blk = w_out + nb * Kh * 32;
+    // 32 pairs (64 k) of 16 channels per step; bytes past K and rows past N load as 0.
+    for (int64_t c = 0; c < K; c += 64) {
+      const __mmask64 km = lanes64(K - c);
+      __m512i r[16];
+      _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i)
+        r[i] = n0 + i < N ? _mm512_maskz_loadu_epi8(km, w_q + (n0 + i) * K + c)
+                          : _mm512_setzero_si512();
+      transpose16x16(r);
+      const int64_t pairs = Kh - c / 2 < 32 ? Kh - c / 2 : 32;
+      int8_t* dst = blk + (c / 2) * 32;
+      _Pragma("GCC unroll 16") for (int d = 0; d < 16; ++d) {
+        if (2 * d >= pairs) break;
+        const __m512i v = _mm512_permutexvar_epi16(idx, r[d]);
+        if (2 * d + 1 < pairs) _mm512_storeu_si512(dst + 64 * d, v);
+        else _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64 * d), _mm512_castsi512_si256(v));
+      }
+    }
+    const __mmask16 mk = lanes16(N - n0);
+    _mm512_storeu_ps(scale_out + n0, _mm512_maskz_loadu_ps(mk, w_scale + (n0 < N ? n0 : 0)));
+  }
+}
+
+void dequant_int8_slab_t_avx512(const int8_t* w, const float* scale, int64_t N, int64_t K,
+                                int64_t k0, int64_t k1, float* dst, int64_t ldd) {
+  using namespace qtorch::cpu::simd;
+  if (k1 <= k0) return;
+  const int64_t Kh = int8_padded_k(K) / 2, Nb = num_blocks(N);
+  // Pairs [ta, tb) lie wholly inside [k0, k1): row k0 alone when k0 is odd, row k1 - 1 alone
+  // when k1 is odd.
+  const int64_t ta = (k0 + 1) / 2, tb = k1 / 2 > ta ? k1 / 2 : ta;
+  for (int64_t nb = 0; nb < Nb; ++nb) {
+    const int64_t n0 = nb * kBlock;
+    const __mmask16 mk = lanes16(N - n0);
+    const __m512 s = _mm512_loadu_ps(scale + n0);  // the packed scale: 16 per block, 0 past N
+    const int8_t* blk = w + nb * Kh * 32;
+    float* d = dst + n0;
+    auto pair = [&](int64_t t) {
+      return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * t)));
+    };
+    if (k0 & 1)
+      _mm512_mask_storeu_ps(d, mk, _mm512_mul_ps(exact_byte1(pair(k0 / 2)), s));
+    for (int64_t t = ta; t < tb; ++t) {
+      const __m512i x = pair(t);
+      float* row = d + (2 * t - k0) * ldd;
+      _mm512_mask_storeu_ps(row, mk, _mm512_mul_ps(exact_byte0(x), s));
+      _mm512_mask_storeu_ps(row + ldd, mk, _mm512_mul_ps(exact_byte1(x), s));
+    }
+    if (k1 & 1)
+      _mm512_mask_storeu_ps(d + (k1 - 1 - k0) * ldd, mk,
+                            _mm512_mul_ps(exact_byte0(pair(k1 / 2)), s));
+  }
+}
+
 void int4_gemm_avx512(const Int4Weights& w, const Problem& p) {
   const int64_t block_bytes = (w.K / 8) * 64;
   // Registers: MR*NR accumulators + 2 NR weight vectors + 1 x + 2 constants <= 32.
@@ -290,8 +366,81 @@ void int8_gemm_avx512(const Int8Weights& w, const Problem& p) {
 #else  // not compiled for AVX-512: never selected (hardware_isa() says so), but must link.
 
 namespace qtorch::cpu::weight_only {
+void pack_int8_blocks_avx512(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K,
+                             int64_t nb0, int64_t nb1, int8_t* w_out, float* scale_out) {
+  using namespace qtorch::cpu::simd;
+  const int64_t Kh = int8_padded_k(K) / 2;
+  // Word i of the store: pair 2d of channel i (i < 16), pair 2d + 1 of channel i - 16.
+  alignas(64) static const uint16_t kDeinterleave[32] = {
+      0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+      1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  const __m512i idx = _mm512_load_si512(kDeinterleave);
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
+    const int64_t n0 = nb * kBlock;
+    int8_t* blk = w_out + nb * Kh * 32;
+    // 32 pairs (64 k) of 16 channels per step; bytes past K and rows past N load as 0.
+    for (int64_t c = 0; c < K; c += 64) {
+      const __mmask64 km = lanes64(K - c);
+      __m512i r[16];
+      _Pragma("GCC unroll 16") for (int i = 0; i < 16; ++i)
+        r[i] = n0 + i < N ? _mm512_maskz_loadu_epi8(km, w_q + (n0 + i) * K + c)
+                          : _mm512_setzero_si512();
+      transpose16x16(r);
+      const int64_t pairs = Kh - c / 2 < 32 ? Kh - c / 2 : 32;
+      int8_t* dst = blk + (c / 2) * 32;
+      _Pragma("GCC unroll 16") for (int d = 0; d < 16; ++d) {
+        if (2 * d >= pairs) break;
+        const __m512i v = _mm512_permutexvar_epi16(idx, r[d]);
+        if (2 * d + 1 < pairs) _mm512_storeu_si512(dst + 64 * d, v);
+        else _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64 * d), _mm512_castsi512_si256(v));
+      }
+    }
+    const __mmask16 mk = lanes16(N - n0);
+    _mm512_storeu_ps(scale_out + n0, _mm512_maskz_loadu_ps(mk, w_scale + (n0 < N ? n0 : 0)));
+  }
+}
+
+void dequant_int8_slab_t_avx512(const int8_t* w, const float* scale, int64_t N, int64_t K,
+                                int64_t k0, int64_t k1, float* dst, int64_t ldd) {
+  using namespace qtorch::cpu::simd;
+  if (k1 <= k0) return;
+  const int64_t Kh = int8_padded_k(K) / 2, Nb = num_blocks(N);
+  // Pairs [ta, tb) lie wholly inside [k0, k1): row k0 alone when k0 is odd, row k1 - 1 alone
+  // when k1 is odd.
+  const int64_t ta = (k0 + 1) / 2, tb = k1 / 2 > ta ? k1 / 2 : ta;
+  for (int64_t nb = 0; nb < Nb; ++nb) {
+    const int64_t n0 = nb * kBlock;
+    const __mmask16 mk = lanes16(N - n0);
+    const __m512 s = _mm512_loadu_ps(scale + n0);  // the packed scale: 16 per block, 0 past N
+    const int8_t* blk = w + nb * Kh * 32;
+    float* d = dst + n0;
+    auto pair = [&](int64_t t) {
+      return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * t)));
+    };
+    if (k0 & 1)
+      _mm512_mask_storeu_ps(d, mk, _mm512_mul_ps(exact_byte1(pair(k0 / 2)), s));
+    for (int64_t t = ta; t < tb; ++t) {
+      const __m512i x = pair(t);
+      float* row = d + (2 * t - k0) * ldd;
+      _mm512_mask_storeu_ps(row, mk, _mm512_mul_ps(exact_byte0(x), s));
+      _mm512_mask_storeu_ps(row + ldd, mk, _mm512_mul_ps(exact_byte1(x), s));
+    }
+    if (k1 & 1)
+      _mm512_mask_storeu_ps(d + (k1 - 1 - k0) * ldd, mk,
+                            _mm512_mul_ps(exact_byte0(pair(k1 / 2)), s));
+  }
+}
+
 void int4_gemm_avx512(const Int4Weights& w, const Problem& p) { int4_gemm_scalar(w, p); }
 void int8_gemm_avx512(const Int8Weights& w, const Problem& p) { int8_gemm_scalar(w, p); }
+void pack_int8_blocks_avx512(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K,
+                             int64_t nb0, int64_t nb1, int8_t* w_out, float* scale_out) {
+  pack_int8_blocks_scalar(w_q, w_scale, N, K, nb0, nb1, w_out, scale_out);
+}
+void dequant_int8_slab_t_avx512(const int8_t* w, const float* scale, int64_t N, int64_t K,
+                                int64_t k0, int64_t k1, float* dst, int64_t ldd) {
+  dequant_int8_slab_t_scalar(w, scale, N, K, k0, k1, dst, ldd);
+}
 }  // namespace qtorch::cpu::weight_only
 
 #endif

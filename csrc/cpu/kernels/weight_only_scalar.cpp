@@ -40,10 +40,10 @@ void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros
   }
 }
 
-void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, int8_t* w_out,
-               float* scale_out) {
-  const int64_t Nb = num_blocks(N), Kh = int8_padded_k(K) / 2;
-  for (int64_t nb = 0; nb < Nb; ++nb) {
+void pack_int8_blocks_scalar(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K,
+                             int64_t nb0, int64_t nb1, int8_t* w_out, float* scale_out) {
+  const int64_t Kh = int8_padded_k(K) / 2;
+  for (int64_t nb = nb0; nb < nb1; ++nb) {
     for (int64_t t = 0; t < Kh; ++t) {
       int8_t* dst = w_out + (nb * Kh + t) * 32;
       for (int j = 0; j < 32; ++j) {
@@ -56,6 +56,11 @@ void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, in
       scale_out[nb * kBlock + i] = n < N ? w_scale[n] : 0.f;
     }
   }
+}
+
+void pack_int8(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, int8_t* w_out,
+               float* scale_out) {
+  pack_int8_blocks(w_q, w_scale, N, K, 0, num_blocks(N), w_out, scale_out);
 }
 
 // Byte and nibble of q[n, k] in block n / 16 of the int4 layout (weight_only.h): k = 8 o + r with
@@ -108,14 +113,15 @@ void dequant_int4_slab(const uint8_t* w, const float* scale, const uint8_t* zero
   }
 }
 
-void dequant_int8_slab(const int8_t* w, const float* scale, int64_t N, int64_t K, int64_t k0,
-                       int64_t k1, float* dst, int64_t ldd) {
+void dequant_int8_slab_t_scalar(const int8_t* w, const float* scale, int64_t N, int64_t K,
+                                int64_t k0, int64_t k1, float* dst, int64_t ldd) {
   const int64_t Kh = int8_padded_k(K) / 2;
-  for (int64_t n = 0; n < N; ++n) {
-    const int8_t* blk = w + (n / kBlock) * Kh * 32 + 2 * (n % kBlock);
-    const float s = scale[n];
-    float* d = dst + n * ldd - k0;
-    for (int64_t k = k0; k < k1; ++k) d[k] = float(blk[(k / 2) * 32 + (k & 1)]) * s;
+  for (int64_t k = k0; k < k1; ++k) {
+    float* d = dst + (k - k0) * ldd;
+    for (int64_t n = 0; n < N; ++n) {
+      const int8_t* blk = w + (n / kBlock) * Kh * 32 + 2 * (n % kBlock);
+      d[n] = float(blk[(k / 2) * 32 + (k & 1)]) * scale[n];
+    }
   }
 }
 
@@ -210,6 +216,24 @@ void int8_gemm(const Int8Weights& w, const Problem& p) {
     case Isa::Avx512: return int8_gemm_avx512(w, p);
     case Isa::Avx2: return int8_gemm_avx2(w, p);
     default: return int8_gemm_scalar(w, p);
+  }
+}
+
+void pack_int8_blocks(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K, int64_t nb0,
+                      int64_t nb1, int8_t* w_out, float* scale_out) {
+  switch (isa(Family::WeightOnly)) {
+    case Isa::Avx512: return pack_int8_blocks_avx512(w_q, w_scale, N, K, nb0, nb1, w_out, scale_out);
+    case Isa::Avx2: return pack_int8_blocks_avx2(w_q, w_scale, N, K, nb0, nb1, w_out, scale_out);
+    default: return pack_int8_blocks_scalar(w_q, w_scale, N, K, nb0, nb1, w_out, scale_out);
+  }
+}
+
+void dequant_int8_slab_t(const int8_t* w, const float* scale, int64_t N, int64_t K, int64_t k0,
+                         int64_t k1, float* dst, int64_t ldd) {
+  switch (isa(Family::WeightOnly)) {
+    case Isa::Avx512: return dequant_int8_slab_t_avx512(w, scale, N, K, k0, k1, dst, ldd);
+    case Isa::Avx2: return dequant_int8_slab_t_avx2(w, scale, N, K, k0, k1, dst, ldd);
+    default: return dequant_int8_slab_t_scalar(w, scale, N, K, k0, k1, dst, ldd);
   }
 }
 

@@ -1,6 +1,7 @@
 // Distillation row kernels (every ISA this CPU runs) against a plain double-precision loop,
 // over odd vocab sizes (tails of every length), temperatures, alphas, divergences, masked
-// (-inf) teacher entries, non-finite logits and fp32/bf16/fp16 storage. Built by
+// (-inf) teacher entries, non-finite logits and fp32/bf16/fp16 storage, and the gradient written
+// in place over the student logits (how the fused-linear chunk loop calls them). Built by
 // .ci/cpp_tests.sh with the kernel sources under -fsanitize=address,undefined.
 // Returns non-zero on any mismatch.
 #include <cmath>
@@ -253,6 +254,44 @@ void check_rows(const char* isa, RowFn fn) {
   }
 }
 
+// rows() with the gradient written over the student logits (grad == student, as the
+// fused-linear chunk loop calls it) gives bitwise the same loss and gradient as into a separate
+// buffer: every sweep reads element j of a row before it writes element j.
+void check_in_place(const char* isa, RowFn fn) {
+  const int64_t M = 4;
+  const int64_t labels[M] = {3, -100, 0, 36};
+  const float scale[M] = {0.5f, 1.0f, 2.0f, 0.25f};
+  std::mt19937 rng(99);
+  std::normal_distribution<double> nd(0.0, 2.0);
+  for (int64_t V : {int64_t(37), int64_t(1000)}) {
+    for (Divergence div : {Divergence::KL, Divergence::ReverseKL, Divergence::JSD}) {
+      for (DType sdt : {DType::F32, DType::BF16, DType::F16}) {
+        std::vector<double> s(M * V), t(M * V);
+        for (int64_t k = 0; k < M * V; ++k) s[k] = nd(rng), t[k] = nd(rng);
+        for (int64_t k = 0; k < M * V; k += 5) t[k] = -kInf;
+        const auto sb = encode(s, sdt), tb = encode(t, sdt);
+        std::vector<uint8_t> g(sb.size()), inplace = sb;
+        std::vector<float> loss(M), loss_ip(M);
+        Params P;
+        P.temperature = 1.5f;
+        P.alpha = 0.6f;
+        P.divergence = div;
+        P.beta = 0.3f;
+        rows(fn, sb.data(), sdt, V, tb.data(), sdt, V, labels, -100, V, 0, M, P, loss.data(),
+             g.data(), sdt, V, scale);
+        rows(fn, inplace.data(), sdt, V, tb.data(), sdt, V, labels, -100, V, 0, M, P,
+             loss_ip.data(), inplace.data(), sdt, V, scale);
+        char tag[120];
+        std::snprintf(tag, sizeof tag, "%s in place V=%lld %s %s", isa,
+                      static_cast<long long>(V), dname(sdt), vname(div));
+        if (std::memcmp(loss.data(), loss_ip.data(), sizeof(float) * M) != 0)
+          fail(std::string(tag) + " loss differs");
+        if (g != inplace) fail(std::string(tag) + " gradient differs");
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -305,6 +344,7 @@ int main() {
     for (Divergence div : {Divergence::KL, Divergence::ReverseKL, Divergence::JSD})
       check_fd(isa.name, isa.fn, div);
     check_rows(isa.name, isa.fn);
+    check_in_place(isa.name, isa.fn);
   }
   std::printf("test_distillation: %d cases, %d failures\n", cases, failures);
   return failures == 0 ? 0 : 1;

@@ -3,13 +3,16 @@
 // input/output dtype and split row/panel ranges (as the threaded binding calls them).
 // Every buffer is an exact-size std::vector, so under -fsanitize=address (.ci/cpp_tests.sh)
 // any out-of-bounds access aborts. The ISA under test is the one QTORCH_CPU_ISA selects
-// (scalar | avx2 | avx512, capped by the CPU). Returns non-zero on any mismatch.
+// (scalar | avx2 | avx512, capped by the CPU). Packing and slab dequantization are compared
+// byte for byte (bit for bit) with the layout's formula and the scalar definitions.
+// Returns non-zero on any mismatch.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_features.h"
@@ -276,6 +279,121 @@ void check_quantize(int64_t M, int64_t K, DType xt, std::mt19937& rng) {
   }
 }
 
+// Bits of a float, to compare NaNs and signed zeros exactly.
+uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// A weight with extreme rows (-128, 127 everywhere) and columns past K (ldw > K) that must
+// not be read into the packed weight.
+std::vector<int8_t> random_weight(int64_t N, int64_t K, int64_t ldw, std::mt19937& rng) {
+  std::uniform_int_distribution<int> s8(-128, 127);
+  std::vector<int8_t> w(size_t(N * ldw));
+  for (auto& v : w) v = int8_t(s8(rng));
+  if (N > 1)
+    for (int64_t k = 0; k < K; ++k) w[size_t(ldw + k)] = -128;
+  if (N > 2)
+    for (int64_t k = 0; k < K; ++k) w[size_t(2 * ldw + k)] = 127;
+  return w;
+}
+
+// The packed layout of int8_mm.h, from its formula (independent of the kernels).
+std::vector<uint8_t> layout_reference(const std::vector<int8_t>& w, int64_t N, int64_t K,
+                                      int64_t ldw) {
+  const int64_t Kp = padded_k(K), bytes = packed_b_bytes(N, K);
+  std::vector<uint8_t> ref(size_t(bytes), 0);
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t sum = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int8_t v = w[size_t(n * ldw + k)];
+      ref[size_t((n / 64) * 64 * Kp + (k / 4) * 256 + (n % 64) * 4 + k % 4)] = uint8_t(v);
+      sum += v;
+    }
+    const int32_t comp = int32_t(sum * 128);
+    std::memcpy(&ref[size_t(packed_b_panel_bytes(N, K) + 4 * n)], &comp, 4);
+  }
+  const int64_t trailer[3] = {kPackMagic, N, K};
+  std::memcpy(&ref[size_t(bytes - kTrailerBytes)], trailer, sizeof trailer);
+  return ref;
+}
+
+// pack_b and pack_b_panels (panel ranges split in `splits` pieces, as the binding's threads
+// split them, over a buffer full of garbage: every byte must be written) against the layout's
+// formula and the scalar definition, byte for byte; unpack_b gives the weight back.
+void check_pack(int64_t N, int64_t K, int64_t ldw, int splits, std::mt19937& rng) {
+  const std::vector<int8_t> w = random_weight(N, K, ldw, rng);
+  const std::vector<uint8_t> ref = layout_reference(w, N, K, ldw);
+  const int64_t bytes = packed_b_bytes(N, K), np = num_panels(N);
+  ++checks;
+  Guarded<uint8_t> whole(size_t(bytes), 0xcd, 0x3c);
+  pack_b(w.data(), N, K, ldw, whole.data());
+  if (!whole.intact()) fail(cfg("pack_b wrote out of bounds", 0, N, K));
+  if (std::memcmp(whole.data(), ref.data(), size_t(bytes)) != 0) fail(cfg("pack_b bytes", 0, N, K));
+  Guarded<uint8_t> split(size_t(bytes), 0xcd, 0x3c), scal(size_t(bytes), 0xcd, 0x3c);
+  for (int i = 0; i < splits; ++i) {
+    pack_b_panels(w.data(), N, K, ldw, np * i / splits, np * (i + 1) / splits, split.data());
+    scalar::pack_b_panels(w.data(), N, K, ldw, np * i / splits, np * (i + 1) / splits, scal.data());
+  }
+  pack_b_trailer(N, K, split.data());
+  pack_b_trailer(N, K, scal.data());
+  if (!split.intact() || !scal.intact()) fail(cfg("pack_b_panels wrote out of bounds", 0, N, K));
+  if (std::memcmp(split.data(), ref.data(), size_t(bytes)) != 0)
+    fail(cfg("pack_b_panels (split) bytes", 0, N, K));
+  if (std::memcmp(scal.data(), ref.data(), size_t(bytes)) != 0)
+    fail(cfg("scalar pack_b_panels bytes", 0, N, K));
+  std::vector<int8_t> back(size_t(N * K));
+  unpack_b(whole.data(), N, K, back.data());
+  for (int64_t n = 0; n < N; ++n)
+    if (std::memcmp(&back[size_t(n * K)], &w[size_t(n * ldw)], size_t(K)) != 0) {
+      fail(cfg("unpack_b", 0, N, K));
+      break;
+    }
+}
+
+// dequant_b_slab_t: rows [k0, k1) of ŵᵀ, bitwise float(w) * s (NaN, infinite, zero, signed
+// zero, subnormal and overflowing scales included), for slab bounds at both ends, inside one
+// 4-k group and at odd positions; the pad columns of each row (ldd > N) and the guards stay
+// untouched. Against the scalar definition too.
+void check_dequant(int64_t N, int64_t K, std::mt19937& rng) {
+  const std::vector<int8_t> w = random_weight(N, K, K, rng);
+  std::vector<uint8_t> bp(size_t(packed_b_bytes(N, K)));
+  pack_b(w.data(), N, K, K, bp.data());
+  std::uniform_real_distribution<float> u(-0.05f, 0.05f);
+  std::vector<float> s(static_cast<size_t>(N));
+  const float special[] = {0.f, -0.f, NAN, INFINITY, -INFINITY, 1e-40f, -3e38f, 1.f};
+  for (int64_t n = 0; n < N; ++n) s[size_t(n)] = n % 5 == 3 ? special[(n / 5) % 8] : u(rng);
+  std::vector<std::pair<int64_t, int64_t>> slabs = {{0, K}, {0, 1}, {K - 1, K}};
+  if (K > 2) slabs.push_back({1, K - 1});
+  if (K > 6) slabs.insert(slabs.end(), {{3, 5}, {5, 6}, {1, 2}, {2, K}, {4, 8 < K ? 8 : K}});
+  if (K > 70) slabs.insert(slabs.end(), {{13, 77}, {64, K}, {K - 67, K - 3}});
+  const int64_t ldd = N + 5;
+  for (auto [k0, k1] : slabs) {
+    const int64_t rows = k1 - k0;
+    Guarded<float> got(size_t((rows - 1) * ldd + N), -7.f, -9.f);
+    Guarded<float> scal(size_t((rows - 1) * ldd + N), -7.f, -9.f);
+    dequant_b_slab_t(bp.data(), s.data(), N, K, k0, k1, got.data(), ldd);
+    scalar::dequant_b_slab_t(bp.data(), s.data(), N, K, k0, k1, scal.data(), ldd);
+    ++checks;
+    char what[96];
+    std::snprintf(what, sizeof what, "dequant_b_slab_t k0=%lld k1=%lld", (long long)k0,
+                  (long long)k1);
+    if (!got.intact() || !scal.intact()) fail(cfg(what, 0, N, K));
+    bool ok = true;
+    for (int64_t k = k0; k < k1 && ok; ++k)
+      for (int64_t n = 0; n < ldd && (k - k0) * ldd + n < int64_t(got.size()); ++n) {
+        const size_t i = size_t((k - k0) * ldd + n);
+        const float want = n < N ? float(w[size_t(n * K + k)]) * s[size_t(n)] : -7.f;
+        if (bits_of(got[i]) != bits_of(want) || bits_of(scal[i]) != bits_of(want)) {
+          ok = false;
+          break;
+        }
+      }
+    if (!ok) fail(cfg(what, 0, N, K));
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -295,6 +413,14 @@ int main() {
         check_gemm(M, N, K, 1 + i % 3, rng);
       }
   check_gemm(19, 200, 300, 2, rng);
+  for (int64_t N : {1, 2, 3, 15, 16, 17, 63, 64, 65, 100, 129})
+    for (int64_t K : {1, 2, 3, 4, 5, 15, 63, 64, 65, 67, 128, 131, 200}) {
+      check_pack(N, K, K, 1 + int(N + K) % 3, rng);
+      check_dequant(N, K, rng);
+    }
+  check_pack(70, 37, 45, 2, rng);  // a row stride past K
+  check_pack(130, 300, 300, 3, rng);
+  check_dequant(130, 300, rng);
   for (DType xt : {DType::F32, DType::F16, DType::BF16})
     for (int64_t M : {1, 3, 8})
       for (int64_t K : {1, 2, 3, 7, 8, 15, 16, 17, 33, 64, 100})
