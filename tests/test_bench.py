@@ -251,6 +251,57 @@ def test_eager_distillation_baseline_matches_the_reference(op):
         assert_close(o, b)
 
 
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.5), (2.0, 0.3)])
+def test_liger_fused_jsd_peer_is_the_same_loss(temperature, alpha):
+    """Liger-Kernel's LigerFusedLinearJSDLoss, with qtorch's settings converted
+    (peers.liger_jsd_kwargs: no T² factor in Liger), gives the loss and the student gradients
+    of qtorch's JSD loss (ignored tokens included); then the case's Liger rows time that job."""
+    pytest.importorskip("liger_kernel.chunked_loss")
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    from qtorch.bench import peers
+
+    g = torch.Generator().manual_seed(0)
+    m, h, ht, v = 37, 16, 24, 300
+    hs = torch.randn(m, h, generator=g).requires_grad_(True)
+    ws = (torch.randn(v, h, generator=g) * 0.3).requires_grad_(True)
+    th, wt = torch.randn(m, ht, generator=g), torch.randn(v, ht, generator=g) * 0.3
+    labels = torch.randint(0, v, (m,), generator=g)
+    labels[::6] = -100
+    liger = LigerFusedLinearJSDLoss(
+        compiled=False, chunk_size=8, **peers.liger_jsd_kwargs(temperature, alpha, 0.5))
+    got = liger(hs, ws, th, wt, labels)
+    got_g = torch.autograd.grad(got, (hs, ws))
+    want = qtorch.ops.fused_linear_distillation_loss(
+        hs, ws, th, wt, labels, chunk_size=8, divergence="jsd", beta=0.5,
+        temperature=temperature, alpha=alpha)
+    want_g = torch.autograd.grad(want, (hs, ws))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_g, want_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="beta"):
+        peers.liger_jsd_kwargs(1.0, 0.5, 0.0)
+    built = build("fused_linear_distillation_loss", Shape(6, 16, 50, K2=24), torch.float32,
+                  "cpu", ["reference"], True, cases.Options(divergence="jsd"))
+    by = {i.name: i for i in built.impls}
+    assert "liger:FusedLinearJSDLoss" in by, built.skipped
+    ours = by["qtorch:reference"].fn()
+    for a, b in zip(by["liger:FusedLinearJSDLoss"].fn(), ours, strict=True):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("quant", ["w8a16", "w4a16"])
+def test_fused_case_quantized_teacher_rows(quant):
+    """Options.teacher_quant adds rows whose teacher head is a qtorch module made from the
+    case's teacher weight; their grads are close to those of the float teacher head."""
+    built = build("fused_linear_distillation_loss", Shape(6, 16, 50, K2=64), torch.float32,
+                  "cpu", ["reference"], False, cases.Options(teacher_quant=(quant,)))
+    by = {i.name: i for i in built.impls}
+    got, want = by[f"qtorch:reference {quant} teacher"].fn(), by["qtorch:reference"].fn()
+    for a, b in zip(got, want, strict=True):
+        assert sqnr(b, a) > (15 if quant == "w4a16" else 30)
+
+
 def test_reference_row_only_where_cheap():
     small = build("int8_linear", Shape(1, 64, 64), torch.float32, "cpu", ["reference", "cpu"])
     assert "qtorch:reference" in {i.name for i in small.impls}

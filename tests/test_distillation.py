@@ -526,3 +526,168 @@ def test_cuda_distillation_nonfinite_teacher_poisons_counted_row():
     t[1, 3] = float("nan")
     loss, _ = torch.ops.qtorch_cuda.distillation_loss(s, t, None, 1.0, 1.0, 0, 0.5, -100, False)
     assert torch.isfinite(loss[0]) and not torch.isfinite(loss[1])
+
+
+# ------------------------------------------------- a quantized teacher head (API.md, "Distillation
+# with a quantized teacher"): teacher_weight is a qtorch quantized linear module
+
+QTEACHERS = ["w8a16", "w4a16", "w8a8"]
+# Ht != H, so a [V, Ht] float tensor is told apart from the student's [V, H] weight gradient
+QM, QH, QHT, QV = 23, 16, 64, 97
+
+
+def _qteacher(kind, v=QV, ht=QHT, bias=True, seed=11):
+    from qtorch.nn import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
+
+    lin = torch.nn.Linear(ht, v, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(_randn(v, ht, seed=seed, scale=0.3))
+        if bias:
+            lin.bias.copy_(_randn(v, seed=seed + 1))
+    if kind == "w4a16":
+        return Int4WeightOnlyLinear.from_float(lin, group_size=32)
+    return {"w8a16": Int8WeightOnlyLinear, "w8a8": Int8DynamicLinear}[kind].from_float(lin)
+
+
+def _qteacher_inputs(dev, labels=True):
+    hs = _randn(QM, QH, seed=1, device=dev)
+    ws = _randn(QV, QH, seed=2, scale=0.3, device=dev)
+    bs = _randn(QV, seed=3, device=dev)
+    ht = _randn(QM, QHT, seed=4, device=dev)
+    lab = None
+    if labels:
+        lab = torch.randint(0, QV, (QM,), generator=_gen(5)).to(dev)
+        lab[::5] = -100
+    return hs, ws, bs, ht, lab
+
+
+def _leaves(*ts):
+    return [t.clone().requires_grad_(True) for t in ts]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+@pytest.mark.parametrize("backend", qtorch.available_backends())
+@pytest.mark.parametrize("kind", QTEACHERS)
+@pytest.mark.parametrize("divergence,reduction", [("kl", "mean"), ("jsd", "sum"),
+                                                  ("reverse_kl", "none")])
+def test_quantized_teacher_head(backend, kind, divergence, reduction):
+    """The loss and student gradients with the module as the teacher head are (tightly) those of
+    the unfused loss on the module's own logits `module(teacher_hidden)`, and (within the module
+    kernel's error) those of the op given module.dequantize() and the module's bias. The module
+    and the teacher hidden states get no gradient."""
+    dev = device_for(backend)
+    hs, ws, bs, ht, lab = _qteacher_inputs(dev)
+    mod = _qteacher(kind).to(dev)
+    kw = dict(divergence=divergence, temperature=2.0, alpha=0.6, reduction=reduction)
+    runs = []
+    with qtorch.use_backend(backend):
+        for teacher in ("module", "unfused", "dequantized"):
+            x, w, b = _leaves(hs, ws, bs)
+            th = ht.clone().requires_grad_(True)
+            if teacher == "module":
+                out = ops.fused_linear_distillation_loss(x, w, th, mod, lab, b, chunk_size=7,
+                                                         **kw)
+                assert th.grad is None and mod.bias.grad is None
+            elif teacher == "unfused":
+                with torch.no_grad():
+                    t_logits = mod(ht).float()
+                out = ops.distillation_loss(x @ w.T + b, t_logits, lab, **kw)
+            else:
+                out = ops.fused_linear_distillation_loss(
+                    x, w, ht, mod.dequantize(), lab, b, mod.bias.detach(), chunk_size=7, **kw)
+            (out * torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape)).sum().backward()
+            runs.append((out.detach(), x.grad, w.grad, b.grad))
+            if teacher == "module":
+                assert th.grad is None and mod.bias.grad is None
+    (got, unfused, deq) = runs
+    for a, e in zip(got, unfused):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+    # Weight-only kernels multiply by the same ŵ in fp32 (GEMM order only); W8A8 quantizes the
+    # activations too, which moves the teacher logits by ~1% of their size (here < 0.1), and
+    # the loss and gradients by as much times their Lipschitz constants (alpha, |x| ~ 3).
+    tol = dict(rtol=2e-2, atol=1e-2) if kind == "w8a8" else dict(rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        logit_err = (mod(ht) - (ht @ mod.dequantize().to(dev).T + mod.bias)).abs().max()
+    assert logit_err < (0.1 if kind == "w8a8" else 1e-4)
+    for a, e in zip(got, deq):
+        torch.testing.assert_close(a, e, **tol)
+
+
+@pytest.mark.parametrize("kind", QTEACHERS)
+def test_quantized_teacher_head_module_api_frozen_head_and_leading_dims(kind):
+    """FusedLinearDistillationLoss.forward takes the module too; [B, T, H] inputs, no labels
+    (alpha 1), a frozen student head (no weight gradient) and a bias-free teacher module."""
+    hs, ws, _, ht, _ = _qteacher_inputs("cpu")
+    mod = _qteacher(kind, bias=False)
+    loss_fn = qtorch.nn.FusedLinearDistillationLoss(alpha=1.0, chunk_size=5)
+    x = hs[:22].reshape(2, 11, QH).clone().requires_grad_(True)
+    w = ws.clone()  # frozen
+    out = loss_fn(x, w, ht[:22].reshape(2, 11, QHT), mod)
+    out.backward()
+    with torch.no_grad():
+        want = ops.distillation_loss(x @ w.T, mod(ht[:22]).reshape(2, 11, QV), alpha=1.0)
+    xr = x.detach().clone().requires_grad_(True)
+    ops.distillation_loss(xr @ w.T, mod(ht[:22]).reshape(2, 11, QV).detach(), alpha=1.0).backward()
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-6)
+    assert w.grad is None
+
+
+class _ShapeRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape and dtype of every tensor any op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((func, tuple(t.shape), t.dtype))
+        return out
+
+
+@cpu_kernels
+@pytest.mark.parametrize("kind", QTEACHERS)
+def test_quantized_teacher_head_never_builds_the_float_weight(kind):
+    """With the cpu backend (the module's packed kernel), no op of the fused loss with a module
+    teacher returns a float [V, Ht] (or [Ht, V]) tensor: the dequantized teacher weight never
+    exists. The same recorder does see it when the op is given module.dequantize()."""
+    hs, ws, bs, ht, lab = _qteacher_inputs("cpu")
+    mod = _qteacher(kind)
+    full = {(QV, QHT), (QHT, QV)}
+
+    def float_weights(rec):
+        return [(f, s) for f, s, d in rec.outputs if d.is_floating_point and s in full]
+
+    with qtorch.use_backend("cpu"):
+        x, w, b = _leaves(hs, ws, bs)
+        with _ShapeRecorder() as rec:
+            ops.fused_linear_distillation_loss(x, w, ht, mod, lab, b, chunk_size=8).backward()
+        assert rec.outputs, "the recorder saw no ops"
+        assert float_weights(rec) == []
+        x, w, b = _leaves(hs, ws, bs)
+        with _ShapeRecorder() as rec:
+            ops.fused_linear_distillation_loss(x, w, ht, mod.dequantize(), lab, b,
+                                               mod.bias.detach(), chunk_size=8).backward()
+        assert float_weights(rec) != []
+
+
+def test_quantized_teacher_head_bad_input():
+    from qtorch.nn import Int8WeightOnlyLinear
+
+    hs, ws, bs, ht, lab = _qteacher_inputs("cpu")
+    mod = _qteacher("w8a16")
+    with pytest.raises(ValueError, match="teacher_bias"):
+        ops.fused_linear_distillation_loss(hs, ws, ht, mod, lab, teacher_bias=bs)
+    with pytest.raises(ValueError, match="in_features"):
+        ops.fused_linear_distillation_loss(hs, ws, ht[:, :32], mod, lab)
+    with pytest.raises(ValueError, match="vocab"):
+        ops.fused_linear_distillation_loss(hs, ws, ht, _qteacher("w8a16", v=QV + 1), lab)
+    for bad in (torch.nn.Linear(QHT, QV), "weight", None, [mod]):
+        with pytest.raises(TypeError, match="teacher_weight"):
+            ops.fused_linear_distillation_loss(hs, ws, ht, bad, lab)
+    with pytest.raises(TypeError, match="teacher_hidden"):
+        ops.fused_linear_distillation_loss(hs.double(), ws.double(), ht.double(),
+                                           Int8WeightOnlyLinear(QHT, QV), lab)

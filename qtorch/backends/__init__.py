@@ -23,7 +23,9 @@ then calls the kernel chosen by `qtorch._backend.resolve`. So every kernel recei
             grad [M, V] student.dtype = d loss[i] / d student[i] (zero rows where ignored), or None)
         Labels outside [0, V) other than ignore_index raise ValueError (checked by the kernel).
     fused_linear_distillation_loss(student_hidden [M, H], student_weight [V, H],
-                      teacher_hidden [M, Ht], teacher_weight [V, Ht], labels [M] | None,
+                      teacher_hidden [M, Ht], teacher_weight [V, Ht] or a
+                      `qtorch.reference.distillation.ModuleHead` (a quantized teacher head
+                      module; teacher_bias is then None), labels [M] | None,
                       student_bias [V] | None, teacher_bias [V] | None,
                       token_scale fp32 [M] | None, chunk_size: int, temperature, alpha,
                       divergence, beta, ignore_index, compute_grad: bool,

@@ -131,7 +131,8 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidde
     CUDA, else `LinearHead` (fp32 GEMMs; the interpreter, fp32 inputs, mixed dtypes)."""
     tensors = (student_hidden, student_weight, teacher_hidden, teacher_weight)
     mixed16 = (_MM_OUT_DTYPE and student_hidden.is_cuda and student_hidden.dtype in _HALF
-               and all(x.dtype == student_hidden.dtype for x in tensors))
+               and all(x.dtype == student_hidden.dtype for x in tensors
+                       if isinstance(x, torch.Tensor)))  # (not a quantized teacher's ModuleHead)
     return _ref_distill.fused_linear_distillation_loss(
         *tensors, *args, chunk_loss=distillation.chunk_loss,
         head=Mixed16Head if mixed16 else _ref_distill.LinearHead,

@@ -100,6 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="few shapes, few repetitions (under 2 minutes on a small CPU)",
     )
+    parser.add_argument(
+        "--divergence",
+        choices=("kl", "reverse_kl", "jsd"),
+        default="jsd",
+        help="divergence of the distillation cases (default jsd: Liger-Kernel's fused KD "
+        "loss, a peer when installed, is JSD)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write all rows, machine and versions")
     parser.add_argument(
         "--plot",
@@ -359,7 +366,11 @@ def run(args: argparse.Namespace) -> int:
     # would otherwise hold any weight of a few tens of MB between calls.
     cfg.cold = bool(args.cold or device == "cuda")
     cfg.cold_bytes = timing.cold_bytes_for(device)
-    options = cases.Options(read_ceiling=bool(args.cold and device == "cpu"))
+    options = cases.Options(
+        read_ceiling=bool(args.cold and device == "cpu"),
+        divergence=getattr(args, "divergence", "jsd"),
+        teacher_quant=("w4a16",),  # fused loss: also an int4 teacher head (a qtorch module)
+    )
 
     roof = None
     if not args.no_roofline:

@@ -78,8 +78,9 @@ MODULE_FOR = {
     "int4_weight_only_linear": "Int4WeightOnlyLinear",
 }
 
-# Loss settings timed for both distillation ops: Hinton-style KD with a hard-label term.
-LOSS_KW = dict(temperature=2.0, alpha=0.5)
+# Loss settings timed for both distillation ops by default (Options.temperature / alpha):
+# Hinton-style KD with a hard-label term.
+LOSS_KW = dict(temperature=Options.temperature, alpha=Options.alpha)
 IGNORE_FRACTION = 0.1  # share of tokens labelled ignore_index (padding), as in real batches
 
 
@@ -567,7 +568,7 @@ def _build_distillation(s, dtype, device, backends, with_peers, opt):
     student = _randn((m, v), dtype, device, 2.0).requires_grad_(True)
     teacher = _randn((m, v), dtype, device, 2.0) + 0.5
     labels = _labels(m, v, device)
-    kw = dict(LOSS_KW, divergence=opt.divergence)
+    kw = dict(temperature=opt.temperature, alpha=opt.alpha, divergence=opt.divergence)
     # Minimum traffic: read both logits once, write the student gradient once.
     built = Built("distillation_loss", s, dtype, device, None, 3 * m * v * es, options=opt)
     kind = _compute_kind(dtype)
@@ -589,8 +590,8 @@ def _build_distillation(s, dtype, device, backends, with_peers, opt):
     # the kernels compute the loss per token and its gradient in one call (no autograd)
     args = (
         labels,
-        LOSS_KW["temperature"],
-        LOSS_KW["alpha"],
+        opt.temperature,
+        opt.alpha,
         opt.divergence,
         0.5,  # beta, the jsd mixture weight (the ops' default)
         -100,
@@ -614,7 +615,7 @@ def _build_fused(s, dtype, device, backends, with_peers, opt):
         "wt": _randn((v, ht), dtype, device, 0.05),
     }
     labels = _labels(m, v, device)
-    kw = dict(LOSS_KW, divergence=opt.divergence)
+    kw = dict(temperature=opt.temperature, alpha=opt.alpha, divergence=opt.divergence)
     # student logits, teacher logits, grad_hidden and grad_weight GEMMs
     flop = 2.0 * m * v * (3 * h + ht)
     wbytes = v * (h + ht) * es
@@ -663,9 +664,57 @@ def _build_fused(s, dtype, device, backends, with_peers, opt):
         for chunk in opt.chunk_sizes:
             name = f"qtorch:{b}" + ("" if chunk is None else f" chunk_size={chunk}")
             built.impls.append(_qtorch_impl(name, b, make_for(chunk), weights, wbytes, kind))
+
+    def make_quantized(quant):
+        def make(w):
+            # the teacher head as a qtorch module (API.md, "Distillation with a quantized
+            # teacher"), quantized once here, outside the timed call
+            head = quantized_teacher_head(w["wt"], quant)
+            ws = w["ws"]
+
+            def run():
+                loss = ops.fused_linear_distillation_loss(hs, ws, ht_, head, labels, **kw)
+                return torch.autograd.grad(loss, (hs, ws))
+
+            return run
+
+        return make
+
+    for quant in opt.teacher_quant:
+        if quant == "w4a16" and ht % TEACHER_QUANT_GROUP:
+            built.skipped += [(f"qtorch:{b} {quant} teacher", f"teacher hidden {ht} is not a "
+                               f"multiple of the int4 group {TEACHER_QUANT_GROUP}")
+                              for b in served]
+            continue
+        qbytes = v * h * es + _quantized_bytes(quantized_teacher_head(weights["wt"], quant))
+        for b in served:
+            built.impls.append(_qtorch_impl(f"qtorch:{b} {quant} teacher", b,
+                                            make_quantized(quant), weights, qbytes, kind))
     if with_peers:
-        peers.add_fused_distillation_peers(built, hs, ht_, weights, labels, LOSS_KW)
+        peers.add_fused_distillation_peers(built, hs, ht_, weights, labels, kw)
     return built
+
+
+TEACHER_QUANT_GROUP = 64  # divides SmolLM2's 576 and 960
+
+
+def quantized_teacher_head(wt: torch.Tensor, quant: str) -> torch.nn.Module:
+    """The teacher head weight [V, Ht] as a qtorch quantized linear ("w8a16" or "w4a16")."""
+    from qtorch import nn as qnn
+
+    lin = torch.nn.Linear(wt.shape[1], wt.shape[0], bias=False, device=wt.device,
+                          dtype=wt.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(wt)
+    if quant == "w4a16":
+        return qnn.Int4WeightOnlyLinear.from_float(lin, group_size=TEACHER_QUANT_GROUP)
+    if quant == "w8a16":
+        return qnn.Int8WeightOnlyLinear.from_float(lin)
+    raise ValueError(f"teacher_quant must be 'w8a16' or 'w4a16', got {quant!r}")
+
+
+def _quantized_bytes(mod: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in mod.buffers() if t is not None)
 
 
 def build(

@@ -17,7 +17,8 @@ are converted from the *same* quantized weights qtorch gets, so both compute the
                                         so zero_f = (8 - z) * scale
     torch._weight_int4pack_mm           the same on CUDA (bf16 activations only)
     torchao                             quantize_ configs on an nn.Linear, when importable
-    Liger-Kernel                        LigerFusedLinearJSD (CUDA/Triton), when importable
+    Liger-Kernel                        LigerFusedLinearJSDLoss (chunked_loss, pure PyTorch),
+                                        eager and compiled=True, when importable
 
 A peer is set up by `setup(weights) -> call` from a dict of weight tensors; cold timing calls
 it again on fresh copies of those tensors (`Impl.copy`). Optional peers that are installed but
@@ -298,36 +299,58 @@ def add_distillation_peers(built: Built, student, teacher, labels) -> None:
         built.skipped.append(("liger:*", "Liger-Kernel not installed"))
 
 
+def liger_jsd_kwargs(temperature: float, alpha: float, beta: float) -> dict:
+    """qtorch's JSD loss settings as LigerFusedLinearJSDLoss's, so both compute one loss.
+
+    qtorch (API.md): alpha · T² · D + (1 − alpha) · CE, D = β·KL(p‖m) + (1 − β)·KL(q‖m),
+    m = β·p + (1 − β)·q (p teacher, q student, at temperature T), mean over counted tokens.
+    Liger: weight_soft_loss · D' + weight_hard_loss · CE, with D' the same D (its teacher_kl
+    carries `beta`, its mixture m = (1 − β)·q + β·p) and no T² factor. So
+    weight_soft_loss = alpha · T², weight_hard_loss = 1 − alpha, beta = β, for 0 < β < 1 (at
+    β = 0 and 1 Liger switches to KL(p‖q) and KL(q‖p), where qtorch's D is 0)."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"Liger's JSD equals qtorch's only for 0 < beta < 1, got {beta}")
+    return dict(weight_soft_loss=alpha * temperature**2, weight_hard_loss=1.0 - alpha,
+                beta=beta, temperature=temperature)
+
+
 def add_fused_distillation_peers(built: Built, hs, ht, weights: dict, labels, loss_kw) -> None:
-    name = "liger:LigerFusedLinearJSD"
+    """Liger-Kernel's chunked LigerFusedLinearJSDLoss (pure PyTorch; any device), eager
+    (compiled=False) and with its per-chunk step under torch.compile (compiled=True, its
+    default), on the same tensors, with the loss settings converted (`liger_jsd_kwargs`).
+    Only for divergence "jsd": Liger's fused KD loss is JSD."""
+    names = ("liger:FusedLinearJSDLoss", "liger:FusedLinearJSDLoss compiled")
     if not installed("liger_kernel"):
-        built.skipped.append((name, "Liger-Kernel not installed"))
+        built.skipped += [(n, "Liger-Kernel not installed") for n in names]
         return
-    if built.device != "cuda":
-        built.skipped.append((name, "Triton kernels need a CUDA device"))
+    if built.options.divergence != "jsd":
+        built.skipped += [(n, "Liger's fused KD loss is JSD (Options.divergence='jsd')")
+                          for n in names]
         return
-
-    def setup(w):
-        from liger_kernel.transformers import LigerFusedLinearJSD
-
-        loss_fn = LigerFusedLinearJSD(jsd_beta=0.5, temperature=loss_kw["temperature"])
-        ws, wt = w["ws"], w["wt"]
-
-        def run():
-            loss = loss_fn(hs, ws, ht, wt, labels)
-            return torch.autograd.grad(loss, (hs, ws))
-
-        return run
-
+    kw = liger_jsd_kwargs(loss_kw["temperature"], loss_kw["alpha"], loss_kw.get("beta", 0.5))
     ws, wt = weights["ws"], weights["wt"]
-    _try(
-        built,
-        name,
-        "liger",
-        setup,
-        weights,
-        ("ws", "wt"),
-        ws.numel() * ws.element_size() + wt.numel() * wt.element_size(),
-        float_kind(built.dtype),
-        note="JSD (beta=0.5) without the hard-label term: a near, not equal, job",
-    )
+    for name, compiled in zip(names, (False, True)):
+
+        def setup(w, compiled=compiled):
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+            loss_fn = LigerFusedLinearJSDLoss(compiled=compiled, **kw)
+            ws, wt = w["ws"], w["wt"]
+
+            def run():
+                loss = loss_fn(hs, ws, ht, wt, labels)
+                return torch.autograd.grad(loss, (hs, ws))
+
+            return run
+
+        _try(
+            built,
+            name,
+            "liger",
+            setup,
+            weights,
+            ("ws", "wt"),
+            ws.numel() * ws.element_size() + wt.numel() * wt.element_size(),
+            float_kind(built.dtype),
+            note="the same loss (weights converted: peers.liger_jsd_kwargs); chunk 1024",
+        )

@@ -68,6 +68,11 @@ class Options:
     dense_dtypes: tuple[str, ...] = ()  # more F.linear baselines, in these weight dtypes
     chunk_sizes: tuple[int | None, ...] = (None,)  # fused loss: one qtorch row per chunk size
     divergence: str = "kl"  # distillation: kl, reverse_kl or jsd
+    temperature: float = 2.0  # distillation: T and alpha (Hinton-style KD with a hard label)
+    alpha: float = 0.5
+    # fused loss: also rows "qtorch:<b> <q> teacher" whose teacher head is the teacher weight
+    # quantized into a qtorch module, q in "w8a16", "w4a16" (int4, group 64)
+    teacher_quant: tuple[str, ...] = ()
     reference: str = "cheap"  # qtorch:reference rows "cheap" (only where quick) or "always"
     raw_int_mm: bool = False  # int8_scaled_mm: also torch._int_mm with no epilogue (int32 out)
 

@@ -58,7 +58,14 @@ class FusedLinearDistillationLoss(_DistillationBase):
     forward(student_hidden [..., H], student_weight [V, H], teacher_hidden [..., Ht],
     teacher_weight [V, Ht], labels [...] or None, student_bias [V] or None,
     teacher_bias [V] or None, num_items_in_batch) -> float32 loss; differentiable w.r.t.
-    student_hidden, student_weight and student_bias.
+    student_hidden, student_weight and student_bias (no weight gradient is computed when
+    student_weight.requires_grad is False).
+
+    teacher_weight may also be a qtorch quantized linear module (Int8WeightOnlyLinear,
+    Int4WeightOnlyLinear, Int8DynamicLinear; in_features Ht, out_features V), e.g. the lm_head
+    of a teacher after `qtorch.quantize_`: each chunk's teacher logits are then the module's
+    output on the chunk (its own bias; teacher_bias must be None) and its dequantized weight is
+    never built (API.md, "Distillation with a quantized teacher").
     """
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5, divergence: str = "kl",
@@ -71,7 +78,7 @@ class FusedLinearDistillationLoss(_DistillationBase):
         self.chunk_size = chunk_size
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                teacher_weight: Tensor, labels: Tensor | None = None,
+                teacher_weight: Tensor | nn.Module, labels: Tensor | None = None,
                 student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
                 num_items_in_batch: int | Tensor | None = None) -> Tensor:
         return ops.fused_linear_distillation_loss(

@@ -96,15 +96,38 @@ def fused_linear_distillation_loss(
     fill about 32 MiB, 2^23 values, at most all tokens).
 
     student_hidden [..., H], student_weight [V, H], teacher_hidden [..., Ht],
-    teacher_weight [V, Ht]. Differentiable w.r.t. student_hidden, student_weight, student_bias;
-    their gradients are computed during the forward pass, accumulated in fp32.
+    teacher_weight [V, Ht] float, or a qtorch quantized linear module (Int8WeightOnlyLinear,
+    Int4WeightOnlyLinear, Int8DynamicLinear) with in_features Ht and out_features V: then each
+    chunk's teacher logits are the module's output on the chunk (its own bias; teacher_bias must
+    be None), and its dequantized weight is never built (API.md, "Distillation with a quantized
+    teacher"; that route is eager only: a module is not an op argument).
+    Differentiable w.r.t. student_hidden, student_weight, student_bias; their gradients are
+    computed during the forward pass, accumulated in fp32. No weight gradient is computed when
+    student_weight.requires_grad is False.
     """
+    from qtorch.nn.linear import _QuantizedLinear  # (qtorch.nn imports qtorch.ops)
+
+    module_teacher = isinstance(teacher_weight, _QuantizedLinear)
+    if not module_teacher and not isinstance(teacher_weight, Tensor):
+        raise TypeError(
+            f"teacher_weight must be a float tensor [V, Ht] or a qtorch quantized linear module "
+            f"(Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8DynamicLinear), got "
+            f"{type(teacher_weight).__name__}")
     _check_loss_call_types({"student_hidden": (student_hidden, False),
                             "student_weight": (student_weight, False),
                             "teacher_hidden": (teacher_hidden, False),
-                            "teacher_weight": (teacher_weight, False), "labels": (labels, True),
+                            "teacher_weight": (None if module_teacher else teacher_weight,
+                                               module_teacher),
+                            "labels": (labels, True),
                             "student_bias": (student_bias, True),
                             "teacher_bias": (teacher_bias, True)}, num_items_in_batch)
+    if module_teacher:
+        return _distillation.fused_linear_distillation_loss_module_teacher(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+            teacher_bias, chunk_size, temperature=temperature, alpha=alpha,
+            divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+        )
     return torch.ops.qtorch.fused_linear_distillation_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
         teacher_bias, chunk_size, temperature=temperature, alpha=alpha, divergence=divergence,

@@ -15,7 +15,7 @@ from torch import Tensor
 from qtorch import _backend
 from qtorch import _checks as chk
 from qtorch.ops._common import _c, _kernel
-from qtorch.reference.distillation import default_chunk_size
+from qtorch.reference.distillation import ModuleHead, default_chunk_size
 
 
 def _loss_kernel(op: str, x: Tensor):
@@ -177,6 +177,54 @@ def _fused_denominator(labels, ignore_index, m, num_items_t, num_items_i) -> flo
     return float(m if labels is None else int((labels != ignore_index).sum()))
 
 
+def _fused_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                   student_bias, teacher_bias, temperature, alpha, divergence, beta, ignore_index,
+                   reduction, num_items_t, num_items_i, chunk_size, compute_grad,
+                   compute_grad_weight):
+    """The forward of both routes: the custom op below (teacher_weight a tensor) and
+    `_FusedModuleTeacher` (teacher_weight a `ModuleHead` over a quantized module)."""
+    m = student_hidden.shape[0]
+    fn = _loss_kernel("fused_linear_distillation_loss", student_hidden)
+    token_scale = None
+    if reduction == "mean":
+        denom = _fused_denominator(labels, ignore_index, m, num_items_t, num_items_i)
+        scale = 0.0 if denom == 0 else 1.0 / denom
+        token_scale = torch.full((m,), scale, dtype=_acc_dtype(student_hidden),
+                                 device=student_hidden.device)
+    compute_grad = compute_grad and reduction != "none"
+    tok, gh, gw, gb = fn(
+        student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.contiguous(),
+        _c_weight(teacher_weight), _c(labels), _c(student_bias), _c(teacher_bias), token_scale,
+        chunk_size, temperature, alpha, divergence, beta, ignore_index, compute_grad,
+        compute_grad_weight,
+    )
+    if reduction == "none":
+        loss = tok
+    elif reduction == "sum":
+        loss = tok.sum()
+    else:
+        loss = (tok * token_scale.to(tok.dtype)).sum()
+    return loss, gh, gw, gb
+
+
+def _c_weight(w):
+    return w if isinstance(w, ModuleHead) else w.contiguous()
+
+
+def _fused_recompute_grads(grad_loss, student_hidden, student_weight, teacher_hidden,
+                           teacher_weight, labels, student_bias, teacher_bias, temperature, alpha,
+                           divergence, beta, ignore_index, chunk_size, compute_grad_weight):
+    """reduction="none" backward of both routes: grads of Σ_i grad_loss[i] · loss_i."""
+    fn = _loss_kernel("fused_linear_distillation_loss", student_hidden)
+    _, gh, gw, gb = fn(
+        student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.contiguous(),
+        _c_weight(teacher_weight), _c(labels), _c(student_bias), _c(teacher_bias),
+        grad_loss.to(_acc_dtype(student_hidden)).contiguous(), chunk_size, temperature, alpha,
+        divergence, beta, ignore_index, True, compute_grad_weight,
+    )
+    return gh, gw, gb
+
+
 @torch.library.custom_op("qtorch::_fused_linear_distillation_loss_fwd", mutates_args=())
 def _fused_linear_distillation_loss_fwd(
     student_hidden: Tensor,
@@ -202,27 +250,11 @@ def _fused_linear_distillation_loss_fwd(
     ("mean"/"sum": grads of the reduced loss) or per token ("none": no grads here, the backward
     recomputes them weighted by the incoming per-token gradient). Absent grads are empty;
     grad_weight is absent (never computed) when compute_grad_weight is False."""
-    m = student_hidden.shape[0]
-    fn = _loss_kernel("fused_linear_distillation_loss", student_hidden)
-    token_scale = None
-    if reduction == "mean":
-        denom = _fused_denominator(labels, ignore_index, m, num_items_t, num_items_i)
-        scale = 0.0 if denom == 0 else 1.0 / denom
-        token_scale = torch.full((m,), scale, dtype=_acc_dtype(student_hidden),
-                                 device=student_hidden.device)
-    compute_grad = compute_grad and reduction != "none"
-    tok, gh, gw, gb = fn(
-        student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.contiguous(),
-        teacher_weight.contiguous(), _c(labels), _c(student_bias), _c(teacher_bias), token_scale,
-        chunk_size, temperature, alpha, divergence, beta, ignore_index, compute_grad,
-        compute_grad_weight,
-    )
-    if reduction == "none":
-        loss = tok
-    elif reduction == "sum":
-        loss = tok.sum()
-    else:
-        loss = (tok * token_scale.to(tok.dtype)).sum()
+    loss, gh, gw, gb = _fused_forward(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+        teacher_bias, temperature, alpha, divergence, beta, ignore_index, reduction, num_items_t,
+        num_items_i, chunk_size, compute_grad, compute_grad_weight)
+
     def empty():
         return student_hidden.new_empty((0,))  # custom-op outputs must not alias each other
 
@@ -265,13 +297,10 @@ def _fused_linear_distillation_loss_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """reduction="none" backward: grads of Σ_i grad_loss[i] · loss_i, recomputed chunk by chunk
     (grad_weight empty, never computed, when compute_grad_weight is False)."""
-    fn = _loss_kernel("fused_linear_distillation_loss", student_hidden)
-    _, gh, gw, gb = fn(
-        student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.contiguous(),
-        teacher_weight.contiguous(), _c(labels), _c(student_bias), _c(teacher_bias),
-        grad_loss.to(_acc_dtype(student_hidden)).contiguous(), chunk_size, temperature, alpha, divergence, beta,
-        ignore_index, True, compute_grad_weight,
-    )
+    gh, gw, gb = _fused_recompute_grads(
+        grad_loss, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+        student_bias, teacher_bias, temperature, alpha, divergence, beta, ignore_index,
+        chunk_size, compute_grad_weight)
     return (gh, student_hidden.new_empty((0,)) if gw is None else gw,
             student_hidden.new_empty((0,)) if gb is None else gb)
 
@@ -335,24 +364,47 @@ _lib.define(
 
 def _check_fused(sh, sw, th, tw, labels, sb, tb, chunk_size, temperature, alpha, divergence,
                  beta, reduction, num_items_in_batch) -> None:
+    """Argument checks; `tw` is a float tensor [V, Ht] or (the module route) a qtorch quantized
+    linear module, whose own bias is the teacher's bias."""
     allowed = (*chk.FLOAT_DTYPES, torch.float64)
-    for name, t in (("student_hidden", sh), ("student_weight", sw), ("teacher_hidden", th),
-                    ("teacher_weight", tw)):
+    module = tw if isinstance(tw, torch.nn.Module) else None
+    named = [("student_hidden", sh), ("student_weight", sw), ("teacher_hidden", th)]
+    for name, t in named + ([] if module is not None else [("teacher_weight", tw)]):
         chk.tensor(name, t)
         chk.dtype_in(name, t, allowed)
     chk.min_ndim("student_hidden", sh, 1)
     chk.min_ndim("teacher_hidden", th, 1)
     chk.ndim("student_weight", sw, 2)
-    chk.ndim("teacher_weight", tw, 2)
     if sh.shape[-1] != sw.shape[1]:
         raise ValueError(f"student_hidden [..., H] and student_weight [V, H] must share H, got "
                          f"{tuple(sh.shape)} and {tuple(sw.shape)}")
-    if th.shape[-1] != tw.shape[1]:
-        raise ValueError(f"teacher_hidden [..., H] and teacher_weight [V, H] must share H, got "
-                         f"{tuple(th.shape)} and {tuple(tw.shape)}")
-    if sw.shape[0] != tw.shape[0]:
-        raise ValueError(f"student and teacher vocab sizes must match: student_weight "
-                         f"{tuple(sw.shape)} vs teacher_weight {tuple(tw.shape)}")
+    if module is not None:
+        name = type(module).__name__
+        if tb is not None:
+            raise ValueError(f"teacher_bias must be None when teacher_weight is a {name} (the "
+                             f"module's own bias is the teacher's bias)")
+        if th.dtype == torch.float64:
+            raise TypeError(f"teacher_hidden must be float32, float16 or bfloat16 for a {name} "
+                            f"teacher head, got {th.dtype}")
+        if th.shape[-1] != module.in_features:
+            raise ValueError(f"teacher_hidden [..., Ht] must have Ht = {name}.in_features = "
+                             f"{module.in_features}, got {tuple(th.shape)}")
+        if sw.shape[0] != module.out_features:
+            raise ValueError(f"student and teacher vocab sizes must match: student_weight "
+                             f"{tuple(sw.shape)} vs teacher {name} out_features = "
+                             f"{module.out_features}")
+        if module._device() != th.device:
+            raise ValueError(f"teacher_weight ({name}) is on {module._device()}, teacher_hidden "
+                             f"on {th.device}")
+        tw = None
+    else:
+        chk.ndim("teacher_weight", tw, 2)
+        if th.shape[-1] != tw.shape[1]:
+            raise ValueError(f"teacher_hidden [..., H] and teacher_weight [V, H] must share H, "
+                             f"got {tuple(th.shape)} and {tuple(tw.shape)}")
+        if sw.shape[0] != tw.shape[0]:
+            raise ValueError(f"student and teacher vocab sizes must match: student_weight "
+                             f"{tuple(sw.shape)} vs teacher_weight {tuple(tw.shape)}")
     if sh.shape[:-1] != th.shape[:-1]:
         raise ValueError(f"student_hidden {tuple(sh.shape)} and teacher_hidden {tuple(th.shape)} "
                          f"must have the same leading (token) dims")
@@ -399,3 +451,82 @@ def _fused_impl(
 
 for _overload in ("fused_linear_distillation_loss", "fused_linear_distillation_loss.int_items"):
     _lib.impl(_overload, _fused_impl, "CompositeImplicitAutograd")
+
+
+# ------------------------------------------- the module route: a quantized teacher head (API.md)
+
+
+class _FusedModuleTeacher(torch.autograd.Function):
+    """The fused loss with the teacher head a qtorch quantized linear module (API.md,
+    "Distillation with a quantized teacher"). The same chunk loop and kernels as the custom op,
+    with `ModuleHead(module)` as the teacher head: each chunk's teacher logits are the module's
+    own kernel on the chunk, so no [V, Ht] float weight is built. A module is not an op argument
+    (the schema takes tensors), so this route is a Python autograd Function, eager only; its
+    backward is that of the op (the teacher gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx, sh, sw, sb, th, module, labels, args):
+        (temperature, alpha, divergence, beta, ignore_index, reduction, nt, ni, chunk,
+         compute_grad, compute_grad_weight) = args
+        head = ModuleHead(module)
+        loss, gh, gw, gb = _fused_forward(sh, sw, th, head, labels, sb, None, temperature, alpha,
+                                          divergence, beta, ignore_index, reduction, nt, ni,
+                                          chunk, compute_grad, compute_grad_weight)
+        ctx.set_materialize_grads(False)
+        ctx.reduction = reduction
+        ctx.grad_weight = compute_grad_weight
+        ctx.has_bias = sb is not None
+        if reduction == "none":
+            ctx.save_for_backward(sh, sw, th, labels, sb)
+            ctx.head = head
+            ctx.args = (temperature, alpha, divergence, beta, ignore_index, chunk,
+                        compute_grad_weight)
+        else:
+            ctx.save_for_backward(gh, gw, gb)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if grad_loss is None:
+            return (None,) * 7
+        if ctx.reduction == "none":
+            sh, sw, th, labels, sb = ctx.saved_tensors
+            with torch.no_grad():
+                gh, gw, gb = _fused_recompute_grads(grad_loss, sh, sw, th, ctx.head, labels, sb,
+                                                    None, *ctx.args)
+        else:
+            gh, gw, gb = ctx.saved_tensors
+            if gh is None:
+                raise RuntimeError("fused_linear_distillation_loss: forward ran without gradients")
+            gh = gh * grad_loss.to(gh.dtype)
+            gw = None if gw is None else gw * grad_loss.to(gw.dtype)
+            gb = None if gb is None else gb * grad_loss.to(gb.dtype)
+        gw = gw if ctx.grad_weight else None
+        gb = gb if ctx.has_bias else None
+        return gh, gw, gb, None, None, None, None
+
+
+def fused_linear_distillation_loss_module_teacher(
+    student_hidden, student_weight, teacher_hidden, teacher_module, labels=None,
+    student_bias=None, teacher_bias=None, chunk_size=None, *, temperature=1.0, alpha=0.5,
+    divergence="kl", beta=0.5, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+):
+    """`qtorch.ops.fused_linear_distillation_loss` when teacher_weight is a quantized module."""
+    _check_fused(student_hidden, student_weight, teacher_hidden, teacher_module, labels,
+                 student_bias, teacher_bias, chunk_size, temperature, alpha, divergence, beta,
+                 reduction, num_items_in_batch)
+    lead = student_hidden.shape[:-1]
+    sh = student_hidden.reshape(-1, student_hidden.shape[-1])
+    th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
+    lab = _labels_flat(labels)
+    m, v = sh.shape[0], student_weight.shape[0]
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(m, v)
+    nt = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else None
+    ni = num_items_in_batch if isinstance(num_items_in_batch, int) else -1
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias))
+    args = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index),
+            reduction, nt, ni, int(chunk), wants_grad, wants_grad and student_weight.requires_grad)
+    loss = _FusedModuleTeacher.apply(sh, student_weight, student_bias, th, teacher_module, lab,
+                                     args)
+    return loss.reshape(lead) if reduction == "none" else loss

@@ -252,11 +252,30 @@ class LinearHead:
             grad_weight.addmm_(g.T, x)
 
 
+class ModuleHead:
+    """A teacher head that is a function of the hidden states, e.g. a qtorch quantized linear
+    module (API.md, "Distillation with a quantized teacher"): each chunk's logits are
+    `fn(h_chunk)`, the module's own kernel on the chunk, so its weight is never dequantized in
+    full. Only a teacher head can be one (it needs no backward). The logits come out in the
+    module's output dtype (h's) and are widened to acc for the loss when they are not already.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def operand(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        y = self.fn(x)
+        return y if y.dtype == out.dtype else out.copy_(y)
+
+
 def fused_linear_distillation_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
     teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_weight: torch.Tensor | ModuleHead,
     labels: torch.Tensor | None,
     student_bias: torch.Tensor | None,
     teacher_bias: torch.Tensor | None,
@@ -278,7 +297,9 @@ def fused_linear_distillation_loss(
 
     This is the one chunk loop of every backend: a backend passes its per-chunk loss kernel
     (`chunk_loss`, see `chunk_loss_from`) and the head class whose GEMMs it runs (`head`, see
-    `LinearHead`); the defaults are the reference's. Per chunk of rows [a, b):
+    `LinearHead`); the defaults are the reference's. `teacher_weight` may instead be a
+    `ModuleHead` (a quantized teacher head; then teacher_bias is None and the module's bias is
+    its own). Per chunk of rows [a, b):
         s, t = logits of both heads, in the accumulation dtype (fp32; float64 for float64)
         loss[a:b], g = chunk_loss(s, t, ...)       g = token_scale_i · d loss_i / d s_i,
                                                    written over s where the kernel can
@@ -297,7 +318,10 @@ def fused_linear_distillation_loss(
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     chunk = chunk_size if chunk_size > 0 else default_chunk_size(m, vocab)
     student = head(student_weight, student_bias, acc)
-    teacher = head(teacher_weight, teacher_bias, acc)
+    if isinstance(teacher_weight, ModuleHead):
+        teacher = teacher_weight
+    else:
+        teacher = head(teacher_weight, teacher_bias, acc)
     s_buf = torch.empty((min(chunk, m), vocab), dtype=acc, device=dev)
     t_buf = torch.empty_like(s_buf)
     loss = torch.empty(m, dtype=acc, device=dev)
