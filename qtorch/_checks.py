@@ -44,6 +44,19 @@ def shape(name: str, t: torch.Tensor, expected: tuple, why: str = "") -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
 
 
+# Exact int32 accumulation of int8 products (|a·b| <= 128 · 128) holds while
+# 128 · 128 · K <= 2^31 - 1; beyond it the int8 GEMMs raise rather than wrap.
+MAX_EXACT_K = (2**31 - 1) // (128 * 128)  # 131071
+
+
+def exact_k(k: int) -> None:
+    if k > MAX_EXACT_K:
+        raise ValueError(
+            f"K = {k} is too large for exact int32 accumulation of int8 products "
+            f"(128 · 128 · K must be <= 2^31 - 1, so K <= {MAX_EXACT_K})"
+        )
+
+
 def positive(name: str, value: int) -> None:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
