@@ -63,7 +63,7 @@ def distillation_loss(
     """
     _check_loss_call_types({"student_logits": (student_logits, False),
                             "teacher_logits": (teacher_logits, False), "labels": (labels, True)},
-                           num_items_in_batch)
+                           num_items_in_batch, temperature, alpha, beta)
     return torch.ops.qtorch.distillation_loss(
         student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha,
         divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
@@ -104,7 +104,8 @@ def fused_linear_distillation_loss(
                             "teacher_hidden": (teacher_hidden, False),
                             "teacher_weight": (teacher_weight, False), "labels": (labels, True),
                             "student_bias": (student_bias, True),
-                            "teacher_bias": (teacher_bias, True)}, num_items_in_batch)
+                            "teacher_bias": (teacher_bias, True)}, num_items_in_batch,
+                           temperature, alpha, beta)
     return torch.ops.qtorch.fused_linear_distillation_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
         teacher_bias, chunk_size, temperature=temperature, alpha=alpha, divergence=divergence,
