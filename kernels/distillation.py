@@ -38,6 +38,17 @@ _NEG_INF = float("-inf")
 
 
 @triton.jit
+def _log_mix(log_p, log_q, beta, omb):
+    """log m = log(β p + (1 − β) q) in log space (as the reference's _log_mix): finite where p
+    or q is representable in log space, where log(β p + (1 − β) q) of underflowed p and q gives
+    -inf and then 0 · inf = NaN (e.g. T = 0.01)."""
+    a = tl.log(beta) + log_p  # -inf when β = 0
+    b = tl.log(omb) + log_q  # -inf when β = 1
+    mx = tl.maximum(a, b)
+    return mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+
+
+@triton.jit
 def _online_update(m, d, x):
     """Running (max, Σ exp(x − max)) over blocks: m, d fp32 scalars, x an fp32 block.
     Rows that are all −inf so far keep m = −inf and d = 0 (no −inf − −inf = NaN); +inf or
@@ -140,7 +151,7 @@ def _distill_kernel(
                 acc1 += tl.where(live, q * (log_q - log_p), 0.0)
                 acc2 += tl.where(live, q, 0.0)
             else:
-                log_m = tl.log(beta * p + omb * q)
+                log_m = _log_mix(log_p, log_q, beta, omb)
                 acc1 += tl.where(live, p * (log_p - log_m), 0.0)
                 acc2 += tl.where(mask, q * (log_q - log_m), 0.0)
         sum1 = tl.sum(acc1, axis=0)
@@ -168,7 +179,7 @@ def _distill_kernel(
                 if DIV == 1:
                     dz = q * (tl.where(live, log_q - log_p + 1.0, 0.0) - div - sum2)
                 else:
-                    log_m = tl.log(beta * tl.exp(log_p) + omb * q)
+                    log_m = _log_mix(log_p, log_q, beta, omb)
                     gj = tl.where(omb != 0.0, omb * (log_q - log_m), 0.0)
                     dz = q * (gj - qg)
                 g = soft_g * dz

@@ -3,8 +3,9 @@
 quantize_int8: symmetric per-row int8 quantization, one fused pass per row. Per row r
 (API.md, all in fp32):
     amax_r  = max_k |x[r, k]|
-    scale_r = amax_r / 127            (1.0 where amax_r == 0)
+    scale_r = amax_r / 127            (1.0 where amax_r == 0 or amax_r / 127 underflows to 0)
     q[r, k] = clamp(round_half_even(x[r, k] / scale_r), -127, 127)
+    (a row holding NaN or ±inf: scale_r = NaN, q = 0; docs/semantics.md)
 When the row fits one block (K <= MAX_ONE_BLOCK) it is loaded once and kept in registers for
 both the reduction and the quantization; longer rows take a second sweep, which is served from
 L2 since the same program just read them.
@@ -51,13 +52,25 @@ def quantize_row_block(x, scale, INTERPRET: tl.constexpr):
     y = tl.math.div_rn(x, scale)
     y = round_half_even(y, INTERPRET)
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+    # A NaN scale marks a row holding NaN/inf: its codes are 0 (the scale poisons the output).
+    y = tl.where(scale == scale, y, 0.0)
     return y.to(tl.int8)
 
 
 @triton.jit
-def row_scale(amax):
-    """scale = amax / 127, or 1.0 for an all-zero row (IEEE division, as the reference)."""
-    return tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 127.0))
+def row_scale(amax, nonfinite):
+    """scale = amax / 127 (IEEE division, as the reference); 1.0 for an all-zero row or one
+    whose amax / 127 underflows to 0; NaN for a row holding NaN or ±inf (`nonfinite` > 0:
+    counted apart because tl.maximum may drop NaN operands)."""
+    s = tl.math.div_rn(amax, 127.0)
+    s = tl.where(s == 0.0, 1.0, s)
+    return tl.where(nonfinite > 0, float("nan"), s)
+
+
+@triton.jit
+def count_nonfinite(x):
+    """How many entries of the block x are NaN or ±inf (NaN < inf is false)."""
+    return tl.sum(tl.where(tl.abs(x) < float("inf"), 0, 1), axis=0)
 
 
 @triton.jit
@@ -78,15 +91,17 @@ def _quantize_int8_kernel(
     if ONE_BLOCK:
         mask = cols < K
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = row_scale(tl.max(tl.abs(x), axis=0))
+        scale = row_scale(tl.max(tl.abs(x), axis=0), count_nonfinite(x))
         tl.store(q_row + cols, quantize_row_block(x, scale, INTERPRET), mask=mask)
     else:
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        bad = tl.zeros((BLOCK_K,), dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + cols < K
             x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = row_scale(tl.max(amax, axis=0))
+            bad += tl.where(tl.abs(x) < float("inf"), 0, 1)
+        scale = row_scale(tl.max(amax, axis=0), tl.sum(bad, axis=0))
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + cols < K
             x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)

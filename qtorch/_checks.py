@@ -44,6 +44,19 @@ def shape(name: str, t: torch.Tensor, expected: tuple, why: str = "") -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
 
 
+# Exact int32 accumulation of int8 products (|a·b| <= 128 · 128) holds while
+# 128 · 128 · K <= 2^31 - 1; beyond it the int8 GEMMs raise rather than wrap.
+MAX_EXACT_K = (2**31 - 1) // (128 * 128)  # 131071
+
+
+def exact_k(k: int) -> None:
+    if k > MAX_EXACT_K:
+        raise ValueError(
+            f"K = {k} is too large for exact int32 accumulation of int8 products "
+            f"(128 · 128 · K must be <= 2^31 - 1, so K <= {MAX_EXACT_K})"
+        )
+
+
 def positive(name: str, value: int) -> None:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
@@ -80,15 +93,37 @@ def group_size(gs: int) -> None:
 # -------------------------------------------------------- distillation losses (ops and nn)
 
 
-def loss_kwargs(temperature, alpha, divergence, beta, reduction, labels) -> None:
-    """The loss keywords of both distillation losses. `labels` only needs to say whether
-    labels are given (None: no hard-label term, so alpha must be 1.0)."""
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+# The temperatures the losses accept. Below 0.01, s / T overflows fp32 for logits of ordinary
+# size (|s| > 3e36 · T) and T² · D underflows, so kernels that divide in fp32 return inf/NaN
+# where float64 math is finite; above 100 every softmax is flat to fp32 precision (D ~ 1e-8).
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
+def number(name: str, value) -> None:
+    """A Python int or float (not a bool, a Tensor or a str): the schema types it `float`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number (int or float), got "
+                        f"{type(value).__name__} {value!r}")
+
+
+def loss_scalars(temperature, alpha, beta) -> None:
+    """The float keywords of the distillation losses: numbers, in range."""
+    number("temperature", temperature)
+    number("alpha", alpha)
+    number("beta", beta)
+    lo, hi = TEMPERATURE_RANGE
+    if not math.isfinite(temperature) or not lo <= temperature <= hi:
+        raise ValueError(f"temperature must be a finite number in [{lo}, {hi}], got {temperature!r}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+
+
+def loss_kwargs(temperature, alpha, divergence, beta, reduction, labels) -> None:
+    """The loss keywords of both distillation losses. `labels` only needs to say whether
+    labels are given (None: no hard-label term, so alpha must be 1.0)."""
+    loss_scalars(temperature, alpha, beta)
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if reduction not in REDUCTIONS:

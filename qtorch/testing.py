@@ -1,5 +1,6 @@
 """Helpers shared by tests, `qtorch validate`, benchmarks and examples: SQNR, per-dtype
-tolerances, the int8 rounding-tie tolerance, the device a backend runs on, and the peak
+tolerances, agreement with the reference on non-finite results (`assert_matches`), the int8
+rounding-tie tolerance, the device a backend runs on, and the peak
 resident memory of this process."""
 
 from __future__ import annotations
@@ -54,6 +55,32 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
     if scale is None:
         scale = max(ref.detach().abs().max().item() if ref.numel() else 0.0, 1.0)
     torch.testing.assert_close(out.double(), ref.double(), atol=atol * scale, rtol=rtol)
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None,
+                   scale: float | None = None, *, exact_nan: bool = False) -> None:
+    """out agrees with the reference result ref under docs/semantics.md: same shape and dtype,
+    non-finite at exactly the positions where ref is (with `exact_nan`, NaN exactly where ref
+    is NaN, as the W8A8 ops promise; otherwise NaN vs ±inf may differ by summation order),
+    and the finite values within `assert_close`'s tolerance, `scale` defaulting to the
+    largest finite |ref|."""
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"dtype {out.dtype} != reference {ref.dtype}"
+    out, ref = out.detach().cpu(), ref.detach().cpu()
+    fin_out, fin_ref = torch.isfinite(out), torch.isfinite(ref)
+    if not torch.equal(fin_out, fin_ref):
+        bad = (fin_out != fin_ref).nonzero()[0].tolist()
+        raise AssertionError(f"finite where the reference is not (or the other way) at {bad}: "
+                             f"{out[tuple(bad)].item()} vs reference {ref[tuple(bad)].item()}")
+    if exact_nan and not torch.equal(out.isnan(), ref.isnan()):
+        bad = (out.isnan() != ref.isnan()).nonzero()[0].tolist()
+        raise AssertionError(f"NaN mismatch at {bad}: {out[tuple(bad)].item()} vs reference "
+                             f"{ref[tuple(bad)].item()}")
+    if not bool(fin_ref.any()):
+        return
+    if scale is None:
+        scale = max(ref[fin_ref].double().abs().max().item(), 1.0)
+    assert_close(out[fin_ref], ref[fin_ref], dtype=dtype or out.dtype, scale=scale)
 
 
 def int8_tie_tolerance(x_scale: torch.Tensor, w_scale: torch.Tensor) -> float:

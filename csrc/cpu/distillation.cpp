@@ -39,7 +39,10 @@ DType kernel_dtype(const at::Tensor& t, const char* what) {
 
 dk::Params make_params(double temperature, double alpha, c10::string_view divergence,
                        double beta) {
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  // The op's range (qtorch/_checks.py): below 0.01, 1 / T overflows fp32 logits and T² D
+  // loses every digit; above 100 every softmax is flat to fp32 precision.
+  TORCH_CHECK_VALUE(temperature >= 0.01 && temperature <= 100,
+                    "temperature must be in [0.01, 100], got ", temperature);
   TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "alpha must be in [0, 1], got ", alpha);
   TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, "beta must be in [0, 1], got ", beta);
   dk::Params p;
@@ -110,7 +113,8 @@ Rows check_rows(const at::Tensor& student, const at::Tensor& teacher,
   r.V = student.size(1);
   TORCH_CHECK_VALUE(r.V >= 1, "vocab size must be >= 1, got ", r.V);
   r.labels = check_labels(labels, r.M, r.V, ignore_index);
-  TORCH_CHECK_VALUE(r.labels != nullptr || r.P.alpha == 1.0f,
+  // (labels of an empty batch have no data pointer: ask whether labels were given, not that)
+  TORCH_CHECK_VALUE(labels.has_value() || r.P.alpha == 1.0f,
                     "labels=None leaves no hard-label term, so alpha must be 1.0, got ", alpha);
   return r;
 }

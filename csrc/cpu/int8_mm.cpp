@@ -27,6 +27,10 @@
 namespace im = qtorch::cpu::int8_mm;
 using qtorch::cpu::DType;
 
+// The largest K whose int32 dot products of int8 values cannot overflow: 128 * 128 * K must
+// stay <= 2^31 - 1 (API.md promises exact int32 accumulation).
+constexpr int64_t kMaxExactK = ((int64_t(1) << 31) - 1) / (128 * 128);  // 131071
+
 namespace {
 
 DType kernel_dtype(at::ScalarType t, const char* what, bool allow_int32) {
@@ -152,6 +156,9 @@ at::Tensor int8_scaled_mm(const at::Tensor& a_in, const at::Tensor& bp, int64_t 
   const at::Tensor a = a_in.contiguous();
   const int64_t M = a.size(0), K = a.size(1);
   TORCH_CHECK_VALUE(K >= 1 && N >= 0, "int8_scaled_mm: need K >= 1, got K=", K);
+  // Exact int32 accumulation needs 128 * 128 * K <= 2^31 - 1 (the op checks it first).
+  TORCH_CHECK_VALUE(K <= kMaxExactK, "int8_scaled_mm: K=", K, " exceeds ", kMaxExactK,
+                    ", beyond which the int32 accumulation can overflow");
   check_int8_packed(bp, N, K);
   const at::Tensor sa = f32_vector(scale_a, M, "scale_a"), sb = f32_vector(scale_b, N, "scale_b");
   at::Tensor b32;
@@ -185,6 +192,8 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK_VALUE(K >= 1, "int8_linear: need K >= 1, got K=", K);
+  TORCH_CHECK_VALUE(K <= kMaxExactK, "int8_linear: K=", K, " exceeds ", kMaxExactK,
+                    ", beyond which the int32 accumulation can overflow");
   check_int8_packed(wp, N, K);
   const at::Tensor sb = f32_vector(w_scale, N, "w_scale");
   at::Tensor b32;

@@ -159,7 +159,7 @@ at::Tensor grad_input(Layout l, const at::Tensor& grad, at::TensorList w, int64_
 }
 
 // Beyond this K an int32 dot product of int8 values can overflow; the op decides what happens.
-constexpr int64_t kMaxExactK = (int64_t(1) << 31) / (128 * 128);
+constexpr int64_t kMaxExactK = ((int64_t(1) << 31) - 1) / (128 * 128);  // 131071
 
 bool is_float(at::ScalarType s) { return s == at::kFloat || s == at::kHalf || s == at::kBFloat16; }
 

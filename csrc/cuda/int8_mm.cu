@@ -8,7 +8,7 @@
 //   * global -> shared through cp.async (16-byte, L1-bypassing) in a STAGES-deep ring, so
 //     STAGES - 1 slices are in flight while the tensor cores work on the current one;
 //   * shared -> registers with ldmatrix.x4, feeding mma.sync.m16n8k32 s8 x s8 -> s32: the
-//     accumulation is exact integer arithmetic (|a b| <= 127^2, K < 2^17 keeps it in int32);
+//     accumulation is exact integer arithmetic (|a b| <= 128^2; the op bounds K <= 131071);
 //   * shared memory rows are 64 bytes = four 16-byte chunks; chunk c of row r is stored at
 //     chunk c ^ ((r >> 1) & 3). ldmatrix reads one chunk from 8 consecutive rows per phase;
 //     unswizzled, rows r and r + 2 hit the same banks (4-way conflict); swizzled, the 8 rows
@@ -262,8 +262,8 @@ __global__ void __launch_bounds__(256)
   int8_t* qr = q + (size_t)row * ldq;
   const int nvec = K / VEC;
 
-  // fmaxf drops NaN operands while the reference's amax propagates them, so NaNs are counted
-  // alongside and a row holding one gets a NaN scale, as in the reference.
+  // fmaxf drops NaN operands, so NaN and ±inf entries are counted alongside: a row holding one
+  // gets a NaN scale and q = 0, as in the reference (docs/semantics.md), so its outputs are NaN.
   float amax = 0.f, nans = 0.f;
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
     const Vec<T, VEC> v = reinterpret_cast<const Vec<T, VEC>*>(xr)[i];
@@ -271,13 +271,15 @@ __global__ void __launch_bounds__(256)
     for (int e = 0; e < VEC; ++e) {
       const float f = to_float(v.v[e]);
       amax = fmaxf(amax, fabsf(f));
-      nans += isnan(f) ? 1.f : 0.f;
+      nans += isfinite(f) ? 0.f : 1.f;
     }
   }
   amax = block_reduce<true>(amax, scratch);
   nans = block_reduce<false>(nans, scratch);
-  if (nans > 0.f) amax = NAN;
-  const float s = (amax == 0.f) ? 1.f : amax / 127.f;
+  const bool bad = nans > 0.f;
+  // A scale that underflows to 0 (amax < 127 * 2^-149) counts as amax == 0: scale 1, q 0.
+  float s = amax / 127.f;
+  s = bad ? NAN : (s == 0.f ? 1.f : s);
   if (threadIdx.x == 0) scale[row] = s;
 
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
@@ -286,8 +288,8 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       const float r = rintf(to_float(v.v[e]) / s);
-      // (A NaN input clamps to -127 here; its row's NaN scale still poisons the output.)
-      o.v[e] = static_cast<int8_t>(static_cast<int>(fminf(fmaxf(r, -127.f), 127.f)));
+      const int8_t qv = static_cast<int8_t>(static_cast<int>(fminf(fmaxf(r, -127.f), 127.f)));
+      o.v[e] = bad ? int8_t(0) : qv;
     }
     reinterpret_cast<Vec<int8_t, VEC>*>(qr)[i] = o;
   }

@@ -252,8 +252,41 @@ class _QuantizedLinear(nn.Module):
         self._unpack()  # the state dict holds (and aliases) the canonical buffers
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
+    # What a state dict may hold for each canonical buffer (API.md, "Modules"): integer buffers
+    # by exact dtype and value range (load_state_dict would otherwise cast a float qweight by
+    # truncation, wrap an int32 300 or take a zero point of 200 without a word); float scales,
+    # which only warn when non-finite (a NaN scale is a valid float, but its outputs are NaN).
+    _INT_BUFFERS: dict = {}  # key -> (dtype, (lo, hi) | None)
+    _SCALE_BUFFERS: tuple = ()
+
+    def _check_state(self, state_dict, prefix) -> None:
+        for key, (dtype, bounds) in self._INT_BUFFERS.items():
+            t = state_dict.get(prefix + key)
+            if not isinstance(t, Tensor):
+                continue  # missing keys are load_state_dict's to report
+            if t.dtype != dtype:
+                raise TypeError(f"{prefix + key} must have dtype {dtype} in the state dict of "
+                                f"{type(self).__name__}, got {t.dtype}")
+            if bounds is not None and t.numel() and not t.is_meta:
+                lo, hi = bounds
+                bad = (t < lo) | (t > hi)
+                if bool(bad.any()):
+                    raise ValueError(f"{prefix + key} must hold values in [{lo}, {hi}], got "
+                                     f"{int(t[bad][0])} ({int(bad.sum())} value(s) out of range)")
+        for key in self._SCALE_BUFFERS:
+            t = state_dict.get(prefix + key)
+            if not isinstance(t, Tensor):
+                continue
+            if not t.is_floating_point():
+                raise TypeError(f"{prefix + key} must be a float32 tensor in the state dict of "
+                                f"{type(self).__name__}, got {t.dtype}")
+            if t.numel() and not t.is_meta and not bool(torch.isfinite(t).all()):
+                warnings.warn(f"{prefix + key} holds non-finite values (NaN or inf): the outputs "
+                              f"that use them will be NaN or inf", RuntimeWarning, stacklevel=4)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        self._check_state(state_dict, prefix)
         self._unpack()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -329,6 +362,9 @@ class _QuantizedLinear(nn.Module):
 
 class _Int8Linear(_QuantizedLinear):
     """Per-output-channel symmetric int8 weight: ŵ[n, k] = qweight[n, k] * weight_scale[n]."""
+
+    _INT_BUFFERS = {"qweight": (torch.int8, None)}
+    _SCALE_BUFFERS = ("weight_scale",)
 
     def __init__(
         self,
@@ -406,6 +442,9 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
 
     _OP = "int4_weight_only_linear"
     _FAMILY = "w4a16"
+    # qweight: two nibbles a byte, so every uint8 is valid; a zero point is one int4 code.
+    _INT_BUFFERS = {"qweight": (torch.uint8, None), "zeros": (torch.uint8, (0, 15))}
+    _SCALE_BUFFERS = ("scales",)
 
     def __init__(
         self,

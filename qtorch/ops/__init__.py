@@ -63,7 +63,7 @@ def distillation_loss(
     """
     _check_loss_call_types({"student_logits": (student_logits, False),
                             "teacher_logits": (teacher_logits, False), "labels": (labels, True)},
-                           num_items_in_batch)
+                           num_items_in_batch, temperature, alpha, beta)
     return torch.ops.qtorch.distillation_loss(
         student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha,
         divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
@@ -120,7 +120,8 @@ def fused_linear_distillation_loss(
                                                module_teacher),
                             "labels": (labels, True),
                             "student_bias": (student_bias, True),
-                            "teacher_bias": (teacher_bias, True)}, num_items_in_batch)
+                            "teacher_bias": (teacher_bias, True)}, num_items_in_batch,
+                           temperature, alpha, beta)
     if module_teacher:
         return _distillation.fused_linear_distillation_loss_module_teacher(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,

@@ -209,7 +209,11 @@ except (ImportError, AttributeError):
     FAST = {}
 
 
-def _check_loss_call_types(tensors: dict, num_items_in_batch) -> None:
+def _check_loss_call_types(tensors: dict, num_items_in_batch, temperature, alpha,
+                           beta) -> None:
+    """What the dispatcher would reject with a schema-mismatch RuntimeError, checked first so
+    the error is a TypeError (or ValueError) naming the argument."""
     for name, (value, optional) in tensors.items():
         chk.tensor(name, value, optional=optional)
     chk.num_items_in_batch(num_items_in_batch)
+    chk.loss_scalars(temperature, alpha, beta)

@@ -19,8 +19,10 @@ from qtorch.reference.distillation import ModuleHead, default_chunk_size
 
 
 def _loss_kernel(op: str, x: Tensor):
-    # float64 (gradcheck) runs the reference in float64; kernels take fp32/fp16/bf16.
-    if x.dtype == torch.float64:
+    # float64 (gradcheck) runs the reference in float64; kernels take fp32/fp16/bf16. An empty
+    # batch (0 tokens) has nothing to compute: the reference gives its empty results (a loss
+    # of 0 once reduced) on every backend, whatever a kernel's launch makes of 0 rows.
+    if x.dtype == torch.float64 or x.shape[0] == 0:
         return _backend.reference_kernel(op)
     return _kernel(op, x.device)
 
@@ -322,6 +324,7 @@ def _fused_setup(ctx, inputs, output):
     ctx.reduction = reduction
     ctx.has_bias = sb is not None
     ctx.grad_weight = grad_weight
+    ctx.tokens = sh.shape[0]  # 0 tokens: empty gradients are the real ones
     if reduction == "none":
         ctx.save_for_backward(sh, sw, th, tw, labels, sb, tb)
         ctx.args = (temperature, alpha, divergence, beta, ignore_index, chunk_size, grad_weight)
@@ -338,7 +341,7 @@ def _fused_backward(ctx, grad_loss, *_):
                                                          *ctx.args)
     else:
         gh, gw, gb = ctx.saved_tensors
-        if gh.numel() == 0 and sum(ctx.needs_input_grad[:2]):
+        if gh.numel() == 0 and ctx.tokens != 0 and sum(ctx.needs_input_grad[:2]):
             raise RuntimeError("fused_linear_distillation_loss: forward ran without gradients")
         gh, gw = gh * grad_loss.to(gh.dtype), gw * grad_loss.to(gw.dtype)
         gb = gb * grad_loss.to(gb.dtype)

@@ -63,6 +63,7 @@ def _check_int8_scaled_mm(a, b, scale_a, scale_b, bias, out_dtype) -> None:
             f"a [M, K] and b [N, K] must share K, got a {tuple(a.shape)} and b {tuple(b.shape)}"
         )
     chk.positive("K", a.shape[1])
+    chk.exact_k(a.shape[1])
     chk.positive("b.shape[0] (N)", b.shape[0])
     chk.dtype_in("scale_a", scale_a, (torch.float32,))
     chk.dtype_in("scale_b", scale_b, (torch.float32,))
@@ -108,8 +109,20 @@ def int8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = N
     """Dynamic W8A8: x [..., K] fp32/fp16/bf16 quantized per token, int8 GEMM with
     w_q [N, K] int8 / w_scale [N] fp32, + bias; result [..., N] in x.dtype. Differentiable
     w.r.t. x (straight-through activation quantization) and bias."""
+    _check_k(w_q)
     return _int8_linear_call("int8_linear", x, w_q, w_scale, bias)
 
 
-int8_linear.register_fake(_int8_linear_fake)
+def _check_k(w_q) -> None:
+    # W8A8 accumulates int8 products in int32 like int8_scaled_mm, so the same K bound holds
+    # (W8A16 accumulates in fp32 and has none).
+    if isinstance(w_q, Tensor) and w_q.dim() == 2:
+        chk.exact_k(w_q.shape[1])
+
+
+@int8_linear.register_fake
+def _(x, w_q, w_scale, bias=None):
+    _check_k(w_q)
+    return _int8_linear_fake(x, w_q, w_scale, bias)
+
 int8_linear.register_autograd(_int8_linear_backward, setup_context=_setup_linear)

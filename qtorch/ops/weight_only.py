@@ -41,6 +41,7 @@ int8_weight_only_linear.register_fake(_int8_linear_fake)
 def int8_linear_grad_input(grad_out: Tensor, w_q: Tensor, w_scale: Tensor) -> Tensor:
     """grad_out [..., N] @ (w_q * w_scale[:, None]) -> [..., K] in grad_out.dtype (the
     backward of both int8 linears w.r.t. x)."""
+    _check_int8_grad_input(grad_out, w_q, w_scale)
     k = w_q.shape[1]
     if grad_out.numel() == 0:
         return grad_out.new_zeros((*grad_out.shape[:-1], k))
@@ -50,8 +51,30 @@ def int8_linear_grad_input(grad_out: Tensor, w_q: Tensor, w_scale: Tensor) -> Te
     )
 
 
+def _check_grad_out(grad_out, n: int, name_of_n: str) -> None:
+    chk.tensor("grad_out", grad_out)
+    chk.dtype_in("grad_out", grad_out, chk.FLOAT_DTYPES)
+    chk.min_ndim("grad_out", grad_out, 1)
+    if grad_out.shape[-1] != n:
+        raise ValueError(f"grad_out [..., N] must have N = {name_of_n} = {n}, got grad_out "
+                         f"{tuple(grad_out.shape)}")
+
+
+def _check_int8_grad_input(grad_out, w_q, w_scale) -> None:
+    for name, t in (("w_q", w_q), ("w_scale", w_scale)):
+        chk.tensor(name, t)
+    chk.dtype_in("w_q", w_q, (torch.int8,))
+    chk.ndim("w_q", w_q, 2)
+    chk.dtype_in("w_scale", w_scale, (torch.float32,))
+    chk.positive("w_q.shape[1] (K)", w_q.shape[1])
+    chk.vector("w_scale", w_scale, w_q.shape[0], "one per output channel")
+    _check_grad_out(grad_out, w_q.shape[0], "w_q.shape[0]")
+    chk.same_device(grad_out=grad_out, w_q=w_q, w_scale=w_scale)
+
+
 @int8_linear_grad_input.register_fake
 def _(grad_out, w_q, w_scale):
+    _check_int8_grad_input(grad_out, w_q, w_scale)
     return grad_out.new_empty((*grad_out.shape[:-1], w_q.shape[1]))
 
 
@@ -199,6 +222,7 @@ def int4_linear_grad_input(
     grad_out: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int
 ) -> Tensor:
     """grad_out [..., N] @ ŵ -> [..., K] in grad_out.dtype (backward of the W4A16 linear)."""
+    _check_int4_grad_input(grad_out, qweight, scales, zeros, group_size)
     k = qweight.shape[1] * 2
     if grad_out.numel() == 0:
         return grad_out.new_zeros((*grad_out.shape[:-1], k))
@@ -208,8 +232,15 @@ def int4_linear_grad_input(
     return out.reshape(*grad_out.shape[:-1], k)
 
 
+def _check_int4_grad_input(grad_out, qweight, scales, zeros, group_size) -> None:
+    _check_int4_weights(qweight, scales, zeros, group_size)
+    _check_grad_out(grad_out, qweight.shape[0], "qweight.shape[0]")
+    chk.same_device(grad_out=grad_out, qweight=qweight)
+
+
 @int4_linear_grad_input.register_fake
 def _(grad_out, qweight, scales, zeros, group_size):
+    _check_int4_grad_input(grad_out, qweight, scales, zeros, group_size)
     return grad_out.new_empty((*grad_out.shape[:-1], qweight.shape[1] * 2))
 
 

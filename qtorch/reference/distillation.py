@@ -9,6 +9,8 @@ Per token (row) i, all in float32:
     loss_i = α · T² · D + (1 − α) · CE(s, label_i)      (CE on the un-tempered student)
 
 A teacher logit of −inf is a masked vocabulary entry: p_j = 0 and every term of entry j is 0.
+Any other non-finite logit makes the token's loss non-finite (NaN or ±inf); the gradient of
+such a token is not defined (docs/semantics.md).
 Ignored tokens (label == ignore_index) give loss 0 and a zero gradient whatever they hold.
 The kernels return per-token losses and, when asked, d loss_i / d s_i; `qtorch.ops` reduces.
 """
@@ -64,6 +66,14 @@ def _token_losses(
     else:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     loss = alpha * temperature**2 * d
+    # API.md: a NaN or +inf logit gives a non-finite loss, never a silent 0, even where the
+    # divergence does not read it (jsd with β = 0 never reads p, with β = 1 never q). A -inf
+    # logit is a probability of 0, which the formulas handle as they stand.
+    def bad(x):
+        return ((x != x) | (x == float("inf"))).any(-1)
+
+    poisoned = bad(s) | bad(t)
+    loss = torch.where(poisoned & torch.isfinite(loss), float("nan"), loss)
     if labels is not None:
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         hard = torch.logsumexp(s, dim=-1) - s.gather(1, safe[:, None]).squeeze(1)

@@ -88,10 +88,27 @@ void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_
 
 // Per-row symmetric quantization of rows [m0, m1) of x (F32/F16/BF16 [M, ldx]):
 //   amax = max_k |x|, scale = amax / 127 (1 where amax == 0), q = clamp(rne(x / scale), -127, 127)
-// scale[m] is written. If q != null, q[m, 0..K) gets q (s8, row stride ldq). If ap != null,
+// with the edge cases of docs/semantics.md: a row holding a NaN or ±inf gets scale NaN and q 0
+// (its outputs are NaN, never finite and wrong), and a scale that underflows to 0 counts as
+// amax == 0 (scale 1, q 0). scale[m] is written. If q != null, q[m, 0..K) gets q (s8, row stride ldq). If ap != null,
 // row m of packed A (stride padded_k(K)) gets q + 128 with the pad columns set to 128.
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
                    float* scale, int8_t* q, int64_t ldq, uint8_t* ap);
+
+// amax is taken as the integer max of the bit patterns of |x| (sign bit cleared): for
+// non-negative floats the integer order is the float order, and every NaN and +inf lies at or
+// above 0x7f800000, so one vector max (max_epi32) finds both amax and "row not finite", where
+// max_ps would silently drop NaN operands.
+constexpr uint32_t kNonFiniteBits = 0x7f800000u;
+// The row scale from the max bit pattern of |x|: NaN for a non-finite row, 1 for amax == 0 or
+// an amax / 127 that underflows to 0, else amax / 127 (IEEE division, as the reference).
+inline float row_scale_from_bits(uint32_t amax_bits) {
+  if (amax_bits >= kNonFiniteBits) return __builtin_nanf("");
+  float amax;
+  __builtin_memcpy(&amax, &amax_bits, 4);
+  const float s = amax / 127.f;
+  return s == 0.f ? 1.f : s;
+}
 
 // Rows [m0, m1) of s8 a [M, lda] into packed A (stride padded_k(K)).
 void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap);

@@ -12,6 +12,7 @@
 // exact floats from bytes by and + xor + sub (simd_avx2.h; no vpternlogd here).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -54,16 +55,32 @@ void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t 
   const __m256i shift = _mm256_set1_epi32(128);
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t base = m * ldx;
-    __m256 vmax = _mm256_setzero_ps();
+    // Integer max of the |x| bit patterns: finds amax and NaN/inf at once (int8_mm.h).
+    __m256i vmax = _mm256_setzero_si256();
     for (int64_t k = 0; k < K8; k += 8)
-      vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8<T>(x, base + k), absmask));
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vmax);
-    float amax = 0.f;
-    for (float v : lanes) amax = std::fmax(amax, v);
-    for (int64_t k = K8; k < K; ++k) amax = std::fmax(amax, std::fabs(load1<T>(x, base + k)));
-    const float s = amax == 0.f ? 1.f : amax / 127.f;
+      vmax = _mm256_max_epi32(vmax,
+                              _mm256_castps_si256(_mm256_and_ps(load8<T>(x, base + k), absmask)));
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmax);
+    uint32_t amax_bits = 0;
+    for (uint32_t v : lanes) amax_bits = std::max(amax_bits, v);
+    for (int64_t k = K8; k < K; ++k) {
+      const float a = std::fabs(load1<T>(x, base + k));
+      uint32_t b;
+      std::memcpy(&b, &a, 4);
+      amax_bits = std::max(amax_bits, b);
+    }
+    const float s = row_scale_from_bits(amax_bits);
     scale[m] = s;
+    if (amax_bits >= kNonFiniteBits) {  // a NaN/inf row: q = 0 (its NaN scale poisons the output)
+      for (int64_t k = 0; k < K; ++k) {
+        if (q) q[m * ldq + k] = 0;
+        if (ap) ap[m * Kp + k] = 128;
+      }
+      if (ap)
+        for (int64_t k = K; k < Kp; ++k) ap[m * Kp + k] = 128;
+      continue;
+    }
     // q = clamp(rne(x / s)) with a true division, bitwise the reference (cvtps2dq is RNE).
     const __m256 vs = _mm256_set1_ps(s);
     for (int64_t k = 0; k < K8; k += 8) {

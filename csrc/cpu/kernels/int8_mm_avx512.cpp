@@ -56,12 +56,23 @@ void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t 
   const __m512i shift = _mm512_set1_epi32(128);
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t base = m * ldx;
-    __m512 vmax = _mm512_setzero_ps();
+    // Integer max of the |x| bit patterns: finds amax and NaN/inf at once (int8_mm.h).
+    __m512i vmax = _mm512_setzero_si512();
     for (int64_t k = 0; k < K; k += 16)
-      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16<T>(x, base + k, tail16(K - k))));
-    const float amax = _mm512_reduce_max_ps(vmax);
-    const float s = amax == 0.f ? 1.f : amax / 127.f;
+      vmax = _mm512_max_epi32(
+          vmax, _mm512_castps_si512(_mm512_abs_ps(load16<T>(x, base + k, tail16(K - k)))));
+    const uint32_t amax_bits = uint32_t(_mm512_reduce_max_epi32(vmax));
+    const float s = row_scale_from_bits(amax_bits);
     scale[m] = s;
+    if (amax_bits >= kNonFiniteBits) {  // a NaN/inf row: q = 0 (its NaN scale poisons the output)
+      for (int64_t k = 0; k < K; ++k) {
+        if (q) q[m * ldq + k] = 0;
+        if (ap) ap[m * Kp + k] = 128;
+      }
+      if (ap)
+        for (int64_t k = K; k < Kp; ++k) ap[m * Kp + k] = 128;
+      continue;
+    }
     // q = clamp(rne(x / s)): true division (not x * (127 / amax)) so the result is bitwise the
     // reference's; cvtps2dq rounds half to even under the default MXCSR.
     const __m512 vs = _mm512_set1_ps(s);

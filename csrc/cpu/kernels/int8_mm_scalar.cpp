@@ -1,5 +1,6 @@
 // Scalar W8A8 kernels (the portable path and the definition the SIMD paths are tested
 // against), weight packing, and the per-process ISA dispatch of int8_mm.h.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -76,14 +77,20 @@ void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, 
                    float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
   const int64_t Kp = padded_k(K);
   for (int64_t m = m0; m < m1; ++m) {
-    float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(load_x(x, xt, m * ldx + k)));
-    const float s = amax == 0.f ? 1.f : amax / 127.f;
+    uint32_t amax_bits = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = std::fabs(load_x(x, xt, m * ldx + k));
+      uint32_t b;
+      std::memcpy(&b, &a, 4);
+      amax_bits = std::max(amax_bits, b);
+    }
+    const float s = row_scale_from_bits(amax_bits);
+    const bool finite = amax_bits < kNonFiniteBits;
     scale[m] = s;
     for (int64_t k = 0; k < K; ++k) {
       float r = std::nearbyint(load_x(x, xt, m * ldx + k) / s);  // RNE (default rounding mode)
       r = std::fmin(std::fmax(r, -127.f), 127.f);
-      const int v = int(r);
+      const int v = finite ? int(r) : 0;
       if (q) q[m * ldq + k] = int8_t(v);
       if (ap) ap[m * Kp + k] = uint8_t(v + 128);
     }

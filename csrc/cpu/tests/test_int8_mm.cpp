@@ -230,6 +230,14 @@ void check_quantize(int64_t M, int64_t K, DType xt, std::mt19937& rng) {
   if (M > 1)
     for (int64_t k = 0; k < K; ++k) xf[size_t(K + k)] = 0.f;  // all-zero row: scale 1
   if (M > 2 && K > 2) xf[size_t(2 * K + 1)] = 127.f * 0.5f, xf[size_t(2 * K)] = 127.f;  // tie
+  // Edge rows (docs/semantics.md): NaN last (a vector tail), +inf first (the vector body),
+  // -inf in the middle: scale NaN, q 0; then a row of 1e-45, whose scale underflows: scale 1, q 0.
+  if (M > 6) {
+    xf[size_t(3 * K + K - 1)] = NAN;
+    xf[size_t(4 * K)] = INFINITY;
+    xf[size_t(5 * K + K / 2)] = -INFINITY;
+    for (int64_t k = 0; k < K; ++k) xf[size_t(6 * K + k)] = 1e-45f;
+  }
   std::vector<uint16_t> xh(size_t(M * K));
   const void* x = xf.data();
   if (xt != DType::F32) {
@@ -262,15 +270,20 @@ void check_quantize(int64_t M, int64_t K, DType xt, std::mt19937& rng) {
     fail(cfg("quantize out of bounds", M, 0, K));
   for (int64_t m = 0; m < M; ++m) {
     float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(xf[size_t(m * K + k)]));
-    const float s = amax == 0.f ? 1.f : amax / 127.f;
-    if (scale[size_t(m)] != s) {
+    bool finite = true;
+    for (int64_t k = 0; k < K; ++k) {
+      amax = std::fmax(amax, std::fabs(xf[size_t(m * K + k)]));
+      finite = finite && std::isfinite(xf[size_t(m * K + k)]);
+    }
+    const float s = !finite ? NAN : amax / 127.f == 0.f ? 1.f : amax / 127.f;
+    if (!(scale[size_t(m)] == s || (std::isnan(s) && std::isnan(scale[size_t(m)])))) {
       fail(cfg("quantize scale", M, 0, K));
       return;
     }
     for (int64_t k = 0; k < Kp; ++k) {
       int want = 0;
-      if (k < K) want = int(std::fmin(std::fmax(std::nearbyint(xf[size_t(m * K + k)] / s), -127.f), 127.f));
+      if (k < K && finite)
+        want = int(std::fmin(std::fmax(std::nearbyint(xf[size_t(m * K + k)] / s), -127.f), 127.f));
       if ((k < K && q[size_t(m * K + k)] != want) || ap[size_t(m * Kp + k)] != want + 128) {
         fail(cfg(xt == DType::F32 ? "quantize f32" : xt == DType::F16 ? "quantize f16" : "quantize bf16", M, 0, K));
         return;
