@@ -306,11 +306,12 @@ class _Calibration:
         in_block = [[m for m in block.modules() if id(m) in self.target_ids] for block in blocks]
         last = max(i for i, t in enumerate(in_block) if t)
         for i in range(last + 1):
-            block = blocks[i]
 
-            def call(b, block=block, i=i):
+            def call(b, i=i):
                 rest, kwargs = extras[b][i]
-                return block(hidden[b], *rest, **kwargs)
+                # blocks[i], not a reference taken earlier: a block that is itself a target
+                # layer is replaced by its stand-in
+                return blocks[i](hidden[b], *rest, **kwargs)
 
             if in_block[i]:
                 self._region(lambda b, call=call: _run(lambda: call(b)), in_block[i])

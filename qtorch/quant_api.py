@@ -129,9 +129,8 @@ def quantize_(
         if why is not None:
             skipped.append(f"{fqn or '<root>'} ({why})")
             return None
-        if calibrated is not None:
-            return calibrated[id(linear)]
-        return cls.from_float(linear, **fields)
+        new = calibrated[id(linear)] if calibrated is not None else cls.from_float(linear, **fields)
+        return new.train(linear.training)
 
     if isinstance(model, nn.Linear):
         new = convert("", model)

@@ -21,7 +21,7 @@ from qtorch.quantizers.grid import Grid, fake_quant, params_from_range, rtn_rang
 # shrink factors tried, RTN's range (1.0) first
 SHRINK = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 ... 0.5
 
-_CHUNK = 1 << 18  # elements of w per step: the temporaries stay in cache
+_CHUNK = 1 << 16  # elements of w per step: the temporaries stay in cache
 
 
 def candidate_range(grid: Grid, lo: Tensor, hi: Tensor, p: float) -> tuple[Tensor, Tensor]:
