@@ -47,8 +47,10 @@ def call_model(model: nn.Module, batch):
         return model(*batch)
     if isinstance(batch, Mapping):
         return model(**batch)
-    raise TypeError("calibration_data must yield Tensors, tuples or dicts of model inputs, got "
-                    f"{type(batch).__name__}")
+    raise TypeError(
+        "calibration_data must yield Tensors, tuples or dicts of model inputs, got "
+        f"{type(batch).__name__}"
+    )
 
 
 def _run(fn: Callable[[], object]):
@@ -65,8 +67,7 @@ class _PlainProgress:
     def update(self, k: int) -> None:
         self.n += k
         end = "\n" if self.n >= self.total else ""
-        print(f"\r{self.desc}: {self.n}/{self.total} layers", end=end, file=sys.stderr,
-              flush=True)
+        print(f"\r{self.desc}: {self.n}/{self.total} layers", end=end, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
@@ -108,13 +109,18 @@ def _split_hidden(args: tuple, kwargs: dict):
 
 def _same_extras(a, b) -> bool:
     (ra, ka), (rb, kb) = a, b
-    return (len(ra) == len(rb) and all(x is y for x, y in zip(ra, rb))
-            and ka.keys() == kb.keys() and all(ka[k] is kb[k] for k in ka))
+    return (
+        len(ra) == len(rb)
+        and all(x is y for x, y in zip(ra, rb))
+        and ka.keys() == kb.keys()
+        and all(ka[k] is kb[k] for k in ka)
+    )
 
 
 class _Calibration:
-    def __init__(self, model: nn.Module, targets: list[nn.Linear], grid: Grid, cls,
-                 init_kw: dict, data: list) -> None:
+    def __init__(
+        self, model: nn.Module, targets: list[nn.Linear], grid: Grid, cls, init_kw: dict, data: list
+    ) -> None:
         self.model, self.grid, self.cls, self.init_kw, self.data = model, grid, cls, init_kw, data
         self.targets = targets
         self.target_ids = {id(t) for t in targets}
@@ -152,8 +158,7 @@ class _Calibration:
             self.result[id(lin)] = self.cls._from_quantized(lin, own, **self.init_kw)
             with torch.device("meta"):
                 stand_in = nn.Linear(lin.in_features, lin.out_features, bias=False)
-            stand_in.weight = nn.Parameter(w_hat[r0:r1].to(lin.weight.dtype),
-                                           requires_grad=False)
+            stand_in.weight = nn.Parameter(w_hat[r0:r1].to(lin.weight.dtype), requires_grad=False)
             stand_in.bias = lin.bias
             self._swap(lin, stand_in)
             r0 = r1
@@ -246,13 +251,16 @@ class _Calibration:
                     rec["pre"][i] = (args, kwargs)
                     if i == 1 and not rec.get("full"):
                         raise _Stop
+
                 return hook
 
             def post0(mod, args, out):
                 rec["out0"] = out
 
-            hs = [blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True)
-                  for i in range(len(blocks))]
+            hs = [
+                blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True)
+                for i in range(len(blocks))
+            ]
             hs.append(blocks[0].register_forward_hook(post0))
             try:
                 _run(lambda: call_model(self.model, self.data[b]))
@@ -269,8 +277,9 @@ class _Calibration:
                     _run(lambda: call_model(self.model, self.data[b]))
                     if len(rec["pre"]) != len(blocks):
                         return None
-                    per_block = [tuple(_split_hidden(*rec["pre"][i])[1:])
-                                 for i in range(len(blocks))]
+                    per_block = [
+                        tuple(_split_hidden(*rec["pre"][i])[1:]) for i in range(len(blocks))
+                    ]
             finally:
                 for hd in hs:
                     hd.remove()
@@ -320,8 +329,14 @@ class _Calibration:
                     hidden[b] = _hidden_of(call(b))
 
 
-def gptq(model: nn.Module, targets: list[nn.Linear], grid: Grid, cls, init_kw: dict,
-         calibration_data: Iterable) -> dict[int, nn.Module]:
+def gptq(
+    model: nn.Module,
+    targets: list[nn.Linear],
+    grid: Grid,
+    cls,
+    init_kw: dict,
+    calibration_data: Iterable,
+) -> dict[int, nn.Module]:
     """id(linear) -> its quantized module (`cls`, canonical storage on `grid`), for every
     linear of `targets` (distinct modules of `model`), by GPTQ in order (module docstring).
     The model is left as found."""
@@ -351,6 +366,10 @@ def gptq(model: nn.Module, targets: list[nn.Linear], grid: Grid, cls, init_kw: d
             m.training = training
     if cal.uncalibrated:
         warnings.warn(
-            "quantize_: the calibration data never reached " + ", ".join(cal.uncalibrated)
-            + ': quantized with algorithm="mse" instead of GPTQ', UserWarning, stacklevel=3)
+            "quantize_: the calibration data never reached "
+            + ", ".join(cal.uncalibrated)
+            + ': quantized with algorithm="mse" instead of GPTQ',
+            UserWarning,
+            stacklevel=3,
+        )
     return result

@@ -15,10 +15,19 @@ from qtorch import ops
 from qtorch.quantizers import gptq, grid, mse, quantize_weight
 from qtorch.quantizers.grid import Grid
 
-CONFIG_CLASSES = (qtorch.Int4WeightOnlyConfig, qtorch.Int8WeightOnlyConfig,
-                  qtorch.Int8DynamicConfig)
-GRIDS = [Grid("int8"), Grid("int4_sym", 32), Grid("int4", 32), Grid("int4", 128),
-         Grid("int4_float", 32), Grid("int4_float", 64)]
+CONFIG_CLASSES = (
+    qtorch.Int4WeightOnlyConfig,
+    qtorch.Int8WeightOnlyConfig,
+    qtorch.Int8DynamicConfig,
+)
+GRIDS = [
+    Grid("int8"),
+    Grid("int4_sym", 32),
+    Grid("int4", 32),
+    Grid("int4", 128),
+    Grid("int4_float", 32),
+    Grid("int4_float", 64),
+]
 
 
 def correlated_inputs(m: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -85,8 +94,11 @@ def test_data_free_configs_ignore_calibration_data():
     a = nn.Sequential(nn.Linear(64, 32))
     b = copy.deepcopy(a)
     qtorch.quantize_(a, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="mse"))
-    qtorch.quantize_(b, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="mse"),
-                     calibration_data=[torch.randn(4, 64)])
+    qtorch.quantize_(
+        b,
+        qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="mse"),
+        calibration_data=[torch.randn(4, 64)],
+    )
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k])
 
@@ -115,8 +127,9 @@ def test_rtn_storage_dequantizes_by_the_api_formulas(kind):
     assert bufs["qweight"].dtype == torch.uint8 and bufs["qweight"].shape == (16, 64)
     assert bufs["scales"].dtype == torch.float32 and bufs["scales"].shape == (16, 4)
     assert bufs["zeros"].dtype == (torch.float32 if kind == "int4_float" else torch.uint8)
-    torch.testing.assert_close(grid.from_storage(g, bufs), _api_int4(w, 32, kind),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        grid.from_storage(g, bufs), _api_int4(w, 32, kind), rtol=0, atol=1e-6
+    )
 
 
 def test_float_zeros_round_trip_a_q4_1_weight_exactly():
@@ -132,8 +145,11 @@ def test_float_zeros_round_trip_a_q4_1_weight_exactly():
     bufs = quantize_weight(g, w, "rtn")
     torch.testing.assert_close(grid.from_storage(g, bufs), w, rtol=0, atol=2e-7)
     # the integer-zero grid cannot: its range must contain 0
-    err_int = (grid.from_storage(Grid("int4", 32), quantize_weight(Grid("int4", 32), w, "rtn"))
-               - w).abs().max()
+    err_int = (
+        (grid.from_storage(Grid("int4", 32), quantize_weight(Grid("int4", 32), w, "rtn")) - w)
+        .abs()
+        .max()
+    )
     assert err_int > 1e-4
 
 
@@ -242,8 +258,9 @@ def test_gptq_model_error_below_rtn_and_loads_into_a_plain_rtn_model():
     errs = {}
     for alg in ("rtn", "mse", "gptq"):
         m = copy.deepcopy(fp)
-        qtorch.quantize_(m, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm=alg),
-                         calibration_data=data)
+        qtorch.quantize_(
+            m, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm=alg), calibration_data=data
+        )
         assert all(not isinstance(mod, nn.Linear) for mod in m.modules())
         errs[alg] = (m(x) - ref).norm().item()
         plain = copy.deepcopy(fp)
@@ -282,11 +299,11 @@ def test_quantize_leaves_no_hooks_and_restores_mode(training):
     m.train(training)
     m.layers[1].eval()  # a mixed state is restored module by module
     modes = {name: mod.training for name, mod in m.named_modules()}
-    qtorch.quantize_(m, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq"),
-                     calibration_data=_data(2))
+    qtorch.quantize_(
+        m, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq"), calibration_data=_data(2)
+    )
     assert _hooks(m) == 0
-    assert {name: mod.training for name, mod in m.named_modules()
-            if name in modes} == modes
+    assert {name: mod.training for name, mod in m.named_modules() if name in modes} == modes
 
 
 def test_sequential_each_layer_calibrated_on_quantized_outputs():
@@ -296,8 +313,9 @@ def test_sequential_each_layer_calibrated_on_quantized_outputs():
     fp = copy.deepcopy(m)
     data = [correlated_inputs(128, 64, seed=s) for s in range(3)]
     g = Grid("int4", 32)
-    qtorch.quantize_(m, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq"),
-                     calibration_data=data)
+    qtorch.quantize_(
+        m, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq"), calibration_data=data
+    )
     h0, h1 = torch.zeros(64, 64), torch.zeros(64, 64)
     for b in data:  # H = Σ_batches XᵀX, summed in batch order as the hooks do
         h0.addmm_(b.T, b)
@@ -319,11 +337,15 @@ def test_calibration_data_forms(form):
     fp = Tiny().eval()
     raw = _data(2)
     scale = torch.tensor(0.5)
-    data = {"tensor": raw, "tuple": [(t, scale) for t in raw],
-            "dict": [{"x": t, "scale": scale} for t in raw]}[form]
+    data = {
+        "tensor": raw,
+        "tuple": [(t, scale) for t in raw],
+        "dict": [{"x": t, "scale": scale} for t in raw],
+    }[form]
     m = copy.deepcopy(fp)
-    qtorch.quantize_(m, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq"),
-                     calibration_data=iter(data))  # any iterable, used once
+    qtorch.quantize_(
+        m, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq"), calibration_data=iter(data)
+    )  # any iterable, used once
     assert all(not isinstance(mod, nn.Linear) for mod in m.modules())
 
 
@@ -332,8 +354,12 @@ def test_gptq_respects_filter_fn_and_uncalibrated_layers_fall_back():
     m = Tiny().eval()
     m.unused = nn.Linear(64, 64)  # never called: quantized with mse, named in a warning
     with pytest.warns(UserWarning, match="unused"):
-        qtorch.quantize_(m, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq"),
-                         filter_fn=lambda mod, fqn: fqn != "head", calibration_data=_data(2))
+        qtorch.quantize_(
+            m,
+            qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq"),
+            filter_fn=lambda mod, fqn: fqn != "head",
+            calibration_data=_data(2),
+        )
     assert isinstance(m.head, nn.Linear)
     assert isinstance(m.unused, qtorch.nn.Int4WeightOnlyLinear)
     assert isinstance(m.layers[2].down, qtorch.nn.Int4WeightOnlyLinear)
@@ -343,8 +369,7 @@ def test_gptq_on_a_bare_linear_and_a_model_without_blocks():
     torch.manual_seed(0)
     lin = nn.Linear(64, 32)
     data = [correlated_inputs(64, 64, seed=s) for s in range(2)]
-    q = qtorch.quantize_(lin, qtorch.Int8WeightOnlyConfig(algorithm="gptq"),
-                         calibration_data=data)
+    q = qtorch.quantize_(lin, qtorch.Int8WeightOnlyConfig(algorithm="gptq"), calibration_data=data)
     assert isinstance(q, qtorch.nn.Int8WeightOnlyLinear)
     h = torch.zeros(64, 64)
     for b in data:
@@ -355,8 +380,11 @@ def test_gptq_on_a_bare_linear_and_a_model_without_blocks():
 
 def test_gptq_empty_calibration_data():
     with pytest.raises(ValueError, match="calibration_data"):
-        qtorch.quantize_(Tiny(), qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq"),
-                         calibration_data=[])
+        qtorch.quantize_(
+            Tiny(),
+            qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq"),
+            calibration_data=[],
+        )
 
 
 def test_from_float_takes_the_algorithm():

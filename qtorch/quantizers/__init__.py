@@ -21,8 +21,12 @@ def check_algorithm(algorithm) -> None:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
 
 
-def quantize_weight(grid: Grid, w: Tensor, algorithm: str, h: Tensor | None = None,
-                    ) -> dict[str, Tensor]:
+def quantize_weight(
+    grid: Grid,
+    w: Tensor,
+    algorithm: str,
+    h: Tensor | None = None,
+) -> dict[str, Tensor]:
     """w [N, K] float -> the canonical buffers (grid.to_storage) of `algorithm` on `grid`.
     "gptq" needs h = XᵀX [K, K] of the layer's inputs; with h=None (a layer the calibration
     data never reached) it falls back to "mse"."""

@@ -43,8 +43,9 @@ def inverse_hessian_factor(h: Tensor, damp: float = 0.01) -> Tensor:
     raise RuntimeError("GPTQ: the damped Hessian is not positive definite")
 
 
-def static_params(grid: Grid, w: Tensor, use_mse: bool = True,
-                  col_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def static_params(
+    grid: Grid, w: Tensor, use_mse: bool = True, col_weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(scale, zero) [N, G] of the original weights: the MSE search's or RTN's."""
     if use_mse:
         return _mse.search(grid, w, col_weight=col_weight)
@@ -53,14 +54,22 @@ def static_params(grid: Grid, w: Tensor, use_mse: bool = True,
     return params_from_range(grid, *rtn_range(grid, w.float().reshape(n, k // gs, gs)))
 
 
-def quantize(grid: Grid, w: Tensor, h: Tensor, *, block_size: int = 128, damp: float = 0.01,
-             act_order: bool = True, use_mse: bool = True,
-             ) -> tuple[Tensor, Tensor, Tensor]:
+def quantize(
+    grid: Grid,
+    w: Tensor,
+    h: Tensor,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    use_mse: bool = True,
+    weighted_mse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """w [N, K] float, h = XᵀX [K, K] -> (codes q float32 [N, K], scale [N, G], zero [N, G])
     on `grid`, with ŵ = (q − zero) · scale per group (module docstring)."""
     n, k = w.shape
     w = w.float()
-    scale, zero = static_params(grid, w, use_mse)
+    scale, zero = static_params(grid, w, use_mse, col_weight=h.diagonal() if weighted_mse else None)
     gs = grid.group_of(k)
     if act_order:
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
@@ -88,7 +97,7 @@ def quantize(grid: Grid, w: Tensor, h: Tensor, *, block_size: int = 128, damp: f
             e = (col - (q - zt[j]) * st[j]) * inv_d[j]
             err1[i] = e
             if i + 1 < i2 - i1:
-                w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1)
+                w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1)
         if i2 < k:
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1)
     q = torch.empty_like(w)

@@ -43,8 +43,9 @@ class Grid:
         return k if self.group_size is None else self.group_size
 
 
-def grid_for(family: str, group_size: int | None = None, symmetric: bool = False,
-             zero_point: str = "int") -> Grid:
+def grid_for(
+    family: str, group_size: int | None = None, symmetric: bool = False, zero_point: str = "int"
+) -> Grid:
     """The grid of a config: family "int8" (both int8 configs) or "int4"."""
     if family == "int8":
         return Grid("int8")
@@ -109,13 +110,18 @@ def to_storage(grid: Grid, q: Tensor, scale: Tensor, zero: Tensor) -> dict[str, 
     [N, K // 2] (k even: low nibble of byte k // 2), scales fp32 [N, G], zeros uint8 [N, G]
     (float32 for float zeros)}."""
     if grid.kind == "int8":
-        return {"qweight": q.to(torch.int8).contiguous(),
-                "weight_scale": scale.reshape(-1).float().contiguous()}
+        return {
+            "qweight": q.to(torch.int8).contiguous(),
+            "weight_scale": scale.reshape(-1).float().contiguous(),
+        }
     q8 = q.to(torch.uint8)
     qweight = (q8[:, 0::2] | (q8[:, 1::2] << 4)).contiguous()
     zdtype = torch.float32 if grid.kind == "int4_float" else torch.uint8
-    return {"qweight": qweight, "scales": scale.float().contiguous(),
-            "zeros": zero.to(zdtype).contiguous()}
+    return {
+        "qweight": qweight,
+        "scales": scale.float().contiguous(),
+        "zeros": zero.to(zdtype).contiguous(),
+    }
 
 
 def from_storage(grid: Grid, tensors: dict[str, Tensor]) -> Tensor:
@@ -126,6 +132,7 @@ def from_storage(grid: Grid, tensors: dict[str, Tensor]) -> Tensor:
     q = torch.stack((qw & 0xF, qw >> 4), dim=-1).reshape(qw.shape[0], -1).float()
     n, k = q.shape
     gs = grid.group_size
-    w = (q.reshape(n, k // gs, gs) - tensors["zeros"].float()[..., None]) * \
-        tensors["scales"][..., None]
+    w = (q.reshape(n, k // gs, gs) - tensors["zeros"].float()[..., None]) * tensors["scales"][
+        ..., None
+    ]
     return w.reshape(n, k)

@@ -33,8 +33,9 @@ def candidate_range(grid: Grid, lo: Tensor, hi: Tensor, p: float) -> tuple[Tenso
     return lo * p, hi * p
 
 
-def search(grid: Grid, w: Tensor, col_weight: Tensor | None = None,
-           shrink: tuple[float, ...] = SHRINK) -> tuple[Tensor, Tensor]:
+def search(
+    grid: Grid, w: Tensor, col_weight: Tensor | None = None, shrink: tuple[float, ...] = SHRINK
+) -> tuple[Tensor, Tensor]:
     """w [N, K] -> (scale, zero) float32 [N, G] (G = K // group_size, 1 for int8)."""
     n, k = w.shape
     gs = grid.group_of(k)
@@ -44,7 +45,7 @@ def search(grid: Grid, w: Tensor, col_weight: Tensor | None = None,
     c = None if col_weight is None else col_weight.float().reshape(1, k // gs, gs)
     rows = max(1, _CHUNK // k)
     for r0 in range(0, n, rows):
-        wg = w[r0:r0 + rows].reshape(-1, k // gs, gs)
+        wg = w[r0 : r0 + rows].reshape(-1, k // gs, gs)
         lo, hi = rtn_range(grid, wg)
         best_s = best_z = best_e = None
         for p in shrink:
@@ -61,5 +62,5 @@ def search(grid: Grid, w: Tensor, col_weight: Tensor | None = None,
             best_s = torch.where(better, s, best_s)
             best_z = torch.where(better, z, best_z)
             best_e = torch.where(better, e, best_e)
-        scale[r0:r0 + rows], zero[r0:r0 + rows] = best_s, best_z
+        scale[r0 : r0 + rows], zero[r0 : r0 + rows] = best_s, best_z
     return scale, zero
