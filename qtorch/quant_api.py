@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from qtorch import _checks
+from qtorch import _checks, quantizers
 from qtorch.nn.linear import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 
 __all__ = ["Int8DynamicConfig", "Int8WeightOnlyConfig", "Int4WeightOnlyConfig", "quantize_"]
@@ -23,28 +23,42 @@ __all__ = ["Int8DynamicConfig", "Int8WeightOnlyConfig", "Int4WeightOnlyConfig", 
 @dataclasses.dataclass(frozen=True)
 class Int8DynamicConfig:
     """W8A8: int8 weights per output channel, activations quantized to int8 per token at run
-    time, int8 GEMM with exact int32 accumulation. Takes any nn.Linear."""
+    time, int8 GEMM with exact int32 accumulation. Takes any nn.Linear. `algorithm` maps the
+    weights onto the grid: "rtn", "mse" or "gptq" (needs calibration_data; API.md)."""
+
+    algorithm: str = "rtn"
+
+    def __post_init__(self) -> None:
+        quantizers.check_algorithm(self.algorithm)
 
 
 @dataclasses.dataclass(frozen=True)
 class Int8WeightOnlyConfig:
     """W8A16: int8 weights per output channel, activations stay in their float dtype.
-    Takes any nn.Linear."""
+    Takes any nn.Linear. `algorithm`: "rtn", "mse" or "gptq" (as Int8DynamicConfig)."""
+
+    algorithm: str = "rtn"
+
+    def __post_init__(self) -> None:
+        quantizers.check_algorithm(self.algorithm)
 
 
 @dataclasses.dataclass(frozen=True)
 class Int4WeightOnlyConfig:
     """W4A16: int4 weights in groups of `group_size` (32, 64, 128 or 256) along K, per output
     channel; asymmetric (a zero point per group) unless `symmetric`. Takes an nn.Linear whose
-    in_features is divisible by group_size."""
+    in_features is divisible by group_size. `algorithm`: "rtn", "mse" or "gptq" (as
+    Int8DynamicConfig)."""
 
     group_size: int = 128
     symmetric: bool = False
+    algorithm: str = "rtn"
 
     def __post_init__(self) -> None:
         _checks.group_size(self.group_size)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
+        quantizers.check_algorithm(self.algorithm)
 
 
 _MODULE_FOR = {
@@ -74,6 +88,8 @@ def quantize_(
     model: nn.Module,
     config: Int8DynamicConfig | Int8WeightOnlyConfig | Int4WeightOnlyConfig,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    *,
+    calibration_data: Iterable | None = None,
 ) -> nn.Module:
     """Replace, in place, every `nn.Linear` in `model` for which `filter_fn(module, fqn)` is
     true (default: all) by the quantized module of `config`, and return `model`.
@@ -85,6 +101,11 @@ def quantize_(
     layer no longer shares it: a second UserWarning names each such pair (keep the layer in
     float with filter_fn to keep the tie). If `model` is itself an `nn.Linear` it cannot be
     replaced in place: the quantized module is returned.
+
+    `calibration_data` (an iterable of model inputs: a Tensor is called as model(t), a tuple
+    as model(*t), a dict as model(**t)) is what algorithm="gptq" runs the model on
+    (qtorch/calibrate.py); data-free configs ignore it. The model is left in its training /
+    eval mode, with no hooks.
     """
     if type(config) not in _MODULE_FOR:
         raise TypeError(
@@ -95,6 +116,11 @@ def quantize_(
     cls = _MODULE_FOR[type(config)]
     fields = dataclasses.asdict(config)
     skipped: list[str] = []
+    calibrated = None
+    if config.algorithm == "gptq":
+        if calibration_data is None:
+            raise ValueError(f"{config} needs calibration_data (an iterable of model inputs)")
+        calibrated = _calibrate(model, config, cls, fields, filter_fn, calibration_data)
 
     def convert(fqn: str, linear: nn.Linear):
         if filter_fn is not None and not filter_fn(linear, fqn):
@@ -103,7 +129,8 @@ def quantize_(
         if why is not None:
             skipped.append(f"{fqn or '<root>'} ({why})")
             return None
-        return cls.from_float(linear, **fields)
+        new = calibrated[id(linear)] if calibrated is not None else cls.from_float(linear, **fields)
+        return new.train(linear.training)
 
     if isinstance(model, nn.Linear):
         new = convert("", model)
@@ -145,6 +172,30 @@ def quantize_(
             stacklevel=2,
         )
     return result
+
+
+def _calibrate(model, config, cls, fields, filter_fn, calibration_data) -> dict[int, nn.Module]:
+    """GPTQ: id(linear) -> quantized module for every layer quantize_ converts."""
+    from qtorch import calibrate
+
+    targets, seen = [], set()
+    named = ([("", model)] if isinstance(model, nn.Linear)
+             else model.named_modules(remove_duplicate=False))
+    for fqn, m in named:
+        if not isinstance(m, nn.Linear) or id(m) in seen:
+            continue
+        seen.add(id(m))
+        if (filter_fn is None or filter_fn(m, fqn)) and _why_not(m, config) is None:
+            targets.append(m)
+    init_kw = {k: v for k, v in fields.items() if k in ("group_size", "symmetric")}
+    if cls is Int4WeightOnlyLinear:
+        zero_point = fields.get("zero_point", "int")
+        if zero_point != "int":
+            init_kw["zero_point"] = zero_point
+        grid = quantizers.grid_for("int4", config.group_size, config.symmetric, zero_point)
+    else:
+        grid = quantizers.grid_for("int8")
+    return calibrate.gptq(model, targets, grid, cls, init_kw, calibration_data)
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:

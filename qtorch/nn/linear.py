@@ -47,7 +47,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from qtorch import _backend, _checks, _packed, ops
+from qtorch import _backend, _checks, _packed, ops, quantizers
+from qtorch.quantizers.grid import grid_for
 
 __all__ = ["Int8DynamicLinear", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear"]
 
@@ -118,6 +119,15 @@ def _own(t: Tensor) -> Tensor:
     return t if _storage_counts(t)[1:] == _SOLE[1:] else t.clone()
 
 
+def _calibrated(linear: nn.Linear, algorithm: str, grid) -> dict[str, Tensor]:
+    """The canonical buffers of a data-free non-RTN algorithm for linear's weight."""
+    quantizers.check_algorithm(algorithm)
+    if algorithm == "gptq":
+        raise ValueError('algorithm="gptq" needs calibration data: use qtorch.quantize_(model, '
+                         'config, calibration_data=...)')
+    return quantizers.quantize_weight(grid, linear.weight.detach(), algorithm)
+
+
 class _QuantizedLinear(nn.Module):
     """Shared plumbing: shapes, bias, the packed layout, dtype-stable buffers, repr."""
 
@@ -135,6 +145,22 @@ class _QuantizedLinear(nn.Module):
         self._layout: _packed.Layout | None = None
         for name in ("packed_weight", "packed_scale", "packed_zero", "packed_meta"):
             self.register_buffer(name, None, persistent=False)
+
+    @classmethod
+    def _from_quantized(cls, linear: nn.Linear, buffers: dict[str, Tensor], **init_kw):
+        """A module of `linear`'s shape and bias holding `buffers` (canonical storage, made by
+        a weight quantizer: qtorch.quantizers). The dict is emptied: the module must be the
+        buffers' only holder to pack them."""
+        cls._check_linear(linear)
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias,
+                  device=linear.weight.device, **init_kw)
+        mod._weight_dtype = linear.weight.dtype
+        while buffers:
+            name, t = buffers.popitem()
+            setattr(mod, name, _own(t))
+            del t
+        mod._pack()
+        return mod
 
     @staticmethod
     def _check_linear(linear: nn.Module) -> None:
@@ -387,10 +413,14 @@ class _Int8Linear(_QuantizedLinear):
         )
 
     @classmethod
-    def from_float(cls, linear: nn.Linear):
-        """Quantize `linear.weight` once (qtorch.ops.quantize_int8, per output channel). The
-        new module reuses `linear.bias` (the same Parameter, no copy)."""
+    def from_float(cls, linear: nn.Linear, algorithm: str = "rtn"):
+        """Quantize `linear.weight` once (qtorch.ops.quantize_int8, per output channel; with
+        algorithm="mse" the per-row range of qtorch.quantizers.mse). The new module reuses
+        `linear.bias` (the same Parameter, no copy). "gptq" needs calibration data: use
+        qtorch.quantize_(..., calibration_data=...)."""
         cls._check_linear(linear)
+        if algorithm != "rtn":
+            return cls._from_quantized(linear, _calibrated(linear, algorithm, grid_for("int8")))
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias,
                   device=linear.weight.device)
         mod._weight_dtype = linear.weight.dtype
@@ -481,10 +511,20 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         )
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False):
+    def from_float(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False,
+                   algorithm: str = "rtn"):
         """Quantize `linear.weight` once (qtorch.ops.quantize_int4). Needs
-        in_features % group_size == 0 (ValueError otherwise). Reuses `linear.bias`."""
+        in_features % group_size == 0 (ValueError otherwise). Reuses `linear.bias`. With
+        algorithm="mse" the ranges come from qtorch.quantizers.mse; "gptq" needs calibration
+        data: use qtorch.quantize_(..., calibration_data=...)."""
         cls._check_linear(linear)
+        if algorithm != "rtn":
+            if linear.in_features % group_size:
+                raise ValueError(f"in_features={linear.in_features} must be divisible by "
+                                 f"group_size={group_size}")
+            grid = grid_for("int4", group_size, symmetric)
+            return cls._from_quantized(linear, _calibrated(linear, algorithm, grid),
+                                       group_size=group_size, symmetric=symmetric)
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias,
                   group_size=group_size, symmetric=symmetric, device=linear.weight.device)
         mod._weight_dtype = linear.weight.dtype
