@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from qtorch import _checks
+from qtorch import _checks, smoothquant
 from qtorch.nn.linear import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 
 __all__ = ["Int8DynamicConfig", "Int8WeightOnlyConfig", "Int4WeightOnlyConfig", "quantize_"]
@@ -23,7 +23,24 @@ __all__ = ["Int8DynamicConfig", "Int8WeightOnlyConfig", "Int4WeightOnlyConfig", 
 @dataclasses.dataclass(frozen=True)
 class Int8DynamicConfig:
     """W8A8: int8 weights per output channel, activations quantized to int8 per token at run
-    time, int8 GEMM with exact int32 accumulation. Takes any nn.Linear."""
+    time, int8 GEMM with exact int32 accumulation. Takes any nn.Linear.
+
+    smoothquant_alpha=α in [0, 1] (needs quantize_'s calibration_data): SmoothQuant, per input
+    channel s_k = max|x_k|^α / max|w_k|^(1−α) from the calibration inputs; the module stores
+    quantize(W · diag(s)) and divides x by s inside its per-token quantization (qtorch/smoothquant.py).
+    """
+
+    smoothquant_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        a = self.smoothquant_alpha
+        if a is None:
+            return
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
+            raise TypeError(f"smoothquant_alpha must be a float in [0, 1] or None, got "
+                            f"{type(a).__name__}")
+        if not 0.0 <= a <= 1.0:  # (NaN fails too)
+            raise ValueError(f"smoothquant_alpha must be in [0, 1], got {a}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,15 +53,20 @@ class Int8WeightOnlyConfig:
 class Int4WeightOnlyConfig:
     """W4A16: int4 weights in groups of `group_size` (32, 64, 128 or 256) along K, per output
     channel; asymmetric (a zero point per group) unless `symmetric`. Takes an nn.Linear whose
-    in_features is divisible by group_size."""
+    in_features is divisible by group_size.
+
+    zero_point="float" (asymmetric only): float32 zero points and each group's own range, not
+    widened to contain 0 (GGUF Q4_1's grid; API.md "Calibrated quantization")."""
 
     group_size: int = 128
     symmetric: bool = False
+    zero_point: str = "int"
 
     def __post_init__(self) -> None:
         _checks.group_size(self.group_size)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
+        _checks.zero_point(self.zero_point, self.symmetric)
 
 
 _MODULE_FOR = {
@@ -74,6 +96,8 @@ def quantize_(
     model: nn.Module,
     config: Int8DynamicConfig | Int8WeightOnlyConfig | Int4WeightOnlyConfig,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    *,
+    calibration_data=None,
 ) -> nn.Module:
     """Replace, in place, every `nn.Linear` in `model` for which `filter_fn(module, fqn)` is
     true (default: all) by the quantized module of `config`, and return `model`.
@@ -85,6 +109,11 @@ def quantize_(
     layer no longer shares it: a second UserWarning names each such pair (keep the layer in
     float with filter_fn to keep the tie). If `model` is itself an `nn.Linear` it cannot be
     replaced in place: the quantized module is returned.
+
+    calibration_data: an iterable of model inputs (Tensor -> model(t), tuple -> model(*t),
+    dict -> model(**t)) for the configs that need it (SmoothQuant); ValueError naming it when
+    such a config gets none; data-free configs ignore it. The model's training/eval mode is
+    restored and no hooks are left behind.
     """
     if type(config) not in _MODULE_FOR:
         raise TypeError(
@@ -94,7 +123,19 @@ def quantize_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     cls = _MODULE_FOR[type(config)]
     fields = dataclasses.asdict(config)
+    alpha = fields.get("smoothquant_alpha")
     skipped: list[str] = []
+    unsmoothed: list[str] = []
+    act_absmax: dict[int, object] = {}
+    if alpha is not None:
+        if calibration_data is None:
+            raise ValueError(
+                "Int8DynamicConfig(smoothquant_alpha=...) needs calibration_data (an iterable of "
+                "model inputs) to measure max|x_k| of each layer's inputs; got calibration_data=None"
+            )
+        act_absmax = smoothquant.input_absmax(
+            model, calibration_data,
+            lambda fqn, m: (filter_fn is None or filter_fn(m, fqn)) and _why_not(m, config) is None)
 
     def convert(fqn: str, linear: nn.Linear):
         if filter_fn is not None and not filter_fn(linear, fqn):
@@ -103,6 +144,12 @@ def quantize_(
         if why is not None:
             skipped.append(f"{fqn or '<root>'} ({why})")
             return None
+        if alpha is not None:
+            amax = act_absmax.get(id(linear))
+            if amax is None:  # never called during calibration: no statistics to smooth by
+                unsmoothed.append(fqn or "<root>")
+                return cls.from_float(linear, **{**fields, "smoothquant_alpha": None})
+            return cls.from_float(linear, act_absmax=amax, **fields)
         return cls.from_float(linear, **fields)
 
     if isinstance(model, nn.Linear):
@@ -132,6 +179,13 @@ def quantize_(
         warnings.warn(
             f"quantize_: {len(skipped)} nn.Linear layer(s) left unquantized, {config} cannot "
             f"take them: " + "; ".join(skipped),
+            UserWarning,
+            stacklevel=2,
+        )
+    if unsmoothed:
+        warnings.warn(
+            f"quantize_: {len(unsmoothed)} layer(s) were never called by calibration_data, so "
+            f"they are W8A8 without SmoothQuant: " + ", ".join(unsmoothed),
             UserWarning,
             stacklevel=2,
         )

@@ -58,3 +58,18 @@ def int8_linear(
     Its input gradient is `weight_only.int8_linear_grad_input` (straight-through)."""
     q, s = quantize_int8(x)
     return int8_scaled_mm(q, w_q, s, w_scale, bias, out_dtype=x.dtype)
+
+
+def int8_linear_smooth(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    smooth_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SmoothQuant W8A8: int8_linear(x / s, w_q, w_scale, bias) with s = smooth_scale fp32 [K]
+    and w_q / w_scale the int8 weight of W · diag(s). The division is in fp32 (x widened
+    exactly, one rounding per element) and feeds the per-token quantization directly, with no
+    rounding to x.dtype in between: what a kernel that fuses it into that step computes."""
+    q, s = quantize_int8(x.float() / smooth_scale.float())
+    return int8_scaled_mm(q, w_q, s, w_scale, bias, out_dtype=x.dtype)

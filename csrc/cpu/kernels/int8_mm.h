@@ -90,8 +90,13 @@ void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_
 //   amax = max_k |x|, scale = amax / 127 (1 where amax == 0), q = clamp(rne(x / scale), -127, 127)
 // scale[m] is written. If q != null, q[m, 0..K) gets q (s8, row stride ldq). If ap != null,
 // row m of packed A (stride padded_k(K)) gets q + 128 with the pad columns set to 128.
+// smooth (SmoothQuant, fp32 [K]) or null: the rows quantized are x[m, k] / smooth[k], divided
+// in fp32 as they are read (one true division, the reference's rounding), so the smoothed
+// activation is never written out: no extra pass over x. Null costs nothing (a separate
+// instantiation).
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
-                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap);
+                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap,
+                   const float* smooth = nullptr);
 
 // Rows [m0, m1) of s8 a [M, lda] into packed A (stride padded_k(K)).
 void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap);
@@ -107,7 +112,8 @@ const char* kernel_name();
 #define QTORCH_INT8_MM_DECLARE(ns)                                                            \
   namespace ns {                                                                              \
   void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1, \
-                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap);                      \
+                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap,                       \
+                     const float* smooth = nullptr);                                          \
   void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap);  \
   void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0,           \
             int64_t m1, int64_t p0, int64_t p1, const Epilogue& ep);                          \

@@ -45,9 +45,23 @@ inline float load1(const void* x, int64_t i) {
   else return static_cast<const float*>(x)[i];
 }
 
-template <DType T>
+// 8 elements of x from i, divided by the SmoothQuant scale (column k) when kSmooth.
+template <DType T, bool kSmooth>
+inline __m256 load8s(const void* x, int64_t i, const float* smooth, int64_t k) {
+  const __m256 v = load8<T>(x, i);
+  if constexpr (kSmooth) return _mm256_div_ps(v, _mm256_loadu_ps(smooth + k));
+  else return v;
+}
+
+template <DType T, bool kSmooth>
+inline float load1s(const void* x, int64_t i, const float* smooth, int64_t k) {
+  if constexpr (kSmooth) return load1<T>(x, i) / smooth[k];
+  else return load1<T>(x, i);
+}
+
+template <DType T, bool kSmooth>
 void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
-                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
+                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap, const float* smooth) {
   const int64_t Kp = padded_k(K), K8 = K / 8 * 8;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
@@ -56,18 +70,19 @@ void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t 
     const int64_t base = m * ldx;
     __m256 vmax = _mm256_setzero_ps();
     for (int64_t k = 0; k < K8; k += 8)
-      vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8<T>(x, base + k), absmask));
+      vmax = _mm256_max_ps(vmax, _mm256_and_ps(load8s<T, kSmooth>(x, base + k, smooth, k), absmask));
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, vmax);
     float amax = 0.f;
     for (float v : lanes) amax = std::fmax(amax, v);
-    for (int64_t k = K8; k < K; ++k) amax = std::fmax(amax, std::fabs(load1<T>(x, base + k)));
+    for (int64_t k = K8; k < K; ++k)
+      amax = std::fmax(amax, std::fabs(load1s<T, kSmooth>(x, base + k, smooth, k)));
     const float s = amax == 0.f ? 1.f : amax / 127.f;
     scale[m] = s;
     // q = clamp(rne(x / s)) with a true division, bitwise the reference (cvtps2dq is RNE).
     const __m256 vs = _mm256_set1_ps(s);
     for (int64_t k = 0; k < K8; k += 8) {
-      __m256i v = _mm256_cvtps_epi32(_mm256_div_ps(load8<T>(x, base + k), vs));
+      __m256i v = _mm256_cvtps_epi32(_mm256_div_ps(load8s<T, kSmooth>(x, base + k, smooth, k), vs));
       v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
       if (q) {
         const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -80,7 +95,7 @@ void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t 
       }
     }
     for (int64_t k = K8; k < K; ++k) {
-      float r = std::nearbyint(load1<T>(x, base + k) / s);
+      float r = std::nearbyint(load1s<T, kSmooth>(x, base + k, smooth, k) / s);
       r = std::fmin(std::fmax(r, -127.f), 127.f);
       if (q) q[m * ldq + k] = int8_t(int(r));
       if (ap) ap[m * Kp + k] = uint8_t(int(r) + 128);
@@ -296,12 +311,20 @@ void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_
   }
 }
 
+template <DType T>
+void quantize_rows_d(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
+                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap, const float* smooth) {
+  if (smooth) return quantize_rows_t<T, true>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
+  quantize_rows_t<T, false>(x, K, ldx, m0, m1, scale, q, ldq, ap, nullptr);
+}
+
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
-                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
+                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap, const float* smooth) {
   switch (xt) {
-    case DType::F16: return quantize_rows_t<DType::F16>(x, K, ldx, m0, m1, scale, q, ldq, ap);
-    case DType::BF16: return quantize_rows_t<DType::BF16>(x, K, ldx, m0, m1, scale, q, ldq, ap);
-    default: return quantize_rows_t<DType::F32>(x, K, ldx, m0, m1, scale, q, ldq, ap);
+    case DType::F16: return quantize_rows_d<DType::F16>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
+    case DType::BF16:
+      return quantize_rows_d<DType::BF16>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
+    default: return quantize_rows_d<DType::F32>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
   }
 }
 
