@@ -14,7 +14,7 @@ from qtorch import ops
 from qtorch import reference as R
 from qtorch.reference.weight_only import unpack_int4
 from qtorch.testing import assert_close, device_for
-from tests.conftest import kernel_backends
+from tests.conftest import cpu_kernels, kernel_backends
 
 
 def _q4_1_weight(n, k, seed, gs=32):
@@ -166,3 +166,22 @@ def test_float_zero_state_dict_round_trips(tmp_path):
     empty.load_state_dict({k[2:]: v for k, v in loaded.items() if k.startswith("0.")})
     assert empty.zeros.dtype == torch.float32 and empty.zero_point == "float"
     torch.testing.assert_close(empty(x), model[0](x), rtol=0, atol=0)
+
+
+@cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_float_zeros_every_isa(isa, dtype):
+    """The C++ int4 kernels read float32 packed zeros on each ISA (block tails, M tiles)."""
+    for i, (m, n, k) in enumerate([(1, 17, 64), (3, 33, 128), (9, 70, 64)]):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(i)) - 0.2
+        qw, sc, z = R.quantize_int4(w, 32, False, "float")
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(50 + i)).to(dtype)
+        with qtorch.use_backend("cpu"):
+            mod = qtorch.nn.Int4WeightOnlyLinear(k, n, bias=False, group_size=32,
+                                                 zero_point="float")
+            mod.load_state_dict({"qweight": qw, "scales": sc, "zeros": z})
+            out_mod = mod(x)
+            out_op = ops.int4_weight_only_linear(x, qw, sc, z, 32)
+        ref = R.int4_weight_only_linear(x, qw, sc, z, 32)
+        assert_close(out_mod, ref, dtype)
+        assert_close(out_op, ref, dtype)

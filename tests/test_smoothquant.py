@@ -14,7 +14,7 @@ import qtorch
 from qtorch import ops, smoothquant
 from qtorch import reference as R
 from qtorch.testing import assert_close, device_for, int8_tie_tolerance
-from tests.conftest import kernel_backends
+from tests.conftest import cpu_kernels, kernel_backends
 
 
 def _outlier_x(*shape, seed, dtype=torch.float32):
@@ -265,3 +265,19 @@ def test_from_float_takes_the_config_fields():
     amax = torch.rand(16) + 0.1
     mod = qtorch.nn.Int8DynamicLinear.from_float(lin, **vars(cfg), act_absmax=amax)
     torch.testing.assert_close(mod.smooth_scale, smoothquant.smooth_scale(amax, lin.weight, 0.5))
+
+
+@cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_smooth_quantize_every_isa(isa, dtype):
+    """The C++ activation quantization with the fused x / s, on each kernel ISA (vector body
+    and tail lengths), bitwise the reference's codes: the module's output equals the
+    reference exactly up to the fp32 epilogue."""
+    for k in (1, 7, 16, 33, 130):
+        x = _outlier_x(5, k, seed=k, dtype=dtype)
+        s = _smooth(k, seed=k + 1)
+        wq, ws = R.quantize_int8(torch.randn(19, k, generator=torch.Generator().manual_seed(k)))
+        with qtorch.use_backend("cpu"):
+            out = ops.int8_linear_smooth(x, wq, ws, s)
+        ref = R.int8_linear_smooth(x, wq, ws, s)
+        assert_close(out, ref, dtype)
