@@ -177,8 +177,9 @@ def test_cpu_float_zeros_every_isa(isa, dtype):
         qw, sc, z = R.quantize_int4(w, 32, False, "float")
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(50 + i)).to(dtype)
         with qtorch.use_backend("cpu"):
-            mod = qtorch.nn.Int4WeightOnlyLinear(k, n, bias=False, group_size=32,
-                                                 zero_point="float")
+            mod = qtorch.nn.Int4WeightOnlyLinear(
+                k, n, bias=False, group_size=32, zero_point="float"
+            )
             mod.load_state_dict({"qweight": qw, "scales": sc, "zeros": z})
             out_mod = mod(x)
             out_op = ops.int4_weight_only_linear(x, qw, sc, z, 32)
