@@ -386,17 +386,12 @@ class Int8DynamicLinear(_Int8Linear):
     dx = grad @ ŵ.
 
     SmoothQuant (API.md "Calibrated quantization"; `from_float(linear, smooth_scale=s)`): one
-    more buffer, `smooth_scale` fp32 [K] (in the state dict only then); qweight / weight_scale
+    more buffer, `smooth_scale` fp32 [K] (registered, and in the state dict, only then); qweight / weight_scale
     are the int8 weight of W · diag(s), and the forward is int8_linear(x / s, ...), the division
     fused into each backend's activation quantization (qtorch.ops.int8_linear_smooth)."""
 
     _OP = "int8_linear"
     _FAMILY = "w8a8"
-
-    def __init__(self, in_features: int, out_features: int,
-                 bias: bool | nn.Parameter | None = True, device=None) -> None:
-        super().__init__(in_features, out_features, bias, device)
-        self.register_buffer("smooth_scale", None)  # fp32 [K] with SmoothQuant
 
     @classmethod
     def from_float(cls, linear: nn.Linear, smoothquant_alpha: float | None = None, *,
@@ -424,7 +419,7 @@ class Int8DynamicLinear(_Int8Linear):
         mod._weight_dtype = w.dtype
         qweight, scale = ops.quantize_int8(w.float() * smooth_scale[None, :])
         mod.qweight, mod.weight_scale = _own(qweight), _own(scale)
-        mod.smooth_scale = smooth_scale.detach().clone()
+        mod.register_buffer("smooth_scale", smooth_scale.detach().clone())  # fp32 [K]
         del qweight, scale
         mod._pack()
         return mod
@@ -439,8 +434,8 @@ class Int8DynamicLinear(_Int8Linear):
         # the same config but other calibration data, or an empty module): it gains the buffer.
         key = prefix + "smooth_scale"
         if key in state_dict and self._buffers.get("smooth_scale") is None:
-            self._buffers["smooth_scale"] = torch.ones(
-                self.in_features, dtype=torch.float32, device=self._device())
+            self.register_buffer("smooth_scale", torch.ones(
+                self.in_features, dtype=torch.float32, device=self._device()))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
