@@ -80,9 +80,11 @@ def _quantize_int8_kernel(
     scale_ptr,  # [M] fp32 out
     K,  # row length
     stride_x,  # elements between rows of x
+    smooth_ptr,  # [K] fp32 SmoothQuant divisor of x (read when SMOOTH), or any pointer
     BLOCK_K: tl.constexpr,  # columns per sweep; >= K when ONE_BLOCK
     ONE_BLOCK: tl.constexpr,  # the whole row fits one block: read x once
     INTERPRET: tl.constexpr,
+    SMOOTH: tl.constexpr = False,  # quantize x / smooth (IEEE fp32 division as it is read)
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -91,6 +93,8 @@ def _quantize_int8_kernel(
     if ONE_BLOCK:
         mask = cols < K
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if SMOOTH:
+            x = tl.math.div_rn(x, tl.load(smooth_ptr + cols, mask=mask, other=1.0))
         scale = row_scale(tl.max(tl.abs(x), axis=0), count_nonfinite(x))
         tl.store(q_row + cols, quantize_row_block(x, scale, INTERPRET), mask=mask)
     else:
@@ -99,12 +103,16 @@ def _quantize_int8_kernel(
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + cols < K
             x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+            if SMOOTH:
+                x = tl.math.div_rn(x, tl.load(smooth_ptr + k0 + cols, mask=mask, other=1.0))
             amax = tl.maximum(amax, tl.abs(x))
             bad += tl.where(tl.abs(x) < float("inf"), 0, 1)
         scale = row_scale(tl.max(amax, axis=0), tl.sum(bad, axis=0))
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + cols < K
             x = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+            if SMOOTH:
+                x = tl.math.div_rn(x, tl.load(smooth_ptr + k0 + cols, mask=mask, other=1.0))
             tl.store(q_row + k0 + cols, quantize_row_block(x, scale, INTERPRET), mask=mask)
     tl.store(scale_ptr + row, scale)
 
@@ -117,8 +125,11 @@ def _launch_params(k: int) -> tuple[int, bool, int]:
     return 2048, False, 8
 
 
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] fp32/fp16/bf16 (unit column stride) -> (q int8 [M, K], scale fp32 [M])."""
+def quantize_int8(
+    x: torch.Tensor, smooth: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] fp32/fp16/bf16 (unit column stride) -> (q int8 [M, K], scale fp32 [M]) of
+    x / smooth when smooth (fp32 [K], SmoothQuant) is given, divided inside the kernel."""
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
@@ -128,8 +139,9 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, scale.fill_(1.0)
     block, one, warps = _launch_params(k)
     _quantize_int8_kernel[(m,)](
-        x, q, scale, k, x.stride(0),
-        BLOCK_K=block, ONE_BLOCK=one, INTERPRET=INTERPRET, num_warps=warps,
+        x, q, scale, k, x.stride(0), x if smooth is None else smooth,
+        BLOCK_K=block, ONE_BLOCK=one, INTERPRET=INTERPRET, SMOOTH=smooth is not None,
+        num_warps=warps,
     )
     return q, scale
 
@@ -254,4 +266,14 @@ def int8_linear(
 ) -> torch.Tensor:
     """Dynamic W8A8: x [M, K] float, w_q [N, K] int8, w_scale [N] fp32 -> [M, N] x.dtype."""
     q, s = quantize_int8(x)
+    return int8_scaled_mm(q, w_q, s, w_scale, bias, x.dtype)
+
+
+def int8_linear_smooth(
+    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, smooth: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """SmoothQuant W8A8: int8_linear of x / smooth (fp32 [K]), the division fused into the
+    activation-quantization kernel."""
+    q, s = quantize_int8(x, smooth)
     return int8_scaled_mm(q, w_q, s, w_scale, bias, x.dtype)

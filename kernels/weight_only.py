@@ -12,7 +12,8 @@ W4A16: out = x @ ŵ.T + bias, with ŵ[n, k] = (q[n, k] − zero[n, g]) · scale[
                                   q[n, 2j] (low nibble) and q[n, 2j + 1] (high nibble), and
                                   consecutive n are adjacent, so a [BLOCK_K / 2, BLOCK_N] tile
                                   load is coalesced along N
-    scales_t  fp32  [K // gs, N]  and  zeros_t fp32 [K // gs, N]: one row per group, the
+    scales_t  fp32  [K // gs, N]  and  zeros_t [K // gs, N] (uint8 integer zero points, or
+                                  fp32 ones with zero_point="float"): one row per group, the
                                   BLOCK_N values of a tile are one contiguous load
        Inside the K loop the packed bytes are split into nibbles in registers, dequantized in
        fp32 ((q − zero) · scale, as the reference computes it), cast to x's 16-bit type and fed
@@ -216,7 +217,7 @@ def _w4a16_kernel(
     x_ptr,  # [M, K] fp32/fp16/bf16, row stride K
     qw_ptr,  # [K // 2, N] uint8 (kernel layout, see module doc)
     s_ptr,  # [K // GROUP_SIZE, N] fp32 scales
-    z_ptr,  # [K // GROUP_SIZE, N] fp32 zero points (integers 0..15)
+    z_ptr,  # [K // GROUP_SIZE, N] zero points: uint8 0..15, or fp32 (zero_point="float")
     bias_ptr,  # [N] or dummy
     out_ptr,  # SPLIT_K == 1: [M, N] x.dtype;  else fp32 partials [SPLIT_K, M, N]
     M, N, K,
@@ -247,7 +248,7 @@ def _w4a16_kernel(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         g = k0 // GROUP_SIZE
         scale = tl.load(s_ptr + g * N + rb)[None, :]
-        zero = tl.load(z_ptr + g * N + rb)[None, :]
+        zero = tl.load(z_ptr + g * N + rb).to(tl.float32)[None, :]  # (exact for uint8)
         packed = tl.load(q_ptrs)  # [HALF_K, BLOCK_N] uint8
         w_even = ((packed & 0xF).to(tl.float32) - zero) * scale
         w_odd = ((packed >> 4).to(tl.float32) - zero) * scale

@@ -12,6 +12,8 @@ from qtorch.reference.distillation import DIVERGENCES
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT4_ZERO_POINTS = ("int", "float")
+INT4_ZERO_DTYPES = (torch.uint8, torch.float32)  # zero_point="int" / "float"
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -88,6 +90,25 @@ def group_size(gs: int) -> None:
         raise TypeError(f"group_size must be an int, got {type(gs).__name__}")
     if gs not in INT4_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {gs}")
+
+
+def zero_point(zp: str, symmetric: bool) -> None:
+    """int4 zero_point: "int" (uint8 zeros) or "float" (float32 zeros, asymmetric only)."""
+    if zp not in INT4_ZERO_POINTS:
+        raise ValueError(f"zero_point must be one of {INT4_ZERO_POINTS}, got {zp!r}")
+    if zp == "float" and symmetric:
+        raise ValueError('zero_point="float" is asymmetric int4 only; got symmetric=True')
+
+
+def smooth_scale(s, k: int, device) -> None:
+    """SmoothQuant's per-input-channel divisor: float32 [K], on the weights' device."""
+    tensor("smooth_scale", s)
+    if s.dtype != torch.float32:
+        raise TypeError(f"smooth_scale must be float32, got {s.dtype}")
+    if s.dim() != 1 or s.shape[0] != k:
+        raise ValueError(f"smooth_scale must have shape [K] = ({k},), got {tuple(s.shape)}")
+    if s.device != device:
+        raise ValueError(f"smooth_scale must be on {device}, got {s.device}")
 
 
 # -------------------------------------------------------- distillation losses (ops and nn)

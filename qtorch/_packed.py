@@ -11,7 +11,9 @@ non-persistent buffers, and calls
         -> [..., K] grad.dtype   (its backward w.r.t. x)
 
 where w0, w1 (and w2) are the module's buffers that the layout names, in order (the `weight`
-list of the Python helpers below). The backend choice
+list of the Python helpers below). A w8a8 layout takes a third tensor too, SmoothQuant's
+smooth_scale fp32 [K] (API.md "Calibrated quantization"), when the module has one: x / w2 is
+what the kernel quantizes per token, and the backward divides dx by it. The backend choice
 stays per call (API.md): the C++ CPU kernel (csrc/cpu/linear_packed.cpp) serves a cpu layout
 when the cpu backend is in force; every other case comes to the Python kernel here, which runs
 the layout's own kernel when its backend is the one in force, and otherwise unpacks to the
@@ -137,6 +139,11 @@ def _list(w0, w1, w2) -> list[Tensor]:
     return [w0, w1] if w2 is None else [w0, w1, w2]
 
 
+def _smooth(lay: Layout, weight) -> Tensor | None:
+    """SmoothQuant's smooth_scale, the third tensor of a w8a8 layout's call, or None."""
+    return weight[2] if lay.family == "w8a8" and len(weight) > 2 else None
+
+
 def flat(weight) -> tuple:
     """A layout's weight list as the ops' (w0, w1, w2) arguments."""
     return (weight[0], weight[1], weight[2] if len(weight) > 2 else None)
@@ -153,6 +160,8 @@ def _linear_packed_python(x, w0, w1, w2, bias, layout, n, k, group_size):
         args = [canon[name] for name in FAMILIES[lay.family][2]]
         if lay.family == "w4a16":
             args.append(group_size)
+        if _smooth(lay, weight) is not None:
+            return torch.ops.qtorch.int8_linear_smooth(x, *args, weight[2], bias)
         return getattr(torch.ops.qtorch, op)(x, *args, bias)
     shape = (*x.shape[:-1], n)
     if x.numel() == 0:
@@ -171,8 +180,10 @@ def _linear_packed_grad_input_python(grad, w0, w1, w2, layout, n, k, group_size)
         if lay.family == "w4a16":
             return torch.ops.qtorch.int4_linear_grad_input(
                 grad, canon["qweight"], canon["scales"], canon["zeros"], group_size)
-        return torch.ops.qtorch.int8_linear_grad_input(grad, canon["qweight"],
-                                                       canon["weight_scale"])
+        g = torch.ops.qtorch.int8_linear_grad_input(grad, canon["qweight"],
+                                                    canon["weight_scale"])
+        s = _smooth(lay, weight)
+        return g if s is None else (g.float() / s).to(g.dtype)  # y = (x / s) ŵᵀ
     shape = (*grad.shape[:-1], k)
     if grad.numel() == 0:
         return grad.new_zeros(shape)

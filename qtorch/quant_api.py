@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from qtorch import _checks, quantizers
+from qtorch import _checks, quantizers, smoothquant
 from qtorch.nn.linear import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 
 __all__ = ["Int8DynamicConfig", "Int8WeightOnlyConfig", "Int4WeightOnlyConfig", "quantize_"]
@@ -24,12 +24,30 @@ __all__ = ["Int8DynamicConfig", "Int8WeightOnlyConfig", "Int4WeightOnlyConfig", 
 class Int8DynamicConfig:
     """W8A8: int8 weights per output channel, activations quantized to int8 per token at run
     time, int8 GEMM with exact int32 accumulation. Takes any nn.Linear. `algorithm` maps the
-    weights onto the grid: "rtn", "mse" or "gptq" (needs calibration_data; API.md)."""
+    weights onto the grid: "rtn", "mse" or "gptq" (needs calibration_data; API.md).
+
+    smoothquant_alpha=α in [0, 1] (needs quantize_'s calibration_data): SmoothQuant, per input
+    channel s_k = max|x_k|^α / max|w_k|^(1−α) from the calibration inputs; the module stores
+    quantize(W · diag(s)) and divides x by s inside its per-token quantization (qtorch/smoothquant.py).
+    It combines with algorithm "rtn" or "mse" (not yet with "gptq": ValueError).
+    """
 
     algorithm: str = "rtn"
+    smoothquant_alpha: float | None = None
 
     def __post_init__(self) -> None:
         quantizers.check_algorithm(self.algorithm)
+        a = self.smoothquant_alpha
+        if a is None:
+            return
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
+            raise TypeError(f"smoothquant_alpha must be a float in [0, 1] or None, got "
+                            f"{type(a).__name__}")
+        if not 0.0 <= a <= 1.0:  # (NaN fails too)
+            raise ValueError(f"smoothquant_alpha must be in [0, 1], got {a}")
+        if self.algorithm == "gptq":
+            raise ValueError("smoothquant_alpha with algorithm='gptq' is not supported yet: use "
+                             "algorithm='rtn' or 'mse' with SmoothQuant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,17 +66,22 @@ class Int4WeightOnlyConfig:
     """W4A16: int4 weights in groups of `group_size` (32, 64, 128 or 256) along K, per output
     channel; asymmetric (a zero point per group) unless `symmetric`. Takes an nn.Linear whose
     in_features is divisible by group_size. `algorithm`: "rtn", "mse" or "gptq" (as
-    Int8DynamicConfig)."""
+    Int8DynamicConfig).
+
+    zero_point="float" (asymmetric only): float32 zero points and each group's own range, not
+    widened to contain 0 (GGUF Q4_1's grid; API.md "Calibrated quantization")."""
 
     group_size: int = 128
     symmetric: bool = False
     algorithm: str = "rtn"
+    zero_point: str = "int"
 
     def __post_init__(self) -> None:
         _checks.group_size(self.group_size)
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
         quantizers.check_algorithm(self.algorithm)
+        _checks.zero_point(self.zero_point, self.symmetric)
 
 
 _MODULE_FOR = {
@@ -104,8 +127,9 @@ def quantize_(
 
     `calibration_data` (an iterable of model inputs: a Tensor is called as model(t), a tuple
     as model(*t), a dict as model(**t)) is what algorithm="gptq" runs the model on
-    (qtorch/calibrate.py); data-free configs ignore it. The model is left in its training /
-    eval mode, with no hooks.
+    (qtorch/calibrate.py) and what SmoothQuant measures max|x_k| on; a config that needs it and
+    gets none is a ValueError naming it; data-free configs ignore it. The model is left in its
+    training / eval mode, with no hooks.
     """
     if type(config) not in _MODULE_FOR:
         raise TypeError(
@@ -115,12 +139,24 @@ def quantize_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     cls = _MODULE_FOR[type(config)]
     fields = dataclasses.asdict(config)
+    alpha = fields.get("smoothquant_alpha")
     skipped: list[str] = []
     calibrated = None
     if config.algorithm == "gptq":
         if calibration_data is None:
             raise ValueError(f"{config} needs calibration_data (an iterable of model inputs)")
         calibrated = _calibrate(model, config, cls, fields, filter_fn, calibration_data)
+    unsmoothed: list[str] = []
+    act_absmax: dict[int, object] = {}
+    if alpha is not None:
+        if calibration_data is None:
+            raise ValueError(
+                "Int8DynamicConfig(smoothquant_alpha=...) needs calibration_data (an iterable of "
+                "model inputs) to measure max|x_k| of each layer's inputs; got calibration_data=None"
+            )
+        act_absmax = smoothquant.input_absmax(
+            model, calibration_data,
+            lambda fqn, m: (filter_fn is None or filter_fn(m, fqn)) and _why_not(m, config) is None)
 
     def convert(fqn: str, linear: nn.Linear):
         if filter_fn is not None and not filter_fn(linear, fqn):
@@ -129,7 +165,17 @@ def quantize_(
         if why is not None:
             skipped.append(f"{fqn or '<root>'} ({why})")
             return None
-        new = calibrated[id(linear)] if calibrated is not None else cls.from_float(linear, **fields)
+        if calibrated is not None:
+            new = calibrated[id(linear)]
+        elif alpha is not None:
+            amax = act_absmax.get(id(linear))
+            if amax is None:  # never called during calibration: no statistics to smooth by
+                unsmoothed.append(fqn or "<root>")
+                new = cls.from_float(linear, **{**fields, "smoothquant_alpha": None})
+            else:
+                new = cls.from_float(linear, act_absmax=amax, **fields)
+        else:
+            new = cls.from_float(linear, **fields)
         return new.train(linear.training)
 
     if isinstance(model, nn.Linear):
@@ -159,6 +205,13 @@ def quantize_(
         warnings.warn(
             f"quantize_: {len(skipped)} nn.Linear layer(s) left unquantized, {config} cannot "
             f"take them: " + "; ".join(skipped),
+            UserWarning,
+            stacklevel=2,
+        )
+    if unsmoothed:
+        warnings.warn(
+            f"quantize_: {len(unsmoothed)} layer(s) were never called by calibration_data, so "
+            f"they are W8A8 without SmoothQuant: " + ", ".join(unsmoothed),
             UserWarning,
             stacklevel=2,
         )

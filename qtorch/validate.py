@@ -87,6 +87,12 @@ def _run_backend(backend: str, quick: bool, gen: torch.Generator):
                 ok=_close(out, ref, dtype) or bool(((out.double() - ref.double()).abs() <= tie).all()))
             add("int8_weight_only_linear", case, dtype, ops.int8_weight_only_linear(x, wq, ws, bias),
                 R.int8_weight_only_linear(x, wq, ws, bias))
+            sm = torch.rand(k, generator=gen).to(dev) + 0.25  # SmoothQuant's divisor of x
+            ref = R.int8_linear_smooth(x, wq, ws, sm, bias)
+            out = ops.int8_linear_smooth(x, wq, ws, sm, bias)
+            tie = int8_tie_tolerance(R.quantize_int8(x.float() / sm)[1], ws) * 1.01
+            add("int8_linear_smooth", case, dtype, out, ref,
+                ok=_close(out, ref, dtype) or bool(((out.double() - ref.double()).abs() <= tie).all()))
         for m, (k, n), gs, sym, dtype in itertools.product(
             ms[:2] if quick else ms, ((128, 19), (256, 1), (512, 33)), (32, 128), (False, True), DTYPES
         ):
@@ -98,6 +104,11 @@ def _run_backend(backend: str, quick: bool, gen: torch.Generator):
             got_q = ops.quantize_int4(w, gs, sym)
             ok = all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(got_q[:1] + got_q[2:], ref_q[:1] + ref_q[2:]))
             add("quantize_int4", case, torch.float32, got_q[1], ref_q[1], ok=ok and _close(got_q[1], ref_q[1], torch.float32))
+            if not sym:  # float zero points (zero_point="float"): the int4 ops on both kinds
+                fq = R.quantize_int4(w, gs, False, "float")
+                xf = randn(m, k, dtype=dtype)
+                add("int4_weight_only_linear", case + " float-zero", dtype,
+                    ops.int4_weight_only_linear(xf, *fq, gs), R.int4_weight_only_linear(xf, *fq, gs))
             add("dequantize_int4", case, torch.float32, ops.dequantize_int4(*ref_q, gs), R.dequantize_int4(*ref_q, gs))
             x = randn(m, k, dtype=dtype)
             bias = randn(n, dtype=dtype)

@@ -177,8 +177,9 @@ def _cases():
         for dt in ("fp32", "fp16", "bf16"):
             for one, block in ((True, int8_mm.MAX_ONE_BLOCK), (False, 2048)):
                 args = [("x_ptr", f"*{dt}"), ("q_ptr", "*i8"), ("scale_ptr", "*fp32"),
-                        ("K", "i32"), ("stride_x", "i32"), ("BLOCK_K", block),
-                        ("ONE_BLOCK", one), ("INTERPRET", False)]
+                        ("K", "i32"), ("stride_x", "i32"), ("smooth_ptr", "*fp32"),
+                        ("BLOCK_K", block), ("ONE_BLOCK", one), ("INTERPRET", False),
+                        ("SMOOTH", False)]
                 name = f"quantize_int8-{dt}-{'one' if one else 'two'}pass-sm{cc}"
                 cases.append((name, cc, int8_mm._quantize_int8_kernel, args, 8, 1, "quant"))
         block, warps = 4096, 16

@@ -169,8 +169,8 @@ def test_cpu_binding_rejects_mismatched_buffers():
         torch.ops.qtorch_cpu.int4_weight_only_linear(x, pw, ps, pz, 20, 128, 32, None)
     with pytest.raises(ValueError, match="bias"):
         torch.ops.qtorch_cpu.int4_weight_only_linear(x, pw, ps, pz, 20, 128, 64, torch.zeros(3))
-    with pytest.raises(TypeError, match="packed zero"):
-        torch.ops.qtorch_cpu.int4_weight_only_linear(x, pw, ps, ps, 20, 128, 64, None)
+    with pytest.raises(TypeError, match="packed zero"):  # (u8, or f32 for float zero points)
+        torch.ops.qtorch_cpu.int4_weight_only_linear(x, pw, ps, ps.int(), 20, 128, 64, None)
     with pytest.raises(ValueError, match="scales must have shape"):
         torch.ops.qtorch_cpu.pack_int4_weight_only(qweight, scales[:, :1], zeros, 64)
     with pytest.raises(TypeError, match="w_q"):

@@ -17,8 +17,10 @@ void check_int8wo_packed(const at::Tensor& w, const at::Tensor& scale, int64_t N
 // A packed W8A8 weight (int8_mm.h) for this N, K: size and trailer, else a ValueError.
 void check_int8_packed(const at::Tensor& w_packed, int64_t N, int64_t K);
 
+// smooth: SmoothQuant's fp32 [K] divisor of x, fused into the activation quantization, or none.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_packed, int64_t N,
-                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias);
+                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& smooth = std::nullopt);
 
 at::Tensor int4_weight_only_linear(const at::Tensor& x, const at::Tensor& w,
                                    const at::Tensor& scale, const at::Tensor& zero_packed,
@@ -31,7 +33,8 @@ at::Tensor int8_weight_only_linear(const at::Tensor& x, const at::Tensor& w,
 
 // The linears on canonical buffers, packed for the call only (the public ops' eager fast path).
 at::Tensor int8_linear_canonical(const at::Tensor& x, const at::Tensor& w_q,
-                                 const at::Tensor& w_scale, const std::optional<at::Tensor>& bias);
+                                 const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& smooth = std::nullopt);
 at::Tensor int8_weight_only_linear_canonical(const at::Tensor& x, const at::Tensor& w_q,
                                              const at::Tensor& w_scale,
                                              const std::optional<at::Tensor>& bias);

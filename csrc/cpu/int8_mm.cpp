@@ -10,8 +10,9 @@
 //   qtorch_cpu::int8_scaled_mm(a s8 [M, K], b_packed, N, scale_a f32 [M], scale_b f32 [N],
 //       bias f32 [N]?, out_dtype f32/f16/bf16/int32) -> [M, N]
 //       out_dtype=int32 is a test hook: the exact int32 a @ b.T, scales and bias ignored.
-//   qtorch_cpu::int8_linear(x [M, K] float, w_packed, N, w_scale f32 [N], bias [N]?)
-//       -> [M, N] x.dtype; x is quantized per row straight into the packed-A buffer.
+//   qtorch_cpu::int8_linear(x [M, K] float, w_packed, N, w_scale f32 [N], bias [N]?,
+//       smooth f32 [K]?) -> [M, N] x.dtype; x (divided by smooth, SmoothQuant, when given) is
+//       quantized per row straight into the packed-A buffer.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -186,7 +187,8 @@ at::Tensor int8_scaled_mm(const at::Tensor& a_in, const at::Tensor& bp, int64_t 
 namespace qtorch::cpu::binding {
 
 at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
-                              const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+                       const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& smooth) {
   TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D, got shape ", x_in.sizes());
   const DType xt = kernel_dtype(x_in.scalar_type(), "x", false);
   const at::Tensor x = x_in.contiguous();
@@ -196,12 +198,14 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
                     ", beyond which the int32 accumulation can overflow");
   check_int8_packed(wp, N, K);
   const at::Tensor sb = f32_vector(w_scale, N, "w_scale");
-  at::Tensor b32;
+  at::Tensor b32, sm;
   if (bias.has_value()) b32 = f32_vector(*bias, N, "bias");
+  if (smooth.has_value()) sm = f32_vector(*smooth, K, "smooth_scale");
+  const float* smp = sm.defined() ? sm.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   const int64_t Kp = im::padded_k(K);
-  // Fused activation quantization: rows are quantized straight into packed A (u8, +128),
+  // Fused activation quantization (with SmoothQuant's x / s, when smooth is given): rows are quantized straight into packed A (u8, +128),
   // held in per-thread scratch at decode sizes (scratch.h).
   at::Tensor ap_hold, sa_hold;
   uint8_t* ap = qtorch::cpu::temp<uint8_t>(0, M * Kp, at::kByte, ap_hold);
@@ -210,7 +214,7 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& wp, int64_t N,
   // cost less serially than a second fork/join (which, on a loaded machine, can cost a
   // scheduler quantum when a worker is descheduled).
   at::parallel_for(0, M, std::max<int64_t>(1, (int64_t(1) << 18) / Kp), [&](int64_t b, int64_t e) {
-    im::quantize_rows(x.data_ptr(), xt, K, K, b, e, sa, nullptr, 0, ap);
+    im::quantize_rows(x.data_ptr(), xt, K, K, b, e, sa, nullptr, 0, ap, smp);
   });
   im::Epilogue ep;
   ep.scale_a = sa;
@@ -237,10 +241,11 @@ at::Tensor pack_for_call(const at::Tensor& w_q, at::Tensor& hold) {
 }
 
 at::Tensor int8_linear_canonical(const at::Tensor& x, const at::Tensor& w_q,
-                                 const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+                                 const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& smooth) {
   at::Tensor hold;
   const at::Tensor wp = pack_for_call(w_q, hold);
-  return int8_linear(x, wp, w_q.size(0), w_scale, bias);
+  return int8_linear(x, wp, w_q.size(0), w_scale, bias, smooth);
 }
 
 }  // namespace qtorch::cpu::binding
@@ -263,7 +268,8 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
       "int8_scaled_mm_canonical(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, "
       "Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def(
-      "int8_linear_canonical(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
+      "int8_linear_canonical(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, "
+      "Tensor? smooth=None) -> Tensor");
   m.def("pack_int8_mm(Tensor w) -> Tensor");
   m.def("unpack_int8_mm(Tensor w_packed, int N, int K) -> Tensor");
   m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)");
@@ -271,8 +277,8 @@ TORCH_LIBRARY_FRAGMENT(qtorch_cpu, m) {
       "int8_scaled_mm(Tensor a, Tensor b_packed, int N, Tensor scale_a, Tensor scale_b, "
       "Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def(
-      "int8_linear(Tensor x, Tensor w_packed, int N, Tensor w_scale, Tensor? bias) "
-      "-> Tensor");
+      "int8_linear(Tensor x, Tensor w_packed, int N, Tensor w_scale, Tensor? bias, "
+      "Tensor? smooth=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qtorch_cpu, CPU, m) {

@@ -8,7 +8,9 @@
 //
 // w0, w1, w2 are what the layout names (qtorch/backends/cpu.py registers the layouts; separate
 // arguments rather than a Tensor[]: a list costs every call a conversion):
-//   "cpu_w8a8"   [VNNI-packed weight (int8_mm.h), weight_scale f32 [N]]
+//   "cpu_w8a8"   [VNNI-packed weight (int8_mm.h), weight_scale f32 [N], smooth_scale f32 [K]?]
+//                (the third only for SmoothQuant: x / smooth_scale is what gets quantized, in
+//                the kernel's activation quantization, and the backward divides dx by it)
 //   "cpu_w8a16"  [packed int8 weight, packed scale (weight_only.h)]
 //   "cpu_w4a16"  [packed int4 weight, packed scale, packed zero (weight_only.h)]
 // The schemas are defined in Python (qtorch/_packed.py), which also registers the fake
@@ -80,10 +82,12 @@ Layout layout_of(c10::string_view name) {
 }
 
 size_t tensors_of(Layout l) { return l == kW4A16 ? 3 : 2; }
+// cpu_w8a8 takes a third tensor, SmoothQuant's smooth_scale, or not.
+bool tensors_ok(Layout l, size_t n) { return n == tensors_of(l) || (l == kW8A8 && n == 3); }
 
 // The packed tensors match the layout and the sizes (so every kernel access is in bounds).
 void check_weights(Layout l, at::TensorList w, int64_t N, int64_t K, int64_t gs) {
-  TORCH_CHECK_VALUE(w.size() == tensors_of(l), "linear_packed: layout takes ", tensors_of(l),
+  TORCH_CHECK_VALUE(tensors_ok(l, w.size()), "linear_packed: layout takes ", tensors_of(l),
                     " weight tensors, got ", w.size());
   for (const at::Tensor& t : w)
     TORCH_CHECK_VALUE(t.device().is_cpu(), "linear_packed: weights must be CPU tensors");
@@ -93,6 +97,10 @@ void check_weights(Layout l, at::TensorList w, int64_t N, int64_t K, int64_t gs)
       TORCH_CHECK_VALUE(w[1].scalar_type() == at::kFloat && w[1].dim() == 1 && w[1].size(0) == N,
                         "weight_scale must be float32 [", N, "], got ", w[1].scalar_type(), " ",
                         w[1].sizes());
+      if (w.size() == 3)
+        TORCH_CHECK_VALUE(
+            w[2].scalar_type() == at::kFloat && w[2].dim() == 1 && w[2].size(0) == K,
+            "smooth_scale must be float32 [", K, "], got ", w[2].scalar_type(), " ", w[2].sizes());
       break;
     case kW8A16: binding::check_int8wo_packed(w[0], w[1], N, K); break;
     case kW4A16: binding::check_int4_packed(w[0], w[1], w[2], N, K, gs); break;
@@ -107,7 +115,9 @@ at::Tensor run(Layout l, const at::Tensor& x, at::TensorList w, const std::optio
   std::optional<at::Tensor> b = bias;
   if (b.has_value() && b->scalar_type() != x.scalar_type()) b = b->to(x.scalar_type());
   switch (l) {
-    case kW8A8: return binding::int8_linear(x, w[0], N, w[1], b);
+    case kW8A8:
+      return binding::int8_linear(x, w[0], N, w[1], b,
+                                  w.size() == 3 ? std::optional<at::Tensor>(w[2]) : std::nullopt);
     case kW8A16: return binding::int8_weight_only_linear(x, w[0], w[1], N, K, b);
     default: return binding::int4_weight_only_linear(x, w[0], w[1], w[2], N, K, gs, b);
   }
@@ -148,13 +158,19 @@ at::Tensor grad_input(Layout l, const at::Tensor& grad, at::TensorList w, int64_
                                            K, k0, k1, bp, N);
           break;
         default:
-          weight_only::dequant_int4_slab(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(),
-                                  w[2].data_ptr<uint8_t>(), N, K, gs, k0, k1, bp, kc);
+          if (w[2].scalar_type() == at::kFloat)  // float zero points
+            weight_only::dequant_int4_slab(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(),
+                                           w[2].data_ptr<float>(), N, K, gs, k0, k1, bp, kc);
+          else
+            weight_only::dequant_int4_slab(w[0].data_ptr<uint8_t>(), w[1].data_ptr<float>(),
+                                           w[2].data_ptr<uint8_t>(), N, K, gs, k0, k1, bp, kc);
       }
       at::Tensor dst = out.narrow(1, k0, k1 - k0);
       at::mm_out(dst, g, transposed ? buf.narrow(0, 0, k1 - k0).t() : buf.narrow(1, 0, k1 - k0));
     }
   });
+  // SmoothQuant: y = (x / s) ŵᵀ, so dx = (grad @ ŵ) / s (quantization straight-through).
+  if (l == kW8A8 && w.size() == 3) out.div_(w[2]);
   return out.to(dt);
 }
 
@@ -303,7 +319,9 @@ PyObject* fast_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   // Own references: the kernel runs without the GIL, while another thread could drop the
   // module's buffers.
   std::vector<at::Tensor> w;
-  for (size_t i = 0; i < tensors_of(l); ++i) {
+  const size_t given = size_t(nargs) - 6;
+  if (!tensors_ok(l, given)) Py_RETURN_NONE;
+  for (size_t i = 0; i < given; ++i) {
     const at::Tensor* t = plain(args[6 + i]);
     if (t == nullptr) Py_RETURN_NONE;
     w.push_back(*t);
@@ -429,7 +447,8 @@ PyObject* fast_int4_weight_only_linear(PyObject*, PyObject* const* args, Py_ssiz
   const int64_t G = K / gs;
   if (sc->scalar_type() != at::kFloat || sc->dim() != 2 || sc->size(0) != N || sc->size(1) != G)
     Py_RETURN_NONE;
-  if (z->scalar_type() != at::kByte || z->dim() != 2 || z->size(0) != N || z->size(1) != G)
+  if ((z->scalar_type() != at::kByte && z->scalar_type() != at::kFloat) || z->dim() != 2 ||
+      z->size(0) != N || z->size(1) != G)
     Py_RETURN_NONE;
   std::optional<at::Tensor> bias;
   if (!parse_bias(a[5], N, *x, bias)) Py_RETURN_NONE;

@@ -4,6 +4,8 @@
 //
 //   qtorch_cpu::pack_int4_weight_only(qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G],
 //       group_size) -> [w u8 [int4_packed_bytes], scale f32 [Nb*G*16], zero u8 [Nb*G*16]]
+//       Every int4 entry point also takes float32 zeros (zero_point="float", API.md): the
+//       packed zero is then f32 [Nb*G*16] and the kernels read it instead of the byte.
 //   qtorch_cpu::pack_int8_weight_only(w_q s8 [N, K], w_scale f32 [N])
 //       -> [w s8 [int8_packed_bytes], scale f32 [Nb*16]]
 //   qtorch_cpu::unpack_int4_weight_only / unpack_int8_weight_only(packed..., N, K[, group_size])
@@ -31,6 +33,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdlib>
+#include <type_traits>
 
 #include "alloc.h"
 #include "bindings.h"
@@ -53,13 +56,21 @@ at::Tensor alloc_aligned(int64_t n, at::ScalarType dt) {
   return qtorch::cpu::huge_page_empty({n}, dt, "pack_weight_only");
 }
 
-// Canonical int4 storage (API.md): qweight u8 [N, K/2], scales f32 [N, G], zeros u8 [N, G],
-// G = K / gs. Returns {N, K, G}.
+// Calls f with zeros' data as const uint8_t* (integer zero points) or const float* (float
+// zero points, zero_point="float"): each kernel taking zeros has an overload for both.
+template <class F>
+decltype(auto) with_zeros(const at::Tensor& z, F&& f) {
+  if (z.scalar_type() == at::kFloat) return f(z.data_ptr<float>());
+  return f(z.data_ptr<uint8_t>());
+}
+
+// Canonical int4 storage (API.md): qweight u8 [N, K/2], scales f32 [N, G], zeros u8 or f32
+// [N, G], G = K / gs. Returns {N, K, G}.
 std::array<int64_t, 3> check_int4_canonical(const at::Tensor& qweight, const at::Tensor& scales,
                                             const at::Tensor& zeros, int64_t gs) {
   check_tensor(qweight, "qweight", at::kByte, 2);
   check_tensor(scales, "scales", at::kFloat, 2);
-  check_tensor(zeros, "zeros", at::kByte, 2);
+  check_tensor(zeros, "zeros", zeros.scalar_type() == at::kFloat ? at::kFloat : at::kByte, 2);
   TORCH_CHECK_VALUE(gs == 32 || gs == 64 || gs == 128 || gs == 256,
                     "group_size must be 32, 64, 128 or 256, got ", gs);
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
@@ -91,15 +102,20 @@ std::vector<at::Tensor> pack_int4_weight_only(const at::Tensor& qweight,
   const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
   at::Tensor w = alloc_aligned(wm::int4_packed_bytes(N, K), at::kByte);
   at::Tensor ps = alloc_aligned(wm::int4_meta_floats(N, K, gs), at::kFloat);
-  at::Tensor pz = alloc_aligned(wm::int4_meta_floats(N, K, gs), at::kByte);
-  wm::pack_int4(q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<uint8_t>(), N, K, gs,
-                w.data_ptr<uint8_t>(), ps.data_ptr<float>(), pz.data_ptr<uint8_t>());
+  at::Tensor pz = alloc_aligned(wm::int4_meta_floats(N, K, gs), z.scalar_type());
+  with_zeros(z, [&](auto zp) {
+    using Z = std::remove_const_t<std::remove_pointer_t<decltype(zp)>>;
+    wm::pack_int4(q.data_ptr<uint8_t>(), s.data_ptr<float>(), zp, N, K, gs,
+                  w.data_ptr<uint8_t>(), ps.data_ptr<float>(), pz.data_ptr<Z>());
+  });
   return {w, ps, pz};
 }
 
 // ŵ[n0:n1, k0:k1] = (q - zero) * scale in fp32 into dst (row stride ldd), bitwise the
-// reference's: one exact subtraction of small integers, one rounded multiply. k0, k1 even.
-void dequant_block(const uint8_t* qp, const float* sp, const uint8_t* zp, int64_t K, int64_t G,
+// reference's: one subtraction (exact for integer zero points), one rounded multiply. k0, k1
+// even. Z: uint8_t or float zero points.
+template <class Z>
+void dequant_block(const uint8_t* qp, const float* sp, const Z* zp, int64_t K, int64_t G,
                    int64_t gs, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* dst,
                    int64_t ldd) {
   for (int64_t n = n0; n < n1; ++n) {
@@ -126,11 +142,12 @@ at::Tensor dequantize_int4(const at::Tensor& qweight, const at::Tensor& scales,
   at::Tensor w = at::empty({N, K}, qweight.options().dtype(at::kFloat));
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = s.data_ptr<float>();
-  const uint8_t* zp = z.data_ptr<uint8_t>();
   float* wp = w.data_ptr<float>();
-  at::parallel_for(0, N, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(K, 1)),
-                   [&](int64_t n0, int64_t n1) {
-    dequant_block(qp, sp, zp, K, G, gs, n0, n1, 0, K, wp + n0 * K, K);
+  with_zeros(z, [&](auto zp) {
+    at::parallel_for(0, N, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(K, 1)),
+                     [&](int64_t n0, int64_t n1) {
+      dequant_block(qp, sp, zp, K, G, gs, n0, n1, 0, K, wp + n0 * K, K);
+    });
   });
   return w;
 }
@@ -162,7 +179,6 @@ at::Tensor int4_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& 
   const at::Tensor q = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = s.data_ptr<float>();
-  const uint8_t* zp = z.data_ptr<uint8_t>();
   // Slab width: narrow slabs keep the buffer in L2 (N x 64 fp32 = 1 MiB at N = 4096), which
   // pays while dequantizing dominates (small M); wider ones give the GEMM a better shape once
   // it dominates. 4096^2 g128, 2 threads, vs dequantize-then-matmul: kc = 64 is 7.3x at M = 1
@@ -173,7 +189,9 @@ at::Tensor int4_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& 
     at::Tensor buf = at::empty({N, kc}, g.options());
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t k0 = c * kc, w = std::min(kc, K - k0);
-      dequant_block(qp, sp, zp, K, G, gs, 0, N, k0, k0 + w, buf.data_ptr<float>(), kc);
+      with_zeros(z, [&](auto zp) {
+        dequant_block(qp, sp, zp, K, G, gs, 0, N, k0, k0 + w, buf.data_ptr<float>(), kc);
+      });
       at::Tensor dst = out.narrow(1, k0, w);
       at::mm_out(dst, g, buf.narrow(1, 0, w));
     }
@@ -190,9 +208,12 @@ std::vector<at::Tensor> unpack_int4_weight_only(const at::Tensor& w, const at::T
   const int64_t G = K / gs;
   at::Tensor q = at::empty({N, K / 2}, w.options().dtype(at::kByte));
   at::Tensor s = at::empty({N, G}, w.options().dtype(at::kFloat));
-  at::Tensor z = at::empty({N, G}, w.options().dtype(at::kByte));
-  wm::unpack_int4(w.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero.data_ptr<uint8_t>(), N, K,
-                  gs, q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<uint8_t>());
+  at::Tensor z = at::empty({N, G}, w.options().dtype(zero.scalar_type()));
+  with_zeros(zero, [&](auto zp) {
+    using Z = std::remove_const_t<std::remove_pointer_t<decltype(zp)>>;
+    wm::unpack_int4(w.data_ptr<uint8_t>(), scale.data_ptr<float>(), zp, N, K, gs,
+                    q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<Z>());
+  });
   return {q, s, z};
 }
 
@@ -300,7 +321,7 @@ void check_int4_packed(const at::Tensor& w, const at::Tensor& scale, const at::T
                     gs);
   check_tensor(w, "packed weight", at::kByte, 1);
   check_tensor(scale, "packed scale", at::kFloat, 1);
-  check_tensor(zero, "packed zero", at::kByte, 1);
+  check_tensor(zero, "packed zero", zero.scalar_type() == at::kFloat ? at::kFloat : at::kByte, 1);
   TORCH_CHECK_VALUE(w.numel() == wm::int4_packed_bytes(N, K) && w.is_contiguous(),
                     "packed weight does not match N=", N, ", K=", K);
   TORCH_CHECK_VALUE(scale.numel() == wm::int4_meta_floats(N, K, gs) && scale.is_contiguous() &&
@@ -336,7 +357,8 @@ at::Tensor int4_weight_only_linear(const at::Tensor& x_in, const at::Tensor& w,
   wm::Int4Weights wt;
   wt.w = w.data_ptr<uint8_t>();
   wt.scale = scale.data_ptr<float>();
-  wt.zero = zero_packed.data_ptr<uint8_t>();
+  if (zero_packed.scalar_type() == at::kFloat) wt.zero_f = zero_packed.data_ptr<float>();
+  else wt.zero = zero_packed.data_ptr<uint8_t>();
   wt.N = N, wt.K = K, wt.gs = gs;
   for_blocks(M, N, K, [&](int64_t b, int64_t e) {
     wm::Problem p;
@@ -389,12 +411,16 @@ at::Tensor int4_weight_only_linear_canonical(const at::Tensor& x, const at::Tens
   at::Tensor hw, hs, hz;
   uint8_t* w = qtorch::cpu::temp<uint8_t>(qtorch::cpu::kPackSlot, wb, at::kByte, hw);
   float* ps = qtorch::cpu::temp<float>(qtorch::cpu::kPackSlot + 1, mf, at::kFloat, hs);
-  uint8_t* pz = qtorch::cpu::temp<uint8_t>(qtorch::cpu::kPackSlot + 2, mf, at::kByte, hz);
-  wm::pack_int4(q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.data_ptr<uint8_t>(), N, K, gs, w,
-                ps, pz);
+  const at::ScalarType zt = z.scalar_type();
+  at::Tensor pzt = with_zeros(z, [&](auto zp) {
+    using Z = std::remove_const_t<std::remove_pointer_t<decltype(zp)>>;
+    Z* pz = qtorch::cpu::temp<Z>(qtorch::cpu::kPackSlot + 2, mf, zt, hz);
+    wm::pack_int4(q.data_ptr<uint8_t>(), s.data_ptr<float>(), zp, N, K, gs, w, ps, pz);
+    return qtorch::cpu::temp_tensor(pz, mf, zt, hz);
+  });
   return int4_weight_only_linear(x, qtorch::cpu::temp_tensor(w, wb, at::kByte, hw),
-                                 qtorch::cpu::temp_tensor(ps, mf, at::kFloat, hs),
-                                 qtorch::cpu::temp_tensor(pz, mf, at::kByte, hz), N, K, gs, bias);
+                                 qtorch::cpu::temp_tensor(ps, mf, at::kFloat, hs), pzt, N, K, gs,
+                                 bias);
 }
 
 at::Tensor int8_weight_only_linear_canonical(const at::Tensor& x, const at::Tensor& w_q,

@@ -90,10 +90,19 @@ Tensor int8_scaled_mm(const Tensor& a, const Tensor& b, const Tensor& scale_a,
 
 // Dynamic W8A8. `w_q` is [N, Kw] with Kw >= K, Kw % 16 == 0 allowed (columns past K zero):
 // the Python side caches such a padded copy of the weight once when K % 16 != 0.
+// smooth: SmoothQuant's fp32 [K] divisor of x, fused into the activation quantization.
 Tensor int8_linear(const Tensor& x, const Tensor& w_q, const Tensor& w_scale,
-                   const c10::optional<Tensor>& bias) {
+                   const c10::optional<Tensor>& bias, const c10::optional<Tensor>& smooth) {
   CHECK_CUDA_TENSOR(x);
   CHECK_CUDA_TENSOR(w_q);
+  Tensor sm;
+  if (smooth.has_value()) {
+    CHECK_CUDA_TENSOR(*smooth);
+    TORCH_CHECK(smooth->scalar_type() == at::kFloat && smooth->dim() == 1 &&
+                    smooth->size(0) == x.size(-1),
+                "smooth_scale must be float32 [K]");
+    sm = smooth->contiguous();
+  }
   TORCH_CHECK(x.dim() == 2 && w_q.dim() == 2 && w_q.size(1) >= x.size(1), "x [M, K], w_q [N, >=K]");
   c10::cuda::CUDAGuard guard(x.device());
   const Tensor xc = x.contiguous();
@@ -104,7 +113,8 @@ Tensor int8_linear(const Tensor& x, const Tensor& w_q, const Tensor& w_scale,
   Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
   CHECK_LAUNCH(launch_quantize_int8(xc.data_ptr(), dtype_code(x.scalar_type()), q.data_ptr<int8_t>(),
                                     s.data_ptr<float>(), M, K, Kp,
-                                    c10::cuda::getCurrentCUDAStream()));
+                                    c10::cuda::getCurrentCUDAStream(),
+                                    sm.defined() ? sm.data_ptr<float>() : nullptr));
   return scaled_mm_impl(q, w, s, w_scale, bias, x.scalar_type(), w.size(0));
 }
 
@@ -198,7 +208,7 @@ std::tuple<Tensor, Tensor> distillation_loss(const Tensor& student, const Tensor
 TORCH_LIBRARY_FRAGMENT(qtorch_cuda, m) {
   m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)");
   m.def("int8_scaled_mm(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, Tensor? bias, ScalarType out_dtype) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor? smooth=None) -> Tensor");
   m.def("int4_weight_only_linear(Tensor x, Tensor qpacked, Tensor szpacked, int N, int group_size, Tensor? bias) -> Tensor");
   m.def("int8_weight_only_linear(Tensor x, Tensor qpacked, Tensor w_scale, int N, Tensor? bias) -> Tensor");
   m.def("distillation_loss(Tensor student, Tensor teacher, Tensor? labels, float temperature, float alpha, int divergence, float beta, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");

@@ -252,10 +252,13 @@ struct alignas(sizeof(T) * VEC) Vec {
 // One block per row. Pass 1: amax (fp32). Pass 2: q = clamp(rint(x / s), -127, 127) with
 // IEEE division (nvcc's default -prec-div=true) and rint = round-half-to-even, exactly the
 // reference's torch.round(x / scale). The row is read twice; the second read hits L2/L1.
-template <typename T, int VEC>
+// SMOOTH (SmoothQuant): each element is x[r, k] / smooth[k] (IEEE division in fp32) as it is
+// read, in both passes, so the smoothed activation never goes to memory.
+template <typename T, int VEC, bool SMOOTH>
 __global__ void __launch_bounds__(256)
     quantize_int8_kernel(const T* __restrict__ x, int8_t* __restrict__ q,
-                         float* __restrict__ scale, int K, int ldq) {
+                         float* __restrict__ scale, int K, int ldq,
+                         const float* __restrict__ smooth) {
   __shared__ float scratch[32];
   const int row = blockIdx.x;
   const T* xr = x + (size_t)row * K;
@@ -269,7 +272,8 @@ __global__ void __launch_bounds__(256)
     const Vec<T, VEC> v = reinterpret_cast<const Vec<T, VEC>*>(xr)[i];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const float f = to_float(v.v[e]);
+      float f = to_float(v.v[e]);
+      if constexpr (SMOOTH) f = f / smooth[i * VEC + e];
       amax = fmaxf(amax, fabsf(f));
       nans += isfinite(f) ? 0.f : 1.f;
     }
@@ -287,7 +291,9 @@ __global__ void __launch_bounds__(256)
     Vec<int8_t, VEC> o;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const float r = rintf(to_float(v.v[e]) / s);
+      float f = to_float(v.v[e]);
+      if constexpr (SMOOTH) f = f / smooth[i * VEC + e];
+      const float r = rintf(f / s);
       const int8_t qv = static_cast<int8_t>(static_cast<int>(fminf(fmaxf(r, -127.f), 127.f)));
       o.v[e] = bad ? int8_t(0) : qv;
     }
@@ -297,32 +303,42 @@ __global__ void __launch_bounds__(256)
   for (int k = K + threadIdx.x; k < ldq; k += blockDim.x) qr[k] = 0;
 }
 
-template <typename T>
+template <typename T, bool SMOOTH>
 cudaError_t run_quantize(const void* x, int8_t* q, float* scale, int M, int K, int ldq,
-                         cudaStream_t stream) {
+                         const float* smooth, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
   // Vector path when each row starts 16-byte aligned in x and VEC-byte aligned in q.
   const bool vec = (K % VEC == 0) && (ldq % VEC == 0) &&
                    (reinterpret_cast<uintptr_t>(x) % 16 == 0) &&
                    (reinterpret_cast<uintptr_t>(q) % VEC == 0);
   if (vec)
-    quantize_int8_kernel<T, VEC><<<M, 256, 0, stream>>>(static_cast<const T*>(x), q, scale, K, ldq);
+    quantize_int8_kernel<T, VEC, SMOOTH>
+        <<<M, 256, 0, stream>>>(static_cast<const T*>(x), q, scale, K, ldq, smooth);
   else
-    quantize_int8_kernel<T, 1><<<M, 256, 0, stream>>>(static_cast<const T*>(x), q, scale, K, ldq);
+    quantize_int8_kernel<T, 1, SMOOTH>
+        <<<M, 256, 0, stream>>>(static_cast<const T*>(x), q, scale, K, ldq, smooth);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t launch_quantize_int8(const void* x, int x_dtype, int8_t* q, float* scale, int M,
-                                 int K, int ldq, cudaStream_t stream) {
-  if (M == 0) return cudaSuccess;
+template <bool SMOOTH>
+cudaError_t quantize_for(const void* x, int x_dtype, int8_t* q, float* scale, int M, int K,
+                         int ldq, const float* smooth, cudaStream_t stream) {
   switch (x_dtype) {
-    case kFloat32: return run_quantize<float>(x, q, scale, M, K, ldq, stream);
-    case kFloat16: return run_quantize<__half>(x, q, scale, M, K, ldq, stream);
-    case kBFloat16: return run_quantize<__nv_bfloat16>(x, q, scale, M, K, ldq, stream);
+    case kFloat32: return run_quantize<float, SMOOTH>(x, q, scale, M, K, ldq, smooth, stream);
+    case kFloat16: return run_quantize<__half, SMOOTH>(x, q, scale, M, K, ldq, smooth, stream);
+    case kBFloat16:
+      return run_quantize<__nv_bfloat16, SMOOTH>(x, q, scale, M, K, ldq, smooth, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_quantize_int8(const void* x, int x_dtype, int8_t* q, float* scale, int M,
+                                 int K, int ldq, cudaStream_t stream, const float* smooth) {
+  if (M == 0) return cudaSuccess;
+  if (smooth) return quantize_for<true>(x, x_dtype, q, scale, M, K, ldq, smooth, stream);
+  return quantize_for<false>(x, x_dtype, q, scale, M, K, ldq, nullptr, stream);
 }
 
 cudaError_t launch_int8_scaled_mm(const int8_t* a, const int8_t* b, const float* scale_a,

@@ -19,8 +19,11 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 //   x [M, K] of dtype `x_dtype` (0 fp32, 1 fp16, 2 bf16), row stride K;
 //   q [M, ldq] int8 with ldq >= K: columns [K, ldq) are written as 0 so q can feed the GEMM
 //   directly with K padded to a multiple of 16; scale [M] fp32.
+//   smooth fp32 [K] or null (SmoothQuant): x[r, k] / smooth[k] is what gets quantized, the
+//   division fused into both passes of the kernel.
 cudaError_t launch_quantize_int8(const void* x, int x_dtype, int8_t* q, float* scale, int M,
-                                 int K, int ldq, cudaStream_t stream);
+                                 int K, int ldq, cudaStream_t stream,
+                                 const float* smooth = nullptr);
 
 // out[M, N] = (a @ b.T in exact int32) * scale_a[:, None] * scale_b[None, :] (+ bias[None, :])
 //   a [M, lda] int8, b [N, ldb] int8, only the first Kp columns are read; requirements:

@@ -39,6 +39,12 @@ def _int8_linear(x, w_q, w_scale, bias):
     return _ops.int8_linear_canonical(x, w_q, w_scale, bias)
 
 
+@register_kernel("int8_linear_smooth", "cpu")
+def _int8_linear_smooth(x, w_q, w_scale, smooth_scale, bias):
+    # x / smooth_scale is computed inside the quantize-rows step of the same kernel.
+    return _ops.int8_linear_canonical(x, w_q, w_scale, bias, smooth_scale)
+
+
 # --- weight-only (int8_weight_only_linear, quantize_int4, dequantize_int4,
 #     int4_weight_only_linear, the linears' backward) ------------------------------------------
 # Weights are packed into 16-channel blocks (csrc/cpu/kernels/weight_only.h) and dequantized inside

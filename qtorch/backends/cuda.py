@@ -60,13 +60,22 @@ def _int8_linear(x, w_q, w_scale, bias):
     return torch.ops.qtorch_cuda.int8_linear(x, _int8_weight_k16(w_q), w_scale, bias)
 
 
+@register_kernel("int8_linear_smooth", "cuda")
+def _int8_linear_smooth(x, w_q, w_scale, smooth_scale, bias):
+    # x / smooth_scale inside the activation-quantization kernel (csrc/cuda/int8_mm.cu).
+    return torch.ops.qtorch_cuda.int8_linear(x, _int8_weight_k16(w_q), w_scale, bias,
+                                             smooth_scale)
+
+
 # --- W4A16 -------------------------------------------------------------------------------------
 
 
 @register_kernel("int4_weight_only_linear", "cuda")
 def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        # The tensor-core kernel takes 16-bit activations; fp32 ones use the reference.
+    if x.dtype not in (torch.float16, torch.bfloat16) or zeros.dtype == torch.float32:
+        # The tensor-core kernel takes 16-bit activations and integer zero points (it keeps
+        # MAGIC + zero in a 16-bit word, which would round a float zero point): fp32
+        # activations and float zero points (zero_point="float") use the reference.
         return _ref_wo.int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias)
     qp, szp = pack_int4(qweight, scales, zeros, group_size, x.dtype)
     return torch.ops.qtorch_cuda.int4_weight_only_linear(x, qp, szp, qweight.shape[0], group_size, bias)
@@ -130,14 +139,19 @@ def _fused_linear_distillation_loss(*args):
 
 def _grad_int8(grad, weight, n, k, group_size):
     w = weight[0][:, :k] if weight[0].dim() == 2 else unpack_int8(weight[0], n, k)
-    return torch.ops.qtorch.int8_linear_grad_input(grad, w.contiguous(), weight[1])
+    g = torch.ops.qtorch.int8_linear_grad_input(grad, w.contiguous(), weight[1])
+    if len(weight) > 2:  # SmoothQuant's smooth_scale (w8a8): y = (x / s) ŵᵀ, dx = (grad ŵ) / s
+        g = (g.float() / weight[2]).to(g.dtype)
+    return g
 
 
 register_layout(Layout(
     "cuda_w8a8", "w8a8", "cuda", -1, ("packed_weight", "weight_scale"), ("qweight",),
     pack=lambda c, n, k, gs: {"packed_weight": _int8_weight_k16(c["qweight"])},
     unpack=lambda w, n, k, gs: {"qweight": w[0][:, :k].contiguous()},
-    run=lambda x, w, bias, n, k, gs: torch.ops.qtorch_cuda.int8_linear(x, w[0], w[1], bias),
+    # w[2], when given, is SmoothQuant's smooth_scale (qtorch/_packed.py)
+    run=lambda x, w, bias, n, k, gs: torch.ops.qtorch_cuda.int8_linear(
+        x, w[0], w[1], bias, w[2] if len(w) > 2 else None),
     grad_input=_grad_int8,
 ))
 

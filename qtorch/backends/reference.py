@@ -8,6 +8,7 @@ for _name, _fn in {
     "quantize_int8": R.quantize_int8,
     "int8_scaled_mm": R.int8_scaled_mm,
     "int8_linear": R.int8_linear,
+    "int8_linear_smooth": R.int8_linear_smooth,
     "int8_weight_only_linear": R.int8_weight_only_linear,
     "int8_linear_grad_input": int8_linear_grad_input,
     "quantize_int4": R.quantize_int4,

@@ -29,13 +29,14 @@ def status() -> tuple[bool, str]:
 def kernel_layout(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Canonical (qweight uint8 [N, K//2], scales fp32 [N, G], zeros uint8 [N, G]) ->
-    the W4A16 kernel's (qweight_t uint8 [K//2, N], scales_t fp32 [G, N], zeros_t fp32 [G, N]),
-    contiguous (`kernels/weight_only.py` says why)."""
+    """Canonical (qweight uint8 [N, K//2], scales fp32 [N, G], zeros uint8 or fp32 [N, G]) ->
+    the W4A16 kernel's (qweight_t uint8 [K//2, N], scales_t fp32 [G, N], zeros_t [G, N] in
+    zeros' dtype, which the kernel widens to fp32 exactly), contiguous
+    (`kernels/weight_only.py` says why)."""
     return (
         qweight.t().contiguous(),
         scales.float().t().contiguous(),
-        zeros.float().t().contiguous(),
+        zeros.t().contiguous(),
     )
 
 
@@ -50,7 +51,7 @@ def int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
 def _unpack_int4(weight, n, k, group_size):
     qweight_t, scales_t, zeros_t = weight
     return {"qweight": qweight_t.t().contiguous(), "scales": scales_t.t().contiguous(),
-            "zeros": zeros_t.t().to(torch.uint8).contiguous()}  # (integers 0..15: exact)
+            "zeros": zeros_t.t().contiguous()}  # (its dtype kept: uint8 or float32)
 
 
 def _grad_int4(grad, weight, n, k, group_size):
@@ -142,6 +143,7 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidde
 register_kernel("quantize_int8", "triton")(int8_mm.quantize_int8)
 register_kernel("int8_scaled_mm", "triton")(int8_mm.int8_scaled_mm)
 register_kernel("int8_linear", "triton")(int8_mm.int8_linear)
+register_kernel("int8_linear_smooth", "triton")(int8_mm.int8_linear_smooth)
 register_kernel("int8_weight_only_linear", "triton")(weight_only.int8_weight_only_linear)
 register_kernel("int4_weight_only_linear", "triton")(int4_weight_only_linear)
 register_kernel("distillation_loss", "triton")(distillation.distillation_loss)

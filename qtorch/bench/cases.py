@@ -7,7 +7,10 @@ whose `impls` are zero-argument callables over those inputs:
                      kernel for the op (`qtorch._backend.kernel_coverage()`). For the linears
                      "qtorch:<b>" is the quantized module (qtorch.nn, loaded with the same
                      canonical weights the op rows get), which owns its kernel layout: what a
-                     model runs. "qtorch:<b>:op" is the op called on the canonical weights
+                     model runs. For int8_linear "qtorch:<b>:smoothquant" is the same module
+                     with SmoothQuant's smooth_scale (x / s fused into its activation
+                     quantization; same weights, same run: its ratio to "qtorch:<b>" is the
+                     cost of smoothing). "qtorch:<b>:op" is the op called on the canonical weights
                      (Options.op_rows; it may pack the weight per call). "qtorch:<b>:kernel"
                      (Options.kernel_rows) skips the op layer: on cpu the C++ binding on a
                      weight packed beforehand, elsewhere the backend's registered kernel
@@ -294,6 +297,8 @@ def quantized_module(op: str, w: dict, k: int, n: int) -> torch.nn.Module:
     else:
         mod = getattr(qnn, MODULE_FOR[op])(k, n, bias=bias is not None, device=device)
         state = {"qweight": w["w_q"], "weight_scale": w["w_s"]}
+        if w.get("smooth") is not None:  # SmoothQuant (Int8DynamicLinear adopts the buffer)
+            state["smooth_scale"] = w["smooth"]
     if bias is not None:
         state["bias"] = bias
     mod.load_state_dict(state)
@@ -466,6 +471,29 @@ def _build_linear(op, s, dtype, device, backends, with_peers, opt: Options):
             weights,
             note=f"qtorch.nn.{MODULE_FOR[op]}",
         )
+        if op == "int8_linear":
+            # s = 1: the same weights and result as "qtorch:<b>" (so its row checks like the
+            # others), while the kernel runs its smoothed path (a division per element costs
+            # the same whatever s holds).
+            smooth = torch.ones(k, device=device)
+
+            def make_smooth(wt):
+                mod = quantized_module(op, {**wt, "smooth": smooth}, k, n)
+                return lambda: mod(x)
+
+            for b in served:
+                built.impls.append(
+                    _qtorch_impl(
+                        f"qtorch:{b}:smoothquant",
+                        b,
+                        make_smooth,
+                        weights,
+                        wbytes,
+                        compute,
+                        note="Int8DynamicLinear with smooth_scale (SmoothQuant): x / s fused "
+                        "into the activation quantization; within 5% of qtorch:<b> at M = 1",
+                    )
+                )
         if opt.op_rows:
             for b in served:
                 if b == "reference":  # nothing to pack: the module runs exactly the op

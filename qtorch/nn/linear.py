@@ -6,7 +6,9 @@ backend chosen at call time (`qtorch.use_backend`, `QTORCH_BACKEND`, "auto") ser
     Int8DynamicLinear     W8A8   qweight int8 [N, K], weight_scale fp32 [N], bias
     Int8WeightOnlyLinear  W8A16  qweight int8 [N, K], weight_scale fp32 [N], bias
     Int4WeightOnlyLinear  W4A16  qweight uint8 [N, K // 2], scales fp32 [N, K // gs],
-                                 zeros uint8 [N, K // gs], bias
+                                 zeros uint8 [N, K // gs] (float32 with zero_point="float"),
+                                 bias
+    Int8DynamicLinear with SmoothQuant: also smooth_scale fp32 [K]
 
 Those are the canonical buffers of API.md, what `state_dict` holds. Where the backend that
 "auto" picks on the module's device wants another layout (the cpu backend's VNNI-packed int8,
@@ -47,7 +49,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from qtorch import _backend, _checks, _packed, ops, quantizers
+from qtorch import _backend, _checks, _packed, ops, quantizers, smoothquant
 from qtorch.quantizers.grid import grid_for
 
 __all__ = ["Int8DynamicLinear", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear"]
@@ -202,7 +204,7 @@ class _QuantizedLinear(nn.Module):
         if self._pack_deferred or _canonical_only.get():
             return False
         layout = _packed.layout_for(self._FAMILY, self._device(), self._compute_dtype())
-        if layout is None:
+        if layout is None or not self._layout_takes(layout):
             return False
         b = self._buffers
         if not all(_sole_owner(b, name) for name in layout.derived):
@@ -224,6 +226,14 @@ class _QuantizedLinear(nn.Module):
         for name in layout.derived:
             b[name] = None
         return True
+
+    def _layout_takes(self, layout: _packed.Layout) -> bool:
+        """Whether `layout` can hold this module's weight (else it runs canonical)."""
+        return True
+
+    def _extra_weight(self) -> list[Tensor]:
+        """Tensors the module passes after its layout's buffers (SmoothQuant's smooth_scale)."""
+        return []
 
     def _unpack(self) -> None:
         """The packed layout -> the canonical buffers (bitwise), which the module then runs
@@ -350,7 +360,7 @@ class _QuantizedLinear(nn.Module):
         if layout is None:
             return self._canonical_forward(x)
         b = self._buffers
-        weight = [b[name] for name in layout.buffers]
+        weight = [b[name] for name in layout.buffers] + self._extra_weight()
         bias = self._parameters.get("bias")
         n, k, gs = self.out_features, self.in_features, self._group_size()
         if _fast_linear is not None and layout.code >= 0 and not _is_compiling():
@@ -439,15 +449,90 @@ class Int8DynamicLinear(_Int8Linear):
     """W8A8 dynamic: x [..., K] is quantized per token at run time, int8 x int8 GEMM with exact
     int32 accumulation, rescaled by scale_x[m] * weight_scale[n]; output [..., N] in x.dtype.
     The backward treats activation quantization as the identity (straight-through):
-    dx = grad @ ŵ."""
+    dx = grad @ ŵ.
+
+    SmoothQuant (API.md "Calibrated quantization"; `from_float(linear, smooth_scale=s)`): one
+    more buffer, `smooth_scale` fp32 [K] (registered, and in the state dict, only then); qweight / weight_scale
+    are the int8 weight of W · diag(s), and the forward is int8_linear(x / s, ...), the division
+    fused into each backend's activation quantization (qtorch.ops.int8_linear_smooth)."""
 
     _OP = "int8_linear"
     _FAMILY = "w8a8"
 
+    @classmethod
+    def from_float(cls, linear: nn.Linear, algorithm: str = "rtn",
+                   smoothquant_alpha: float | None = None, *, act_absmax: Tensor | None = None,
+                   smooth_scale: Tensor | None = None):
+        """Quantize `linear.weight` once (qtorch.ops.quantize_int8, per output channel; with
+        algorithm="mse" the per-row range of qtorch.quantizers.mse). Reuses `linear.bias`.
+        SmoothQuant: with `smooth_scale` s (fp32 [in_features], positive), or with
+        `smoothquant_alpha` and `act_absmax` (max|x_k| fp32 [in_features] over calibration
+        inputs, from which s = qtorch.smoothquant.smooth_scale(act_absmax, W, alpha)), the
+        weight quantized (by `algorithm`, "rtn" or "mse") is W · diag(s) and the module
+        divides its input by s."""
+        cls._check_linear(linear)
+        w = linear.weight.detach()
+        if smooth_scale is None and smoothquant_alpha is not None:
+            if act_absmax is None:
+                raise ValueError(
+                    "smoothquant_alpha needs the layer's input statistics: pass act_absmax, or "
+                    "quantize through qtorch.quantize_(..., calibration_data=...)")
+            if act_absmax.shape != (linear.in_features,):
+                raise ValueError(f"act_absmax must have shape ({linear.in_features},), got "
+                                 f"{tuple(act_absmax.shape)}")
+            smooth_scale = smoothquant.smooth_scale(act_absmax, w, smoothquant_alpha)
+        if smooth_scale is None:
+            return super().from_float(linear, algorithm)
+        _checks.smooth_scale(smooth_scale, linear.in_features, w.device)
+        quantizers.check_algorithm(algorithm)
+        if algorithm == "gptq":
+            raise ValueError("SmoothQuant with algorithm='gptq' is not supported yet: use "
+                             "algorithm='rtn' or 'mse'")
+        mod = cls(linear.in_features, linear.out_features, bias=linear.bias, device=w.device)
+        mod._weight_dtype = w.dtype
+        ws = w.float() * smooth_scale[None, :]
+        if algorithm == "mse":
+            c = quantizers.quantize_weight(grid_for("int8"), ws, "mse")
+            qweight, scale = c["qweight"], c["weight_scale"]
+        else:
+            qweight, scale = ops.quantize_int8(ws)
+        del ws
+        mod.qweight, mod.weight_scale = _own(qweight), _own(scale)
+        mod.register_buffer("smooth_scale", smooth_scale.detach().clone())  # fp32 [K]
+        del qweight, scale
+        mod._pack()
+        return mod
+
+    def _extra_weight(self) -> list[Tensor]:
+        s = self._buffers.get("smooth_scale")
+        return [] if s is None else [s]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A SmoothQuant checkpoint loads into a module made without it (e.g. quantize_ with
+        # the same config but other calibration data, or an empty module): it gains the buffer.
+        key = prefix + "smooth_scale"
+        if key in state_dict and self._buffers.get("smooth_scale") is None:
+            self.register_buffer("smooth_scale", torch.ones(
+                self.in_features, dtype=torch.float32, device=self._device()))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def dequantize(self) -> Tensor:
+        """The weight the module multiplies x by: float32 [N, K], (ŵ of W · diag(s)) / s with
+        SmoothQuant."""
+        w = super().dequantize()
+        s = self._buffers.get("smooth_scale")
+        return w if s is None else w / s[None, :]
+
     def _format(self) -> str:
-        return "bits=8, weight=int8 per-channel, activation=int8 dynamic per-token"
+        smooth = ", smoothquant" if self._buffers.get("smooth_scale") is not None else ""
+        return f"bits=8, weight=int8 per-channel, activation=int8 dynamic per-token{smooth}"
 
     def _canonical_forward(self, x: Tensor) -> Tensor:
+        s = self._buffers.get("smooth_scale")
+        if s is not None:
+            return ops.int8_linear_smooth(x, self.qweight, self.weight_scale, s, self.bias)
         return ops.int8_linear(x, self.qweight, self.weight_scale, self.bias)
 
 
@@ -484,9 +569,12 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         group_size: int = 128,
         symmetric: bool = False,
         device=None,
+        zero_point: str = "int",
     ) -> None:
-        """An empty module, e.g. to `load_state_dict` into; `from_float` fills one."""
+        """An empty module, e.g. to `load_state_dict` into; `from_float` fills one.
+        zero_point="float": float32 zeros (API.md "Calibrated quantization")."""
         _checks.group_size(group_size)
+        _checks.zero_point(zero_point, symmetric)
         if in_features % group_size:
             raise ValueError(
                 f"in_features={in_features} must be divisible by group_size={group_size}"
@@ -506,13 +594,20 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         self.register_buffer(
             "scales", torch.ones(out_features, groups, dtype=torch.float32, device=device)
         )
+        self._zero_point = zero_point
+        zdt = torch.float32 if zero_point == "float" else torch.uint8
         self.register_buffer(
-            "zeros", torch.full((out_features, groups), 8, dtype=torch.uint8, device=device)
+            "zeros", torch.full((out_features, groups), 8, dtype=zdt, device=device)
         )
+
+    @property
+    def zero_point(self) -> str:
+        """"int" (uint8 zeros) or "float" (float32 zeros): what the zeros buffer holds."""
+        return self._zero_point
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False,
-                   algorithm: str = "rtn"):
+                   algorithm: str = "rtn", zero_point: str = "int"):
         """Quantize `linear.weight` once (qtorch.ops.quantize_int4). Needs
         in_features % group_size == 0 (ValueError otherwise). Reuses `linear.bias`. With
         algorithm="mse" the ranges come from qtorch.quantizers.mse; "gptq" needs calibration
@@ -522,13 +617,16 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
             if linear.in_features % group_size:
                 raise ValueError(f"in_features={linear.in_features} must be divisible by "
                                  f"group_size={group_size}")
-            grid = grid_for("int4", group_size, symmetric)
+            grid = grid_for("int4", group_size, symmetric, zero_point)
             return cls._from_quantized(linear, _calibrated(linear, algorithm, grid),
-                                       group_size=group_size, symmetric=symmetric)
+                                       group_size=group_size, symmetric=symmetric,
+                                       zero_point=zero_point)
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias,
-                  group_size=group_size, symmetric=symmetric, device=linear.weight.device)
+                  group_size=group_size, symmetric=symmetric, device=linear.weight.device,
+                  zero_point=zero_point)
         mod._weight_dtype = linear.weight.dtype
-        qweight, scales, zeros = ops.quantize_int4(linear.weight.detach(), group_size, symmetric)
+        qweight, scales, zeros = ops.quantize_int4(linear.weight.detach(), group_size, symmetric,
+                                                   zero_point)
         mod.qweight, mod.scales, mod.zeros = _own(qweight), _own(scales), _own(zeros)
         del qweight, scales, zeros
         mod._pack()
@@ -537,12 +635,36 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
     def _group_size(self) -> int:
         return self.group_size
 
+    def _layout_takes(self, layout: _packed.Layout) -> bool:
+        # The CUDA W4A16 layout keeps MAGIC + zero in a 16-bit word, which would round a float
+        # zero point: such a module stays canonical there (the op then serves it exactly).
+        z = self._buffers.get("zeros")
+        return not (layout.backend == "cuda" and z is not None and z.dtype == torch.float32)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # zeros of the other kind (float32 for a module made with integer zero points, or the
+        # reverse): the buffer takes the checkpoint's dtype, as the state dict says which grid.
+        z = state_dict.get(prefix + "zeros")
+        if isinstance(z, Tensor) and z.dtype in _checks.INT4_ZERO_DTYPES:
+            self._unpack()
+            cur = self._buffers.get("zeros")
+            if cur is not None and cur.dtype != z.dtype:
+                self._buffers["zeros"] = cur.to(z.dtype)
+                self._zero_point = "float" if z.dtype == torch.float32 else "int"
+            del cur  # (a reference held here would keep the module from packing)
+        del z
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def dequantize(self) -> Tensor:
         c = self._canonical()
         return ops.dequantize_int4(c["qweight"], c["scales"], c["zeros"], self.group_size)
 
     def _format(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
+        if self.zero_point == "float":
+            kind += ", float zero points"
         return f"bits=4, group_size={self.group_size}, {kind}, activation=x.dtype"
 
     def _canonical_forward(self, x: Tensor) -> Tensor:

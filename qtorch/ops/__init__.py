@@ -23,6 +23,7 @@ __all__ = [
     "quantize_int8",
     "int8_scaled_mm",
     "int8_linear",
+    "int8_linear_smooth",
     "int8_weight_only_linear",
     "quantize_int4",
     "dequantize_int4",
@@ -34,6 +35,7 @@ __all__ = [
 quantize_int8 = _public(_int8_mm.quantize_int8)
 int8_scaled_mm = _public(_int8_mm.int8_scaled_mm)
 int8_linear = _public(_int8_mm.int8_linear, FAST.get("int8_linear"))
+int8_linear_smooth = _public(_int8_mm.int8_linear_smooth)
 int8_weight_only_linear = _public(_weight_only.int8_weight_only_linear,
                                   FAST.get("int8_weight_only_linear"))
 quantize_int4 = _public(_weight_only.quantize_int4)

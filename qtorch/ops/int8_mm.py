@@ -9,14 +9,18 @@ from torch import Tensor
 from qtorch import _checks as chk
 from qtorch.ops._common import (
     _INT8_LINEAR_SCHEMA,
+    _bias_grad,
+    _check_int8_linear,
     _custom_op,
     _int8_linear_call,
     _int8_linear_fake,
     _kernel,
+    _linear_call,
     _rows,
     _setup_linear,
+    _vec,
 )
-from qtorch.ops.weight_only import _int8_linear_backward
+from qtorch.ops.weight_only import _int8_linear_backward, int8_linear_grad_input
 
 _OUT_DTYPES = chk.FLOAT_DTYPES
 
@@ -126,3 +130,44 @@ def _(x, w_q, w_scale, bias=None):
     return _int8_linear_fake(x, w_q, w_scale, bias)
 
 int8_linear.register_autograd(_int8_linear_backward, setup_context=_setup_linear)
+
+
+# ------------------------------------------------------------------------ int8_linear_smooth
+
+
+def _check_int8_linear_smooth(x, w_q, w_scale, smooth_scale, bias) -> None:
+    _check_int8_linear(x, w_q, w_scale, bias)
+    chk.smooth_scale(smooth_scale, w_q.shape[1], w_q.device)
+
+
+@_custom_op("qtorch::int8_linear_smooth")
+def int8_linear_smooth(x: Tensor, w_q: Tensor, w_scale: Tensor, smooth_scale: Tensor,
+                       bias: Tensor | None = None) -> Tensor:
+    """SmoothQuant W8A8 (API.md "Calibrated quantization"): int8_linear(x / smooth_scale, w_q,
+    w_scale, bias), with x [..., K] float, smooth_scale fp32 [K], w_q [N, K] int8 the weight of
+    W · diag(smooth_scale), w_scale [N] fp32. The division is fused into the per-token
+    quantization of x (definition: `qtorch.reference.int8_mm.int8_linear_smooth`). Result
+    [..., N] in x.dtype; differentiable w.r.t. x (straight-through: dx = grad @ ŵ / s) and
+    bias."""
+    _check_int8_linear_smooth(x, w_q, w_scale, smooth_scale, bias)
+    return _linear_call("int8_linear_smooth", x, w_q.shape[0], w_q.contiguous(), _vec(w_scale),
+                        smooth_scale.contiguous(), bias=bias)
+
+
+@int8_linear_smooth.register_fake
+def _(x, w_q, w_scale, smooth_scale, bias=None):
+    _check_int8_linear_smooth(x, w_q, w_scale, smooth_scale, bias)
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+def _int8_linear_smooth_backward(ctx, grad):
+    """y = (x / s) ŵᵀ with quantization straight-through: dx = (grad @ ŵ) / s."""
+    w_q, w_scale, smooth_scale = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        g = int8_linear_grad_input(grad, w_q, w_scale)
+        gx = (g.float() / smooth_scale).to(g.dtype)
+    return gx, None, None, None, _bias_grad(ctx, grad)
+
+
+int8_linear_smooth.register_autograd(_int8_linear_smooth_backward, setup_context=_setup_linear)

@@ -92,7 +92,8 @@ int8_weight_only_linear.register_autograd(_int8_linear_backward, setup_context=_
 # ------------------------------------------------------------------------------------- int4
 
 
-def _check_quantize_int4(w, group_size, symmetric) -> None:
+def _check_quantize_int4(w, group_size, symmetric, zero_point="int") -> None:
+    chk.zero_point(zero_point, symmetric)
     chk.tensor("w", w)
     chk.dtype_in("w", w, chk.FLOAT_DTYPES)
     chk.ndim("w", w, 2)
@@ -106,21 +107,22 @@ def _check_quantize_int4(w, group_size, symmetric) -> None:
 
 @_custom_op("qtorch::quantize_int4")
 def quantize_int4(
-    w: Tensor, group_size: int = 128, symmetric: bool = False
+    w: Tensor, group_size: int = 128, symmetric: bool = False, zero_point: str = "int"
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """w [N, K] float -> (qweight uint8 [N, K//2], scales fp32 [N, K//gs], zeros uint8 [N, K//gs])
-    in canonical storage (API.md)."""
-    _check_quantize_int4(w, group_size, symmetric)
-    return _kernel("quantize_int4", w.device)(w.contiguous(), group_size, symmetric)
+    """w [N, K] float -> (qweight uint8 [N, K//2], scales fp32 [N, K//gs], zeros [N, K//gs])
+    in canonical storage (API.md); zeros uint8 with zero_point="int", float32 with "float"."""
+    _check_quantize_int4(w, group_size, symmetric, zero_point)
+    return _kernel("quantize_int4", w.device)(w.contiguous(), group_size, symmetric, zero_point)
 
 
 @quantize_int4.register_fake
-def _(w, group_size=128, symmetric=False):
-    _check_quantize_int4(w, group_size, symmetric)
+def _(w, group_size=128, symmetric=False, zero_point="int"):
+    _check_quantize_int4(w, group_size, symmetric, zero_point)
     n, k = w.shape
     g = k // group_size
+    zdt = torch.float32 if zero_point == "float" else torch.uint8
     return (w.new_empty((n, k // 2), dtype=torch.uint8), w.new_empty((n, g), dtype=torch.float32),
-            w.new_empty((n, g), dtype=torch.uint8))
+            w.new_empty((n, g), dtype=zdt))
 
 
 def _check_int4_weights(qweight, scales, zeros, group_size) -> None:
@@ -129,7 +131,7 @@ def _check_int4_weights(qweight, scales, zeros, group_size) -> None:
     chk.group_size(group_size)
     chk.dtype_in("qweight", qweight, (torch.uint8,))
     chk.dtype_in("scales", scales, (torch.float32,))
-    chk.dtype_in("zeros", zeros, (torch.uint8,))
+    chk.dtype_in("zeros", zeros, chk.INT4_ZERO_DTYPES)
     chk.ndim("qweight", qweight, 2)
     n, k = qweight.shape[0], qweight.shape[1] * 2
     chk.positive("qweight.shape[0] (N)", n)
@@ -168,7 +170,8 @@ def _int4_linear_ok(x, qweight, scales, zeros, group_size, bias) -> bool:
             type(group_size) is int and group_size in chk.INT4_GROUP_SIZES
             and k > 0 and n > 0 and k % group_size == 0
             and x.dtype in _FLOATS and qweight.dtype is torch.uint8
-            and scales.dtype is torch.float32 and zeros.dtype is torch.uint8
+            and scales.dtype is torch.float32
+            and (zeros.dtype is torch.uint8 or zeros.dtype is torch.float32)
             and x.dim() >= 1 and x.shape[-1] == k
             and scales.shape == (n, k // group_size) and zeros.shape == (n, k // group_size)
             and qweight.device == dev and scales.device == dev and zeros.device == dev

@@ -2,7 +2,12 @@
 device when no compiled backend does. Tests and benchmarks import these; nobody re-writes them."""
 
 from qtorch.reference.distillation import distillation_loss, fused_linear_distillation_loss
-from qtorch.reference.int8_mm import int8_linear, int8_scaled_mm, quantize_int8
+from qtorch.reference.int8_mm import (
+    int8_linear,
+    int8_linear_smooth,
+    int8_scaled_mm,
+    quantize_int8,
+)
 from qtorch.reference.weight_only import (
     dequantize_int4,
     int4_weight_only_linear,
@@ -16,6 +21,7 @@ __all__ = [
     "dequantize_int4",
     "int8_scaled_mm",
     "int8_linear",
+    "int8_linear_smooth",
     "int8_weight_only_linear",
     "int4_weight_only_linear",
     "distillation_loss",

@@ -74,3 +74,20 @@ def int8_linear(
     q, s = quantize_int8(x.reshape(-1, x.shape[-1]))
     out = int8_scaled_mm(q, w_q, s, w_scale, bias, out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def int8_linear_smooth(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    smooth_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SmoothQuant W8A8: int8_linear(x / s, w_q, w_scale, bias) with s = smooth_scale fp32 [K]
+    and w_q / w_scale the int8 weight of W · diag(s). The division is in fp32 (x widened
+    exactly, one rounding per element) and feeds the per-token quantization directly, with no
+    rounding to x.dtype in between: what a kernel that fuses it into that step computes.
+    x [..., K] -> [..., N] x.dtype, leading dims kept."""
+    q, s = quantize_int8(x.reshape(-1, x.shape[-1]).float() / smooth_scale.float())
+    out = int8_scaled_mm(q, w_q, s, w_scale, bias, out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], w_q.shape[0])

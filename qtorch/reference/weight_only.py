@@ -35,7 +35,7 @@ def int8_linear_grad_input(
 
 
 def quantize_int4(
-    w: torch.Tensor, group_size: int = 128, symmetric: bool = False
+    w: torch.Tensor, group_size: int = 128, symmetric: bool = False, zero_point: str = "int"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group-wise int4 per output channel, canonical storage.
 
@@ -47,9 +47,22 @@ def quantize_int4(
                 (1.0 where hi == lo), zero = clamp(round(-lo / scale), 0, 15),
                 q = clamp(round(w / scale) + zero, 0, 15)
     symmetric:  scale = amax / 7 (1.0 where amax == 0), q = clamp(round(w / scale), -8, 7) + 8
+    zero_point="float" (asymmetric only; Q4_1's grid): the group's own range, a float zero
+                lo = min(w_g), hi = max(w_g), scale = (hi - lo) / 15 (1.0 where hi == lo),
+                zero = -lo / scale (float32, not rounded), q = clamp(round(w / scale + zero), 0, 15)
+                zeros is then float32 [N, K // group_size].
     """
     n, k = w.shape
     g = w.float().reshape(n, k // group_size, group_size)
+    if zero_point == "float":
+        lo = g.amin(dim=-1)
+        hi = g.amax(dim=-1)
+        scale = torch.where(hi == lo, torch.ones_like(hi), (hi - lo) / 15)
+        zero = -lo / scale
+        q = torch.clamp(torch.round(g / scale.unsqueeze(-1) + zero.unsqueeze(-1)), 0, 15)
+        q = q.to(torch.uint8).reshape(n, k)
+        qweight = q[:, 0::2] | (q[:, 1::2] << 4)
+        return qweight.contiguous(), scale.contiguous(), zero.contiguous()
     if symmetric:
         amax = g.abs().amax(dim=-1)
         scale = torch.where(amax == 0, torch.ones_like(amax), amax / 7)
@@ -76,7 +89,7 @@ def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
 def dequantize_int4(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """ŵ = (q - zero) * scale, float32 [N, K]."""
+    """ŵ = (q - zero) * scale, float32 [N, K]; zeros uint8 or float32 (both exact in fp32)."""
     q = unpack_int4(qweight).float()
     n, k = q.shape
     q = q.reshape(n, k // group_size, group_size)

@@ -92,8 +92,13 @@ void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_
 // (its outputs are NaN, never finite and wrong), and a scale that underflows to 0 counts as
 // amax == 0 (scale 1, q 0). scale[m] is written. If q != null, q[m, 0..K) gets q (s8, row stride ldq). If ap != null,
 // row m of packed A (stride padded_k(K)) gets q + 128 with the pad columns set to 128.
+// smooth (SmoothQuant, fp32 [K]) or null: the rows quantized are x[m, k] / smooth[k], divided
+// in fp32 as they are read (one true division, the reference's rounding), so the smoothed
+// activation is never written out: no extra pass over x. Null costs nothing (a separate
+// instantiation).
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
-                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap);
+                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap,
+                   const float* smooth = nullptr);
 
 // amax is taken as the integer max of the bit patterns of |x| (sign bit cleared): for
 // non-negative floats the integer order is the float order, and every NaN and +inf lies at or
@@ -124,7 +129,8 @@ const char* kernel_name();
 #define QTORCH_INT8_MM_DECLARE(ns)                                                            \
   namespace ns {                                                                              \
   void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1, \
-                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap);                      \
+                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap,                       \
+                     const float* smooth = nullptr);                                          \
   void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap);  \
   void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0,           \
             int64_t m1, int64_t p0, int64_t p1, const Epilogue& ep);                          \

@@ -46,9 +46,23 @@ inline float load1(const void* x, int64_t i) {
   else return static_cast<const float*>(x)[i];
 }
 
-template <DType T>
+// 8 elements of x from i, divided by the SmoothQuant scale (column k) when kSmooth.
+template <DType T, bool kSmooth>
+inline __m256 load8s(const void* x, int64_t i, const float* smooth, int64_t k) {
+  const __m256 v = load8<T>(x, i);
+  if constexpr (kSmooth) return _mm256_div_ps(v, _mm256_loadu_ps(smooth + k));
+  else return v;
+}
+
+template <DType T, bool kSmooth>
+inline float load1s(const void* x, int64_t i, const float* smooth, int64_t k) {
+  if constexpr (kSmooth) return load1<T>(x, i) / smooth[k];
+  else return load1<T>(x, i);
+}
+
+template <DType T, bool kSmooth>
 void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
-                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
+                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap, const float* smooth) {
   const int64_t Kp = padded_k(K), K8 = K / 8 * 8;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
@@ -58,14 +72,15 @@ void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t 
     // Integer max of the |x| bit patterns: finds amax and NaN/inf at once (int8_mm.h).
     __m256i vmax = _mm256_setzero_si256();
     for (int64_t k = 0; k < K8; k += 8)
-      vmax = _mm256_max_epi32(vmax,
-                              _mm256_castps_si256(_mm256_and_ps(load8<T>(x, base + k), absmask)));
+      vmax = _mm256_max_epi32(
+          vmax, _mm256_castps_si256(
+                    _mm256_and_ps(load8s<T, kSmooth>(x, base + k, smooth, k), absmask)));
     alignas(32) uint32_t lanes[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmax);
     uint32_t amax_bits = 0;
     for (uint32_t v : lanes) amax_bits = std::max(amax_bits, v);
     for (int64_t k = K8; k < K; ++k) {
-      const float a = std::fabs(load1<T>(x, base + k));
+      const float a = std::fabs(load1s<T, kSmooth>(x, base + k, smooth, k));
       uint32_t b;
       std::memcpy(&b, &a, 4);
       amax_bits = std::max(amax_bits, b);
@@ -84,7 +99,7 @@ void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t 
     // q = clamp(rne(x / s)) with a true division, bitwise the reference (cvtps2dq is RNE).
     const __m256 vs = _mm256_set1_ps(s);
     for (int64_t k = 0; k < K8; k += 8) {
-      __m256i v = _mm256_cvtps_epi32(_mm256_div_ps(load8<T>(x, base + k), vs));
+      __m256i v = _mm256_cvtps_epi32(_mm256_div_ps(load8s<T, kSmooth>(x, base + k, smooth, k), vs));
       v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
       if (q) {
         const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -97,7 +112,7 @@ void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t 
       }
     }
     for (int64_t k = K8; k < K; ++k) {
-      float r = std::nearbyint(load1<T>(x, base + k) / s);
+      float r = std::nearbyint(load1s<T, kSmooth>(x, base + k, smooth, k) / s);
       r = std::fmin(std::fmax(r, -127.f), 127.f);
       if (q) q[m * ldq + k] = int8_t(int(r));
       if (ap) ap[m * Kp + k] = uint8_t(int(r) + 128);
@@ -313,12 +328,20 @@ void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_
   }
 }
 
+template <DType T>
+void quantize_rows_d(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
+                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap, const float* smooth) {
+  if (smooth) return quantize_rows_t<T, true>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
+  quantize_rows_t<T, false>(x, K, ldx, m0, m1, scale, q, ldq, ap, nullptr);
+}
+
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
-                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
+                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap, const float* smooth) {
   switch (xt) {
-    case DType::F16: return quantize_rows_t<DType::F16>(x, K, ldx, m0, m1, scale, q, ldq, ap);
-    case DType::BF16: return quantize_rows_t<DType::BF16>(x, K, ldx, m0, m1, scale, q, ldq, ap);
-    default: return quantize_rows_t<DType::F32>(x, K, ldx, m0, m1, scale, q, ldq, ap);
+    case DType::F16: return quantize_rows_d<DType::F16>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
+    case DType::BF16:
+      return quantize_rows_d<DType::BF16>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
+    default: return quantize_rows_d<DType::F32>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
   }
 }
 

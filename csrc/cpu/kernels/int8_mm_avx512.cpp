@@ -48,9 +48,19 @@ inline __m512 load16(const void* x, int64_t i, __mmask16 m) {
   }
 }
 
-template <DType T>
+// 16 elements of x from i, divided by the SmoothQuant scale (column k) when kSmooth; masked-off
+// lanes read 0 / 1 = 0.
+template <DType T, bool kSmooth>
+inline __m512 load16s(const void* x, int64_t i, const float* smooth, int64_t k, __mmask16 m) {
+  const __m512 v = load16<T>(x, i, m);
+  if constexpr (kSmooth) return _mm512_div_ps(v, _mm512_mask_loadu_ps(_mm512_set1_ps(1.f), m,
+                                                                      smooth + k));
+  else return v;
+}
+
+template <DType T, bool kSmooth>
 void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
-                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
+                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap, const float* smooth) {
   const int64_t Kp = padded_k(K);
   const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   const __m512i shift = _mm512_set1_epi32(128);
@@ -60,7 +70,8 @@ void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t 
     __m512i vmax = _mm512_setzero_si512();
     for (int64_t k = 0; k < K; k += 16)
       vmax = _mm512_max_epi32(
-          vmax, _mm512_castps_si512(_mm512_abs_ps(load16<T>(x, base + k, tail16(K - k)))));
+          vmax, _mm512_castps_si512(_mm512_abs_ps(
+                    load16s<T, kSmooth>(x, base + k, smooth, k, tail16(K - k)))));
     const uint32_t amax_bits = uint32_t(_mm512_reduce_max_epi32(vmax));
     const float s = row_scale_from_bits(amax_bits);
     scale[m] = s;
@@ -78,7 +89,8 @@ void quantize_rows_t(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t 
     const __m512 vs = _mm512_set1_ps(s);
     for (int64_t k = 0; k < K; k += 16) {
       const __mmask16 mk = tail16(K - k);
-      __m512i v = _mm512_cvtps_epi32(_mm512_div_ps(load16<T>(x, base + k, mk), vs));
+      __m512i v =
+          _mm512_cvtps_epi32(_mm512_div_ps(load16s<T, kSmooth>(x, base + k, smooth, k, mk), vs));
       v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
       if (q) _mm512_mask_cvtepi32_storeu_epi8(q + m * ldq + k, mk, v);
       if (ap) _mm512_mask_cvtepi32_storeu_epi8(ap + m * Kp + k, mk, _mm512_add_epi32(v, shift));
@@ -246,14 +258,23 @@ void dequant_b_slab_t(const uint8_t* bp, const float* w_scale, int64_t N, int64_
   }
 }
 
+template <DType T>
+void quantize_rows_d(const void* x, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
+                     float* scale, int8_t* q, int64_t ldq, uint8_t* ap, const float* smooth) {
+  if (smooth) return quantize_rows_t<T, true>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
+  quantize_rows_t<T, false>(x, K, ldx, m0, m1, scale, q, ldq, ap, nullptr);
+}
+
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
-                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
+                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap, const float* smooth) {
   switch (xt) {
-    case DType::F16: return quantize_rows_t<DType::F16>(x, K, ldx, m0, m1, scale, q, ldq, ap);
-    case DType::BF16: return quantize_rows_t<DType::BF16>(x, K, ldx, m0, m1, scale, q, ldq, ap);
-    default: return quantize_rows_t<DType::F32>(x, K, ldx, m0, m1, scale, q, ldq, ap);
+    case DType::F16: return quantize_rows_d<DType::F16>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
+    case DType::BF16:
+      return quantize_rows_d<DType::BF16>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
+    default: return quantize_rows_d<DType::F32>(x, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
   }
 }
+
 
 void pack_a(const int8_t* a, int64_t K, int64_t lda, int64_t m0, int64_t m1, uint8_t* ap) {
   const int64_t Kp = padded_k(K);

@@ -74,12 +74,17 @@ static inline float load_x(const void* x, DType t, int64_t i) {
 }
 
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
-                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
+                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap, const float* smooth) {
   const int64_t Kp = padded_k(K);
+  // x[m, k], divided by the SmoothQuant scale when there is one.
+  auto xs = [&](int64_t m, int64_t k) {
+    const float v = load_x(x, xt, m * ldx + k);
+    return smooth ? v / smooth[k] : v;
+  };
   for (int64_t m = m0; m < m1; ++m) {
     uint32_t amax_bits = 0;
     for (int64_t k = 0; k < K; ++k) {
-      const float a = std::fabs(load_x(x, xt, m * ldx + k));
+      const float a = std::fabs(xs(m, k));
       uint32_t b;
       std::memcpy(&b, &a, 4);
       amax_bits = std::max(amax_bits, b);
@@ -88,7 +93,7 @@ void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, 
     const bool finite = amax_bits < kNonFiniteBits;
     scale[m] = s;
     for (int64_t k = 0; k < K; ++k) {
-      float r = std::nearbyint(load_x(x, xt, m * ldx + k) / s);  // RNE (default rounding mode)
+      float r = std::nearbyint(xs(m, k) / s);  // RNE (default rounding mode)
       r = std::fmin(std::fmax(r, -127.f), 127.f);
       const int v = finite ? int(r) : 0;
       if (q) q[m * ldq + k] = int8_t(v);
@@ -146,11 +151,12 @@ void gemm(const uint8_t* ap, int64_t K, const uint8_t* bp, int64_t N, int64_t m0
 // ---- dispatch ----------------------------------------------------------------------------
 
 void quantize_rows(const void* x, DType xt, int64_t K, int64_t ldx, int64_t m0, int64_t m1,
-                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap) {
+                   float* scale, int8_t* q, int64_t ldq, uint8_t* ap, const float* smooth) {
   switch (isa(Family::Int8Mm)) {
-    case Isa::Avx512: return avx512::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap);
-    case Isa::Avx2: return avx2::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap);
-    default: return scalar::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap);
+    case Isa::Avx512:
+      return avx512::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
+    case Isa::Avx2: return avx2::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
+    default: return scalar::quantize_rows(x, xt, K, ldx, m0, m1, scale, q, ldq, ap, smooth);
   }
 }
 

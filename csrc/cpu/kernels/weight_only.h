@@ -35,7 +35,9 @@
 //       per lane; nibble i of every lane is the channel vector at k = k0 + kOctetK[i].
 //   int4 scale: fp32 [Nb][G][16]; zero: u8 [Nb][G][16] (a byte, not an fp32 b = -s*z: 4x less
 //     metadata to stream; the kernels compute b = -(s * z), bitwise what a stored b would be).
-//     G = K / gs.
+//     G = K / gs. With float zero points (zero_point="float", API.md) zero is fp32 [Nb][G][16]
+//     instead (Int4Weights::zero_f), the same b = -(s * z) from it: every function taking a
+//     zero has an overload for each.
 //   int8 weights: s8 [Nb][Kp/2][32], Kp = K rounded up to 2; byte j of k-pair t holds
 //     q[16 nb + j/2, 2t + j%2] (0 for k >= K).   int8 scale: fp32 [Nb][16].
 // Activations: x [M][ldx] fp32 or bf16 (raw uint16 bits). The int8 kernels read Kp columns
@@ -69,6 +71,7 @@ struct Int4Weights {
   const uint8_t* w = nullptr;   // int4_packed_bytes(N, K)
   const float* scale = nullptr; // [Nb][G][16]
   const uint8_t* zero = nullptr;  // [Nb][G][16]: the kernels use b = -scale * zero
+  const float* zero_f = nullptr;  // [Nb][G][16] fp32 zero points instead of `zero`, or null
   int64_t N = 0, K = 0, gs = 0;
 };
 
@@ -95,6 +98,8 @@ struct Problem {
 // [N][G]. Requires K % gs == 0 and gs % 4 == 0. Scalar.
 void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros, int64_t N,
                int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, uint8_t* zero_out);
+void pack_int4(const uint8_t* qweight, const float* scales, const float* zeros, int64_t N,
+               int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, float* zero_out);
 // w_q: s8 [N][K]; w_scale fp32 [N]. pack_int8 packs every block on the calling thread;
 // pack_int8_blocks writes blocks [nb0, nb1) of w_out and of scale_out and nothing else, so
 // disjoint block ranges can be packed by different threads. Every ISA writes the same bytes
@@ -113,12 +118,16 @@ void pack_int8_blocks_avx512(const int8_t* w_q, const float* w_scale, int64_t N,
 // The inverses of pack_int4 / pack_int8: the canonical buffers, bitwise what was packed.
 void unpack_int4(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N, int64_t K,
                  int64_t gs, uint8_t* qweight, float* scales, uint8_t* zeros);
+void unpack_int4(const uint8_t* w, const float* scale, const float* zero, int64_t N, int64_t K,
+                 int64_t gs, uint8_t* qweight, float* scales, float* zeros);
 void unpack_int8(const int8_t* w, const float* scale, int64_t N, int64_t K, int8_t* w_q,
                  float* w_scale);
 // Columns [k0, k1) of ŵ = (q - z) * s in fp32 (the reference's roundings) from a packed int4
 // weight, into dst [N, ldd] (column k0 at dst[n * ldd]). For the backward, which dequantizes
 // one cache-sized column slab at a time. Scalar.
 void dequant_int4_slab(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N,
+                       int64_t K, int64_t gs, int64_t k0, int64_t k1, float* dst, int64_t ldd);
+void dequant_int4_slab(const uint8_t* w, const float* scale, const float* zero, int64_t N,
                        int64_t K, int64_t gs, int64_t k0, int64_t k1, float* dst, int64_t ldd);
 // Rows [k0, k1) of ŵᵀ, ŵ = q * s in fp32 (one rounded multiply of the exact float(q)), from a
 // packed int8 weight, into dst [k1 - k0, ldd] (ldd >= N):

@@ -80,8 +80,9 @@ void int4_tile(const Int4Weights& w, const Problem& p, int64_t m0, int64_t h) {
     for (int j = 0; j < NR; ++j) {  // out += s * acc + b * xsum
       const int64_t meta = ((h + j) / 2 * G + g) * kBlock + ((h + j) % 2) * kHalf;
       const __m256 s = _mm256_loadu_ps(w.scale + meta);
-      const __m256 z = _mm256_cvtepi32_ps(
-          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero + meta))));
+      const __m256 z = w.zero_f ? _mm256_loadu_ps(w.zero_f + meta)
+                                : _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                                      reinterpret_cast<const __m128i*>(w.zero + meta))));
       const __m256 b = _mm256_fnmadd_ps(s, z, _mm256_setzero_ps());  // -(s z), one rounding
       for (int r = 0; r < MR; ++r) {
         __m256 o = _mm256_load_ps(out[r][j]);

@@ -67,10 +67,12 @@ inline void store_cols(const Problem& p, int64_t N, int64_t m, int64_t nb, __m51
   _mm512_mask_storeu_ps(p.y + m * p.ldy + nb * kBlock, k, v);
 }
 
-// b = -(s * z) for 16 channels' u8 zero points, rounded once (what pack time would store).
-inline __m512 neg_scaled_zero(__m512 s, const uint8_t* z) {
-  const __m512 zf = _mm512_cvtepi32_ps(
-      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))));
+// b = -(s * z) for 16 channels' zero points at metadata offset o (u8, or fp32 when the weight
+// has float zero points), rounded once (what pack time would store).
+inline __m512 neg_scaled_zero(__m512 s, const Int4Weights& w, int64_t o) {
+  const __m512 zf = w.zero_f ? _mm512_loadu_ps(w.zero_f + o)
+                             : _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.zero + o))));
   return _mm512_fnmadd_ps(s, zf, _mm512_setzero_ps());
 }
 
@@ -115,7 +117,7 @@ void int4_bf16_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
     for (int j = 0; j < NR; ++j) {
       const __m512 s = _mm512_loadu_ps(w.scale + ((nb + j) * G + g) * kBlock);
       const __m512 b = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), s,
-                                        neg_scaled_zero(s, w.zero + ((nb + j) * G + g) * kBlock));
+                                        neg_scaled_zero(s, w, ((nb + j) * G + g) * kBlock));
       for (int r = 0; r < MR; ++r) {
         out[r][j] = _mm512_fmadd_ps(acc[r][j], s, out[r][j]);
         out[r][j] = _mm512_fmadd_ps(b, _mm512_set1_ps(p.xsum[(m0 + r) * G + g]), out[r][j]);
@@ -161,7 +163,7 @@ void int4_f32_tile(const void* wv, const Problem& p, int64_t m0, int64_t nb) {
     }
     for (int j = 0; j < NR; ++j) {  // out += s * acc + b * xsum
       const __m512 s = _mm512_loadu_ps(w.scale + ((nb + j) * G + g) * kBlock);
-      const __m512 b = neg_scaled_zero(s, w.zero + ((nb + j) * G + g) * kBlock);
+      const __m512 b = neg_scaled_zero(s, w, ((nb + j) * G + g) * kBlock);
       for (int r = 0; r < MR; ++r) {
         out[r][j] = _mm512_fmadd_ps(acc[r][j], s, out[r][j]);
         out[r][j] = _mm512_fmadd_ps(b, _mm512_set1_ps(p.xsum[(m0 + r) * G + g]), out[r][j]);

@@ -13,8 +13,11 @@ static inline float x_at(const void* x, DType act, int64_t i) {
                          : bf16_to_f32(static_cast<const uint16_t*>(x)[i]);
 }
 
-void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros, int64_t N,
-               int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, uint8_t* zero_out) {
+namespace {
+// Z: uint8_t (integer zero points) or float (zero_point="float").
+template <class Z>
+void pack_int4_t(const uint8_t* qweight, const float* scales, const Z* zeros, int64_t N,
+                 int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, Z* zero_out) {
   const int64_t Nb = num_blocks(N), G = K / gs, Ko = K / 8;
   auto q = [&](int64_t n, int64_t k) -> uint8_t {
     if (n >= N) return 0;
@@ -34,10 +37,20 @@ void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros
         int64_t n = nb * kBlock + i, o = (nb * G + g) * kBlock + i;
         float s = n < N ? scales[n * G + g] : 0.f;
         scale_out[o] = s;
-        zero_out[o] = n < N ? zeros[n * G + g] : 0;
+        zero_out[o] = n < N ? zeros[n * G + g] : Z(0);
       }
     }
   }
+}
+}  // namespace
+
+void pack_int4(const uint8_t* qweight, const float* scales, const uint8_t* zeros, int64_t N,
+               int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, uint8_t* zero_out) {
+  pack_int4_t(qweight, scales, zeros, N, K, gs, w_out, scale_out, zero_out);
+}
+void pack_int4(const uint8_t* qweight, const float* scales, const float* zeros, int64_t N,
+               int64_t K, int64_t gs, uint8_t* w_out, float* scale_out, float* zero_out) {
+  pack_int4_t(qweight, scales, zeros, N, K, gs, w_out, scale_out, zero_out);
 }
 
 void pack_int8_blocks_scalar(const int8_t* w_q, const float* w_scale, int64_t N, int64_t K,
@@ -74,8 +87,9 @@ static inline uint8_t int4_nibble(const uint8_t* w, int64_t n, int64_t k, int64_
   return (k & 2) ? uint8_t(b >> 4) : uint8_t(b & 0xF);
 }
 
-void unpack_int4(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N, int64_t K,
-                 int64_t gs, uint8_t* qweight, float* scales, uint8_t* zeros) {
+template <class Z>
+static void unpack_int4_t(const uint8_t* w, const float* scale, const Z* zero, int64_t N,
+                          int64_t K, int64_t gs, uint8_t* qweight, float* scales, Z* zeros) {
   const int64_t G = K / gs, Ko = K / 8;
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t k = 0; k < K; k += 2)
@@ -89,6 +103,15 @@ void unpack_int4(const uint8_t* w, const float* scale, const uint8_t* zero, int6
   }
 }
 
+void unpack_int4(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N, int64_t K,
+                 int64_t gs, uint8_t* qweight, float* scales, uint8_t* zeros) {
+  unpack_int4_t(w, scale, zero, N, K, gs, qweight, scales, zeros);
+}
+void unpack_int4(const uint8_t* w, const float* scale, const float* zero, int64_t N, int64_t K,
+                 int64_t gs, uint8_t* qweight, float* scales, float* zeros) {
+  unpack_int4_t(w, scale, zero, N, K, gs, qweight, scales, zeros);
+}
+
 void unpack_int8(const int8_t* w, const float* scale, int64_t N, int64_t K, int8_t* w_q,
                  float* w_scale) {
   const int64_t Kh = int8_padded_k(K) / 2;
@@ -99,8 +122,10 @@ void unpack_int8(const int8_t* w, const float* scale, int64_t N, int64_t K, int8
   }
 }
 
-void dequant_int4_slab(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N,
-                       int64_t K, int64_t gs, int64_t k0, int64_t k1, float* dst, int64_t ldd) {
+template <class Z>
+static void dequant_int4_slab_t(const uint8_t* w, const float* scale, const Z* zero, int64_t N,
+                                int64_t K, int64_t gs, int64_t k0, int64_t k1, float* dst,
+                                int64_t ldd) {
   const int64_t G = K / gs, Ko = K / 8;
   for (int64_t n = 0; n < N; ++n) {
     float* d = dst + n * ldd - k0;
@@ -111,6 +136,15 @@ void dequant_int4_slab(const uint8_t* w, const float* scale, const uint8_t* zero
       for (int64_t k = a; k < b; ++k) d[k] = (float(int4_nibble(w, n, k, Ko)) - z) * s;
     }
   }
+}
+
+void dequant_int4_slab(const uint8_t* w, const float* scale, const uint8_t* zero, int64_t N,
+                       int64_t K, int64_t gs, int64_t k0, int64_t k1, float* dst, int64_t ldd) {
+  dequant_int4_slab_t(w, scale, zero, N, K, gs, k0, k1, dst, ldd);
+}
+void dequant_int4_slab(const uint8_t* w, const float* scale, const float* zero, int64_t N,
+                       int64_t K, int64_t gs, int64_t k0, int64_t k1, float* dst, int64_t ldd) {
+  dequant_int4_slab_t(w, scale, zero, N, K, gs, k0, k1, dst, ldd);
 }
 
 void dequant_int8_slab_t_scalar(const int8_t* w, const float* scale, int64_t N, int64_t K,
@@ -174,9 +208,12 @@ void int4_gemm_scalar(const Int4Weights& w, const Problem& p) {
           }
         }
         const float* s = w.scale + (nb * G + g) * kBlock;
-        const uint8_t* z = w.zero + (nb * G + g) * kBlock;
+        const int64_t zo = (nb * G + g) * kBlock;
         float xs = p.xsum[m * G + g];
-        for (int i = 0; i < kBlock; ++i) out[i] += s[i] * acc[i] + (-(s[i] * float(z[i]))) * xs;
+        for (int i = 0; i < kBlock; ++i) {
+          const float z = w.zero_f ? w.zero_f[zo + i] : float(w.zero[zo + i]);
+          out[i] += s[i] * acc[i] + (-(s[i] * z)) * xs;
+        }
       }
       store_block(p, w.N, m, nb, out);
     }
