@@ -493,7 +493,7 @@ class Int8DynamicLinear(_Int8Linear):
         ws = w.float() * smooth_scale[None, :]
         if algorithm == "mse":
             c = quantizers.quantize_weight(grid_for("int8"), ws, "mse")
-            qweight, scale = c["qweight"], c["weight_scale"]
+            qweight, scale = c.pop("qweight"), c.pop("weight_scale")
         else:
             qweight, scale = ops.quantize_int8(ws)
         del ws
