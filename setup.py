@@ -60,7 +60,11 @@ if torch is not None:
                 orig = self.compiler._compile
 
                 def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
-                    extra = list(extra_postargs["cxx"] if isinstance(extra_postargs, dict) else extra_postargs)
+                    extra = list(
+                        extra_postargs["cxx"]
+                        if isinstance(extra_postargs, dict)
+                        else extra_postargs
+                    )
                     if x86:
                         extra = extra + _flags_of(src)
                     if isinstance(extra_postargs, dict):
@@ -94,7 +98,10 @@ if torch is not None:
     build_cuda = _env_flag("QTORCH_BUILD_CUDA")
     if build_cuda is None:
         build_cuda = torch.version.cuda is not None and shutil.which("nvcc") is not None
-    cuda_sources = sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True) + glob.glob("csrc/cuda/**/*.cpp", recursive=True))
+    cuda_sources = sorted(
+        glob.glob("csrc/cuda/**/*.cu", recursive=True)
+        + glob.glob("csrc/cuda/**/*.cpp", recursive=True)
+    )
     cuda_sources = [s for s in cuda_sources if "/tests/" not in s]
     if build_cuda and cuda_sources:
         ext_modules.append(
@@ -105,9 +112,15 @@ if torch is not None:
                 extra_compile_args={
                     # torch >= 2.14 headers require C++20 (the CUDA torch this builds against)
                     "cxx": ["-O3", "-std=c++20"],
-                    "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr",
-                             "-gencode", "arch=compute_80,code=sm_80",
-                             "-gencode", "arch=compute_90a,code=sm_90a"],
+                    "nvcc": [
+                        "-O3",
+                        "-std=c++20",
+                        "--expt-relaxed-constexpr",
+                        "-gencode",
+                        "arch=compute_80,code=sm_80",
+                        "-gencode",
+                        "arch=compute_90a,code=sm_90a",
+                    ],
                 },
             )
         )

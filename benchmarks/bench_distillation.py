@@ -213,8 +213,10 @@ def _liger_section(args, dtype, shape: Shape) -> None:
     grads = {i.name: i.fn() for i in impls}
     ref = grads["qtorch"]
     errors = {
-        name: max((a.float() - b.float()).norm().item() / b.float().norm().item()
-                  for a, b in zip(g, ref, strict=True))
+        name: max(
+            (a.float() - b.float()).norm().item() / b.float().norm().item()
+            for a, b in zip(g, ref, strict=True)
+        )
         for name, g in grads.items()
     }
     del grads
@@ -225,8 +227,10 @@ def _liger_section(args, dtype, shape: Shape) -> None:
     labels = {v: k for k, v in LIGER_ROWS.items()}
     head_fp32 = shape.N * shape.K * torch.finfo(dtype).bits // 8
     q = res["qtorch"].median
-    print(f"{'impl':28s} {'p20/p50/p80 ms':>20s} {'vs qtorch':>9s} {'peak MiB':>9s} "
-          f"{'+head MiB':>10s}")
+    print(
+        f"{'impl':28s} {'p20/p50/p80 ms':>20s} {'vs qtorch':>9s} {'peak MiB':>9s} "
+        f"{'+head MiB':>10s}"
+    )
     for i in impls:
         st, peak = res[i.name], peaks[labels[i.name]]
         head = head_fp32

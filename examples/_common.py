@@ -25,8 +25,11 @@ CONFIGS = {
     "int4 g32 sym (W4A16)": qtorch.Int4WeightOnlyConfig(group_size=32, symmetric=True),
 }
 
-QUANTIZED = (qtorch.nn.Int8DynamicLinear, qtorch.nn.Int8WeightOnlyLinear,
-             qtorch.nn.Int4WeightOnlyLinear)
+QUANTIZED = (
+    qtorch.nn.Int8DynamicLinear,
+    qtorch.nn.Int8WeightOnlyLinear,
+    qtorch.nn.Int4WeightOnlyLinear,
+)
 
 
 def minilm_path() -> Path:
@@ -101,6 +104,8 @@ def print_table(rows: list[dict]) -> None:
 def environment_line() -> str:
     import os
 
-    return (f"torch {torch.__version__}, qtorch {qtorch.__version__}, backend "
-            f"{qtorch.get_backend()} (available: {', '.join(qtorch.available_backends())}), "
-            f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {cpu_model()}")
+    return (
+        f"torch {torch.__version__}, qtorch {qtorch.__version__}, backend "
+        f"{qtorch.get_backend()} (available: {', '.join(qtorch.available_backends())}), "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {cpu_model()}"
+    )

@@ -41,10 +41,19 @@ from torch import nn
 import qtorch
 from qtorch.testing import reset_vm_hwm, vm_hwm_kib
 
-RUN_CONFIGS = ["fp32", "int8_dynamic (W8A8)", "int8_weight_only (W8A16)",
-               "int4 g64 asym (W4A16)", "int4 g32 sym (W4A16)"]
-DEFAULT_CONFIGS = ["fp32", "int8_dynamic (W8A8)", "int8_weight_only (W8A16)",
-                   "int4 g32 sym (W4A16)"]
+RUN_CONFIGS = [
+    "fp32",
+    "int8_dynamic (W8A8)",
+    "int8_weight_only (W8A16)",
+    "int4 g64 asym (W4A16)",
+    "int4 g32 sym (W4A16)",
+]
+DEFAULT_CONFIGS = [
+    "fp32",
+    "int8_dynamic (W8A8)",
+    "int8_weight_only (W8A16)",
+    "int4 g32 sym (W4A16)",
+]
 
 
 def load_data():
@@ -65,8 +74,9 @@ def add_lora(encoder, rank: int = 8, alpha: float = 16.0):
 
     import qtorch.hf
 
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                             target_modules=["query", "value"])
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=["query", "value"]
+    )
     return qtorch.hf.get_peft_model(encoder, config)
 
 
@@ -126,7 +136,7 @@ def run_one(config: str, epochs: int, head_only: bool, seed: int) -> dict:
         model.train()
         order = torch.randperm(len(train), generator=g).tolist()
         for i in range(0, len(order), 16):
-            texts, labels = zip(*(train[j] for j in order[i:i + 16]))
+            texts, labels = zip(*(train[j] for j in order[i : i + 16]))
             batch = tok(list(texts), padding=True, return_tensors="pt")
             loss = F.cross_entropy(model(batch), torch.tensor(labels))
             opt.zero_grad()
@@ -140,15 +150,18 @@ def run_one(config: str, epochs: int, head_only: bool, seed: int) -> dict:
         texts_tr, labels_tr = zip(*train)
         pred_tr = model(tok(list(texts_tr), padding=True, return_tensors="pt")).argmax(-1)
     return {
-        "config": config, "quantized layers": nq,
+        "config": config,
+        "quantized layers": nq,
         "trainable params": sum(p.numel() for p in trainable),
         "linear MB": (fp32_linear_bytes if config == "fp32" else linear_bytes(encoder)) / 1e6,
         "frozen backbone MB": backbone_bytes / 1e6,
         "test acc": (pred == torch.tensor(labels)).float().mean().item(),
         "test n": len(test),
         "train acc": (pred_tr == torch.tensor(labels_tr)).float().mean().item(),
-        "final loss": loss.item(), "train s": train_s,
-        "peak MB (training)": vm_hwm_kib() / 1024, "RSS MB at start": rss_start / 1024,
+        "final loss": loss.item(),
+        "train s": train_s,
+        "peak MB (training)": vm_hwm_kib() / 1024,
+        "RSS MB at start": rss_start / 1024,
         "hwm reset": reset_ok,
     }
 
@@ -170,31 +183,51 @@ def main() -> None:
 
     classes, train, test = load_data()
     print(environment_line())
-    print(f"task: {len(classes)} classes {classes}, {len(train)} train / {len(test)} test "
-          f"sentences; {'head only' if args.head_only else 'PEFT LoRA r=8 on query/value + head'}, "
-          f"{args.epochs} epochs, AdamW lr 2e-3, seed {args.seed}\n")
+    print(
+        f"task: {len(classes)} classes {classes}, {len(train)} train / {len(test)} test "
+        f"sentences; {'head only' if args.head_only else 'PEFT LoRA r=8 on query/value + head'}, "
+        f"{args.epochs} epochs, AdamW lr 2e-3, seed {args.seed}\n"
+    )
     rows = []
     for config in args.configs:
-        cmd = [sys.executable, __file__, "--child", config, "--epochs", str(args.epochs),
-               "--seed", str(args.seed)] + (["--head-only"] if args.head_only else []) + (
-               ["--threads", str(args.threads)] if args.threads else [])
+        cmd = (
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                config,
+                "--epochs",
+                str(args.epochs),
+                "--seed",
+                str(args.seed),
+            ]
+            + (["--head-only"] if args.head_only else [])
+            + (["--threads", str(args.threads)] if args.threads else [])
+        )
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"[{config}] {r}", flush=True)
-        rows.append({
-            "backbone": config, "quantized linears": r["quantized layers"],
-            "trainable params": r["trainable params"],
-            "linear MB": f"{r['linear MB']:.1f}", "frozen backbone MB": f"{r['frozen backbone MB']:.1f}",
-            "test acc": f"{r['test acc']:.3f} ({round(r['test acc'] * r['test n'])}/{r['test n']})",
-            "train acc": f"{r['train acc']:.3f}", "final loss": f"{r['final loss']:.3f}",
-            "peak RSS MB (training)": f"{r['peak MB (training)']:.0f}",
-            "train s": f"{r['train s']:.1f}",
-        })
+        rows.append(
+            {
+                "backbone": config,
+                "quantized linears": r["quantized layers"],
+                "trainable params": r["trainable params"],
+                "linear MB": f"{r['linear MB']:.1f}",
+                "frozen backbone MB": f"{r['frozen backbone MB']:.1f}",
+                "test acc": f"{r['test acc']:.3f} ({round(r['test acc'] * r['test n'])}/{r['test n']})",
+                "train acc": f"{r['train acc']:.3f}",
+                "final loss": f"{r['final loss']:.3f}",
+                "peak RSS MB (training)": f"{r['peak MB (training)']:.0f}",
+                "train s": f"{r['train s']:.1f}",
+            }
+        )
     print()
     print_table(rows)
-    print("\npeak RSS: VmHWM of a fresh child process, reset (clear_refs) after the model was "
-          "loaded and quantized, so it covers training + evaluation; it includes the ~0.3-0.4 GB "
-          "of the Python/torch/transformers runtime itself.")
+    print(
+        "\npeak RSS: VmHWM of a fresh child process, reset (clear_refs) after the model was "
+        "loaded and quantized, so it covers training + evaluation; it includes the ~0.3-0.4 GB "
+        "of the Python/torch/transformers runtime itself."
+    )
 
 
 if __name__ == "__main__":

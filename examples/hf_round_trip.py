@@ -38,8 +38,11 @@ SENTENCES = [
 
 
 def _weights_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-               if f.endswith((".safetensors", ".bin")))
+    return sum(
+        os.path.getsize(os.path.join(path, f))
+        for f in os.listdir(path)
+        if f.endswith((".safetensors", ".bin"))
+    )
 
 
 def _status() -> dict[str, int]:
@@ -94,20 +97,41 @@ def child(args) -> dict:
         out = model(**inputs)
     out = out.logits if hasattr(out, "logits") else out.last_hidden_state
     torch.save(out, os.path.join(args.work, f"out_{args.child}_{cfg.config}.pt"))
-    layers = sorted(n for n, m in model.named_modules()
-                    if isinstance(m, qtorch.nn.linear._QuantizedLinear))
+    layers = sorted(
+        n for n, m in model.named_modules() if isinstance(m, qtorch.nn.linear._QuantizedLinear)
+    )
     if args.child == "on_load":
         model.save_pretrained(args.qtorch_dir)
-    return {"load s": load_s, "peak MB": (end["VmHWM"] - start["VmRSS"]) / 1024,
-            "RSS MB after": end["VmRSS"] / 1024, "anon MB after": end["RssAnon"] / 1024,
-            "file-backed MB after": end["RssFile"] / 1024, "hwm reset": hwm_ok,
-            "layers": layers}
+    return {
+        "load s": load_s,
+        "peak MB": (end["VmHWM"] - start["VmRSS"]) / 1024,
+        "RSS MB after": end["VmRSS"] / 1024,
+        "anon MB after": end["RssAnon"] / 1024,
+        "file-backed MB after": end["RssFile"] / 1024,
+        "hwm reset": hwm_ok,
+        "layers": layers,
+    }
 
 
 def _run_child(kind, args, float_dir, qtorch_dir, cls, qconfig, layers=()):
-    cmd = [sys.executable, __file__, "--child", kind, "--float-dir", float_dir,
-           "--qtorch-dir", qtorch_dir, "--cls", cls, "--qconfig", json.dumps(qconfig),
-           "--layers", json.dumps(list(layers)), "--work", args.work]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--float-dir",
+        float_dir,
+        "--qtorch-dir",
+        qtorch_dir,
+        "--cls",
+        cls,
+        "--qconfig",
+        json.dumps(qconfig),
+        "--layers",
+        json.dumps(list(layers)),
+        "--work",
+        args.work,
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -128,8 +152,9 @@ def float_checkpoint(args) -> tuple[str, str]:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             directory, gguf = smollm2_gguf()
-            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf,
-                                                         dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                directory, gguf_file=gguf, dtype=torch.float32
+            )
             model.hf_quantizer.remove_quantization_config(model)  # dequantized: plain float
             model.save_pretrained(path)
             AutoTokenizer.from_pretrained(directory, gguf_file=gguf).save_pretrained(path)
@@ -143,12 +168,17 @@ def float_checkpoint(args) -> tuple[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="minilm", help="minilm, smollm2, or a model directory")
-    ap.add_argument("--configs", nargs="*", default=["w8a8", "w8a16", "w4a16"],
-                    choices=["w8a8", "w8a16", "w4a16"])
+    ap.add_argument(
+        "--configs",
+        nargs="*",
+        default=["w8a8", "w8a16", "w4a16"],
+        choices=["w8a8", "w8a16", "w4a16"],
+    )
     ap.add_argument("--group-size", type=int, default=64, help="for w4a16 (default 64)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--work", default=None, help="directory for the checkpoints (default: a "
-                                                 "temporary one)")
+    ap.add_argument(
+        "--work", default=None, help="directory for the checkpoints (default: a temporary one)"
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     for hidden in ("--float-dir", "--qtorch-dir", "--cls", "--qconfig", "--layers"):
         ap.add_argument(hidden, default=None, help=argparse.SUPPRESS)
@@ -162,8 +192,10 @@ def main() -> None:
     os.makedirs(args.work, exist_ok=True)
     float_dir, cls = float_checkpoint(args)
     print(environment_line())
-    print(f"model {args.model} ({cls}), float checkpoint {float_dir}: "
-          f"{_weights_bytes(float_dir) / 1e6:.1f} MB on disk\n")
+    print(
+        f"model {args.model} ({cls}), float checkpoint {float_dir}: "
+        f"{_weights_bytes(float_dir) / 1e6:.1f} MB on disk\n"
+    )
     rows = []
     for name in args.configs:
         qconfig = {"quant_method": "qtorch", "config": name}
@@ -172,30 +204,47 @@ def main() -> None:
         qdir = os.path.join(args.work, f"{args.model.replace('/', '_')}_{name}")
         on_load = _run_child("on_load", args, float_dir, qdir, cls, qconfig)
         reload = _run_child("reload", args, float_dir, qdir, cls, qconfig)
-        base = _run_child("float_then_quantize_", args, float_dir, qdir, cls, qconfig,
-                          on_load["layers"])
-        outs = {k: torch.load(os.path.join(args.work, f"out_{k}_{name}.pt"))
-                for k in ("on_load", "reload", "float_then_quantize_")}
+        base = _run_child(
+            "float_then_quantize_", args, float_dir, qdir, cls, qconfig, on_load["layers"]
+        )
+        outs = {
+            k: torch.load(os.path.join(args.work, f"out_{k}_{name}.pt"))
+            for k in ("on_load", "reload", "float_then_quantize_")
+        }
         same_reload = torch.equal(outs["on_load"], outs["reload"])
         same_base = torch.equal(outs["on_load"], outs["float_then_quantize_"])
-        for kind, r in (("float + quantize_", base), ("quantize on load", on_load),
-                        ("reload qtorch checkpoint", reload)):
-            rows.append({
-                "config": name, "load": kind, "layers": len(r["layers"]),
-                "MB on disk": f"{_weights_bytes(qdir if kind.startswith('reload') else float_dir) / 1e6:.1f}",
-                "load s": f"{r['load s']:.2f}", "peak MB": f"{r['peak MB']:.0f}",
-                "RSS after (anon / file) MB": f"{r['anon MB after']:.0f} / "
-                                              f"{r['file-backed MB after']:.0f}",
-                "outputs": ("reference" if kind == "quantize on load" else
-                            "identical" if (same_reload if kind.startswith("reload")
-                                            else same_base) else "DIFFER"),
-            })
+        for kind, r in (
+            ("float + quantize_", base),
+            ("quantize on load", on_load),
+            ("reload qtorch checkpoint", reload),
+        ):
+            rows.append(
+                {
+                    "config": name,
+                    "load": kind,
+                    "layers": len(r["layers"]),
+                    "MB on disk": f"{_weights_bytes(qdir if kind.startswith('reload') else float_dir) / 1e6:.1f}",
+                    "load s": f"{r['load s']:.2f}",
+                    "peak MB": f"{r['peak MB']:.0f}",
+                    "RSS after (anon / file) MB": f"{r['anon MB after']:.0f} / "
+                    f"{r['file-backed MB after']:.0f}",
+                    "outputs": (
+                        "reference"
+                        if kind == "quantize on load"
+                        else "identical"
+                        if (same_reload if kind.startswith("reload") else same_base)
+                        else "DIFFER"
+                    ),
+                }
+            )
             print(f"[{name} {kind}] {rows[-1]}", flush=True)
     print()
     print_table(rows)
-    print("\npeak MB: VmHWM of a fresh child, reset just before the load, less VmRSS then: what "
-          "the load adds (file-backed checkpoint pages included). outputs: against the model "
-          "quantized on load, on the same inputs (torch.equal).")
+    print(
+        "\npeak MB: VmHWM of a fresh child, reset just before the load, less VmRSS then: what "
+        "the load adds (file-backed checkpoint pages included). outputs: against the model "
+        "quantized on load, on the same inputs (torch.equal)."
+    )
 
 
 if __name__ == "__main__":

@@ -125,10 +125,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10, help="timed rounds per model")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--backend", default="auto", help="qtorch backend (default auto)")
-    ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS),
-                    help="subset of configs")
-    ap.add_argument("--algorithm", nargs="*", default=["rtn", "mse", "gptq"],
-                    choices=["rtn", "mse", "gptq"], help="weight quantizers to compare")
+    ap.add_argument(
+        "--configs",
+        nargs="*",
+        default=list(CONFIGS),
+        choices=list(CONFIGS),
+        help="subset of configs",
+    )
+    ap.add_argument(
+        "--algorithm",
+        nargs="*",
+        default=["rtn", "mse", "gptq"],
+        choices=["rtn", "mse", "gptq"],
+        help="weight quantizers to compare",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,20 +155,30 @@ def main() -> None:
     single = tok(SENTENCES[:1], return_tensors="pt")
     calibration = calibration_batches(tok)
     print(environment_line())
-    print(f"all-MiniLM-L6-v2: {sum(p.numel() for p in fp32.parameters()) / 1e6:.1f} M params; "
-          f"{len(sentences)} evaluation sentences, padded to {batch['input_ids'].shape[1]} "
-          f"tokens; gptq calibration: {len(calibration)} other sentences\n")
+    print(
+        f"all-MiniLM-L6-v2: {sum(p.numel() for p in fp32.parameters()) / 1e6:.1f} M params; "
+        f"{len(sentences)} evaluation sentences, padded to {batch['input_ids'].shape[1]} "
+        f"tokens; gptq calibration: {len(calibration)} other sentences\n"
+    )
 
     with torch.no_grad():
         ref = embed(fp32, batch)
-    rows = [{
-        "config": "fp32 (nn.Linear)", "algorithm": "-", "quantize s": "-",
-        "layers swapped": "-",
-        "linear MB": f"{linear_bytes(fp32) / 1e6:.1f}", "model MB": f"{tensor_bytes(fp32) / 1e6:.1f}",
-        "cos mean": "1", "cos min": "1", "SQNR dB": "inf",
-        "paraphrase top-1": f"{retrieval_accuracy(ref[:32]):.3f}",
-        "batch-32 vs fp32": "1.00x", "batch-1 vs fp32": "1.00x",
-    }]
+    rows = [
+        {
+            "config": "fp32 (nn.Linear)",
+            "algorithm": "-",
+            "quantize s": "-",
+            "layers swapped": "-",
+            "linear MB": f"{linear_bytes(fp32) / 1e6:.1f}",
+            "model MB": f"{tensor_bytes(fp32) / 1e6:.1f}",
+            "cos mean": "1",
+            "cos min": "1",
+            "SQNR dB": "inf",
+            "paraphrase top-1": f"{retrieval_accuracy(ref[:32]):.3f}",
+            "batch-32 vs fp32": "1.00x",
+            "batch-1 vs fp32": "1.00x",
+        }
+    ]
     for name, algorithm in [(n, a) for n in args.configs for a in args.algorithm]:
         model = copy.deepcopy(fp32)
         config = dataclasses.replace(CONFIGS[name], algorithm=algorithm)
@@ -172,26 +192,39 @@ def main() -> None:
         nq, nf = count_quantized(model)
         with torch.no_grad():
             emb = embed(model, batch)
-            lat = interleaved_latency({
-                "fp32_b32": lambda: fp32(**batch32), "q_b32": lambda: model(**batch32),
-                "fp32_b1": lambda: fp32(**single), "q_b1": lambda: model(**single),
-            }, repeats=args.repeats)
+            lat = interleaved_latency(
+                {
+                    "fp32_b32": lambda: fp32(**batch32),
+                    "q_b32": lambda: model(**batch32),
+                    "fp32_b1": lambda: fp32(**single),
+                    "q_b1": lambda: model(**single),
+                },
+                repeats=args.repeats,
+            )
         cos = F.cosine_similarity(emb, ref, dim=-1)
-        rows.append({
-            "config": name, "algorithm": algorithm, "quantize s": f"{seconds:.1f}",
-            "layers swapped": f"{nq}/{nq + nf}",
-            "linear MB": f"{linear_bytes(model) / 1e6:.1f}",
-            "model MB": f"{tensor_bytes(model) / 1e6:.1f}",
-            "cos mean": f"{cos.mean():.5f}", "cos min": f"{cos.min():.5f}",
-            "SQNR dB": f"{sqnr(ref, emb):.1f}",
-            "paraphrase top-1": f"{retrieval_accuracy(emb[:32]):.3f}",
-            # time(fp32) / time(quantized): > 1 means the quantized model is faster
-            "batch-32 vs fp32": f"{lat['fp32_b32'][0] / lat['q_b32'][0]:.2f}x",
-            "batch-1 vs fp32": f"{lat['fp32_b1'][0] / lat['q_b1'][0]:.2f}x",
-        })
-        print(f"[{name}, {algorithm}] cos mean {cos.mean():.5f}; median ms: fp32 b32 {lat['fp32_b32'][0] * 1e3:.1f}, quantized b32 "
-              f"{lat['q_b32'][0] * 1e3:.1f}, fp32 b1 {lat['fp32_b1'][0] * 1e3:.1f}, quantized b1 "
-              f"{lat['q_b1'][0] * 1e3:.1f}", flush=True)
+        rows.append(
+            {
+                "config": name,
+                "algorithm": algorithm,
+                "quantize s": f"{seconds:.1f}",
+                "layers swapped": f"{nq}/{nq + nf}",
+                "linear MB": f"{linear_bytes(model) / 1e6:.1f}",
+                "model MB": f"{tensor_bytes(model) / 1e6:.1f}",
+                "cos mean": f"{cos.mean():.5f}",
+                "cos min": f"{cos.min():.5f}",
+                "SQNR dB": f"{sqnr(ref, emb):.1f}",
+                "paraphrase top-1": f"{retrieval_accuracy(emb[:32]):.3f}",
+                # time(fp32) / time(quantized): > 1 means the quantized model is faster
+                "batch-32 vs fp32": f"{lat['fp32_b32'][0] / lat['q_b32'][0]:.2f}x",
+                "batch-1 vs fp32": f"{lat['fp32_b1'][0] / lat['q_b1'][0]:.2f}x",
+            }
+        )
+        print(
+            f"[{name}, {algorithm}] cos mean {cos.mean():.5f}; median ms: fp32 b32 {lat['fp32_b32'][0] * 1e3:.1f}, quantized b32 "
+            f"{lat['q_b32'][0] * 1e3:.1f}, fp32 b1 {lat['fp32_b1'][0] * 1e3:.1f}, quantized b1 "
+            f"{lat['q_b1'][0] * 1e3:.1f}",
+            flush=True,
+        )
     print()
     print_table(rows)
     print("\nspeed columns: median fp32 time / median quantized time in the same run (>1: faster)")

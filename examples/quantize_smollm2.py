@@ -67,10 +67,14 @@ def _head(module, fqn):
 # Each plan: quantize_ calls applied in order, (config, filter_fn); the body only (the LM head,
 # tied to the embedding, stays float) unless the plan says otherwise.
 PLANS = {name: [(cfg, _not_head)] for name, cfg in CONFIGS.items()}
-PLANS["int4 g64 + int8 lm_head"] = [(CONFIGS["int4 g64 asym (W4A16)"], _not_head),
-                                    (CONFIGS["int8_weight_only (W8A16)"], _head)]
-PLANS["int4 g32 + int8 lm_head"] = [(CONFIGS["int4 g32 asym (W4A16)"], _not_head),
-                                    (CONFIGS["int8_weight_only (W8A16)"], _head)]
+PLANS["int4 g64 + int8 lm_head"] = [
+    (CONFIGS["int4 g64 asym (W4A16)"], _not_head),
+    (CONFIGS["int8_weight_only (W8A16)"], _head),
+]
+PLANS["int4 g32 + int8 lm_head"] = [
+    (CONFIGS["int4 g32 asym (W4A16)"], _not_head),
+    (CONFIGS["int8_weight_only (W8A16)"], _head),
+]
 
 
 @torch.no_grad()
@@ -79,7 +83,7 @@ def score(model, ids: torch.Tensor, window: int):
     starts with no context), plus the logits of every window (for agreement / SQNR)."""
     nll, count, logits = 0.0, 0, []
     for start in range(0, ids.shape[1] - 1, window):
-        chunk = ids[:, start:start + window]
+        chunk = ids[:, start : start + window]
         if chunk.shape[1] < 2:
             break
         out = model(chunk).logits.float()
@@ -98,12 +102,18 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8 * 512, help="tokens scored")
     ap.add_argument("--calibration-samples", type=int, default=32, help="gptq: blocks of text")
     ap.add_argument("--calibration-len", type=int, default=512, help="gptq: tokens per block")
-    ap.add_argument("--algorithm", nargs="*", default=["rtn", "mse", "gptq"],
-                    choices=["rtn", "mse", "gptq"], help="weight quantizers to compare")
+    ap.add_argument(
+        "--algorithm",
+        nargs="*",
+        default=["rtn", "mse", "gptq"],
+        choices=["rtn", "mse", "gptq"],
+        help="weight quantizers to compare",
+    )
     ap.add_argument("--no-speed", action="store_true", help="skip generation and timing")
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens generated/timed")
-    ap.add_argument("--configs", nargs="*", default=list(PLANS), choices=list(PLANS),
-                    help="subset of configs")
+    ap.add_argument(
+        "--configs", nargs="*", default=list(PLANS), choices=list(PLANS), help="subset of configs"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,53 +126,75 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     directory, gguf = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    fp32 = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf,
-                                                dtype=torch.float32).eval()
+    fp32 = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=gguf, dtype=torch.float32
+    ).eval()
     text = (DATA / "eval_britannica_shakespeare.txt").read_text(encoding="utf-8")
     ids = tok(text.split("\n\n", 1)[1], return_tensors="pt").input_ids
     if args.max_tokens:
-        ids = ids[:, :args.max_tokens]
+        ids = ids[:, : args.max_tokens]
     calib = (DATA / "calib_areopagitica.txt").read_text(encoding="utf-8").split("\n\n", 1)[1]
     calib_ids = tok(calib, return_tensors="pt").input_ids[0]
     n, length = args.calibration_samples, args.calibration_len
-    calibration = [calib_ids[None, i * length:(i + 1) * length] for i in range(n)]
+    calibration = [calib_ids[None, i * length : (i + 1) * length] for i in range(n)]
     if calibration[-1].shape[1] < length:
-        raise SystemExit(f"calibration text has {calib_ids.numel()} tokens, fewer than {n}x{length}")
+        raise SystemExit(
+            f"calibration text has {calib_ids.numel()} tokens, fewer than {n}x{length}"
+        )
     prompt = tok(PROMPT, return_tensors="pt").input_ids
     prefill = ids[:, :128]
     print(environment_line())
-    print(f"SmolLM2-135M-Instruct: {sum(p.numel() for p in fp32.parameters()) / 1e6:.1f} M params "
-          f"(lm_head tied to the embedding); evaluation: {ids.shape[1]} tokens of "
-          f"eval_britannica_shakespeare.txt in windows of {args.window}; gptq calibration: "
-          f"{n} x {length} tokens of calib_areopagitica.txt\n")
+    print(
+        f"SmolLM2-135M-Instruct: {sum(p.numel() for p in fp32.parameters()) / 1e6:.1f} M params "
+        f"(lm_head tied to the embedding); evaluation: {ids.shape[1]} tokens of "
+        f"eval_britannica_shakespeare.txt in windows of {args.window}; gptq calibration: "
+        f"{n} x {length} tokens of calib_areopagitica.txt\n"
+    )
 
     def generate(model):
-        return model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False,
-                              min_new_tokens=args.new_tokens, pad_token_id=tok.eos_token_id)
+        return model.generate(
+            prompt,
+            max_new_tokens=args.new_tokens,
+            do_sample=False,
+            min_new_tokens=args.new_tokens,
+            pad_token_id=tok.eos_token_id,
+        )
 
     ppl_ref, n_scored, logits_ref = score(fp32, ids, args.window)
     gen_ref = None
     if not args.no_speed:
         with torch.no_grad():
             gen_ref = generate(fp32)
-        print(f"fp32 greedy: {tok.decode(gen_ref[0][prompt.shape[1]:])!r}")
-    rows = [{
-        "config": "fp32 (GGUF dequantized)", "algorithm": "-", "quantize s": "-",
-        "layers swapped": "-",
-        "linear MB": f"{linear_bytes(fp32) / 1e6:.0f}", "model MB": f"{tensor_bytes(fp32) / 1e6:.0f}",
-        "perplexity": f"{ppl_ref:.3f}", "vs fp32": "-", "top-1 agree": "1",
-        "logits SQNR dB": "inf",
-        "greedy = fp32": f"{args.new_tokens}/{args.new_tokens}",
-        "prefill-128 vs fp32": "1.00x", "decode vs fp32": "1.00x",
-    }]
+        print(f"fp32 greedy: {tok.decode(gen_ref[0][prompt.shape[1] :])!r}")
+    rows = [
+        {
+            "config": "fp32 (GGUF dequantized)",
+            "algorithm": "-",
+            "quantize s": "-",
+            "layers swapped": "-",
+            "linear MB": f"{linear_bytes(fp32) / 1e6:.0f}",
+            "model MB": f"{tensor_bytes(fp32) / 1e6:.0f}",
+            "perplexity": f"{ppl_ref:.3f}",
+            "vs fp32": "-",
+            "top-1 agree": "1",
+            "logits SQNR dB": "inf",
+            "greedy = fp32": f"{args.new_tokens}/{args.new_tokens}",
+            "prefill-128 vs fp32": "1.00x",
+            "decode vs fp32": "1.00x",
+        }
+    ]
     for name, algorithm in [(n, a) for n in args.configs for a in args.algorithm]:
         model = copy.deepcopy(fp32)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t0 = time.perf_counter()
             for cfg, filter_fn in PLANS[name]:
-                qtorch.quantize_(model, dataclasses.replace(cfg, algorithm=algorithm),
-                                 filter_fn=filter_fn, calibration_data=calibration)
+                qtorch.quantize_(
+                    model,
+                    dataclasses.replace(cfg, algorithm=algorithm),
+                    filter_fn=filter_fn,
+                    calibration_data=calibration,
+                )
             seconds = time.perf_counter() - t0
         for w in caught:
             msg = str(w.message)
@@ -170,35 +202,51 @@ def main() -> None:
         nq, nf = count_quantized(model)
         ppl, _, logits = score(model, ids, args.window)
         row = {
-            "config": name, "algorithm": algorithm, "quantize s": f"{seconds:.1f}",
+            "config": name,
+            "algorithm": algorithm,
+            "quantize s": f"{seconds:.1f}",
             "layers swapped": f"{nq}/{nq + nf}",
             "linear MB": f"{linear_bytes(model) / 1e6:.0f}",
             "model MB": f"{tensor_bytes(model) / 1e6:.0f}",
-            "perplexity": f"{ppl:.3f}", "vs fp32": f"{ppl / ppl_ref - 1:+.1%}",
+            "perplexity": f"{ppl:.3f}",
+            "vs fp32": f"{ppl / ppl_ref - 1:+.1%}",
             "top-1 agree": f"{(logits.argmax(-1) == logits_ref.argmax(-1)).float().mean():.3f}",
             "logits SQNR dB": f"{sqnr(logits_ref, logits):.1f}",
         }
-        print(f"[{name}, {algorithm}] perplexity {ppl:.3f} ({ppl / ppl_ref - 1:+.1%}), "
-              f"quantized in {seconds:.1f} s", flush=True)
+        print(
+            f"[{name}, {algorithm}] perplexity {ppl:.3f} ({ppl / ppl_ref - 1:+.1%}), "
+            f"quantized in {seconds:.1f} s",
+            flush=True,
+        )
         if not args.no_speed:
             with torch.no_grad():
                 gen = generate(model)
-                lat = interleaved_latency({
-                    "fp32_prefill": lambda: fp32(prefill), "q_prefill": lambda: model(prefill),
-                    "fp32_gen": lambda: generate(fp32), "q_gen": lambda: generate(model),
-                }, repeats=args.repeats)
-            same = int((gen[0, prompt.shape[1]:] == gen_ref[0, prompt.shape[1]:]).cumprod(0)
-                       .sum())
-            row.update({
-                "greedy = fp32": f"{same}/{args.new_tokens}",
-                "prefill-128 vs fp32": f"{lat['fp32_prefill'][0] / lat['q_prefill'][0]:.2f}x",
-                "decode vs fp32": f"{lat['fp32_gen'][0] / lat['q_gen'][0]:.2f}x",
-            })
-            print(f"[{name}] greedy: {tok.decode(gen[0][prompt.shape[1]:])!r}; median ms: "
-                  f"prefill fp32 {lat['fp32_prefill'][0] * 1e3:.0f} / quantized "
-                  f"{lat['q_prefill'][0] * 1e3:.0f}, {args.new_tokens}-token greedy fp32 "
-                  f"{lat['fp32_gen'][0] * 1e3:.0f} / quantized {lat['q_gen'][0] * 1e3:.0f}",
-                  flush=True)
+                lat = interleaved_latency(
+                    {
+                        "fp32_prefill": lambda: fp32(prefill),
+                        "q_prefill": lambda: model(prefill),
+                        "fp32_gen": lambda: generate(fp32),
+                        "q_gen": lambda: generate(model),
+                    },
+                    repeats=args.repeats,
+                )
+            same = int(
+                (gen[0, prompt.shape[1] :] == gen_ref[0, prompt.shape[1] :]).cumprod(0).sum()
+            )
+            row.update(
+                {
+                    "greedy = fp32": f"{same}/{args.new_tokens}",
+                    "prefill-128 vs fp32": f"{lat['fp32_prefill'][0] / lat['q_prefill'][0]:.2f}x",
+                    "decode vs fp32": f"{lat['fp32_gen'][0] / lat['q_gen'][0]:.2f}x",
+                }
+            )
+            print(
+                f"[{name}] greedy: {tok.decode(gen[0][prompt.shape[1] :])!r}; median ms: "
+                f"prefill fp32 {lat['fp32_prefill'][0] * 1e3:.0f} / quantized "
+                f"{lat['q_prefill'][0] * 1e3:.0f}, {args.new_tokens}-token greedy fp32 "
+                f"{lat['fp32_gen'][0] * 1e3:.0f} / quantized {lat['q_gen'][0] * 1e3:.0f}",
+                flush=True,
+            )
         rows.append(row)
     if args.no_speed:
         for r in rows[:1]:
@@ -207,9 +255,11 @@ def main() -> None:
     print()
     print(f"perplexity over {n_scored} scored tokens")
     print_table(rows)
-    print("\nspeed columns: median fp32 time / median quantized time in the same run (>1: faster);"
-          f" decode = greedy generation of {args.new_tokens} tokens after a "
-          f"{prompt.shape[1]}-token prompt")
+    print(
+        "\nspeed columns: median fp32 time / median quantized time in the same run (>1: faster);"
+        f" decode = greedy generation of {args.new_tokens} tokens after a "
+        f"{prompt.shape[1]}-token prompt"
+    )
 
 
 if __name__ == "__main__":

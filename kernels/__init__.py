@@ -66,7 +66,8 @@ def gemm_config(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int
     tiles per L2-friendly group."""
     return triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
-        num_warps=warps, num_stages=stages,
+        num_warps=warps,
+        num_stages=stages,
     )
 
 

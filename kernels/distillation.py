@@ -68,10 +68,13 @@ def _distill_kernel(
     g_ptr,  # [M, V] out, student dtype, row stride stride_g (may alias s_ptr)
     scale_ptr,  # [M] fp32 per-token gradient weights (dummy when HAS_SCALE is False)
     V,
-    stride_s, stride_t, stride_g,
+    stride_s,
+    stride_t,
+    stride_g,
     inv_temp,  # 1 / T
     temp,  # T
-    alpha, beta,
+    alpha,
+    beta,
     ignore_index,
     HAS_LABELS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
@@ -197,8 +200,18 @@ def _block_v(v: int) -> tuple[int, int]:
     return block, max(1, min(16, block // 256))
 
 
-def _launch(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index,
-            grad_out, token_scale) -> torch.Tensor:
+def _launch(
+    student,
+    teacher,
+    labels,
+    temperature,
+    alpha,
+    divergence,
+    beta,
+    ignore_index,
+    grad_out,
+    token_scale,
+) -> torch.Tensor:
     """Run the loss kernel; returns loss fp32 [M]; fills grad_out (may be `student`) if given."""
     m, v = student.shape
     loss = torch.empty((m,), dtype=torch.float32, device=student.device)
@@ -208,13 +221,27 @@ def _launch(student, teacher, labels, temperature, alpha, divergence, beta, igno
     compute_grad = grad_out is not None
     g = grad_out if compute_grad else student  # never written when not computing the grad
     _distill_kernel[(m,)](
-        student, teacher, labels if labels is not None else loss, loss, g,
+        student,
+        teacher,
+        labels if labels is not None else loss,
+        loss,
+        g,
         token_scale if token_scale is not None else loss,
-        v, student.stride(0), teacher.stride(0), g.stride(0),
-        1.0 / temperature, float(temperature), float(alpha), float(beta), int(ignore_index),
-        HAS_LABELS=labels is not None, COMPUTE_GRAD=compute_grad,
-        HAS_SCALE=token_scale is not None, DIV=DIVERGENCES.index(divergence),
-        BLOCK_V=block, num_warps=warps,
+        v,
+        student.stride(0),
+        teacher.stride(0),
+        g.stride(0),
+        1.0 / temperature,
+        float(temperature),
+        float(alpha),
+        float(beta),
+        int(ignore_index),
+        HAS_LABELS=labels is not None,
+        COMPUTE_GRAD=compute_grad,
+        HAS_SCALE=token_scale is not None,
+        DIV=DIVERGENCES.index(divergence),
+        BLOCK_V=block,
+        num_warps=warps,
     )
     return loss
 
@@ -234,16 +261,28 @@ def distillation_loss(
     (loss fp32 [M], d loss_i / d student_i [M, V] in student.dtype, or None)."""
     check_labels(labels, student.shape[1], ignore_index)
     grad = torch.empty_like(student) if compute_grad else None
-    loss = _launch(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index,
-                   grad, None)
+    loss = _launch(
+        student, teacher, labels, temperature, alpha, divergence, beta, ignore_index, grad, None
+    )
     return loss, grad
 
 
-def chunk_loss(s, t, labels, token_scale, temperature, alpha, divergence, beta, ignore_index,
-               compute_grad):
+def chunk_loss(
+    s, t, labels, token_scale, temperature, alpha, divergence, beta, ignore_index, compute_grad
+):
     """The per-chunk kernel of the fused-linear chunk loop (qtorch/reference/distillation.py):
     s, t [n, V] fp32 logits -> (loss fp32 [n], s overwritten with token_scale_i · d loss_i / d s_i,
     or None). Labels are checked once by the loop."""
-    loss = _launch(s, t, labels, temperature, alpha, divergence, beta, ignore_index,
-                   s if compute_grad else None, token_scale)
+    loss = _launch(
+        s,
+        t,
+        labels,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        s if compute_grad else None,
+        token_scale,
+    )
     return loss, s if compute_grad else None

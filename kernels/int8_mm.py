@@ -139,8 +139,16 @@ def quantize_int8(
         return q, scale.fill_(1.0)
     block, one, warps = _launch_params(k)
     _quantize_int8_kernel[(m,)](
-        x, q, scale, k, x.stride(0), x if smooth is None else smooth,
-        BLOCK_K=block, ONE_BLOCK=one, INTERPRET=INTERPRET, SMOOTH=smooth is not None,
+        x,
+        q,
+        scale,
+        k,
+        x.stride(0),
+        x if smooth is None else smooth,
+        BLOCK_K=block,
+        ONE_BLOCK=one,
+        INTERPRET=INTERPRET,
+        SMOOTH=smooth is not None,
         num_warps=warps,
     )
     return q, scale
@@ -152,14 +160,23 @@ def quantize_int8(
 # tests/test_triton_aot.py), so Ampere stops at 128×128; Hopper's wgmma keeps 128×256 with
 # 4 stages = 192 KiB of the 227 KiB.
 _INT8_AMPERE = [
-    _cfg(128, 128, 128, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 64, 128, 4, 4),
-    _cfg(64, 128, 128, 4, 4), _cfg(64, 64, 128, 4, 4), _cfg(16, 128, 256, 4, 4),
+    _cfg(128, 128, 128, 8, 3),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 64, 128, 4, 4),
+    _cfg(64, 128, 128, 4, 4),
+    _cfg(64, 64, 128, 4, 4),
+    _cfg(16, 128, 256, 4, 4),
     _cfg(32, 64, 256, 4, 4),
 ]
 _INT8_HOPPER = [
-    _cfg(128, 256, 128, 8, 4), _cfg(256, 128, 128, 8, 4), _cfg(128, 128, 128, 8, 4),
-    _cfg(128, 128, 128, 4, 5), _cfg(64, 128, 128, 4, 5), _cfg(64, 64, 128, 4, 6),
-    _cfg(16, 128, 256, 4, 5), _cfg(32, 64, 256, 4, 5),
+    _cfg(128, 256, 128, 8, 4),
+    _cfg(256, 128, 128, 8, 4),
+    _cfg(128, 128, 128, 8, 4),
+    _cfg(128, 128, 128, 4, 5),
+    _cfg(64, 128, 128, 4, 5),
+    _cfg(64, 64, 128, 4, 6),
+    _cfg(16, 128, 256, 4, 5),
+    _cfg(32, 64, 256, 4, 5),
 ]
 AMPERE_CONFIGS = {"_int8_scaled_mm_kernel": _INT8_AMPERE}
 HOPPER_CONFIGS = {"_int8_scaled_mm_kernel": _INT8_HOPPER}
@@ -190,10 +207,15 @@ def _int8_scaled_mm_kernel(
     sa_ptr,  # [M] fp32 row scales
     sb_ptr,  # [N] fp32 column scales
     bias_ptr,  # [N] any float dtype, or a dummy when HAS_BIAS is False
-    M, N, K,
+    M,
+    N,
+    K,
     M_BUCKET,  # autotune key only (next power of two of M)
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -248,15 +270,23 @@ def int8_scaled_mm(
     if k == 0:  # empty sum: the epilogue alone
         out = torch.zeros((m, n), dtype=torch.float32, device=a.device)
         return (out + bias.float() if bias is not None else out).to(out_dtype)
-    args = (a, b, c, scale_a, scale_b, bias if bias is not None else scale_b, m, n, k,
-            pow2_bucket(m))
+    args = (
+        a,
+        b,
+        c,
+        scale_a,
+        scale_b,
+        bias if bias is not None else scale_b,
+        m,
+        n,
+        k,
+        pow2_bucket(m),
+    )
     if INTERPRET:
         grid = (triton.cdiv(m, _INTERP["BLOCK_M"]) * triton.cdiv(n, _INTERP["BLOCK_N"]),)
         _int8_scaled_mm_kernel[grid](*args, HAS_BIAS=bias is not None, **_INTERP)
     else:
-        grid = lambda meta: (
-            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
-        )
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _int8_scaled_mm_tuned[grid](*args, HAS_BIAS=bias is not None)
     return c
 
@@ -270,7 +300,10 @@ def int8_linear(
 
 
 def int8_linear_smooth(
-    x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, smooth: torch.Tensor,
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    smooth: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """SmoothQuant W8A8: int8_linear of x / smooth (fp32 [K]), the division fused into the

@@ -38,26 +38,45 @@ from qtorch._kernels.int8_mm import tile_ids
 
 # 16-bit activations, int8 weights converted in registers: BK = 64 halves = 128 bytes.
 _W8A16_AMPERE = [
-    _cfg(128, 256, 32, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(64, 256, 64, 8, 3),
-    _cfg(128, 128, 32, 4, 4), _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 64, 64, 4, 4), _cfg(32, 128, 64, 4, 4),
+    _cfg(128, 256, 32, 8, 3),
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(64, 256, 64, 8, 3),
+    _cfg(128, 128, 32, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(32, 128, 64, 4, 4),
 ]
 _W8A16_HOPPER = [
-    _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4),
-    _cfg(64, 128, 64, 4, 5), _cfg(64, 64, 64, 4, 6), _cfg(32, 128, 64, 4, 5),
+    _cfg(128, 256, 64, 8, 4),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 128, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 5),
+    _cfg(64, 64, 64, 4, 6),
+    _cfg(32, 128, 64, 4, 5),
 ]
 # Each K step holds both nibble halves dequantized (2 × [BK/2, BN] fp32) next to the
 # accumulator, so sm_80 tiles with 128×128×64 (4 or 8 warps) and 128×256×64 spill
 # (tests/test_triton_aot.py); the Ampere list keeps the ones that do not.
 _W4A16_AMPERE = [
-    _cfg(128, 256, 32, 8, 3), _cfg(64, 256, 64, 8, 3), _cfg(128, 128, 32, 8, 3),
-    _cfg(64, 128, 64, 4, 4), _cfg(128, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 4),
-    _cfg(32, 128, 128, 4, 4), _cfg(64, 128, 32, 4, 4),
+    _cfg(128, 256, 32, 8, 3),
+    _cfg(64, 256, 64, 8, 3),
+    _cfg(128, 128, 32, 8, 3),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+    _cfg(32, 128, 128, 4, 4),
+    _cfg(64, 128, 32, 4, 4),
 ]
 _W4A16_HOPPER = [
-    _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 5),
-    _cfg(128, 64, 64, 4, 5), _cfg(64, 64, 64, 4, 6), _cfg(32, 128, 128, 4, 5),
-    _cfg(64, 128, 32, 4, 5), _cfg(128, 128, 32, 8, 4),
+    _cfg(128, 256, 64, 8, 4),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(64, 128, 64, 4, 5),
+    _cfg(128, 64, 64, 4, 5),
+    _cfg(64, 64, 64, 4, 6),
+    _cfg(32, 128, 128, 4, 5),
+    _cfg(64, 128, 32, 4, 5),
+    _cfg(128, 128, 32, 8, 4),
 ]
 AMPERE_CONFIGS = {"_w8a16_kernel": _W8A16_AMPERE, "_w4a16_kernel": _W4A16_AMPERE}
 HOPPER_CONFIGS = {"_w8a16_kernel": _W8A16_HOPPER, "_w4a16_kernel": _W4A16_HOPPER}
@@ -105,14 +124,19 @@ def _w8a16_kernel(
     ws_ptr,  # [N] fp32 per-output-channel scale
     bias_ptr,  # [N] or dummy
     out_ptr,  # SPLIT_K == 1: [M, N] x.dtype;  else fp32 partials [SPLIT_K, M, N]
-    M, N, K,
+    M,
+    N,
+    K,
     K_PER_SPLIT,  # K range of one split (a multiple of BLOCK_K)
     M_BUCKET,  # autotune key only
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,  # > 1: write fp32 partial sums, no epilogue
     DOT_F32: tl.constexpr,  # fp32 x, or the interpreter: fp32 operands
     F32_PRECISION: tl.constexpr,  # their tl.dot precision: "tf32x3" on GPU, "ieee" interpreted
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -178,15 +202,39 @@ def int8_weight_only_linear(
         if split == 1:
             out = torch.empty((m, n), dtype=x.dtype, device=x.device)
             _w8a16_kernel[grid](
-                x, w_q, w_scale, bias_arg, out, m, n, k, k, 16,
-                HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32, F32_PRECISION=F32_PRECISION,
+                x,
+                w_q,
+                w_scale,
+                bias_arg,
+                out,
+                m,
+                n,
+                k,
+                k,
+                16,
+                HAS_BIAS=has_bias,
+                SPLIT_K=1,
+                DOT_F32=dot_f32,
+                F32_PRECISION=F32_PRECISION,
                 **cfg,
             )
             return out
         part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _w8a16_kernel[grid](
-            x, w_q, w_scale, bias_arg, part, m, n, k, per, 16,
-            HAS_BIAS=False, SPLIT_K=split, DOT_F32=dot_f32, F32_PRECISION=F32_PRECISION,
+            x,
+            w_q,
+            w_scale,
+            bias_arg,
+            part,
+            m,
+            n,
+            k,
+            per,
+            16,
+            HAS_BIAS=False,
+            SPLIT_K=split,
+            DOT_F32=dot_f32,
+            F32_PRECISION=F32_PRECISION,
             **cfg,
         )
         out = part.sum(0) * w_scale[None, :]
@@ -198,14 +246,17 @@ def int8_weight_only_linear(
     if INTERPRET or dot_f32:
         cfg = _W8A16_INTERP if INTERPRET else _F32_CFG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), 1)
-        _w8a16_kernel[grid](*args, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=True,
-                            F32_PRECISION=F32_PRECISION, **cfg)
+        _w8a16_kernel[grid](
+            *args, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=True, F32_PRECISION=F32_PRECISION, **cfg
+        )
     else:
         grid = lambda meta: (
-            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1,
+            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+            1,
         )
-        _w8a16_tuned[grid](*args, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32,
-                           F32_PRECISION=F32_PRECISION)
+        _w8a16_tuned[grid](
+            *args, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32, F32_PRECISION=F32_PRECISION
+        )
     return out
 
 
@@ -220,7 +271,9 @@ def _w4a16_kernel(
     z_ptr,  # [K // GROUP_SIZE, N] zero points: uint8 0..15, or fp32 (zero_point="float")
     bias_ptr,  # [N] or dummy
     out_ptr,  # SPLIT_K == 1: [M, N] x.dtype;  else fp32 partials [SPLIT_K, M, N]
-    M, N, K,
+    M,
+    N,
+    K,
     K_PER_SPLIT,  # K range of one split (a multiple of BLOCK_K)
     M_BUCKET,  # autotune key only
     GROUP_SIZE: tl.constexpr,
@@ -228,7 +281,10 @@ def _w4a16_kernel(
     SPLIT_K: tl.constexpr,
     DOT_F32: tl.constexpr,  # fp32 x, or the interpreter: fp32 operands
     F32_PRECISION: tl.constexpr,  # their tl.dot precision: "tf32x3" on GPU, "ieee" interpreted
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0)
     HALF_K: tl.constexpr = BLOCK_K // 2
@@ -316,14 +372,38 @@ def int4_weight_only_linear(
         if split == 1:
             out = torch.empty((m, n), dtype=x.dtype, device=x.device)
             _w4a16_kernel[grid](
-                x, qweight_t, scales_t, zeros_t, bias_arg, out, m, n, k, k, 16,
-                HAS_BIAS=has_bias, SPLIT_K=1, **common,
+                x,
+                qweight_t,
+                scales_t,
+                zeros_t,
+                bias_arg,
+                out,
+                m,
+                n,
+                k,
+                k,
+                16,
+                HAS_BIAS=has_bias,
+                SPLIT_K=1,
+                **common,
             )
             return out
         part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         _w4a16_kernel[grid](
-            x, qweight_t, scales_t, zeros_t, bias_arg, part, m, n, k, per, 16,
-            HAS_BIAS=False, SPLIT_K=split, **common,
+            x,
+            qweight_t,
+            scales_t,
+            zeros_t,
+            bias_arg,
+            part,
+            m,
+            n,
+            k,
+            per,
+            16,
+            HAS_BIAS=False,
+            SPLIT_K=split,
+            **common,
         )
         out = part.sum(0)
         if has_bias:
@@ -337,15 +417,25 @@ def int4_weight_only_linear(
             cfg = dict(_W4A16_INTERP, BLOCK_K=min(_W4A16_INTERP["BLOCK_K"], group_size))
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), 1)
         _w4a16_kernel[grid](
-            *args, GROUP_SIZE=group_size, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=True,
-            F32_PRECISION=F32_PRECISION, **cfg,
+            *args,
+            GROUP_SIZE=group_size,
+            HAS_BIAS=has_bias,
+            SPLIT_K=1,
+            DOT_F32=True,
+            F32_PRECISION=F32_PRECISION,
+            **cfg,
         )
     else:
         grid = lambda meta: (
-            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1,
+            triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
+            1,
         )
         _w4a16_tuned[grid](
-            *args, GROUP_SIZE=group_size, HAS_BIAS=has_bias, SPLIT_K=1, DOT_F32=dot_f32,
+            *args,
+            GROUP_SIZE=group_size,
+            HAS_BIAS=has_bias,
+            SPLIT_K=1,
+            DOT_F32=dot_f32,
             F32_PRECISION=F32_PRECISION,
         )
     return out

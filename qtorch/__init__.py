@@ -1,11 +1,11 @@
 """qtorch: int8/int4 quantized matmul and fused distillation-loss kernels for PyTorch.
 
-    qtorch.ops.*                         the custom ops (torch.ops.qtorch.*)
-    qtorch.reference.*                   their pure-PyTorch definitions
-    qtorch.quantize_(model, config)      swap nn.Linear for quantized modules (qtorch.nn)
-    qtorch.set_backend / use_backend     choose reference | cpu | triton | cuda | auto
-    qtorch.inductor_options()            for AOTInductor / Inductor's C++ wrapper
-    qtorch.distributed.*                 the vocabulary-parallel loss; DDP with quantized modules
+qtorch.ops.*                         the custom ops (torch.ops.qtorch.*)
+qtorch.reference.*                   their pure-PyTorch definitions
+qtorch.quantize_(model, config)      swap nn.Linear for quantized modules (qtorch.nn)
+qtorch.set_backend / use_backend     choose reference | cpu | triton | cuda | auto
+qtorch.inductor_options()            for AOTInductor / Inductor's C++ wrapper
+qtorch.distributed.*                 the vocabulary-parallel loss; DDP with quantized modules
 """
 
 from qtorch import distributed, nn, ops, reference

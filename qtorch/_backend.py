@@ -129,7 +129,9 @@ def _check_name(name: str, source: str) -> str:
     if name == "auto":
         return name
     if name not in BACKENDS:
-        raise RuntimeError(f"{source}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+        raise RuntimeError(
+            f"{source}: unknown backend {name!r}; expected 'auto' or one of {BACKENDS}"
+        )
     ok, why = backend_status()[name]
     if not ok:
         raise RuntimeError(f"{source}: backend {name!r} is not available: {why}")

@@ -27,7 +27,9 @@ def tensor(name: str, t, *, optional: bool = False) -> None:
 def dtype_in(name: str, t: torch.Tensor, allowed) -> None:
     if t.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        raise TypeError(
+            f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}"
+        )
 
 
 def ndim(name: str, t: torch.Tensor, n: int) -> None:
@@ -123,8 +125,9 @@ TEMPERATURE_RANGE = (0.01, 100.0)
 def number(name: str, value) -> None:
     """A Python int or float (not a bool, a Tensor or a str): the schema types it `float`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python number (int or float), got "
-                        f"{type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name} must be a Python number (int or float), got {type(value).__name__} {value!r}"
+        )
 
 
 def loss_scalars(temperature, alpha, beta) -> None:
@@ -134,7 +137,9 @@ def loss_scalars(temperature, alpha, beta) -> None:
     number("beta", beta)
     lo, hi = TEMPERATURE_RANGE
     if not math.isfinite(temperature) or not lo <= temperature <= hi:
-        raise ValueError(f"temperature must be a finite number in [{lo}, {hi}], got {temperature!r}")
+        raise ValueError(
+            f"temperature must be a finite number in [{lo}, {hi}], got {temperature!r}"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if not 0.0 <= beta <= 1.0:

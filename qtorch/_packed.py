@@ -89,8 +89,9 @@ _BY_FAMILY: dict[tuple, Layout] = {}
 
 def register_layout(layout: Layout, dtype: torch.dtype | None = None) -> Layout:
     _LAYOUTS[layout.name] = layout
-    key = (layout.family, layout.backend) if dtype is None else (layout.family, layout.backend,
-                                                                 dtype)
+    key = (
+        (layout.family, layout.backend) if dtype is None else (layout.family, layout.backend, dtype)
+    )
     _BY_FAMILY[key] = layout
     return layout
 
@@ -103,7 +104,9 @@ def layout_named(name: str) -> Layout:
         raise ValueError(f"unknown packed layout {name!r}") from None
 
 
-def layout_for(family: str, device: torch.device, dtype: torch.dtype | None = None) -> Layout | None:
+def layout_for(
+    family: str, device: torch.device, dtype: torch.dtype | None = None
+) -> Layout | None:
     """The layout a module of `family` on `device`, computing in `dtype`, keeps: that of the
     backend "auto" picks there, or None (canonical) when that backend reads the canonical
     layout."""
@@ -179,9 +182,9 @@ def _linear_packed_grad_input_python(grad, w0, w1, w2, layout, n, k, group_size)
         canon = lay.canonical(weight, n, k, group_size)
         if lay.family == "w4a16":
             return torch.ops.qtorch.int4_linear_grad_input(
-                grad, canon["qweight"], canon["scales"], canon["zeros"], group_size)
-        g = torch.ops.qtorch.int8_linear_grad_input(grad, canon["qweight"],
-                                                    canon["weight_scale"])
+                grad, canon["qweight"], canon["scales"], canon["zeros"], group_size
+            )
+        g = torch.ops.qtorch.int8_linear_grad_input(grad, canon["qweight"], canon["weight_scale"])
         s = _smooth(lay, weight)
         return g if s is None else (g.float() / s).to(g.dtype)  # y = (x / s) ŵᵀ
     shape = (*grad.shape[:-1], k)
@@ -190,14 +193,15 @@ def _linear_packed_grad_input_python(grad, w0, w1, w2, layout, n, k, group_size)
     return lay.grad_input(grad.reshape(-1, n), list(weight), n, k, group_size).reshape(shape)
 
 
-for _name, _fn in (("_linear_packed_python", _linear_packed_python),
-                   ("_linear_packed_grad_input_python", _linear_packed_grad_input_python)):
+for _name, _fn in (
+    ("_linear_packed_python", _linear_packed_python),
+    ("_linear_packed_grad_input_python", _linear_packed_grad_input_python),
+):
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
 # Without the C++ CPU kernel (and on every other device) the public ops are served by the
 # Python kernels too; where the C++ kernel is registered for CPU it takes precedence.
 _lib.impl("linear_packed", _linear_packed_python, "CompositeExplicitAutograd")
-_lib.impl("linear_packed_grad_input", _linear_packed_grad_input_python,
-          "CompositeExplicitAutograd")
+_lib.impl("linear_packed_grad_input", _linear_packed_grad_input_python, "CompositeExplicitAutograd")
 
 
 def _fake(x, w0, w1, w2, bias, layout, n, k, group_size):
@@ -209,9 +213,12 @@ def _fake_grad(grad, w0, w1, w2, layout, n, k, group_size):
     return grad.new_empty((*grad.shape[:-1], k))
 
 
-for _name, _fn in (("linear_packed", _fake), ("_linear_packed_python", _fake),
-                   ("linear_packed_grad_input", _fake_grad),
-                   ("_linear_packed_grad_input_python", _fake_grad)):
+for _name, _fn in (
+    ("linear_packed", _fake),
+    ("_linear_packed_python", _fake),
+    ("linear_packed_grad_input", _fake_grad),
+    ("_linear_packed_grad_input_python", _fake_grad),
+):
     torch.library.register_fake(f"qtorch::{_name}", _fn, lib=_lib)
 
 
@@ -227,22 +234,24 @@ def _backward(ctx, grad):
     layout, n, k, group_size = ctx.meta
     gx = gb = None
     if ctx.needs_input_grad[0]:
-        gx = torch.ops.qtorch.linear_packed_grad_input(grad, *ctx.saved_tensors, layout, n, k,
-                                                       group_size)
+        gx = torch.ops.qtorch.linear_packed_grad_input(
+            grad, *ctx.saved_tensors, layout, n, k, group_size
+        )
     if ctx.bias_grad:
         gb = grad.reshape(-1, n).float().sum(0).to(ctx.bias_dtype)
     return gx, None, None, None, gb, None, None, None, None
 
 
-torch.library.register_autograd("qtorch::linear_packed", _backward, setup_context=_setup,
-                                lib=_lib)
+torch.library.register_autograd("qtorch::linear_packed", _backward, setup_context=_setup, lib=_lib)
 
 
 # ------------------------------------------------------------ Inductor's direct call of the op
 
-_C_SHIM = ("AOTITorchError aoti_torch_cpu_linear_packed(AtenTensorHandle x, AtenTensorHandle w0, "
-           "AtenTensorHandle w1, AtenTensorHandle* w2, AtenTensorHandle* bias, const char* layout, "
-           "int64_t N, int64_t K, int64_t group_size, AtenTensorHandle* ret0)")
+_C_SHIM = (
+    "AOTITorchError aoti_torch_cpu_linear_packed(AtenTensorHandle x, AtenTensorHandle w0, "
+    "AtenTensorHandle w1, AtenTensorHandle* w2, AtenTensorHandle* bias, const char* layout, "
+    "int64_t N, int64_t K, int64_t group_size, AtenTensorHandle* ret0)"
+)
 
 
 def inductor_options() -> dict:
@@ -252,4 +261,6 @@ def inductor_options() -> dict:
     quantized modules' CPU kernel through its C shim (csrc/cpu/linear_packed.cpp) instead of
     their generic boxed custom-op call, which at decode sizes costs more than the kernel.
     The compiled code then needs qtorch imported in the process that runs it."""
-    return {"aot_inductor.custom_ops_to_c_shims": {torch.ops.qtorch.linear_packed.default: [_C_SHIM]}}
+    return {
+        "aot_inductor.custom_ops_to_c_shims": {torch.ops.qtorch.linear_packed.default: [_C_SHIM]}
+    }

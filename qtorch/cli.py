@@ -14,7 +14,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from qtorch import _backend
     from qtorch.bench.machine import cpu_model
 
-    print(f"qtorch {qtorch.__version__}  torch {torch.__version__}  python {platform.python_version()}")
+    print(
+        f"qtorch {qtorch.__version__}  torch {torch.__version__}  python {platform.python_version()}"
+    )
     try:
         import triton
 
@@ -26,7 +28,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         import qtorch._C as C
 
         feats = C.cpu_features()
-        print("CPU features: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in sorted(feats.items())))
+        print(
+            "CPU features: "
+            + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in sorted(feats.items()))
+        )
         print(f"CPU kernel ISA in use: {C.isa()}")
         kernels = C.kernels()  # each family's variant: its CPU feature needs differ
         print(
@@ -38,7 +43,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            print(f"CUDA device {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB")
+            print(
+                f"CUDA device {i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB"
+            )
     else:
         print("CUDA: no device")
     print("\nbackends:")
@@ -98,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     from qtorch import cli_quantize
 
     p_quant = sub.add_parser(
-        "quantize", help="quantize a local Hugging Face model and save it (qtorch checkpoint)",
-        description=cli_quantize.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "quantize",
+        help="quantize a local Hugging Face model and save it (qtorch checkpoint)",
+        description=cli_quantize.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cli_quantize.add_arguments(p_quant)
     p_quant.set_defaults(func=cli_quantize.run)
     args = parser.parse_args(argv)

@@ -23,41 +23,87 @@ the time taken."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", metavar="MODEL_DIR",
-                   help="local model: a directory with config.json and *.safetensors, or a "
-                        ".gguf file (dequantized to float, then quantized)")
+    p.add_argument(
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="local model: a directory with config.json and *.safetensors, or a "
+        ".gguf file (dequantized to float, then quantized)",
+    )
     p.add_argument("out_dir", metavar="OUT_DIR", help="where to save the quantized model")
-    p.add_argument("--config", required=True, choices=["w8a8", "w8a16", "w4a16"],
-                   help="w8a8: int8 weights per channel and dynamic int8 activations; "
-                        "w8a16: int8 weights, float activations; w4a16: int4 weights in groups "
-                        "(see --group-size), float activations")
-    p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128, 256],
-                   help="w4a16 only: weights per int4 group along K (default 128); a layer "
-                        "whose in_features it does not divide stays float and is listed")
-    p.add_argument("--symmetric", action="store_true",
-                   help="w4a16 only: symmetric int4 (zero point 8) instead of asymmetric")
-    p.add_argument("--algorithm", default="rtn", choices=["rtn", "mse", "gptq"],
-                   help="how weights are mapped to the grid: rtn (round to nearest, default), "
-                        "mse (data-free search of the clipping range), gptq (needs "
-                        "--calibration); needs a qtorch with calibrated algorithms for mse/gptq")
-    p.add_argument("--smoothquant-alpha", type=float, default=None, metavar="ALPHA",
-                   help="w8a8 only: SmoothQuant migration strength in [0, 1] (needs "
-                        "--calibration)")
-    p.add_argument("--calibration", metavar="TEXT_FILE", default=None,
-                   help="plain-text file whose tokens calibrate gptq / SmoothQuant: cut into "
-                        "--calibration-samples blocks of --calibration-seq-len tokens")
-    p.add_argument("--calibration-samples", type=int, default=16, metavar="N",
-                   help="calibration blocks (default 16)")
-    p.add_argument("--calibration-seq-len", type=int, default=256, metavar="L",
-                   help="tokens per calibration block (default 256)")
-    p.add_argument("--skip", nargs="*", default=None, metavar="NAME",
-                   help="module-name substrings to keep in float, e.g. --skip lm_head. Default: "
-                        "what transformers' quantizers skip (the LM head, layers tied to the "
-                        "input embedding, the last module); `--skip` with no name converts "
-                        "every layer it can (a tied layer still stays float, so the tie holds)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype to load the float weights in, and the activations' dtype of the "
-                        "saved model (default: the checkpoint's)")
+    p.add_argument(
+        "--config",
+        required=True,
+        choices=["w8a8", "w8a16", "w4a16"],
+        help="w8a8: int8 weights per channel and dynamic int8 activations; "
+        "w8a16: int8 weights, float activations; w4a16: int4 weights in groups "
+        "(see --group-size), float activations",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        choices=[32, 64, 128, 256],
+        help="w4a16 only: weights per int4 group along K (default 128); a layer "
+        "whose in_features it does not divide stays float and is listed",
+    )
+    p.add_argument(
+        "--symmetric",
+        action="store_true",
+        help="w4a16 only: symmetric int4 (zero point 8) instead of asymmetric",
+    )
+    p.add_argument(
+        "--algorithm",
+        default="rtn",
+        choices=["rtn", "mse", "gptq"],
+        help="how weights are mapped to the grid: rtn (round to nearest, default), "
+        "mse (data-free search of the clipping range), gptq (needs "
+        "--calibration); needs a qtorch with calibrated algorithms for mse/gptq",
+    )
+    p.add_argument(
+        "--smoothquant-alpha",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="w8a8 only: SmoothQuant migration strength in [0, 1] (needs --calibration)",
+    )
+    p.add_argument(
+        "--calibration",
+        metavar="TEXT_FILE",
+        default=None,
+        help="plain-text file whose tokens calibrate gptq / SmoothQuant: cut into "
+        "--calibration-samples blocks of --calibration-seq-len tokens",
+    )
+    p.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=16,
+        metavar="N",
+        help="calibration blocks (default 16)",
+    )
+    p.add_argument(
+        "--calibration-seq-len",
+        type=int,
+        default=256,
+        metavar="L",
+        help="tokens per calibration block (default 256)",
+    )
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help="module-name substrings to keep in float, e.g. --skip lm_head. Default: "
+        "what transformers' quantizers skip (the LM head, layers tied to the "
+        "input embedding, the last module); `--skip` with no name converts "
+        "every layer it can (a tied layer still stays float, so the tie holds)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype to load the float weights in, and the activations' dtype of the "
+        "saved model (default: the checkpoint's)",
+    )
 
 
 def _model_class(config):
@@ -73,13 +119,12 @@ def _model_class(config):
 def _dir_bytes(path: str, exts=(".safetensors", ".bin", ".gguf")) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-               if f.endswith(exts))
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(exts))
 
 
 def _calibration(tokenizer, path: str, samples: int, seq_len: int) -> list[dict]:
     ids = tokenizer(open(path, encoding="utf-8").read(), return_tensors="pt").input_ids[0]
-    blocks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
+    blocks = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
     if not blocks:
         blocks = [ids]
     return [{"input_ids": b[None]} for b in blocks]
@@ -104,13 +149,29 @@ def _layer_rows(model, float_dtype) -> list[dict]:
             kind = m._FAMILY.upper()
             if getattr(m, "group_size", None):
                 kind += f" g{m.group_size}"
-            rows.append({"layer": name, "as": kind, "shape": f"{n}x{k}",
-                         "before": n * k * elt + bias, "after": after, "note": ""})
+            rows.append(
+                {
+                    "layer": name,
+                    "as": kind,
+                    "shape": f"{n}x{k}",
+                    "before": n * k * elt + bias,
+                    "after": after,
+                    "note": "",
+                }
+            )
         elif _layers.linear_dims(m) is not None or isinstance(m, nn.Linear):
             size = sum(t.numel() * t.element_size() for t in m.parameters(recurse=False))
             k, n, _ = _layers.linear_dims(m) or (m.in_features, m.out_features, False)
-            rows.append({"layer": name, "as": "float", "shape": f"{n}x{k}", "before": size,
-                         "after": size, "note": _why_float(model, name)})
+            rows.append(
+                {
+                    "layer": name,
+                    "as": "float",
+                    "shape": f"{n}x{k}",
+                    "before": size,
+                    "after": size,
+                    "note": _why_float(model, name),
+                }
+            )
     return rows
 
 
@@ -141,11 +202,17 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("qtorch quantize: --group-size and --symmetric are w4a16 options")
     qcfg = qtorch.hf.QtorchConfig(
         args.config,
-        **({"group_size": args.group_size or 128, "symmetric": args.symmetric}
-           if args.config == "w4a16" else {}),
+        **(
+            {"group_size": args.group_size or 128, "symmetric": args.symmetric}
+            if args.config == "w4a16"
+            else {}
+        ),
         algorithm=args.algorithm,
-        **({"smoothquant_alpha": args.smoothquant_alpha}
-           if args.smoothquant_alpha is not None else {}),
+        **(
+            {"smoothquant_alpha": args.smoothquant_alpha}
+            if args.smoothquant_alpha is not None
+            else {}
+        ),
         modules_to_not_convert=args.skip,
     )
     src = args.model_dir
@@ -153,8 +220,9 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isfile(src) and src.endswith(".gguf"):
         src, gguf = os.path.dirname(os.path.abspath(src)), os.path.basename(src)
     elif not os.path.isdir(src):
-        raise SystemExit(f"qtorch quantize: MODEL_DIR {args.model_dir!r} is not a directory or "
-                         ".gguf file")
+        raise SystemExit(
+            f"qtorch quantize: MODEL_DIR {args.model_dir!r} is not a directory or .gguf file"
+        )
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if gguf and dtype == "auto":
         dtype = torch.float32  # a GGUF's own type is a quantized one
@@ -170,10 +238,14 @@ def run(args: argparse.Namespace) -> int:
     if args.calibration:
         if tokenizer is None:
             raise SystemExit("qtorch quantize: --calibration needs the model's tokenizer")
-        calibration = _calibration(tokenizer, args.calibration, args.calibration_samples,
-                                   args.calibration_seq_len)
-    print(f"qtorch quantize: {args.model_dir} -> {args.out_dir}\n  {cls.__name__}, "
-          f"{json.dumps(qcfg.to_dict())}", flush=True)
+        calibration = _calibration(
+            tokenizer, args.calibration, args.calibration_samples, args.calibration_seq_len
+        )
+    print(
+        f"qtorch quantize: {args.model_dir} -> {args.out_dir}\n  {cls.__name__}, "
+        f"{json.dumps(qcfg.to_dict())}",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     if gguf or qcfg.needs_calibration():
@@ -183,8 +255,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = cls.from_pretrained(src, dtype=dtype, quantization_config=qcfg)
     t_quant = time.perf_counter() - t0
-    float_dtype = next((m._weight_dtype for m in model.modules()
-                        if "_weight_dtype" in m.__dict__), torch.float32)
+    float_dtype = next(
+        (m._weight_dtype for m in model.modules() if "_weight_dtype" in m.__dict__), torch.float32
+    )
     rows = _layer_rows(model, float_dtype)
     t0 = time.perf_counter()
     model.save_pretrained(args.out_dir)
@@ -196,23 +269,31 @@ def run(args: argparse.Namespace) -> int:
     before = sum(r["before"] for r in rows)
     after = sum(r["after"] for r in rows)
     nq = sum(r["as"] != "float" for r in rows)
-    print(f"\nlinear layers: {nq} of {len(rows)} quantized; their bytes {_mb(before)} MB -> "
-          f"{_mb(after)} MB ({after / max(before, 1):.1%})")
-    print(f"weights on disk: {_mb(_dir_bytes(args.model_dir))} MB -> "
-          f"{_mb(_dir_bytes(args.out_dir))} MB")
+    print(
+        f"\nlinear layers: {nq} of {len(rows)} quantized; their bytes {_mb(before)} MB -> "
+        f"{_mb(after)} MB ({after / max(before, 1):.1%})"
+    )
+    print(
+        f"weights on disk: {_mb(_dir_bytes(args.model_dir))} MB -> "
+        f"{_mb(_dir_bytes(args.out_dir))} MB"
+    )
     print(f"time: load + quantize {t_quant:.1f} s, save {t_save:.1f} s")
     return 0
 
 
 def _print_table(rows: list[dict]) -> None:
-    cells = [[r["layer"], r["as"], r["shape"], _mb(r["before"]), _mb(r["after"]), r["note"]]
-             for r in rows]
+    cells = [
+        [r["layer"], r["as"], r["shape"], _mb(r["before"]), _mb(r["after"]), r["note"]]
+        for r in rows
+    ]
     heads = ["layer", "as", "shape [N x K]", "MB before", "MB after", ""]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
-              for i, h in enumerate(heads)]
+    widths = [
+        max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)
+    ]
     right = {3, 4}
     fmt = lambda vals: "  ".join(  # noqa: E731
-        v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+        v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths))
+    )
     print()
     print(fmt(heads))
     print("  ".join("-" * w for w in widths))

@@ -41,13 +41,16 @@ class Int8DynamicConfig:
         if a is None:
             return
         if isinstance(a, bool) or not isinstance(a, (int, float)):
-            raise TypeError(f"smoothquant_alpha must be a float in [0, 1] or None, got "
-                            f"{type(a).__name__}")
+            raise TypeError(
+                f"smoothquant_alpha must be a float in [0, 1] or None, got {type(a).__name__}"
+            )
         if not 0.0 <= a <= 1.0:  # (NaN fails too)
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {a}")
         if self.algorithm == "gptq":
-            raise ValueError("smoothquant_alpha with algorithm='gptq' is not supported yet: use "
-                             "algorithm='rtn' or 'mse' with SmoothQuant")
+            raise ValueError(
+                "smoothquant_alpha with algorithm='gptq' is not supported yet: use "
+                "algorithm='rtn' or 'mse' with SmoothQuant"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +106,9 @@ def _why_not(linear: nn.Linear, config) -> str | None:
     if linear.in_features < 1 or linear.out_features < 1:
         return f"empty layer ({linear.in_features} -> {linear.out_features})"
     if isinstance(config, Int4WeightOnlyConfig) and linear.in_features % config.group_size:
-        return f"in_features={linear.in_features} is not divisible by group_size={config.group_size}"
+        return (
+            f"in_features={linear.in_features} is not divisible by group_size={config.group_size}"
+        )
     return None
 
 
@@ -155,8 +160,10 @@ def quantize_(
                 "model inputs) to measure max|x_k| of each layer's inputs; got calibration_data=None"
             )
         act_absmax = smoothquant.input_absmax(
-            model, calibration_data,
-            lambda fqn, m: (filter_fn is None or filter_fn(m, fqn)) and _why_not(m, config) is None)
+            model,
+            calibration_data,
+            lambda fqn, m: (filter_fn is None or filter_fn(m, fqn)) and _why_not(m, config) is None,
+        )
 
     def convert(fqn: str, linear: nn.Linear):
         if filter_fn is not None and not filter_fn(linear, fqn):
@@ -184,8 +191,11 @@ def quantize_(
     else:
         # Collect first: swapping while iterating named_modules would visit the new modules.
         # A Linear reachable under several names is quantized once and shared, as before.
-        targets = [(fqn, m) for fqn, m in model.named_modules(remove_duplicate=False)
-                   if isinstance(m, nn.Linear)]
+        targets = [
+            (fqn, m)
+            for fqn, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, nn.Linear)
+        ]
         owners = _parameter_owners(model)
         done: dict[int, nn.Module | None] = {}
         untied: list[str] = []
@@ -232,8 +242,11 @@ def _calibrate(model, config, cls, fields, filter_fn, calibration_data) -> dict[
     from qtorch import calibrate
 
     targets, seen = [], set()
-    named = ([("", model)] if isinstance(model, nn.Linear)
-             else model.named_modules(remove_duplicate=False))
+    named = (
+        [("", model)]
+        if isinstance(model, nn.Linear)
+        else model.named_modules(remove_duplicate=False)
+    )
     for fqn, m in named:
         if not isinstance(m, nn.Linear) or id(m) in seen:
             continue

@@ -46,8 +46,12 @@ def max_errors(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     return abs_err, abs_err / denom if denom > 0 else abs_err
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None,
-                 scale: float | None = None) -> None:
+def assert_close(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    scale: float | None = None,
+) -> None:
     """out ≈ ref within the tolerance of `dtype` (default out.dtype); atol is relative to
     `scale` (default max |ref|, at least 1) so large-magnitude outputs are judged fairly."""
     dtype = dtype or out.dtype
@@ -57,8 +61,14 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
     torch.testing.assert_close(out.double(), ref.double(), atol=atol * scale, rtol=rtol)
 
 
-def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None,
-                   scale: float | None = None, *, exact_nan: bool = False) -> None:
+def assert_matches(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    scale: float | None = None,
+    *,
+    exact_nan: bool = False,
+) -> None:
     """out agrees with the reference result ref under docs/semantics.md: same shape and dtype,
     non-finite at exactly the positions where ref is (with `exact_nan`, NaN exactly where ref
     is NaN, as the W8A8 ops promise; otherwise NaN vs ±inf may differ by summation order),
@@ -70,12 +80,15 @@ def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | No
     fin_out, fin_ref = torch.isfinite(out), torch.isfinite(ref)
     if not torch.equal(fin_out, fin_ref):
         bad = (fin_out != fin_ref).nonzero()[0].tolist()
-        raise AssertionError(f"finite where the reference is not (or the other way) at {bad}: "
-                             f"{out[tuple(bad)].item()} vs reference {ref[tuple(bad)].item()}")
+        raise AssertionError(
+            f"finite where the reference is not (or the other way) at {bad}: "
+            f"{out[tuple(bad)].item()} vs reference {ref[tuple(bad)].item()}"
+        )
     if exact_nan and not torch.equal(out.isnan(), ref.isnan()):
         bad = (out.isnan() != ref.isnan()).nonzero()[0].tolist()
-        raise AssertionError(f"NaN mismatch at {bad}: {out[tuple(bad)].item()} vs reference "
-                             f"{ref[tuple(bad)].item()}")
+        raise AssertionError(
+            f"NaN mismatch at {bad}: {out[tuple(bad)].item()} vs reference {ref[tuple(bad)].item()}"
+        )
     if not bool(fin_ref.any()):
         return
     if scale is None:

@@ -74,8 +74,10 @@ def test_use_backend_is_per_thread():
             results[name] = qtorch.get_backend()
             barrier.wait()
 
-    threads = [threading.Thread(target=worker, args=("a", "reference")),
-               threading.Thread(target=worker, args=("b", "auto"))]
+    threads = [
+        threading.Thread(target=worker, args=("a", "reference")),
+        threading.Thread(target=worker, args=("b", "auto")),
+    ]
     for t in threads:
         t.start()
     for t in threads:

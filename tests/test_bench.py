@@ -269,20 +269,37 @@ def test_liger_fused_jsd_peer_is_the_same_loss(temperature, alpha):
     labels = torch.randint(0, v, (m,), generator=g)
     labels[::6] = -100
     liger = LigerFusedLinearJSDLoss(
-        compiled=False, chunk_size=8, **peers.liger_jsd_kwargs(temperature, alpha, 0.5))
+        compiled=False, chunk_size=8, **peers.liger_jsd_kwargs(temperature, alpha, 0.5)
+    )
     got = liger(hs, ws, th, wt, labels)
     got_g = torch.autograd.grad(got, (hs, ws))
     want = qtorch.ops.fused_linear_distillation_loss(
-        hs, ws, th, wt, labels, chunk_size=8, divergence="jsd", beta=0.5,
-        temperature=temperature, alpha=alpha)
+        hs,
+        ws,
+        th,
+        wt,
+        labels,
+        chunk_size=8,
+        divergence="jsd",
+        beta=0.5,
+        temperature=temperature,
+        alpha=alpha,
+    )
     want_g = torch.autograd.grad(want, (hs, ws))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(got_g, want_g, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="beta"):
         peers.liger_jsd_kwargs(1.0, 0.5, 0.0)
-    built = build("fused_linear_distillation_loss", Shape(6, 16, 50, K2=24), torch.float32,
-                  "cpu", ["reference"], True, cases.Options(divergence="jsd"))
+    built = build(
+        "fused_linear_distillation_loss",
+        Shape(6, 16, 50, K2=24),
+        torch.float32,
+        "cpu",
+        ["reference"],
+        True,
+        cases.Options(divergence="jsd"),
+    )
     by = {i.name: i for i in built.impls}
     assert "liger:FusedLinearJSDLoss" in by, built.skipped
     ours = by["qtorch:reference"].fn()
@@ -294,8 +311,15 @@ def test_liger_fused_jsd_peer_is_the_same_loss(temperature, alpha):
 def test_fused_case_quantized_teacher_rows(quant):
     """Options.teacher_quant adds rows whose teacher head is a qtorch module made from the
     case's teacher weight; their grads are close to those of the float teacher head."""
-    built = build("fused_linear_distillation_loss", Shape(6, 16, 50, K2=64), torch.float32,
-                  "cpu", ["reference"], False, cases.Options(teacher_quant=(quant,)))
+    built = build(
+        "fused_linear_distillation_loss",
+        Shape(6, 16, 50, K2=64),
+        torch.float32,
+        "cpu",
+        ["reference"],
+        False,
+        cases.Options(teacher_quant=(quant,)),
+    )
     by = {i.name: i for i in built.impls}
     got, want = by[f"qtorch:reference {quant} teacher"].fn(), by["qtorch:reference"].fn()
     for a, b in zip(got, want, strict=True):

@@ -30,7 +30,6 @@ def test_backend_reports_not_built():
         qtorch.set_backend("cuda")
 
 
-
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 def test_cuda_compile_check(tmp_path):
     """.ci/cuda_check.sh: every .cu compiles for sm_80 and sm_90a without torch, no kernel

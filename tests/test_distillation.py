@@ -134,18 +134,27 @@ def test_cpu_masked_teacher_entries(isa, divergence, dtype, v):
 
 @cpu_kernels
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("where,bad", [("student", math.nan), ("student", math.inf),
-                                       ("student", -math.inf), ("teacher", math.nan),
-                                       ("teacher", math.inf)])
+@pytest.mark.parametrize(
+    "where,bad",
+    [
+        ("student", math.nan),
+        ("student", math.inf),
+        ("student", -math.inf),
+        ("teacher", math.nan),
+        ("teacher", math.inf),
+    ],
+)
 @pytest.mark.parametrize("col", [0, 18, 32])  # first element, mid-vector, the vector tail
 def test_cpu_nonfinite_is_not_silent(isa, divergence, where, bad, col):
     s, t = _logits(3, 33, torch.float32, 12), _logits(3, 33, torch.float32, 13)
     (s if where == "student" else t)[0, col] = bad
     (s if where == "student" else t)[1, col] = bad  # row 1 is ignored: must stay 0
-    loss, grad = CPU._distillation_loss(s, t, _labels(3, 33, 14), 2.0, 0.5, divergence, 0.5,
-                                        -100, True)
-    ref_loss, _ = R.distillation_loss(s, t, _labels(3, 33, 14), 2.0, 0.5, divergence, 0.5,
-                                      -100, True)
+    loss, grad = CPU._distillation_loss(
+        s, t, _labels(3, 33, 14), 2.0, 0.5, divergence, 0.5, -100, True
+    )
+    ref_loss, _ = R.distillation_loss(
+        s, t, _labels(3, 33, 14), 2.0, 0.5, divergence, 0.5, -100, True
+    )
     assert not math.isfinite(loss[0].item()) and not math.isfinite(ref_loss[0].item())
     assert bool(torch.isnan(grad[0]).all())
     assert loss[1].item() == 0.0 and bool((grad[1] == 0).all())
@@ -161,8 +170,22 @@ def test_cpu_label_out_of_range_is_an_error():
             CPU._distillation_loss(s, t, lab, 1.0, 0.5, "kl", 0.5, -100, True)
         with pytest.raises(ValueError, match="outside"):
             CPU._fused_linear_distillation_loss(
-                s, torch.ones(10, 10), t, torch.ones(10, 10), lab, None, None, None, 2,
-                1.0, 0.5, "kl", 0.5, -100, True)
+                s,
+                torch.ones(10, 10),
+                t,
+                torch.ones(10, 10),
+                lab,
+                None,
+                None,
+                None,
+                2,
+                1.0,
+                0.5,
+                "kl",
+                0.5,
+                -100,
+                True,
+            )
     # ignore_index may itself lie outside [0, V)
     lab = torch.tensor([0, -100, 3])
     CPU._distillation_loss(s, t, lab, 1.0, 0.5, "kl", 0.5, -100, True)
@@ -171,15 +194,19 @@ def test_cpu_label_out_of_range_is_an_error():
 @cpu_kernels
 def test_cpu_through_public_op_with_autograd(isa):
     """qtorch.ops on the cpu backend: forward and backward equal the reference backend's."""
-    s, t = _logits(2 * 3, 65, torch.float32, 17).reshape(2, 3, 65), _logits(6, 65, torch.float32, 18)
+    s, t = (
+        _logits(2 * 3, 65, torch.float32, 17).reshape(2, 3, 65),
+        _logits(6, 65, torch.float32, 18),
+    )
     t = t.reshape(2, 3, 65)
     lab = _labels(6, 65, 19).reshape(2, 3)
     outs = {}
     for backend in ("cpu", "reference"):
         x = s.clone().requires_grad_(True)
         with qtorch.use_backend(backend):
-            loss = ops.distillation_loss(x, t, lab, temperature=2.0, alpha=0.4,
-                                         divergence="jsd", beta=0.4)
+            loss = ops.distillation_loss(
+                x, t, lab, temperature=2.0, alpha=0.4, divergence="jsd", beta=0.4
+            )
         loss.backward()
         outs[backend] = (loss.detach(), x.grad)
     assert_close(outs["cpu"][0], outs["reference"][0], torch.float32)
@@ -200,8 +227,9 @@ def test_cpu_large_vocab_bf16(isa):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("chunk", [1, 3, 0])  # 0: the kernel's default chunk
-@pytest.mark.parametrize("bias,scaled,labels", [(True, True, True), (False, False, True),
-                                                (True, False, False)])
+@pytest.mark.parametrize(
+    "bias,scaled,labels", [(True, True, True), (False, False, True), (True, False, False)]
+)
 def test_cpu_fused_linear_vs_reference(isa, dtype, divergence, chunk, bias, scaled, labels):
     m, h, ht, v = 7, 24, 40, 67
     g = torch.Generator().manual_seed(23)
@@ -214,10 +242,12 @@ def test_cpu_fused_linear_vs_reference(isa, dtype, divergence, chunk, bias, scal
     lab = _labels(m, v, 24) if labels else None
     alpha = 0.6 if labels else 1.0
     ts = torch.rand(m, generator=g) if scaled else None
-    out = CPU._fused_linear_distillation_loss(hs, ws, th, wt, lab, bs, bt, ts, chunk, 1.7, alpha,
-                                              divergence, 0.4, -100, True)
-    ref = R.fused_linear_distillation_loss(hs, ws, th, wt, lab, bs, bt, ts, chunk or 2, 1.7,
-                                           alpha, divergence, 0.4, -100, True)
+    out = CPU._fused_linear_distillation_loss(
+        hs, ws, th, wt, lab, bs, bt, ts, chunk, 1.7, alpha, divergence, 0.4, -100, True
+    )
+    ref = R.fused_linear_distillation_loss(
+        hs, ws, th, wt, lab, bs, bt, ts, chunk or 2, 1.7, alpha, divergence, 0.4, -100, True
+    )
     assert_close(out[0], ref[0], torch.float32)
     for got, want, like in zip(out[1:], ref[1:], (hs, ws, bs)):
         if like is None:
@@ -227,8 +257,9 @@ def test_cpu_fused_linear_vs_reference(isa, dtype, divergence, chunk, bias, scal
         assert_close(got, want, dtype)
     if labels:  # row 1 is ignored: no loss, no gradient
         assert out[0][1].item() == 0.0 and bool((out[1][1] == 0).all())
-    loss_only = CPU._fused_linear_distillation_loss(hs, ws, th, wt, lab, bs, bt, ts, chunk, 1.7,
-                                                    alpha, divergence, 0.4, -100, False)
+    loss_only = CPU._fused_linear_distillation_loss(
+        hs, ws, th, wt, lab, bs, bt, ts, chunk, 1.7, alpha, divergence, 0.4, -100, False
+    )
     assert loss_only[1:] == (None, None, None)
     torch.testing.assert_close(loss_only[0], out[0], rtol=0, atol=0)
 
@@ -243,8 +274,9 @@ def test_cpu_fused_linear_public_op_autograd(isa):
     for backend in ("cpu", "reference"):
         x, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
         with qtorch.use_backend(backend):
-            loss = ops.fused_linear_distillation_loss(x, w, th, wt, lab, chunk_size=3,
-                                                      temperature=2.0, divergence="reverse_kl")
+            loss = ops.fused_linear_distillation_loss(
+                x, w, th, wt, lab, chunk_size=3, temperature=2.0, divergence="reverse_kl"
+            )
         loss.backward()
         outs[backend] = (loss.detach(), x.grad, w.grad)
     for a, b in zip(outs["cpu"], outs["reference"]):
@@ -326,8 +358,9 @@ def test_triton_distillation_nonfinite_logits_give_nonfinite_loss():
     s, t = _logit_pair(3, 100, torch.float32, seed=27)
     s[0, 5] = float("nan")
     t[1, 7] = float("inf")
-    loss, _ = KD.distillation_loss(s, t, _dev_labels(3, 100, seed=28), 1.0, 0.5, "kl", 0.5, -100,
-                                   True)
+    loss, _ = KD.distillation_loss(
+        s, t, _dev_labels(3, 100, seed=28), 1.0, 0.5, "kl", 0.5, -100, True
+    )
     assert not torch.isfinite(loss[0]) and not torch.isfinite(loss[1])
     assert torch.isfinite(loss[2])
 
@@ -336,8 +369,9 @@ def test_triton_distillation_nonfinite_logits_give_nonfinite_loss():
 def test_triton_distillation_bad_label_is_an_error():
     s, t = _logit_pair(2, 10, torch.float32, seed=29)
     with pytest.raises(ValueError, match="labels"):
-        KD.distillation_loss(s, t, torch.tensor([3, 10], device=DEV), 1.0, 0.5, "kl", 0.5,
-                             -100, True)
+        KD.distillation_loss(
+            s, t, torch.tensor([3, 10], device=DEV), 1.0, 0.5, "kl", 0.5, -100, True
+        )
 
 
 @triton_kernels
@@ -360,9 +394,18 @@ FUSED_SHAPES = [(1, 16, 8, 50, 4), (13, 32, 24, 300, 5)]
 
 def _fused_case(m, h, ht, v, chunk, dtype, divergence, seed):
     """Kernel-contract arguments of a fused-linear case: biases, an ignored row, token_scale."""
-    hs, ws = _randn(m, h, dtype=dtype, seed=seed, device=DEV), _randn(v, h, dtype=dtype, seed=seed + 1, scale=0.25, device=DEV)
-    ht_, wt = _randn(m, ht, dtype=dtype, seed=seed + 2, device=DEV), _randn(v, ht, dtype=dtype, seed=seed + 3, scale=0.25, device=DEV)
-    bs, bt = _randn(v, dtype=dtype, seed=seed + 4, device=DEV), _randn(v, dtype=dtype, seed=seed + 5, device=DEV)
+    hs, ws = (
+        _randn(m, h, dtype=dtype, seed=seed, device=DEV),
+        _randn(v, h, dtype=dtype, seed=seed + 1, scale=0.25, device=DEV),
+    )
+    ht_, wt = (
+        _randn(m, ht, dtype=dtype, seed=seed + 2, device=DEV),
+        _randn(v, ht, dtype=dtype, seed=seed + 3, scale=0.25, device=DEV),
+    )
+    bs, bt = (
+        _randn(v, dtype=dtype, seed=seed + 4, device=DEV),
+        _randn(v, dtype=dtype, seed=seed + 5, device=DEV),
+    )
     lab = _dev_labels(m, v, seed=seed + 6, ignore_row=m // 2)
     ts = torch.rand(m, generator=_gen(seed + 7)).to(DEV)
     return (hs, ws, ht_, wt, lab, bs, bt, ts, chunk, 2.0, 0.6, divergence, 0.4, -100, True)
@@ -414,8 +457,9 @@ def test_triton_fused_linear_mixed16_head(dtype, divergence, monkeypatch):
     blocks of rows (made small here, so several blocks and a partial one run). Off CUDA the
     fp32-output GEMM is emulated by an fp32 GEMM of the 16-bit values (exact products)."""
     if torch.device(DEV).type != "cuda":
-        monkeypatch.setattr(TB, "_mm_fp32", lambda a, b, out=None: torch.mm(
-            a.float(), b.float(), out=out))
+        monkeypatch.setattr(
+            TB, "_mm_fp32", lambda a, b, out=None: torch.mm(a.float(), b.float(), out=out)
+        )
     monkeypatch.setattr(TB, "_GW_ROWS", 128)
     args = _fused_case(13, 32, 24, 300, 5, dtype, divergence, seed=60)
     out = R.fused_linear_distillation_loss(*args, chunk_loss=KD.chunk_loss, head=TB.Mixed16Head)
@@ -568,8 +612,9 @@ def _leaves(*ts):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 @pytest.mark.parametrize("backend", qtorch.available_backends())
 @pytest.mark.parametrize("kind", QTEACHERS)
-@pytest.mark.parametrize("divergence,reduction", [("kl", "mean"), ("jsd", "sum"),
-                                                  ("reverse_kl", "none")])
+@pytest.mark.parametrize(
+    "divergence,reduction", [("kl", "mean"), ("jsd", "sum"), ("reverse_kl", "none")]
+)
 def test_quantized_teacher_head(backend, kind, divergence, reduction):
     """The loss and student gradients with the module as the teacher head are (tightly) those of
     the unfused loss on the module's own logits `module(teacher_hidden)`, and (within the module
@@ -585,8 +630,7 @@ def test_quantized_teacher_head(backend, kind, divergence, reduction):
             x, w, b = _leaves(hs, ws, bs)
             th = ht.clone().requires_grad_(True)
             if teacher == "module":
-                out = ops.fused_linear_distillation_loss(x, w, th, mod, lab, b, chunk_size=7,
-                                                         **kw)
+                out = ops.fused_linear_distillation_loss(x, w, th, mod, lab, b, chunk_size=7, **kw)
                 assert th.grad is None and mod.bias.grad is None
             elif teacher == "unfused":
                 with torch.no_grad():
@@ -594,7 +638,8 @@ def test_quantized_teacher_head(backend, kind, divergence, reduction):
                 out = ops.distillation_loss(x @ w.T + b, t_logits, lab, **kw)
             else:
                 out = ops.fused_linear_distillation_loss(
-                    x, w, ht, mod.dequantize(), lab, b, mod.bias.detach(), chunk_size=7, **kw)
+                    x, w, ht, mod.dequantize(), lab, b, mod.bias.detach(), chunk_size=7, **kw
+                )
             (out * torch.linspace(0.5, 1.5, out.numel()).reshape(out.shape)).sum().backward()
             runs.append((out.detach(), x.grad, w.grad, b.grad))
             if teacher == "module":
@@ -669,8 +714,9 @@ def test_quantized_teacher_head_never_builds_the_float_weight(kind):
         assert float_weights(rec) == []
         x, w, b = _leaves(hs, ws, bs)
         with _ShapeRecorder() as rec:
-            ops.fused_linear_distillation_loss(x, w, ht, mod.dequantize(), lab, b,
-                                               mod.bias.detach(), chunk_size=8).backward()
+            ops.fused_linear_distillation_loss(
+                x, w, ht, mod.dequantize(), lab, b, mod.bias.detach(), chunk_size=8
+            ).backward()
         assert float_weights(rec) != []
 
 
@@ -689,5 +735,6 @@ def test_quantized_teacher_head_bad_input():
         with pytest.raises(TypeError, match="teacher_weight"):
             ops.fused_linear_distillation_loss(hs, ws, ht, bad, lab)
     with pytest.raises(TypeError, match="teacher_hidden"):
-        ops.fused_linear_distillation_loss(hs.double(), ws.double(), ht.double(),
-                                           Int8WeightOnlyLinear(QHT, QV), lab)
+        ops.fused_linear_distillation_loss(
+            hs.double(), ws.double(), ht.double(), Int8WeightOnlyLinear(QHT, QV), lab
+        )

@@ -24,8 +24,9 @@ from qtorch import reference as R
 from qtorch.testing import assert_close
 from tests.conftest import OpRecorder
 
-pytestmark = pytest.mark.skipif("cpu" not in qtorch.available_backends(),
-                                reason="qtorch._C (the cpu backend) is not built")
+pytestmark = pytest.mark.skipif(
+    "cpu" not in qtorch.available_backends(), reason="qtorch._C (the cpu backend) is not built"
+)
 
 if "cpu" in qtorch.available_backends():
     from qtorch import _C
@@ -36,8 +37,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MODULES = {
     "int8_linear": (qtorch.nn.Int8DynamicLinear, {}, R.int8_linear),
     "int8_weight_only_linear": (qtorch.nn.Int8WeightOnlyLinear, {}, R.int8_weight_only_linear),
-    "int4_weight_only_linear": (qtorch.nn.Int4WeightOnlyLinear, {"group_size": 32},
-                                R.int4_weight_only_linear),
+    "int4_weight_only_linear": (
+        qtorch.nn.Int4WeightOnlyLinear,
+        {"group_size": 32},
+        R.int4_weight_only_linear,
+    ),
 }
 
 
@@ -84,8 +88,9 @@ def test_serves_the_common_call_with_the_same_result(name, dtype, lead, with_bia
         assert served is not None, "the fast path did not serve a packed module"
         assert served.dtype == dtype and served.shape == (*lead, 24)
         weight = [mod._buffers[b] for b in mod._layout.buffers]
-        op = torch.ops.qtorch.linear_packed(x, *_packed.flat(weight), mod.bias, mod._layout.name,
-                                            24, 64, mod._group_size())
+        op = torch.ops.qtorch.linear_packed(
+            x, *_packed.flat(weight), mod.bias, mod._layout.name, 24, 64, mod._group_size()
+        )
         torch.testing.assert_close(served, op, rtol=0, atol=0)
         torch.testing.assert_close(mod(x), served, rtol=0, atol=0)
     _matches_ref(name, mod, served, x)
@@ -182,8 +187,9 @@ def test_a_mismatched_packed_tensor_is_an_error_not_a_read_out_of_bounds():
     with torch.no_grad():
         assert _C.fast_linear(*args) is None
         with pytest.raises(ValueError, match="packed"):
-            torch.ops.qtorch.linear_packed(x, *_packed.flat(list(args[6:])), None,
-                                           mod._layout.name, 24, 64, 64)
+            torch.ops.qtorch.linear_packed(
+                x, *_packed.flat(list(args[6:])), None, mod._layout.name, 24, 64, 64
+            )
 
 
 def test_inference_mode():
@@ -234,12 +240,16 @@ def test_threads_see_their_own_backend_scope():
 OPS = {
     # name: (public op, fast-path function, reference); lambdas: _C may be missing
     "int8_linear": (lambda: qtorch.ops.int8_linear, lambda: _C.fast_int8_linear, R.int8_linear),
-    "int8_weight_only_linear": (lambda: qtorch.ops.int8_weight_only_linear,
-                                lambda: _C.fast_int8_weight_only_linear,
-                                R.int8_weight_only_linear),
-    "int4_weight_only_linear": (lambda: qtorch.ops.int4_weight_only_linear,
-                                lambda: _C.fast_int4_weight_only_linear,
-                                R.int4_weight_only_linear),
+    "int8_weight_only_linear": (
+        lambda: qtorch.ops.int8_weight_only_linear,
+        lambda: _C.fast_int8_weight_only_linear,
+        R.int8_weight_only_linear,
+    ),
+    "int4_weight_only_linear": (
+        lambda: qtorch.ops.int4_weight_only_linear,
+        lambda: _C.fast_int4_weight_only_linear,
+        R.int4_weight_only_linear,
+    ),
 }
 
 
@@ -350,8 +360,9 @@ def test_op_fast_path_odd_calls_fall_back_to_the_checked_path(name):
     with pytest.raises(TypeError, match="x"):
         op(x.numpy(), *weights, bias)
     w_nc = weights[0].t().contiguous().t()  # a non-contiguous weight: correct either way
-    torch.testing.assert_close(op(x, w_nc, *weights[1:], bias), op(x, *weights, bias),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        op(x, w_nc, *weights[1:], bias), op(x, *weights, bias), rtol=0, atol=0
+    )
 
 
 def test_op_fast_path_group_size_must_be_an_int():

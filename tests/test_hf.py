@@ -34,30 +34,50 @@ VOCAB = 96  # unlike any layer's width, so a tensor's shape says which layer it 
 
 def _llama(tie=False, seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, tie_word_embeddings=tie)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def _bert(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=128,
-                                  max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=32,
+    )
     return transformers.BertModel(cfg).eval()
 
 
 def _gpt2(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
-                                  n_positions=32, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-FAMILIES = {"llama": (_llama, transformers.AutoModelForCausalLM),
-            "bert": (_bert, transformers.AutoModel),
-            "gpt2": (_gpt2, transformers.AutoModelForCausalLM)}
+FAMILIES = {
+    "llama": (_llama, transformers.AutoModelForCausalLM),
+    "bert": (_bert, transformers.AutoModel),
+    "gpt2": (_gpt2, transformers.AutoModelForCausalLM),
+}
 
 
 @pytest.fixture(scope="module")
@@ -98,18 +118,33 @@ def _load(fam, path, **kw):
 
 def test_config_serializes_its_fields_and_never_calibration_data():
     data = [{"input_ids": IDS}]
-    cfg = QtorchConfig("w4a16", group_size=64, symmetric=True, modules_to_not_convert=["lm_head"],
-                       calibration_data=data)
+    cfg = QtorchConfig(
+        "w4a16",
+        group_size=64,
+        symmetric=True,
+        modules_to_not_convert=["lm_head"],
+        calibration_data=data,
+    )
     d = cfg.to_dict()
-    assert d == {"quant_method": "qtorch", "config": "w4a16", "group_size": 64,
-                 "symmetric": True, "algorithm": "rtn", "zero_point": "int",
-                 "modules_to_not_convert": ["lm_head"]}
+    assert d == {
+        "quant_method": "qtorch",
+        "config": "w4a16",
+        "group_size": 64,
+        "symmetric": True,
+        "algorithm": "rtn",
+        "zero_point": "int",
+        "modules_to_not_convert": ["lm_head"],
+    }
     assert "calibration_data" not in cfg.to_json_string() and dict(cfg) == d
     assert QtorchConfig.from_dict(json.loads(json.dumps(d))) == cfg
     assert cfg.qtorch_config() == qtorch.Int4WeightOnlyConfig(group_size=64, symmetric=True)
     assert QtorchConfig("w8a8").to_dict() == {
-        "quant_method": "qtorch", "config": "w8a8", "algorithm": "rtn",
-        "smoothquant_alpha": None, "modules_to_not_convert": None}
+        "quant_method": "qtorch",
+        "config": "w8a8",
+        "algorithm": "rtn",
+        "smoothquant_alpha": None,
+        "modules_to_not_convert": None,
+    }
 
 
 def test_config_deepcopy_shares_calibration_data():
@@ -162,8 +197,9 @@ def test_quantize_on_load_save_reload_identical(float_dirs, tmp_path, fam, cfg_n
     layers = _quantized(model)
     assert layers and all(type(m) is cls for m in layers.values())
     # every linear layer but the LM head (transformers' default skips) is quantized
-    float_left = [n for n, m in model.named_modules()
-                  if qtorch.hf._layers.linear_dims(m) is not None]
+    float_left = [
+        n for n, m in model.named_modules() if qtorch.hf._layers.linear_dims(m) is not None
+    ]
     assert float_left == (["lm_head"] if fam != "bert" else [])
     out = _out(model)
     assert (out - _out(float_model)).abs().max() < 0.25 * _out(float_model).abs().max()
@@ -177,20 +213,25 @@ def test_quantize_on_load_save_reload_identical(float_dirs, tmp_path, fam, cfg_n
         keys = set(f.keys())
         for name in layers:
             assert f"{name}.qweight" in keys and f"{name}.weight" not in keys
-            assert f.get_slice(f"{name}.qweight").get_dtype() == ("U8" if cfg_name == "w4a16"
-                                                                  else "I8")
+            assert f.get_slice(f"{name}.qweight").get_dtype() == (
+                "U8" if cfg_name == "w4a16" else "I8"
+            )
 
     reloaded = _load(fam, tmp_path)
     assert {n: type(m) for n, m in _quantized(reloaded).items()} == {
-        n: type(m) for n, m in layers.items()}
+        n: type(m) for n, m in layers.items()
+    }
     assert torch.equal(_out(reloaded), out)
 
 
 def test_quantize_on_load_equals_load_then_quantize_(float_dirs):
     path, _ = float_dirs["llama"]
     on_load = _load("llama", path, quantization_config=QtorchConfig("w8a16"))
-    after = qtorch.quantize_(_load("llama", path), qtorch.Int8WeightOnlyConfig(),
-                             filter_fn=lambda m, fqn: fqn != "lm_head")
+    after = qtorch.quantize_(
+        _load("llama", path),
+        qtorch.Int8WeightOnlyConfig(),
+        filter_fn=lambda m, fqn: fqn != "lm_head",
+    )
     assert torch.equal(_out(on_load), _out(after))
     for name, mod in _quantized(on_load).items():
         assert torch.equal(mod.dequantize(), after.get_submodule(name).dequantize())
@@ -211,8 +252,7 @@ class _Created(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def test_reload_builds_no_float_weight_and_quantizes_nothing(float_dirs, tmp_path,
-                                                              monkeypatch):
+def test_reload_builds_no_float_weight_and_quantizes_nothing(float_dirs, tmp_path, monkeypatch):
     path, _ = float_dirs["llama"]
     _load("llama", path, quantization_config=CONFIGS["w4a16"][0]()).save_pretrained(tmp_path)
 
@@ -226,8 +266,11 @@ def test_reload_builds_no_float_weight_and_quantizes_nothing(float_dirs, tmp_pat
         model = _load("llama", tmp_path)
     shapes = {(m.out_features, m.in_features) for m in _quantized(model).values()}
     assert len(_quantized(model)) == 14
-    float_weights = [(shape, dtype) for shape, dtype, device in mode.made
-                     if shape in shapes and dtype.is_floating_point and device != "meta"]
+    float_weights = [
+        (shape, dtype)
+        for shape, dtype, device in mode.made
+        if shape in shapes and dtype.is_floating_point and device != "meta"
+    ]
     assert float_weights == []
 
 
@@ -245,8 +288,7 @@ def test_reloaded_model_runs_on_another_backend(float_dirs, tmp_path):
 
 def test_bfloat16_model_round_trips_with_fp32_scales(float_dirs, tmp_path):
     path, _ = float_dirs["llama"]
-    model = _load("llama", path, dtype=torch.bfloat16,
-                  quantization_config=CONFIGS["w8a8"][0]())
+    model = _load("llama", path, dtype=torch.bfloat16, quantization_config=CONFIGS["w8a8"][0]())
     out = _out(model)
     assert out.dtype == torch.bfloat16
     model.save_pretrained(tmp_path)
@@ -258,8 +300,9 @@ def test_bfloat16_model_round_trips_with_fp32_scales(float_dirs, tmp_path):
 
 def test_modules_to_not_convert_keeps_those_layers_float(float_dirs, tmp_path):
     path, _ = float_dirs["llama"]
-    model = _load("llama", path,
-                  quantization_config=QtorchConfig("w8a8", modules_to_not_convert=["q_proj"]))
+    model = _load(
+        "llama", path, quantization_config=QtorchConfig("w8a8", modules_to_not_convert=["q_proj"])
+    )
     # a list of its own replaces transformers' default skips: lm_head is quantized too
     kept = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     assert kept == {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
@@ -272,12 +315,20 @@ def test_modules_to_not_convert_keeps_those_layers_float(float_dirs, tmp_path):
 
 def test_layer_the_config_cannot_take_stays_float_and_is_named(tmp_path):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match=r"mlp\.down_proj \(in_features=96 is not divisible "
-                                         r"by group_size=64\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"mlp\.down_proj \(in_features=96 is not divisible "
+        r"by group_size=64\)",
+    ):
         model = _load("llama", tmp_path, quantization_config=QtorchConfig("w4a16", group_size=64))
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert isinstance(model.model.layers[0].mlp.up_proj, Int4WeightOnlyLinear)
@@ -295,8 +346,7 @@ def test_a_damaged_checkpoint_is_a_clear_error(float_dirs, tmp_path):
         _load("llama", tmp_path)
 
 
-def test_missing_import_gives_transformers_unknown_quant_method(float_dirs, tmp_path,
-                                                               monkeypatch):
+def test_missing_import_gives_transformers_unknown_quant_method(float_dirs, tmp_path, monkeypatch):
     """Without `import qtorch.hf` (here: its registration taken out of transformers' registry)
     transformers does not know quant_method "qtorch": it says "Unknown quantization type, got
     qtorch" and, as for any unknown quant_method in config.json, skips quantization and loads
@@ -357,15 +407,22 @@ def test_calibration_data_reaches_quantize_(float_dirs, tmp_path, monkeypatch):
     assert torch.equal(_out(_load("gpt2", tmp_path)), _out(model))
 
 
-@pytest.mark.skipif("algorithm" not in {f.name for f in dataclasses.fields(
-    qtorch.Int4WeightOnlyConfig)}, reason="this qtorch has no calibrated algorithms (algorithm=)")
+@pytest.mark.skipif(
+    "algorithm" not in {f.name for f in dataclasses.fields(qtorch.Int4WeightOnlyConfig)},
+    reason="this qtorch has no calibrated algorithms (algorithm=)",
+)
 def test_gptq_on_load_with_calibration_data_round_trips(float_dirs, tmp_path):
     path, _ = float_dirs["llama"]
-    data = [{"input_ids": torch.randint(0, VOCAB, (1, 32), generator=torch.Generator()
-                                        .manual_seed(i))} for i in range(4)]
+    data = [
+        {"input_ids": torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(i))}
+        for i in range(4)
+    ]
     with pytest.raises(ValueError, match="calibration_data"):
-        _load("llama", path, quantization_config=QtorchConfig("w4a16", group_size=32,
-                                                              algorithm="gptq"))
+        _load(
+            "llama",
+            path,
+            quantization_config=QtorchConfig("w4a16", group_size=32, algorithm="gptq"),
+        )
     cfg = QtorchConfig("w4a16", group_size=32, algorithm="gptq", calibration_data=data)
     model = _load("llama", path, quantization_config=cfg)
     assert isinstance(model.model.layers[0].mlp.down_proj, Int4WeightOnlyLinear)
@@ -409,8 +466,9 @@ def test_release_drops_the_pages_of_a_checkpoint_tensor_and_keeps_its_values(tmp
 def test_tied_lm_head_stays_float_and_tied_so_resizing_works(float_dirs, tmp_path):
     path, _ = float_dirs["llama_tied"]
     with pytest.warns(UserWarning, match=r"lm_head \(tied to model\.embed_tokens\.weight"):
-        model = _load("llama", path,
-                      quantization_config=QtorchConfig("w8a8", modules_to_not_convert=[]))
+        model = _load(
+            "llama", path, quantization_config=QtorchConfig("w8a8", modules_to_not_convert=[])
+        )
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert isinstance(model.model.layers[0].mlp.down_proj, Int8DynamicLinear)
     model.save_pretrained(tmp_path)
@@ -425,8 +483,11 @@ def test_tied_lm_head_stays_float_and_tied_so_resizing_works(float_dirs, tmp_pat
 def test_quantize_on_tied_head_warns_and_tying_or_resizing_then_fails_clearly(float_dirs):
     path, _ = float_dirs["llama_tied"]
     model = _load("llama", path)
-    with pytest.warns(UserWarning, match=r"lm_head\.weight was tied to "
-                                         r"model\.embed_tokens\.weight"):
+    with pytest.warns(
+        UserWarning,
+        match=r"lm_head\.weight was tied to "
+        r"model\.embed_tokens\.weight",
+    ):
         qtorch.quantize_(model, qtorch.Int8WeightOnlyConfig())
     for action in (lambda: model.resize_token_embeddings(VOCAB + 8), model.tie_weights):
         with pytest.raises(AttributeError, match=r"no float `weight`.*\.dequantize\(\)"):
@@ -451,8 +512,9 @@ def test_quantize_model_refuses_layers_quantized_with_another_config(float_dirs)
     come back as W8A16, a silently different model."""
     path, _ = float_dirs["llama"]
     model = _load("llama", path)
-    qtorch.quantize_(model, qtorch.Int8DynamicConfig(),
-                     filter_fn=lambda m, fqn: fqn.endswith("q_proj"))
+    qtorch.quantize_(
+        model, qtorch.Int8DynamicConfig(), filter_fn=lambda m, fqn: fqn.endswith("q_proj")
+    )
     with pytest.raises(ValueError, match=r"self_attn\.q_proj is already a Int8DynamicLinear"):
         qtorch.hf.quantize_model(model, QtorchConfig("w8a16"))
 
@@ -534,8 +596,11 @@ def test_lora_all_linear_targets_the_qtorch_layers_but_the_head(float_dirs):
     model = _load("llama", path, quantization_config=CONFIGS["w8a16"][0]())
     quantized = set(_quantized(model))
     pm = qtorch.hf.get_peft_model(model, _lora(target_modules="all-linear"))
-    wrapped = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
-               if isinstance(m, qtorch.hf.QtorchLoraLinear)}
+    wrapped = {
+        n.removeprefix("base_model.model.")
+        for n, m in pm.named_modules()
+        if isinstance(m, qtorch.hf.QtorchLoraLinear)
+    }
     assert wrapped == quantized and "lm_head" not in wrapped
 
 
@@ -544,8 +609,7 @@ def test_lora_on_gpt2_conv1d_layers(float_dirs):
     path, _ = float_dirs["gpt2"]
     model = _load("gpt2", path, quantization_config=CONFIGS["w4a16"][0]())
     with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
-        pm = qtorch.hf.get_peft_model(model, _lora(target_modules=["c_attn"],
-                                                   fan_in_fan_out=True))
+        pm = qtorch.hf.get_peft_model(model, _lora(target_modules=["c_attn"], fan_in_fan_out=True))
     losses = _train(pm, steps=3)
     assert losses[-1] < losses[0]
 
@@ -554,7 +618,8 @@ def test_lora_on_gpt2_conv1d_layers(float_dirs):
 def test_lora_adapter_save_and_load_round_trip(float_dirs, tmp_path):
     path, _ = float_dirs["llama"]
     pm = qtorch.hf.get_peft_model(
-        _load("llama", path, quantization_config=CONFIGS["w4a16"][0]()), _lora())
+        _load("llama", path, quantization_config=CONFIGS["w4a16"][0]()), _lora()
+    )
     _train(pm, steps=3)
     expected = _out(pm)
     pm.save_pretrained(tmp_path)
@@ -573,18 +638,22 @@ def test_lora_adapter_save_and_load_round_trip(float_dirs, tmp_path):
 def test_merge_requantizes_and_warns_with_the_error_it_adds(float_dirs, cfg_name):
     path, _ = float_dirs["llama"]
     pm = qtorch.hf.get_peft_model(
-        _load("llama", path, quantization_config=CONFIGS[cfg_name][0]()), _lora())
+        _load("llama", path, quantization_config=CONFIGS[cfg_name][0]()), _lora()
+    )
     _train(pm, steps=3)
     unmerged = _out(pm)
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
     original = layer.base_layer
     target = original.dequantize() + layer.get_delta_weight("default")
-    with pytest.warns(UserWarning, match=r"re-quantizes W \+ ΔW.*adds an error of [0-9.]+% "
-                                         r"of ‖ΔW‖") as rec:
+    with pytest.warns(
+        UserWarning,
+        match=r"re-quantizes W \+ ΔW.*adds an error of [0-9.]+% "
+        r"of ‖ΔW‖",
+    ) as rec:
         layer.merge()
     assert "model.layers.0.self_attn.q_proj" in str(rec[0].message)
     merged_w = layer.base_layer.dequantize()
-    err = (merged_w - target)
+    err = merged_w - target
     assert err.abs().max().item() == pytest.approx(layer.merge_error["max_abs"])
     # round to nearest on the layer's own grid: at most about one step per element
     assert layer.merge_error["rel_to_weight"] < (0.15 if cfg_name == "w4a16" else 0.01)
@@ -605,8 +674,10 @@ def test_merge_requantizes_and_warns_with_the_error_it_adds(float_dirs, cfg_name
 @needs_peft
 def test_merge_with_lora_bias_moves_it_into_the_bias(float_dirs):
     path, _ = float_dirs["bert"]
-    pm = qtorch.hf.get_peft_model(_load("bert", path, quantization_config=QtorchConfig("w8a16")),
-                                  _lora(target_modules=["query"], lora_bias=True))
+    pm = qtorch.hf.get_peft_model(
+        _load("bert", path, quantization_config=QtorchConfig("w8a16")),
+        _lora(target_modules=["query"], lora_bias=True),
+    )
     layer = pm.base_model.model.encoder.layer[0].attention.self.query
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0, 0.02)
@@ -657,8 +728,18 @@ def test_qtorch_quantize_help_explains_each_option(capsys):
         main(["quantize", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for option in ("MODEL_DIR", "OUT_DIR", "--config", "--group-size", "--algorithm",
-                   "--calibration", "--skip", "w8a8:", "w4a16:", "gptq"):
+    for option in (
+        "MODEL_DIR",
+        "OUT_DIR",
+        "--config",
+        "--group-size",
+        "--algorithm",
+        "--calibration",
+        "--skip",
+        "w8a8:",
+        "w4a16:",
+        "gptq",
+    ):
         assert option in out
     with pytest.raises(SystemExit, match="--group-size and --symmetric are w4a16 options"):
         main(["quantize", ".", str(os.devnull), "--config", "w8a8", "--group-size", "64"])

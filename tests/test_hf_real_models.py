@@ -30,8 +30,11 @@ def _needs(*modules):
 
 
 def _weights_bytes(path) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-               if f.endswith(".safetensors"))
+    return sum(
+        os.path.getsize(os.path.join(path, f))
+        for f in os.listdir(path)
+        if f.endswith(".safetensors")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +55,10 @@ def _embed(model, batch):
     return (out * mask).sum(1) / mask.sum(1)
 
 
-@pytest.mark.parametrize("config,fields,min_cos", [
-    ("w8a8", {}, 0.99), ("w8a16", {}, 0.999), ("w4a16", {"group_size": 32}, 0.95)])
+@pytest.mark.parametrize(
+    "config,fields,min_cos",
+    [("w8a8", {}, 0.99), ("w8a16", {}, 0.999), ("w4a16", {"group_size": 32}, 0.95)],
+)
 def test_minilm_quantize_on_load_save_reload(minilm, tmp_path, config, fields, min_cos):
     from transformers import BertModel
 
@@ -62,15 +67,18 @@ def test_minilm_quantize_on_load_save_reload(minilm, tmp_path, config, fields, m
     path, tok, fp32 = minilm
     batch = tok(SENTENCES, padding=True, return_tensors="pt")
     model = BertModel.from_pretrained(
-        path, quantization_config=qtorch.hf.QtorchConfig(config, **fields))
+        path, quantization_config=qtorch.hf.QtorchConfig(config, **fields)
+    )
     assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 0  # all 37
     emb = _embed(model, batch)
     cos = F.cosine_similarity(emb, _embed(fp32, batch), dim=-1)
     assert cos.mean() >= min_cos
     model.save_pretrained(tmp_path)
     disk = _weights_bytes(tmp_path)
-    print(f"\nMiniLM {config}: {_weights_bytes(path) / 1e6:.1f} MB -> {disk / 1e6:.1f} MB on "
-          f"disk, cosine vs fp32 {cos.mean():.5f}")
+    print(
+        f"\nMiniLM {config}: {_weights_bytes(path) / 1e6:.1f} MB -> {disk / 1e6:.1f} MB on "
+        f"disk, cosine vs fp32 {cos.mean():.5f}"
+    )
     assert disk < _weights_bytes(path) * (0.75 if config != "w4a16" else 0.7)
     reloaded = BertModel.from_pretrained(tmp_path)
     assert torch.equal(_embed(reloaded, batch), emb)
@@ -101,10 +109,10 @@ def _ppl(model, ids):
     return math.exp(F.cross_entropy(logits.float(), ids[0, 1:]).item()), logits
 
 
-@pytest.mark.parametrize("config,fields,max_ppl_ratio", [
-    ("w8a16", {}, 1.02), ("w4a16", {"group_size": 64}, 2.0)])
-def test_smollm2_quantize_on_load_save_reload(smollm2, tmp_path, config, fields,
-                                              max_ppl_ratio):
+@pytest.mark.parametrize(
+    "config,fields,max_ppl_ratio", [("w8a16", {}, 1.02), ("w4a16", {"group_size": 64}, 2.0)]
+)
+def test_smollm2_quantize_on_load_save_reload(smollm2, tmp_path, config, fields, max_ppl_ratio):
     from transformers import AutoModelForCausalLM
 
     import qtorch.hf
@@ -112,15 +120,18 @@ def test_smollm2_quantize_on_load_save_reload(smollm2, tmp_path, config, fields,
     path, ids = smollm2
     ppl_ref, _ = _ppl(AutoModelForCausalLM.from_pretrained(path), ids)
     model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=qtorch.hf.QtorchConfig(config, **fields))
+        path, quantization_config=qtorch.hf.QtorchConfig(config, **fields)
+    )
     # the LM head is tied to the embedding: kept float, still tied
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert isinstance(model.model.layers[0].self_attn.q_proj, qtorch.nn.linear._QuantizedLinear)
     ppl, logits = _ppl(model, ids)
     model.save_pretrained(tmp_path)
     disk = _weights_bytes(tmp_path)
-    print(f"\nSmolLM2 {config}: {_weights_bytes(path) / 1e6:.1f} MB -> {disk / 1e6:.1f} MB on "
-          f"disk, perplexity {ppl_ref:.3f} -> {ppl:.3f}")
+    print(
+        f"\nSmolLM2 {config}: {_weights_bytes(path) / 1e6:.1f} MB -> {disk / 1e6:.1f} MB on "
+        f"disk, perplexity {ppl_ref:.3f} -> {ppl:.3f}"
+    )
     assert ppl <= ppl_ref * max_ppl_ratio
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
@@ -135,15 +146,19 @@ def test_peft_lora_trains_on_a_quantized_minilm(minilm):
     import qtorch.hf
 
     path, tok, _ = minilm
-    rows = [line.rstrip("\n").split("\t")
-            for line in open(os.path.join(ROOT, "examples", "data", "topic_sentences.tsv"))]
+    rows = [
+        line.rstrip("\n").split("\t")
+        for line in open(os.path.join(ROOT, "examples", "data", "topic_sentences.tsv"))
+    ]
     classes = sorted({label for label, _ in rows})
     labels = torch.tensor([classes.index(label) for label, _ in rows])
     batch = tok([text for _, text in rows], padding=True, return_tensors="pt")
     torch.manual_seed(0)
     encoder = BertModel.from_pretrained(path, quantization_config=qtorch.hf.QtorchConfig("w8a8"))
-    encoder = qtorch.hf.get_peft_model(encoder, peft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"]))
+    encoder = qtorch.hf.get_peft_model(
+        encoder,
+        peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"]),
+    )
     head = torch.nn.Linear(384, len(classes))
     params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=2e-3)

@@ -52,8 +52,17 @@ def _randint8(*shape, seed, lo=-128, hi=128, device="cpu"):
 
 # (M, N, K): K = 1/3/5 pad the 4-k group; N = 1/17/65/130 leave panel tails; M = 7/13 leave
 # 6-row tile tails; (64, 128, 256) is all full tiles.
-SHAPES = [(1, 1, 1), (1, 130, 333), (2, 17, 3), (7, 65, 5), (8, 70, 36), (13, 64, 100), (6, 1, 64),
-          (64, 128, 256), (33, 200, 129)]
+SHAPES = [
+    (1, 1, 1),
+    (1, 130, 333),
+    (2, 17, 3),
+    (7, 65, 5),
+    (8, 70, 36),
+    (13, 64, 100),
+    (6, 1, 64),
+    (64, 128, 256),
+    (33, 200, 129),
+]
 
 
 def _weight(n, k, seed):
@@ -94,8 +103,8 @@ def test_cpu_int8_scaled_mm_exact_int32(isa, m, n, k):
     b[0] = -128
     exact = a.int() @ b.int().T
     out = torch.ops.qtorch_cpu.int8_scaled_mm(
-        a, torch.ops.qtorch_cpu.pack_int8_mm(b), n, torch.ones(m), torch.ones(n), None,
-        torch.int32)
+        a, torch.ops.qtorch_cpu.pack_int8_mm(b), n, torch.ones(m), torch.ones(n), None, torch.int32
+    )
     assert out.dtype == torch.int32
     assert torch.equal(out, exact)
 
@@ -185,8 +194,9 @@ def test_cpu_packing_and_backward_are_the_same_on_every_isa(isa, n, k):
 
     def run():
         packed = torch.ops.qtorch_cpu.pack_int8_mm(w_q)
-        gx = torch.ops.qtorch_cpu.linear_packed_grad_input(grad, packed, w_scale, None,
-                                                           "cpu_w8a8", n, k, 0)
+        gx = torch.ops.qtorch_cpu.linear_packed_grad_input(
+            grad, packed, w_scale, None, "cpu_w8a8", n, k, 0
+        )
         return packed, gx
 
     packed, gx = run()

@@ -55,8 +55,9 @@ def test_distillation_loss_module_matches_reference(kw, reduction):
     s3 = s.reshape(2, 5, -1).clone().requires_grad_()
     out = loss_fn(s3, t.reshape(2, 5, -1), labels.reshape(2, 5))
     assert out.dtype == torch.float32
-    tok, grad = R.distillation_loss(s, t, labels, a["temperature"], a["alpha"], a["divergence"],
-                                    a["beta"], a["ignore_index"])
+    tok, grad = R.distillation_loss(
+        s, t, labels, a["temperature"], a["alpha"], a["divergence"], a["beta"], a["ignore_index"]
+    )
     ref = _ref_reduce(tok, labels, a["ignore_index"], reduction)
     assert_close(out.reshape(ref.shape), ref)
     upstream = torch.ones_like(out)
@@ -94,8 +95,21 @@ def test_fused_linear_module_matches_reference_and_unfused(kw, bias):
     count = int((labels != a["ignore_index"]).sum())
     token_scale = torch.full((hs.shape[0],), 1.0 / count)
     tok, gh, gw, gb = R.fused_linear_distillation_loss(
-        hs, ws, ht, wt, labels, bs, bt, token_scale, 3, a["temperature"], a["alpha"],
-        a["divergence"], a["beta"], a["ignore_index"])
+        hs,
+        ws,
+        ht,
+        wt,
+        labels,
+        bs,
+        bt,
+        token_scale,
+        3,
+        a["temperature"],
+        a["alpha"],
+        a["divergence"],
+        a["beta"],
+        a["ignore_index"],
+    )
     assert_close(out, (tok * token_scale).sum())
     assert_close(hs_.grad, gh)
     assert_close(ws_.grad, gw)

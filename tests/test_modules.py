@@ -33,8 +33,7 @@ MODULE_FOR = {
 # Gaussian weights and inputs (K = 256). Expected values: int8 per channel, step = amax/127
 # with amax ~ 3σ, noise σ·3/127/√12 -> ~43 dB; W8A8 adds the activation's own error (~40 dB);
 # int4 in groups of 32-64, step ~ 4σ/15 (asym) or ~2.3σ/7 (sym) -> ~20-22 dB.
-MIN_SQNR = {"int8_dynamic": 35.0, "int8_weight_only": 38.0, "int4_g32": 18.0,
-            "int4_g64_sym": 17.0}
+MIN_SQNR = {"int8_dynamic": 35.0, "int8_weight_only": 38.0, "int4_g32": 18.0, "int4_g64_sym": 17.0}
 
 
 def _gen(seed=0):
@@ -80,8 +79,9 @@ def _reference_out(mod, x):
     elif isinstance(mod, Int8WeightOnlyLinear):
         out = R.int8_weight_only_linear(x2, mod.qweight, mod.weight_scale, bias)
     else:
-        out = R.int4_weight_only_linear(x2, mod.qweight, mod.scales, mod.zeros, mod.group_size,
-                                        bias)
+        out = R.int4_weight_only_linear(
+            x2, mod.qweight, mod.scales, mod.zeros, mod.group_size, bias
+        )
     return out.reshape(*x.shape[:-1], mod.out_features)
 
 
@@ -112,8 +112,9 @@ def test_filter_fn_gets_module_and_fqn():
         return fqn != "head"
 
     qtorch.quantize_(model, qtorch.Int8WeightOnlyConfig(), filter_fn=keep)
-    assert sorted(seen) == sorted([(nn.Linear, "up"), (nn.Linear, "block.down"),
-                                   (nn.Linear, "head")])
+    assert sorted(seen) == sorted(
+        [(nn.Linear, "up"), (nn.Linear, "block.down"), (nn.Linear, "head")]
+    )
     assert isinstance(model.up, Int8WeightOnlyLinear)
     assert isinstance(model.block["down"], Int8WeightOnlyLinear)
     assert type(model.head) is nn.Linear
@@ -121,9 +122,9 @@ def test_filter_fn_gets_module_and_fqn():
 
 def test_int4_skips_and_names_layers_k_not_divisible_by_group_size():
     model = nn.Sequential()
-    model.add_module("fits", nn.Linear(128, 96))   # 128 % 64 == 0
-    model.add_module("odd_k", nn.Linear(96, 40))   # 96 % 64 != 0
-    model.add_module("tiny", nn.Linear(40, 8))     # 40 % 64 != 0
+    model.add_module("fits", nn.Linear(128, 96))  # 128 % 64 == 0
+    model.add_module("odd_k", nn.Linear(96, 40))  # 96 % 64 != 0
+    model.add_module("tiny", nn.Linear(40, 8))  # 40 % 64 != 0
     with pytest.warns(UserWarning) as rec:
         qtorch.quantize_(model, qtorch.Int4WeightOnlyConfig(group_size=64))
     assert len(rec) == 1, "one warning for all skipped layers"
@@ -137,8 +138,9 @@ def test_int4_skips_and_names_layers_k_not_divisible_by_group_size():
 
 def test_multihead_attention_out_proj_is_left_alone():
     # nn.MultiheadAttention reads out_proj.weight directly; swapping it would break forward.
-    layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128,
-                                       batch_first=True, dropout=0.0).eval()
+    layer = nn.TransformerEncoderLayer(
+        d_model=64, nhead=4, dim_feedforward=128, batch_first=True, dropout=0.0
+    ).eval()
     x = torch.randn(2, 5, 64)
     ref = layer(x)
     with pytest.warns(UserWarning, match="self_attn.out_proj"):
@@ -194,8 +196,9 @@ def test_keeping_a_tied_head_in_float_keeps_the_tie_without_a_warning():
     model = TiedLM()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        qtorch.quantize_(model, qtorch.Int8WeightOnlyConfig(),
-                         filter_fn=lambda mod, fqn: fqn != "lm_head")
+        qtorch.quantize_(
+            model, qtorch.Int8WeightOnlyConfig(), filter_fn=lambda mod, fqn: fqn != "lm_head"
+        )
     assert isinstance(model.body, Int8WeightOnlyLinear)
     assert model.lm_head.weight is model.embed.weight
 
@@ -255,8 +258,9 @@ def test_weights_match_reference_quantization(name):
         torch.testing.assert_close(mod.scales, s, rtol=1e-6, atol=0)
         assert torch.equal(mod.zeros, z)
         assert torch.equal(mod.qweight, q)
-        torch.testing.assert_close(mod.dequantize(), R.dequantize_int4(q, s, z, mod.group_size),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            mod.dequantize(), R.dequantize_int4(q, s, z, mod.group_size), rtol=0, atol=0
+        )
     else:
         q, s = R.quantize_int8(w)
         torch.testing.assert_close(mod.weight_scale, s, rtol=1e-6, atol=0)
@@ -265,8 +269,9 @@ def test_weights_match_reference_quantization(name):
         assert (mod.qweight != q).float().mean() < 1e-3
         deq = mod.dequantize()
         assert deq.dtype == torch.float32 and deq.shape == (40, 256)
-        torch.testing.assert_close(deq, mod.qweight.float() * mod.weight_scale[:, None],
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            deq, mod.qweight.float() * mod.weight_scale[:, None], rtol=0, atol=0
+        )
         assert ((deq - q.float() * s[:, None]).abs() <= s[:, None] * 1.0001).all()
 
 
@@ -333,13 +338,20 @@ def test_state_dict_keys_dtypes_shapes(name):
     sd = mod.state_dict()
     if isinstance(mod, Int4WeightOnlyLinear):
         g = 128 // mod.group_size
-        expected = {"qweight": (torch.uint8, (48, 64)), "scales": (torch.float32, (48, g)),
-                    "zeros": (torch.uint8, (48, g)), "bias": (torch.float32, (48,))}
+        expected = {
+            "qweight": (torch.uint8, (48, 64)),
+            "scales": (torch.float32, (48, g)),
+            "zeros": (torch.uint8, (48, g)),
+            "bias": (torch.float32, (48,)),
+        }
         if mod.symmetric:
             assert (mod.zeros == 8).all()
     else:
-        expected = {"qweight": (torch.int8, (48, 128)), "weight_scale": (torch.float32, (48,)),
-                    "bias": (torch.float32, (48,))}
+        expected = {
+            "qweight": (torch.int8, (48, 128)),
+            "weight_scale": (torch.float32, (48,)),
+            "bias": (torch.float32, (48,)),
+        }
     assert {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()} == expected
     assert isinstance(mod.bias, nn.Parameter) and mod.bias.requires_grad
     assert [n for n, _ in mod.named_parameters()] == ["bias"]

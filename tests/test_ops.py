@@ -201,8 +201,9 @@ def test_distillation_reductions_and_num_items(backend, reduction):
     t = _randn(2, 5, 50, device=dev, seed=1)
     labels = torch.randint(0, 50, (2, 5), generator=_gen(2)).to(dev)
     labels[0, 1] = -100
-    tok, _ = R.distillation_loss(s.reshape(10, 50), t.reshape(10, 50), labels.reshape(-1),
-                                 1.0, 0.5, "kl", 0.5, -100, False)
+    tok, _ = R.distillation_loss(
+        s.reshape(10, 50), t.reshape(10, 50), labels.reshape(-1), 1.0, 0.5, "kl", 0.5, -100, False
+    )
     with qtorch.use_backend(backend):
         out = ops.distillation_loss(s, t, labels, reduction=reduction)
         if reduction == "none":
@@ -213,8 +214,9 @@ def test_distillation_reductions_and_num_items(backend, reduction):
         else:
             assert_close(out, tok.sum() / 9)
             for n_items in (4, torch.tensor(4, device=dev)):
-                assert_close(ops.distillation_loss(s, t, labels, num_items_in_batch=n_items),
-                             tok.sum() / 4)
+                assert_close(
+                    ops.distillation_loss(s, t, labels, num_items_in_batch=n_items), tok.sum() / 4
+                )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -228,8 +230,9 @@ def test_all_ignored_gives_zero_loss_and_zero_grad(backend):
         loss.backward()
         assert loss.item() == 0.0 and torch.all(s.grad == 0)
         s.grad = None
-        loss = ops.distillation_loss(s, t, torch.zeros(4, dtype=torch.long, device=dev),
-                                     num_items_in_batch=0)
+        loss = ops.distillation_loss(
+            s, t, torch.zeros(4, dtype=torch.long, device=dev), num_items_in_batch=0
+        )
         loss.backward()
         assert loss.item() == 0.0 and torch.all(s.grad == 0)
 
@@ -267,13 +270,15 @@ def test_fused_linear_distillation_vs_reference(backend, dtype, with_bias, reduc
     labels[::5] = -100
     weights = torch.rand(m, generator=_gen(6)).to(dev)
     scale = None if reduction == "mean" else weights
-    ref = R.fused_linear_distillation_loss(hs, ws, ht, wt, labels, bs, None, scale, 8, 1.5,
-                                           0.5, "kl", 0.5, -100, True)
+    ref = R.fused_linear_distillation_loss(
+        hs, ws, ht, wt, labels, bs, None, scale, 8, 1.5, 0.5, "kl", 0.5, -100, True
+    )
     hr, wr = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
     br = bs.clone().requires_grad_(True) if with_bias else None
     with qtorch.use_backend(backend):
-        out = ops.fused_linear_distillation_loss(hr, wr, ht, wt, labels, br, None, chunk_size=8,
-                                                 temperature=1.5, reduction=reduction)
+        out = ops.fused_linear_distillation_loss(
+            hr, wr, ht, wt, labels, br, None, chunk_size=8, temperature=1.5, reduction=reduction
+        )
         (out.sum() if reduction == "mean" else (out * weights).sum()).backward()
     n_valid = (labels != -100).sum()
     div = n_valid if reduction == "mean" else 1
@@ -314,8 +319,9 @@ def test_fused_linear_frozen_student_head(backend, reduction, monkeypatch):
         x, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(not frozen)
         b = bs.clone().requires_grad_(True)
         with qtorch.use_backend(backend):
-            out = ops.fused_linear_distillation_loss(x, w, ht, wt, labels, b, chunk_size=5,
-                                                     reduction=reduction)
+            out = ops.fused_linear_distillation_loss(
+                x, w, ht, wt, labels, b, chunk_size=5, reduction=reduction
+            )
             out.sum().backward()
         assert weight_grads and all(weight_grads) != frozen and any(weight_grads) != frozen
         runs[frozen] = (out.detach(), x.grad, b.grad, w.grad)
@@ -332,8 +338,16 @@ def test_distillation_gradcheck_float64():
         for reduction in ("mean", "sum", "none"):
             s = torch.randn(3, 2, 9, generator=g, dtype=torch.float64, requires_grad=True)
             assert torch.autograd.gradcheck(
-                lambda s_: ops.distillation_loss(s_, t, labels, temperature=1.7, alpha=0.6,
-                                                 divergence=div, beta=0.3, reduction=reduction),
+                lambda s_: ops.distillation_loss(
+                    s_,
+                    t,
+                    labels,
+                    temperature=1.7,
+                    alpha=0.6,
+                    divergence=div,
+                    beta=0.3,
+                    reduction=reduction,
+                ),
                 (s,),
             )
 
@@ -343,12 +357,16 @@ def test_fused_gradcheck_float64():
     hs = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
     bs = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
-    ht, wt = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    ht, wt = (
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+        torch.randn(7, 3, generator=g, dtype=torch.float64),
+    )
     labels = torch.tensor([1, -100, 6, 0, 2])
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
             lambda a, b, c: ops.fused_linear_distillation_loss(
-                a, b, ht, wt, labels, c, None, chunk_size=2, divergence="jsd", reduction=reduction),
+                a, b, ht, wt, labels, c, None, chunk_size=2, divergence="jsd", reduction=reduction
+            ),
             (hs, ws, bs),
         )
 
@@ -370,8 +388,11 @@ def _op_samples():
     q = torch.ops.qtorch
     return [
         (q.quantize_int8.default, (x,), {}),
-        (q.int8_scaled_mm.default, (R.quantize_int8(x)[0], w_q, R.quantize_int8(x)[1], w_s),
-         {"bias": torch.randn(7), "out_dtype": torch.bfloat16}),
+        (
+            q.int8_scaled_mm.default,
+            (R.quantize_int8(x)[0], w_q, R.quantize_int8(x)[1], w_s),
+            {"bias": torch.randn(7), "out_dtype": torch.bfloat16},
+        ),
         (q.int8_linear.default, (x.clone().requires_grad_(True), w_q, w_s, torch.randn(7)), {}),
         (q.int8_weight_only_linear.default, (x, w_q, w_s), {}),
         (q.quantize_int4.default, (torch.randn(7, 64), 32, True), {}),
@@ -381,13 +402,28 @@ def _op_samples():
         (q.distillation_loss.default, (s, t, labels), {"reduction": "none"}),
         (q.distillation_loss.int_items, (s, t, labels), {"num_items_in_batch": 3}),
         (q.fused_linear_distillation_loss.default, (hs, ws, ht, wt, lab6), {"chunk_size": 4}),
-        (q.fused_linear_distillation_loss.default, (hs, ws, ht, wt, lab6),
-         {"reduction": "none", "chunk_size": 4}),
+        (
+            q.fused_linear_distillation_loss.default,
+            (hs, ws, ht, wt, lab6),
+            {"reduction": "none", "chunk_size": 4},
+        ),
         (q.int8_linear_grad_input.default, (torch.randn(5, 7), w_q, w_s), {}),
         (q.int4_linear_grad_input.default, (torch.randn(5, 7), *qw, 32), {}),
-        (q._distillation_loss_fwd.default,
-         (s.detach().reshape(6, 11), t.reshape(6, 11), labels.reshape(6), 2.0, 0.5, "jsd", 0.3,
-          -100, True), {}),
+        (
+            q._distillation_loss_fwd.default,
+            (
+                s.detach().reshape(6, 11),
+                t.reshape(6, 11),
+                labels.reshape(6),
+                2.0,
+                0.5,
+                "jsd",
+                0.3,
+                -100,
+                True,
+            ),
+            {},
+        ),
     ]
 
 
@@ -501,9 +537,12 @@ def test_distillation_backward_fills_no_zero_tensors(fused):
         loss = ops.distillation_loss(s, torch.randn(m, v), labels)
     with OpRecorder() as rec:
         loss.backward()
-    fills = [(str(f), n) for f, n in rec.calls
-             if f.overloadpacket.__name__ in ("zeros", "zero_", "fill_", "zeros_like")
-             and n >= min(m * v, v * h)]
+    fills = [
+        (str(f), n)
+        for f, n in rec.calls
+        if f.overloadpacket.__name__ in ("zeros", "zero_", "fill_", "zeros_like")
+        and n >= min(m * v, v * h)
+    ]
     assert not fills, fills
     if fused:
         assert hs.grad is not None and ws.grad is not None

@@ -23,8 +23,9 @@ from qtorch import _packed, ops
 from qtorch import reference as R
 from qtorch.testing import assert_close
 
-pytestmark = pytest.mark.skipif("cpu" not in qtorch.available_backends(),
-                                reason="qtorch._C (the cpu backend) is not built")
+pytestmark = pytest.mark.skipif(
+    "cpu" not in qtorch.available_backends(), reason="qtorch._C (the cpu backend) is not built"
+)
 
 CONFIGS = {
     "w8a8": qtorch.Int8DynamicConfig(),
@@ -49,8 +50,9 @@ def _reference(mod, x):
         sd["bias"] = mod.bias.detach()
     x2 = x.reshape(-1, x.shape[-1])
     if isinstance(mod, qtorch.nn.Int4WeightOnlyLinear):
-        out = R.int4_weight_only_linear(x2, sd["qweight"], sd["scales"], sd["zeros"],
-                                        mod.group_size, sd.get("bias"))
+        out = R.int4_weight_only_linear(
+            x2, sd["qweight"], sd["scales"], sd["zeros"], mod.group_size, sd.get("bias")
+        )
     elif isinstance(mod, qtorch.nn.Int8DynamicLinear):
         out = R.int8_linear(x2, sd["qweight"], sd["weight_scale"], sd.get("bias"))
     else:
@@ -254,8 +256,9 @@ def test_a_module_packs_once(name, monkeypatch):
         calls.append(1)
         return lay.pack(*a)
 
-    spy = _packed.Layout(**{**{f: getattr(lay, f) for f in lay.__dataclass_fields__},
-                            "pack": counting})
+    spy = _packed.Layout(
+        **{**{f: getattr(lay, f) for f in lay.__dataclass_fields__}, "pack": counting}
+    )
     monkeypatch.setitem(_packed._BY_FAMILY, (lay.family, lay.backend), spy)
     m = _model(name)
     x = torch.randn(2, 64)
@@ -273,8 +276,11 @@ def test_a_module_packs_once(name, monkeypatch):
 @pytest.mark.parametrize("n,k", [(1, 64), (17, 96), (65, 160), (130, 64), (3, 256)])
 def test_unpack_gives_back_the_canonical_buffers(name, n, k):
     lin = nn.Linear(k, n)
-    mod = {"w8a8": qtorch.nn.Int8DynamicLinear, "w8a16": qtorch.nn.Int8WeightOnlyLinear,
-           "w4a16": qtorch.nn.Int4WeightOnlyLinear}[name]
+    mod = {
+        "w8a8": qtorch.nn.Int8DynamicLinear,
+        "w8a16": qtorch.nn.Int8WeightOnlyLinear,
+        "w4a16": qtorch.nn.Int4WeightOnlyLinear,
+    }[name]
     kw = {"group_size": 32} if name == "w4a16" else {}
     ref = mod.from_float(lin, **kw)
     ref._unpack()
@@ -389,8 +395,9 @@ def test_compiled_module_follows_the_backend_in_force(name, monkeypatch):
         op = _packed.FAMILIES[name][0]
         seen = []
         real = qtorch._backend._KERNELS[op]["reference"]
-        monkeypatch.setitem(qtorch._backend._KERNELS[op], "reference",
-                            lambda *a: seen.append(1) or real(*a))
+        monkeypatch.setitem(
+            qtorch._backend._KERNELS[op], "reference", lambda *a: seen.append(1) or real(*a)
+        )
         with qtorch.use_backend("reference"):
             compiled(x)
         assert seen == [1]
@@ -401,11 +408,15 @@ def test_linear_packed_opcheck(name):
     mod = _model(name, k=64, n=24)[0]
     lay = mod._layout
     weight = [mod._buffers[b] for b in lay.buffers]
-    for x, bias in ((torch.randn(3, 64), mod.bias.detach()), (torch.randn(2, 5, 64), None),
-                    (torch.randn(1, 64, requires_grad=True), None)):
-        torch.library.opcheck(torch.ops.qtorch.linear_packed.default,
-                              (x, *_packed.flat(weight), bias, lay.name, 24, 64,
-                               mod._group_size()))
+    for x, bias in (
+        (torch.randn(3, 64), mod.bias.detach()),
+        (torch.randn(2, 5, 64), None),
+        (torch.randn(1, 64, requires_grad=True), None),
+    ):
+        torch.library.opcheck(
+            torch.ops.qtorch.linear_packed.default,
+            (x, *_packed.flat(weight), bias, lay.name, 24, 64, mod._group_size()),
+        )
 
 
 def test_bad_inputs_name_the_argument():
@@ -452,13 +463,17 @@ def test_export_and_aot_inductor_call_the_kernel_and_follow_the_backend(monkeypa
         eager = m(x)
         ep = torch.export.export(m, (x,))
         pkg = torch._inductor.aoti_compile_and_package(
-            ep, package_path=str(tmp_path / "m.pt2"), inductor_configs=qtorch.inductor_options())
+            ep, package_path=str(tmp_path / "m.pt2"), inductor_configs=qtorch.inductor_options()
+        )
         run = torch._inductor.aoti_load_package(pkg)
         assert_close(run(x), eager, torch.float32)
         seen = []
         real = qtorch._backend._KERNELS["int4_weight_only_linear"]["reference"]
-        monkeypatch.setitem(qtorch._backend._KERNELS["int4_weight_only_linear"], "reference",
-                            lambda *a: seen.append(1) or real(*a))
+        monkeypatch.setitem(
+            qtorch._backend._KERNELS["int4_weight_only_linear"],
+            "reference",
+            lambda *a: seen.append(1) or real(*a),
+        )
         with qtorch.use_backend("reference"):
             assert_close(run(x), eager, torch.float32)
         assert seen == [1, 1]

@@ -96,8 +96,10 @@ def test_minilm_quantized_state_dict_round_trips(minilm):
         expected = _embed(model, batch)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
-    blobs = {"torch": torch.load(io.BytesIO(buf.getvalue()), weights_only=True),
-             "safetensors": st.load(st.save(model.state_dict()))}
+    blobs = {
+        "torch": torch.load(io.BytesIO(buf.getvalue()), weights_only=True),
+        "safetensors": st.load(st.save(model.state_dict())),
+    }
     for fmt, sd in blobs.items():
         # A fresh model of the same architecture (random weights), quantized the same way.
         fresh = type(fp32)(fp32.config).eval()
@@ -119,8 +121,9 @@ def smollm2():
 
     directory, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=gguf, dtype=torch.float32
+    ).eval()
     ids = tok(open(TEXT).read(), return_tensors="pt").input_ids[:, :256]
     return model, ids
 
@@ -139,12 +142,15 @@ def test_smollm2_perplexity(smollm2):
     del int8
     # Body int4 g64, LM head int8: two quantize_ calls with filter_fn.
     int4 = copy.deepcopy(fp32)
-    qtorch.quantize_(int4, qtorch.Int4WeightOnlyConfig(group_size=64),
-                     filter_fn=lambda m, fqn: fqn != "lm_head")
+    qtorch.quantize_(
+        int4, qtorch.Int4WeightOnlyConfig(group_size=64), filter_fn=lambda m, fqn: fqn != "lm_head"
+    )
     qtorch.quantize_(int4, qtorch.Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn == "lm_head")
     ppl_int4 = _ppl(int4, ids)
-    print(f"\nSmolLM2 perplexity over {ids.shape[1]} tokens: fp32 {ppl_ref:.3f}, int8 W8A16 "
-          f"{ppl_int8:.3f}, int4 g64 + int8 head {ppl_int4:.3f}")
+    print(
+        f"\nSmolLM2 perplexity over {ids.shape[1]} tokens: fp32 {ppl_ref:.3f}, int8 W8A16 "
+        f"{ppl_int8:.3f}, int4 g64 + int8 head {ppl_int4:.3f}"
+    )
     assert 1 < ppl_ref < 100, "the fp32 model itself must model English"
     assert ppl_int8 <= ppl_ref * 1.02
     # The checkpoint is already 4-bit (Q4_1): a second 4-bit rounding roughly doubles the
@@ -158,7 +164,10 @@ def test_smollm2_group_size_128_skips_k576_layers_by_name(smollm2):
     with pytest.warns(UserWarning) as rec:
         qtorch.quantize_(model, qtorch.Int4WeightOnlyConfig(group_size=128))
     msg = str(rec[0].message)
-    assert "model.layers.0.self_attn.q_proj (in_features=576 is not divisible by group_size=128)" in msg
+    assert (
+        "model.layers.0.self_attn.q_proj (in_features=576 is not divisible by group_size=128)"
+        in msg
+    )
     assert "down_proj" not in msg  # K = 1536 = 12 * 128 fits
     assert isinstance(model.model.layers[0].mlp.down_proj, qtorch.nn.Int4WeightOnlyLinear)
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear

@@ -92,8 +92,9 @@ def test_kl_matches_torch_kl_div_and_cross_entropy():
     labels = torch.randint(0, 40, (5,), generator=g)
     T, alpha = 2.0, 0.25
     loss, _ = R.distillation_loss(s, t, labels, T, alpha, "kl", 0.5, -100, False)
-    soft = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), reduction="none",
-                    log_target=True).sum(-1)
+    soft = F.kl_div(
+        F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), reduction="none", log_target=True
+    ).sum(-1)
     hard = F.cross_entropy(s, labels, reduction="none")
     torch.testing.assert_close(loss, alpha * T * T * soft + (1 - alpha) * hard)
 
@@ -112,7 +113,9 @@ def test_ignored_tokens_contribute_nothing_even_nan():
     t = torch.randn(3, 10)
     s[1] = float("nan")
     t[1] = float("inf")
-    loss, grad = R.distillation_loss(s, t, torch.tensor([1, -100, 2]), 1.0, 0.5, "kl", 0.5, -100, True)
+    loss, grad = R.distillation_loss(
+        s, t, torch.tensor([1, -100, 2]), 1.0, 0.5, "kl", 0.5, -100, True
+    )
     assert loss[1].item() == 0.0 and torch.all(grad[1] == 0)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
 
@@ -144,7 +147,11 @@ def test_nan_logits_give_nan_loss():
 def test_fused_reference_equals_unfused(chunk):
     g = torch.Generator().manual_seed(4)
     m, h, v = 10, 16, 37
-    hs, ws, bs = torch.randn(m, h, generator=g), torch.randn(v, h, generator=g), torch.randn(v, generator=g)
+    hs, ws, bs = (
+        torch.randn(m, h, generator=g),
+        torch.randn(v, h, generator=g),
+        torch.randn(v, generator=g),
+    )
     ht, wt = torch.randn(m, h + 5, generator=g), torch.randn(v, h + 5, generator=g)
     labels = torch.randint(0, v, (m,), generator=g)
     labels[2] = -100

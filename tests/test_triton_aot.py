@@ -40,16 +40,23 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 CUOBJDUMP = None
 if os.environ.get("TRITON_INTERPRET") != "1":
-    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                             "cuobjdump")
+    CUOBJDUMP = os.path.join(
+        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"
+    )
 
 ARCHS = (80, 90)
 _MMA = re.compile(r"\b(IMMA|HMMA|IGMMA|HGMMA)\b")
 _RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
-def _compile(fn, args: list[tuple[str, object]], cc: int, num_warps: int, num_stages: int,
-             div16: tuple[str, ...] = ()):
+def _compile(
+    fn,
+    args: list[tuple[str, object]],
+    cc: int,
+    num_warps: int,
+    num_stages: int,
+    div16: tuple[str, ...] = (),
+):
     """Compile `fn` (a @triton.jit function) for sm_`cc`. `args` lists every parameter in
     order as (name, type string), or (name, value) for a tl.constexpr parameter. Pointers and the ints named in
     `div16` get the 16-divisibility hint a real launch gives aligned tensors and sizes."""
@@ -64,10 +71,12 @@ def _compile(fn, args: list[tuple[str, object]], cc: int, num_warps: int, num_st
         else:
             signature[name] = "constexpr"
             constexprs[name] = kind
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs,
-                                    attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", cc, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
 
 
 def _inspect(compiled) -> dict:
@@ -75,16 +84,23 @@ def _inspect(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
+        sass = subprocess.run(
+            [CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+        res = subprocess.run(
+            [CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     mma: dict[str, int] = {}
     for op in _MMA.findall(sass):
         mma[op] = mma.get(op, 0) + 1
     regs, stack, _shared, local = (int(v) for v in _RES.search(res).groups())
-    return {"mma": mma, "frnd": len(re.findall(r"\bFRND\b", sass)),
-            "shared": compiled.metadata.shared, "regs": regs, "spill": stack + local}
+    return {
+        "mma": mma,
+        "frnd": len(re.findall(r"\bFRND\b", sass)),
+        "shared": compiled.metadata.shared,
+        "regs": regs,
+        "spill": stack + local,
+    }
 
 
 def _configs(module, kernel: str, cc: int):
@@ -100,27 +116,61 @@ def _tile(cfg) -> dict:
 
 
 def _int8_mm_args(cfg, out="bf16"):
-    return [("a_ptr", "*i8"), ("b_ptr", "*i8"), ("c_ptr", f"*{out}"), ("sa_ptr", "*fp32"),
-            ("sb_ptr", "*fp32"), ("bias_ptr", "*fp32"), ("M", "i32"), ("N", "i32"),
-            ("K", "i32"), ("M_BUCKET", "i32"), ("HAS_BIAS", True)] + list(cfg.items())
+    return [
+        ("a_ptr", "*i8"),
+        ("b_ptr", "*i8"),
+        ("c_ptr", f"*{out}"),
+        ("sa_ptr", "*fp32"),
+        ("sb_ptr", "*fp32"),
+        ("bias_ptr", "*fp32"),
+        ("M", "i32"),
+        ("N", "i32"),
+        ("K", "i32"),
+        ("M_BUCKET", "i32"),
+        ("HAS_BIAS", True),
+    ] + list(cfg.items())
 
 
 def _w8a16_args(tile, dt="bf16", split=1):
     out = "fp32" if split > 1 else dt
-    return ([("x_ptr", f"*{dt}"), ("w_ptr", "*i8"), ("ws_ptr", "*fp32"), ("bias_ptr", f"*{dt}"),
-            ("out_ptr", f"*{out}"), ("M", "i32"), ("N", "i32"), ("K", "i32"),
-            ("K_PER_SPLIT", "i32"), ("M_BUCKET", "i32"), ("HAS_BIAS", split == 1),
-            ("SPLIT_K", split), ("DOT_F32", False), ("F32_PRECISION", "tf32x3")]
-            + list(tile.items()))
+    return [
+        ("x_ptr", f"*{dt}"),
+        ("w_ptr", "*i8"),
+        ("ws_ptr", "*fp32"),
+        ("bias_ptr", f"*{dt}"),
+        ("out_ptr", f"*{out}"),
+        ("M", "i32"),
+        ("N", "i32"),
+        ("K", "i32"),
+        ("K_PER_SPLIT", "i32"),
+        ("M_BUCKET", "i32"),
+        ("HAS_BIAS", split == 1),
+        ("SPLIT_K", split),
+        ("DOT_F32", False),
+        ("F32_PRECISION", "tf32x3"),
+    ] + list(tile.items())
 
 
 def _w4a16_args(tile, dt="bf16", split=1, group=128):
     out = "fp32" if split > 1 else dt
-    return ([("x_ptr", f"*{dt}"), ("qw_ptr", "*u8"), ("s_ptr", "*fp32"), ("z_ptr", "*fp32"),
-            ("bias_ptr", f"*{dt}"), ("out_ptr", f"*{out}"), ("M", "i32"), ("N", "i32"),
-            ("K", "i32"), ("K_PER_SPLIT", "i32"), ("M_BUCKET", "i32"),
-            ("GROUP_SIZE", group), ("HAS_BIAS", split == 1), ("SPLIT_K", split),
-            ("DOT_F32", False), ("F32_PRECISION", "tf32x3")] + list(tile.items()))
+    return [
+        ("x_ptr", f"*{dt}"),
+        ("qw_ptr", "*u8"),
+        ("s_ptr", "*fp32"),
+        ("z_ptr", "*fp32"),
+        ("bias_ptr", f"*{dt}"),
+        ("out_ptr", f"*{out}"),
+        ("M", "i32"),
+        ("N", "i32"),
+        ("K", "i32"),
+        ("K_PER_SPLIT", "i32"),
+        ("M_BUCKET", "i32"),
+        ("GROUP_SIZE", group),
+        ("HAS_BIAS", split == 1),
+        ("SPLIT_K", split),
+        ("DOT_F32", False),
+        ("F32_PRECISION", "tf32x3"),
+    ] + list(tile.items())
 
 
 _GEMM_DIV16 = ("N", "K", "K_PER_SPLIT")
@@ -140,12 +190,30 @@ def _cases():
     cases = []
     for cc in ARCHS:
         for i, c in enumerate(_configs(int8_mm, "_int8_scaled_mm_kernel", cc)):
-            cases.append((f"int8_scaled_mm-sm{cc}-cfg{i}", cc, int8_mm._int8_scaled_mm_kernel,
-                          _int8_mm_args(_tile(c)), c.num_warps, c.num_stages, "int8"))
+            cases.append(
+                (
+                    f"int8_scaled_mm-sm{cc}-cfg{i}",
+                    cc,
+                    int8_mm._int8_scaled_mm_kernel,
+                    _int8_mm_args(_tile(c)),
+                    c.num_warps,
+                    c.num_stages,
+                    "int8",
+                )
+            )
         for i, c in enumerate(_configs(weight_only, "_w8a16_kernel", cc)):
-            for dt in (("bf16", "fp16") if i == 0 else ("bf16",)):
-                cases.append((f"w8a16-{dt}-sm{cc}-cfg{i}", cc, weight_only._w8a16_kernel,
-                              _w8a16_args(_tile(c), dt), c.num_warps, c.num_stages, "f16"))
+            for dt in ("bf16", "fp16") if i == 0 else ("bf16",):
+                cases.append(
+                    (
+                        f"w8a16-{dt}-sm{cc}-cfg{i}",
+                        cc,
+                        weight_only._w8a16_kernel,
+                        _w8a16_args(_tile(c), dt),
+                        c.num_warps,
+                        c.num_stages,
+                        "f16",
+                    )
+                )
         # fp32 activations (tf32x3 dot: 3 TF32 MMAs ~ fp32 accuracy): the fixed fp32 tile and
         # the decode tile.
         for fn, make, decode in (
@@ -156,30 +224,62 @@ def _cases():
                 tile, w, s = _split_decode(cfg)
                 args = make(tile, "fp32", split=split)
                 args[args.index(("DOT_F32", False))] = ("DOT_F32", True)
-                cases.append((f"{fn.__name__[1:6]}-fp32-{label}-sm{cc}", cc, fn, args, w, s,
-                              "f32"))
+                cases.append((f"{fn.__name__[1:6]}-fp32-{label}-sm{cc}", cc, fn, args, w, s, "f32"))
         tile, w, s = _split_decode(weight_only._W8A16_DECODE)
         for dt in ("bf16", "fp16"):
             for split in (1, 4):
-                cases.append((f"w8a16-decode-split{split}-{dt}-sm{cc}", cc,
-                              weight_only._w8a16_kernel, _w8a16_args(tile, dt, split=split), w, s,
-                              "f16"))
+                cases.append(
+                    (
+                        f"w8a16-decode-split{split}-{dt}-sm{cc}",
+                        cc,
+                        weight_only._w8a16_kernel,
+                        _w8a16_args(tile, dt, split=split),
+                        w,
+                        s,
+                        "f16",
+                    )
+                )
         for i, c in enumerate(_configs(weight_only, "_w4a16_kernel", cc)):
-            for dt in (("bf16", "fp16") if i == 0 else ("bf16",)):
-                cases.append((f"w4a16-{dt}-sm{cc}-cfg{i}", cc, weight_only._w4a16_kernel,
-                              _w4a16_args(_tile(c), dt), c.num_warps, c.num_stages, "f16"))
+            for dt in ("bf16", "fp16") if i == 0 else ("bf16",):
+                cases.append(
+                    (
+                        f"w4a16-{dt}-sm{cc}-cfg{i}",
+                        cc,
+                        weight_only._w4a16_kernel,
+                        _w4a16_args(_tile(c), dt),
+                        c.num_warps,
+                        c.num_stages,
+                        "f16",
+                    )
+                )
         tile, w, s = _split_decode(weight_only._W4A16_DECODE)
         for dt in ("bf16", "fp16"):
             for split in (1, 4):
-                cases.append((f"w4a16-decode-split{split}-{dt}-sm{cc}", cc,
-                              weight_only._w4a16_kernel, _w4a16_args(tile, dt, split=split), w, s,
-                              "f16"))
+                cases.append(
+                    (
+                        f"w4a16-decode-split{split}-{dt}-sm{cc}",
+                        cc,
+                        weight_only._w4a16_kernel,
+                        _w4a16_args(tile, dt, split=split),
+                        w,
+                        s,
+                        "f16",
+                    )
+                )
         for dt in ("fp32", "fp16", "bf16"):
             for one, block in ((True, int8_mm.MAX_ONE_BLOCK), (False, 2048)):
-                args = [("x_ptr", f"*{dt}"), ("q_ptr", "*i8"), ("scale_ptr", "*fp32"),
-                        ("K", "i32"), ("stride_x", "i32"), ("smooth_ptr", "*fp32"),
-                        ("BLOCK_K", block), ("ONE_BLOCK", one), ("INTERPRET", False),
-                        ("SMOOTH", False)]
+                args = [
+                    ("x_ptr", f"*{dt}"),
+                    ("q_ptr", "*i8"),
+                    ("scale_ptr", "*fp32"),
+                    ("K", "i32"),
+                    ("stride_x", "i32"),
+                    ("smooth_ptr", "*fp32"),
+                    ("BLOCK_K", block),
+                    ("ONE_BLOCK", one),
+                    ("INTERPRET", False),
+                    ("SMOOTH", False),
+                ]
                 name = f"quantize_int8-{dt}-{'one' if one else 'two'}pass-sm{cc}"
                 cases.append((name, cc, int8_mm._quantize_int8_kernel, args, 8, 1, "quant"))
         block, warps = 4096, 16
@@ -187,13 +287,28 @@ def _cases():
         # forward-only one without labels.
         for dt, full in (("bf16", True), ("fp32", False)):
             for div in range(3):
-                args = [("s_ptr", f"*{dt}"), ("t_ptr", f"*{dt}"), ("lab_ptr", "*i64"),
-                        ("loss_ptr", "*fp32"), ("g_ptr", f"*{dt}"), ("scale_ptr", "*fp32"),
-                        ("V", "i32"), ("stride_s", "i32"), ("stride_t", "i32"),
-                        ("stride_g", "i32"), ("inv_temp", "fp32"), ("temp", "fp32"),
-                        ("alpha", "fp32"), ("beta", "fp32"), ("ignore_index", "i32"),
-                        ("HAS_LABELS", full), ("COMPUTE_GRAD", full), ("HAS_SCALE", full),
-                        ("DIV", div), ("BLOCK_V", block)]
+                args = [
+                    ("s_ptr", f"*{dt}"),
+                    ("t_ptr", f"*{dt}"),
+                    ("lab_ptr", "*i64"),
+                    ("loss_ptr", "*fp32"),
+                    ("g_ptr", f"*{dt}"),
+                    ("scale_ptr", "*fp32"),
+                    ("V", "i32"),
+                    ("stride_s", "i32"),
+                    ("stride_t", "i32"),
+                    ("stride_g", "i32"),
+                    ("inv_temp", "fp32"),
+                    ("temp", "fp32"),
+                    ("alpha", "fp32"),
+                    ("beta", "fp32"),
+                    ("ignore_index", "i32"),
+                    ("HAS_LABELS", full),
+                    ("COMPUTE_GRAD", full),
+                    ("HAS_SCALE", full),
+                    ("DIV", div),
+                    ("BLOCK_V", block),
+                ]
                 what = "labels+grad" if full else "nolabels-nograd"
                 name = f"distillation-{('kl', 'reverse_kl', 'jsd')[div]}-{dt}-{what}-sm{cc}"
                 cases.append((name, cc, distillation._distill_kernel, args, warps, 1, "none"))
@@ -205,11 +320,15 @@ CASES = _cases() if os.environ.get("TRITON_INTERPRET") != "1" else []
 
 def _check(case) -> dict:
     name, cc, fn, args, warps, stages, kind = case
-    div16 = _GEMM_DIV16 if kind in ("int8", "f16", "f32") else ("K", "stride_x", "V", "stride_s",
-                                                         "stride_t", "stride_g")
+    div16 = (
+        _GEMM_DIV16
+        if kind in ("int8", "f16", "f32")
+        else ("K", "stride_x", "V", "stride_s", "stride_t", "stride_g")
+    )
     info = _inspect(_compile(fn, args, cc, warps, stages, div16))
     assert info["shared"] <= SMEM_LIMIT[cc], (
-        f"{name}: {info['shared']} B of shared memory > {SMEM_LIMIT[cc]} B on sm_{cc}")
+        f"{name}: {info['shared']} B of shared memory > {SMEM_LIMIT[cc]} B on sm_{cc}"
+    )
     # Register spills go to the stack frame / local memory: a config that spills is slower
     # than a smaller tile and does not belong in the autotune list.
     assert info["spill"] == 0, f"{name}: {info['spill']} B of stack/local memory (spills)"
@@ -254,5 +373,7 @@ if __name__ == "__main__":
             print(f"{case[0]:52s} {ok}")
             continue
         mma = ", ".join(f"{k} x{v}" for k, v in sorted(info["mma"].items())) or "-"
-        print(f"{case[0]:52s} {mma:28s} {info['shared'] / 1024:8.1f} {info['regs']:5d} "
-              f"{info['spill']:5d}")
+        print(
+            f"{case[0]:52s} {mma:28s} {info['shared'] / 1024:8.1f} {info['regs']:5d} "
+            f"{info['spill']:5d}"
+        )

@@ -60,13 +60,18 @@ def test_ops_dispatch_to_triton_with_leading_dims():
         assert _backend.resolve("fused_linear_distillation_loss", DEV)[0] == "triton"
         x = _randn(2, 3, 40, dtype=torch.bfloat16, seed=60)
         w_q, w_s = R.quantize_int8(_randn(24, 40, seed=61))
-        assert_close(ops.int8_linear(x, w_q, w_s), R.int8_linear(x.reshape(6, 40), w_q, w_s)
-                     .reshape(2, 3, 24), torch.bfloat16)
+        assert_close(
+            ops.int8_linear(x, w_q, w_s),
+            R.int8_linear(x.reshape(6, 40), w_q, w_s).reshape(2, 3, 24),
+            torch.bfloat16,
+        )
         qw, sc, z = R.quantize_int4(_randn(24, 64, seed=62), 32, False)
         x4 = _randn(2, 3, 64, dtype=torch.float16, seed=63)
-        assert_close(ops.int4_weight_only_linear(x4, qw, sc, z, 32),
-                     R.int4_weight_only_linear(x4.reshape(6, 64), qw, sc, z, 32).reshape(2, 3, 24),
-                     torch.float16)
+        assert_close(
+            ops.int4_weight_only_linear(x4, qw, sc, z, 32),
+            R.int4_weight_only_linear(x4.reshape(6, 64), qw, sc, z, 32).reshape(2, 3, 24),
+            torch.float16,
+        )
         s = _randn(2, 3, 50, seed=64).requires_grad_(True)
         t = _randn(2, 3, 50, seed=65)
         lab = _labels(6, 50, seed=66, ignore_row=0).reshape(2, 3)

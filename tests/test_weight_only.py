@@ -164,7 +164,9 @@ def test_cpu_binding_rejects_mismatched_buffers():
     with pytest.raises(ValueError, match="packed weight"):
         torch.ops.qtorch_cpu.int4_weight_only_linear(x, pw[:-1], ps, pz, 20, 128, 64, None)
     with pytest.raises(ValueError, match="x must have shape"):
-        torch.ops.qtorch_cpu.int4_weight_only_linear(torch.randn(2, 64), pw, ps, pz, 20, 128, 64, None)
+        torch.ops.qtorch_cpu.int4_weight_only_linear(
+            torch.randn(2, 64), pw, ps, pz, 20, 128, 64, None
+        )
     with pytest.raises(ValueError, match="packed scale"):
         torch.ops.qtorch_cpu.int4_weight_only_linear(x, pw, ps, pz, 20, 128, 32, None)
     with pytest.raises(ValueError, match="bias"):
@@ -197,8 +199,7 @@ def test_cpu_int8_packing_and_backward_are_the_same_on_every_isa(isa, n, k):
 
     def run():
         p8, s8 = torch.ops.qtorch_cpu.pack_int8_weight_only(w_q, w_scale)
-        gx = torch.ops.qtorch_cpu.linear_packed_grad_input(grad, p8, s8, None, "cpu_w8a16", n, k,
-                                                           0)
+        gx = torch.ops.qtorch_cpu.linear_packed_grad_input(grad, p8, s8, None, "cpu_w8a16", n, k, 0)
         return p8, s8, gx
 
     p8, s8, gx = run()
@@ -237,8 +238,15 @@ def test_cpu_dequantize_int4_is_the_reference_bitwise(group_size, n):
 
 # (M, N, K): M on both sides of the slab-width steps (32, 256), K from one group (64) to
 # values that are not a multiple of the slab width (64/128/256), N = 1 and odd.
-INT4_GRAD_SHAPES = [(1, 1, 64), (1, 17, 2 * 160), (3, 64, 512), (32, 33, 448), (33, 9, 192),
-                    (256, 5, 320), (257, 31, 576)]
+INT4_GRAD_SHAPES = [
+    (1, 1, 64),
+    (1, 17, 2 * 160),
+    (3, 64, 512),
+    (32, 33, 448),
+    (33, 9, 192),
+    (256, 5, 320),
+    (257, 31, 576),
+]
 
 
 @cpu_kernels
@@ -355,6 +363,7 @@ def test_triton_int4_kernel_layout_is_derived_per_call():
 
 
 # ------------------------------------------------------------------------------------ cuda
+
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(

@@ -68,8 +68,9 @@ def _int8_linear_grad_input(grad_out, w_q, w_scale):
 
 @register_kernel("int4_weight_only_linear", "cpu")
 def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
-    return _ops.int4_weight_only_linear_canonical(x, qweight, scales.float(), zeros, group_size,
-                                                  bias)
+    return _ops.int4_weight_only_linear_canonical(
+        x, qweight, scales.float(), zeros, group_size, bias
+    )
 
 
 @register_kernel("dequantize_int4", "cpu")
@@ -110,27 +111,58 @@ def _unpack_w4a16(weight, n, k, group_size):
     return {"qweight": q, "scales": s, "zeros": z}
 
 
-register_layout(Layout(
-    "cpu_w8a8", "w8a8", "cpu", 0, ("packed_weight", "weight_scale"), ("qweight",),
-    pack=lambda c, n, k, gs: {"packed_weight": _ops.pack_int8_mm(c["qweight"])},
-    unpack=lambda w, n, k, gs: {"qweight": _ops.unpack_int8_mm(w[0], n, k)},
-    run=_run("cpu_w8a8")[0], grad_input=_run("cpu_w8a8")[1],
-))
-register_layout(Layout(
-    "cpu_w8a16", "w8a16", "cpu", 1, ("packed_weight", "packed_scale"),
-    ("qweight", "weight_scale"),
-    pack=lambda c, n, k, gs: dict(zip(("packed_weight", "packed_scale"),
-                                      _ops.pack_int8_weight_only(c["qweight"], c["weight_scale"]))),
-    unpack=_unpack_w8a16, run=_run("cpu_w8a16")[0], grad_input=_run("cpu_w8a16")[1],
-))
-register_layout(Layout(
-    "cpu_w4a16", "w4a16", "cpu", 2, ("packed_weight", "packed_scale", "packed_zero"),
-    ("qweight", "scales", "zeros"),
-    pack=lambda c, n, k, gs: dict(zip(("packed_weight", "packed_scale", "packed_zero"),
-                                      _ops.pack_int4_weight_only(c["qweight"], c["scales"], c["zeros"],
-                                                        gs))),
-    unpack=_unpack_w4a16, run=_run("cpu_w4a16")[0], grad_input=_run("cpu_w4a16")[1],
-))
+register_layout(
+    Layout(
+        "cpu_w8a8",
+        "w8a8",
+        "cpu",
+        0,
+        ("packed_weight", "weight_scale"),
+        ("qweight",),
+        pack=lambda c, n, k, gs: {"packed_weight": _ops.pack_int8_mm(c["qweight"])},
+        unpack=lambda w, n, k, gs: {"qweight": _ops.unpack_int8_mm(w[0], n, k)},
+        run=_run("cpu_w8a8")[0],
+        grad_input=_run("cpu_w8a8")[1],
+    )
+)
+register_layout(
+    Layout(
+        "cpu_w8a16",
+        "w8a16",
+        "cpu",
+        1,
+        ("packed_weight", "packed_scale"),
+        ("qweight", "weight_scale"),
+        pack=lambda c, n, k, gs: dict(
+            zip(
+                ("packed_weight", "packed_scale"),
+                _ops.pack_int8_weight_only(c["qweight"], c["weight_scale"]),
+            )
+        ),
+        unpack=_unpack_w8a16,
+        run=_run("cpu_w8a16")[0],
+        grad_input=_run("cpu_w8a16")[1],
+    )
+)
+register_layout(
+    Layout(
+        "cpu_w4a16",
+        "w4a16",
+        "cpu",
+        2,
+        ("packed_weight", "packed_scale", "packed_zero"),
+        ("qweight", "scales", "zeros"),
+        pack=lambda c, n, k, gs: dict(
+            zip(
+                ("packed_weight", "packed_scale", "packed_zero"),
+                _ops.pack_int4_weight_only(c["qweight"], c["scales"], c["zeros"], gs),
+            )
+        ),
+        unpack=_unpack_w4a16,
+        run=_run("cpu_w4a16")[0],
+        grad_input=_run("cpu_w4a16")[1],
+    )
+)
 
 
 # --- distillation kernels (distillation_loss, fused_linear_distillation_loss) ---------------
@@ -141,19 +173,29 @@ register_layout(Layout(
 
 
 @register_kernel("distillation_loss", "cpu")
-def _distillation_loss(student, teacher, labels, temperature, alpha, divergence, beta,
-                       ignore_index, compute_grad):
+def _distillation_loss(
+    student, teacher, labels, temperature, alpha, divergence, beta, ignore_index, compute_grad
+):
     loss, grad = _ops.distillation_loss(
-        student, teacher, labels, temperature, alpha, divergence, beta, ignore_index,
+        student,
+        teacher,
+        labels,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
         compute_grad,
     )
     return loss, grad if compute_grad else None
 
 
-def _chunk_loss(s, t, labels, token_scale, temperature, alpha, divergence, beta, ignore_index,
-                compute_grad):
-    loss = _ops.distillation_loss_inplace(s, t, labels, token_scale, temperature, alpha,
-                                          divergence, beta, ignore_index, compute_grad)
+def _chunk_loss(
+    s, t, labels, token_scale, temperature, alpha, divergence, beta, ignore_index, compute_grad
+):
+    loss = _ops.distillation_loss_inplace(
+        s, t, labels, token_scale, temperature, alpha, divergence, beta, ignore_index, compute_grad
+    )
     return loss, s if compute_grad else None
 
 

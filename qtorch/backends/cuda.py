@@ -63,8 +63,7 @@ def _int8_linear(x, w_q, w_scale, bias):
 @register_kernel("int8_linear_smooth", "cuda")
 def _int8_linear_smooth(x, w_q, w_scale, smooth_scale, bias):
     # x / smooth_scale inside the activation-quantization kernel (csrc/cuda/int8_mm.cu).
-    return torch.ops.qtorch_cuda.int8_linear(x, _int8_weight_k16(w_q), w_scale, bias,
-                                             smooth_scale)
+    return torch.ops.qtorch_cuda.int8_linear(x, _int8_weight_k16(w_q), w_scale, bias, smooth_scale)
 
 
 # --- W4A16 -------------------------------------------------------------------------------------
@@ -78,7 +77,9 @@ def _int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
         # activations and float zero points (zero_point="float") use the reference.
         return _ref_wo.int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias)
     qp, szp = pack_int4(qweight, scales, zeros, group_size, x.dtype)
-    return torch.ops.qtorch_cuda.int4_weight_only_linear(x, qp, szp, qweight.shape[0], group_size, bias)
+    return torch.ops.qtorch_cuda.int4_weight_only_linear(
+        x, qp, szp, qweight.shape[0], group_size, bias
+    )
 
 
 @register_kernel("int8_weight_only_linear", "cuda")
@@ -145,15 +146,23 @@ def _grad_int8(grad, weight, n, k, group_size):
     return g
 
 
-register_layout(Layout(
-    "cuda_w8a8", "w8a8", "cuda", -1, ("packed_weight", "weight_scale"), ("qweight",),
-    pack=lambda c, n, k, gs: {"packed_weight": _int8_weight_k16(c["qweight"])},
-    unpack=lambda w, n, k, gs: {"qweight": w[0][:, :k].contiguous()},
-    # w[2], when given, is SmoothQuant's smooth_scale (qtorch/_packed.py)
-    run=lambda x, w, bias, n, k, gs: torch.ops.qtorch_cuda.int8_linear(
-        x, w[0], w[1], bias, w[2] if len(w) > 2 else None),
-    grad_input=_grad_int8,
-))
+register_layout(
+    Layout(
+        "cuda_w8a8",
+        "w8a8",
+        "cuda",
+        -1,
+        ("packed_weight", "weight_scale"),
+        ("qweight",),
+        pack=lambda c, n, k, gs: {"packed_weight": _int8_weight_k16(c["qweight"])},
+        unpack=lambda w, n, k, gs: {"qweight": w[0][:, :k].contiguous()},
+        # w[2], when given, is SmoothQuant's smooth_scale (qtorch/_packed.py)
+        run=lambda x, w, bias, n, k, gs: torch.ops.qtorch_cuda.int8_linear(
+            x, w[0], w[1], bias, w[2] if len(w) > 2 else None
+        ),
+        grad_input=_grad_int8,
+    )
+)
 
 
 def _run_w8a16(x, weight, bias, n, k, group_size):
@@ -164,12 +173,20 @@ def _run_w8a16(x, weight, bias, n, k, group_size):
     return torch.ops.qtorch_cuda.int8_weight_only_linear(x, weight[0], weight[1], n, bias)
 
 
-register_layout(Layout(
-    "cuda_w8a16", "w8a16", "cuda", -1, ("packed_weight", "weight_scale"), ("qweight",),
-    pack=lambda c, n, k, gs: {"packed_weight": pack_int8(c["qweight"])},
-    unpack=lambda w, n, k, gs: {"qweight": unpack_int8(w[0], n, k)},
-    run=_run_w8a16, grad_input=_grad_int8,
-))
+register_layout(
+    Layout(
+        "cuda_w8a16",
+        "w8a16",
+        "cuda",
+        -1,
+        ("packed_weight", "weight_scale"),
+        ("qweight",),
+        pack=lambda c, n, k, gs: {"packed_weight": pack_int8(c["qweight"])},
+        unpack=lambda w, n, k, gs: {"qweight": unpack_int8(w[0], n, k)},
+        run=_run_w8a16,
+        grad_input=_grad_int8,
+    )
+)
 
 
 def _w4a16_layout(dtype: torch.dtype, name: str) -> Layout:
@@ -179,24 +196,38 @@ def _w4a16_layout(dtype: torch.dtype, name: str) -> Layout:
         return {"packed_weight": qp, "packed_scale": szp, "packed_meta": meta}
 
     def unpack(w, n, k, gs):
-        return {"qweight": unpack_int4_weight(w[0], n, k), "scales": w[2][0].contiguous(),
-                "zeros": w[2][1].to(torch.uint8).contiguous()}  # (integers 0..15: exact)
+        return {
+            "qweight": unpack_int4_weight(w[0], n, k),
+            "scales": w[2][0].contiguous(),
+            "zeros": w[2][1].to(torch.uint8).contiguous(),
+        }  # (integers 0..15: exact)
 
     def run(x, w, bias, n, k, gs):
         if x.dtype != dtype:  # the kernel reads the scales in the activations' type
             c = unpack(w, n, k, gs)
-            return torch.ops.qtorch.int4_weight_only_linear(x, c["qweight"], c["scales"],
-                                                            c["zeros"], gs, bias)
+            return torch.ops.qtorch.int4_weight_only_linear(
+                x, c["qweight"], c["scales"], c["zeros"], gs, bias
+            )
         return torch.ops.qtorch_cuda.int4_weight_only_linear(x, w[0], w[1], n, gs, bias)
 
     def grad_input(grad, w, n, k, gs):
         c = unpack(w, n, k, gs)
-        return torch.ops.qtorch.int4_linear_grad_input(grad, c["qweight"], c["scales"],
-                                                       c["zeros"], gs)
+        return torch.ops.qtorch.int4_linear_grad_input(
+            grad, c["qweight"], c["scales"], c["zeros"], gs
+        )
 
-    return Layout(name, "w4a16", "cuda", -1, ("packed_weight", "packed_scale", "packed_meta"),
-                  ("qweight", "scales", "zeros"), pack=pack, unpack=unpack, run=run,
-                  grad_input=grad_input)
+    return Layout(
+        name,
+        "w4a16",
+        "cuda",
+        -1,
+        ("packed_weight", "packed_scale", "packed_meta"),
+        ("qweight", "scales", "zeros"),
+        pack=pack,
+        unpack=unpack,
+        run=run,
+        grad_input=grad_input,
+    )
 
 
 register_layout(_w4a16_layout(torch.float16, "cuda_w4a16_fp16"), dtype=torch.float16)

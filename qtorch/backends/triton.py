@@ -44,34 +44,49 @@ def int4_weight_only_linear(x, qweight, scales, zeros, group_size, bias):
     """x [M, K] float, canonical int4 weight -> [M, N] x.dtype (the kernel contract). An op
     keeps nothing between calls, so the layout is prepared per call; a quantized module keeps
     it (the "triton_w4a16" layout below)."""
-    return weight_only.int4_weight_only_linear(x, *kernel_layout(qweight, scales, zeros),
-                                               group_size, bias)
+    return weight_only.int4_weight_only_linear(
+        x, *kernel_layout(qweight, scales, zeros), group_size, bias
+    )
 
 
 def _unpack_int4(weight, n, k, group_size):
     qweight_t, scales_t, zeros_t = weight
-    return {"qweight": qweight_t.t().contiguous(), "scales": scales_t.t().contiguous(),
-            "zeros": zeros_t.t().contiguous()}  # (its dtype kept: uint8 or float32)
+    return {
+        "qweight": qweight_t.t().contiguous(),
+        "scales": scales_t.t().contiguous(),
+        "zeros": zeros_t.t().contiguous(),
+    }  # (its dtype kept: uint8 or float32)
 
 
 def _grad_int4(grad, weight, n, k, group_size):
     c = _unpack_int4(weight, n, k, group_size)
-    return torch.ops.qtorch.int4_linear_grad_input(grad, c["qweight"], c["scales"], c["zeros"],
-                                                   group_size)
+    return torch.ops.qtorch.int4_linear_grad_input(
+        grad, c["qweight"], c["scales"], c["zeros"], group_size
+    )
 
 
 # The module layout: what the kernel reads, kept once by a quantized module on a device where
 # "auto" picks Triton (a GPU without the CUDA extension). The int8 kernels read the canonical
 # layout, so they need none.
-register_layout(Layout(
-    "triton_w4a16", "w4a16", "triton", -1, ("packed_weight", "packed_scale", "packed_zero"),
-    ("qweight", "scales", "zeros"),
-    pack=lambda c, n, k, gs: dict(zip(("packed_weight", "packed_scale", "packed_zero"),
-                                      kernel_layout(c["qweight"], c["scales"], c["zeros"]))),
-    unpack=_unpack_int4,
-    run=lambda x, w, bias, n, k, gs: weight_only.int4_weight_only_linear(x, *w, gs, bias),
-    grad_input=_grad_int4,
-))
+register_layout(
+    Layout(
+        "triton_w4a16",
+        "w4a16",
+        "triton",
+        -1,
+        ("packed_weight", "packed_scale", "packed_zero"),
+        ("qweight", "scales", "zeros"),
+        pack=lambda c, n, k, gs: dict(
+            zip(
+                ("packed_weight", "packed_scale", "packed_zero"),
+                kernel_layout(c["qweight"], c["scales"], c["zeros"]),
+            )
+        ),
+        unpack=_unpack_int4,
+        run=lambda x, w, bias, n, k, gs: weight_only.int4_weight_only_linear(x, *w, gs, bias),
+        grad_input=_grad_int4,
+    )
+)
 
 
 # --- fused linear distillation: the one chunk loop with Triton's per-chunk loss kernel --------
@@ -122,20 +137,26 @@ class Mixed16Head:
         if grad_weight is not None:
             g16_t = g16.T
             for r0 in range(0, g16_t.shape[0], _GW_ROWS):
-                grad_weight[r0:r0 + _GW_ROWS] += _mm_fp32(g16_t[r0:r0 + _GW_ROWS], x)
+                grad_weight[r0 : r0 + _GW_ROWS] += _mm_fp32(g16_t[r0 : r0 + _GW_ROWS], x)
 
 
-def fused_linear_distillation_loss(student_hidden, student_weight, teacher_hidden,
-                                   teacher_weight, *args):
+def fused_linear_distillation_loss(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, *args
+):
     """The kernel contract's fused_linear_distillation_loss: the one chunk loop with the Triton
     loss kernel. GEMMs: `Mixed16Head` when hidden states and weights share one 16-bit dtype on
     CUDA, else `LinearHead` (fp32 GEMMs; the interpreter, fp32 inputs, mixed dtypes)."""
     tensors = (student_hidden, student_weight, teacher_hidden, teacher_weight)
-    mixed16 = (_MM_OUT_DTYPE and student_hidden.is_cuda and student_hidden.dtype in _HALF
-               and all(x.dtype == student_hidden.dtype for x in tensors
-                       if isinstance(x, torch.Tensor)))  # (not a quantized teacher's ModuleHead)
+    mixed16 = (
+        _MM_OUT_DTYPE
+        and student_hidden.is_cuda
+        and student_hidden.dtype in _HALF
+        and all(x.dtype == student_hidden.dtype for x in tensors if isinstance(x, torch.Tensor))
+    )  # (not a quantized teacher's ModuleHead)
     return _ref_distill.fused_linear_distillation_loss(
-        *tensors, *args, chunk_loss=distillation.chunk_loss,
+        *tensors,
+        *args,
+        chunk_loss=distillation.chunk_loss,
         head=Mixed16Head if mixed16 else _ref_distill.LinearHead,
     )
 

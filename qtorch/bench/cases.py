@@ -710,14 +710,22 @@ def _build_fused(s, dtype, device, backends, with_peers, opt):
 
     for quant in opt.teacher_quant:
         if quant == "w4a16" and ht % TEACHER_QUANT_GROUP:
-            built.skipped += [(f"qtorch:{b} {quant} teacher", f"teacher hidden {ht} is not a "
-                               f"multiple of the int4 group {TEACHER_QUANT_GROUP}")
-                              for b in served]
+            built.skipped += [
+                (
+                    f"qtorch:{b} {quant} teacher",
+                    f"teacher hidden {ht} is not a "
+                    f"multiple of the int4 group {TEACHER_QUANT_GROUP}",
+                )
+                for b in served
+            ]
             continue
         qbytes = v * h * es + _quantized_bytes(quantized_teacher_head(weights["wt"], quant))
         for b in served:
-            built.impls.append(_qtorch_impl(f"qtorch:{b} {quant} teacher", b,
-                                            make_quantized(quant), weights, qbytes, kind))
+            built.impls.append(
+                _qtorch_impl(
+                    f"qtorch:{b} {quant} teacher", b, make_quantized(quant), weights, qbytes, kind
+                )
+            )
     if with_peers:
         peers.add_fused_distillation_peers(built, hs, ht_, weights, labels, kw)
     return built
@@ -730,8 +738,7 @@ def quantized_teacher_head(wt: torch.Tensor, quant: str) -> torch.nn.Module:
     """The teacher head weight [V, Ht] as a qtorch quantized linear ("w8a16" or "w4a16")."""
     from qtorch import nn as qnn
 
-    lin = torch.nn.Linear(wt.shape[1], wt.shape[0], bias=False, device=wt.device,
-                          dtype=wt.dtype)
+    lin = torch.nn.Linear(wt.shape[1], wt.shape[0], bias=False, device=wt.device, dtype=wt.dtype)
     with torch.no_grad():
         lin.weight.copy_(wt)
     if quant == "w4a16":

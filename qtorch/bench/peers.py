@@ -310,8 +310,12 @@ def liger_jsd_kwargs(temperature: float, alpha: float, beta: float) -> dict:
     β = 0 and 1 Liger switches to KL(p‖q) and KL(q‖p), where qtorch's D is 0)."""
     if not 0.0 < beta < 1.0:
         raise ValueError(f"Liger's JSD equals qtorch's only for 0 < beta < 1, got {beta}")
-    return dict(weight_soft_loss=alpha * temperature**2, weight_hard_loss=1.0 - alpha,
-                beta=beta, temperature=temperature)
+    return dict(
+        weight_soft_loss=alpha * temperature**2,
+        weight_hard_loss=1.0 - alpha,
+        beta=beta,
+        temperature=temperature,
+    )
 
 
 def add_fused_distillation_peers(built: Built, hs, ht, weights: dict, labels, loss_kw) -> None:
@@ -324,8 +328,9 @@ def add_fused_distillation_peers(built: Built, hs, ht, weights: dict, labels, lo
         built.skipped += [(n, "Liger-Kernel not installed") for n in names]
         return
     if built.options.divergence != "jsd":
-        built.skipped += [(n, "Liger's fused KD loss is JSD (Options.divergence='jsd')")
-                          for n in names]
+        built.skipped += [
+            (n, "Liger's fused KD loss is JSD (Options.divergence='jsd')") for n in names
+        ]
         return
     kw = liger_jsd_kwargs(loss_kw["temperature"], loss_kw["alpha"], loss_kw.get("beta", 0.5))
     ws, wt = weights["ws"], weights["wt"]

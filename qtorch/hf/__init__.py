@@ -28,8 +28,15 @@ from qtorch.hf.api import quantize_model
 from qtorch.hf.config import QUANT_METHOD, QtorchConfig
 from qtorch.hf.quantizer import QtorchHfQuantizer
 
-__all__ = ["QtorchConfig", "QtorchHfQuantizer", "quantize_model", "get_peft_model",
-           "peft_from_pretrained", "register_lora_layers", "QtorchLoraLinear"]
+__all__ = [
+    "QtorchConfig",
+    "QtorchHfQuantizer",
+    "quantize_model",
+    "get_peft_model",
+    "peft_from_pretrained",
+    "register_lora_layers",
+    "QtorchLoraLinear",
+]
 
 # Registered once per process (a second registration under the name is an error there).
 if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not QtorchConfig:

@@ -80,8 +80,11 @@ def to_float(module: _QuantizedLinear, dtype: torch.dtype | None = None) -> nn.M
         with torch.device("meta"):
             out = Conv1D(module.out_features, module.in_features)
         out.weight = nn.Parameter(w.t().contiguous().to(dtype))
-        out.bias = bias if bias is not None else nn.Parameter(
-            torch.zeros(module.out_features, dtype=dtype, device=w.device))
+        out.bias = (
+            bias
+            if bias is not None
+            else nn.Parameter(torch.zeros(module.out_features, dtype=dtype, device=w.device))
+        )
     else:
         with torch.device("meta"):
             out = nn.Linear(module.in_features, module.out_features, bias=False)
@@ -105,8 +108,10 @@ def mark_parent_initialized(model: nn.Module, name: str) -> None:
     parent = model.get_submodule(parent_name) if parent_name else model
     if parent is model:
         return
-    if next(parent.parameters(recurse=False), None) is None and next(
-            parent.buffers(recurse=False), None) is None:
+    if (
+        next(parent.parameters(recurse=False), None) is None
+        and next(parent.buffers(recurse=False), None) is None
+    ):
         parent._is_hf_initialized = True
 
 

@@ -18,8 +18,9 @@ from qtorch.hf.config import QtorchConfig
 from qtorch.hf.quantizer import QtorchHfQuantizer, finish, tied_module_names
 
 
-def quantize_model(model: nn.Module, config: QtorchConfig, calibration_data=None,
-                   progress: bool = False) -> nn.Module:
+def quantize_model(
+    model: nn.Module, config: QtorchConfig, calibration_data=None, progress: bool = False
+) -> nn.Module:
     """Quantize a loaded transformers `model` in place with `config` and make it a qtorch model
     for transformers (model.hf_quantizer, config.quantization_config), so that
     `save_pretrained` writes its qtorch checkpoint and `from_pretrained` reloads it.
@@ -44,8 +45,10 @@ def quantize_model(model: nn.Module, config: QtorchConfig, calibration_data=None
     if calibration_data is None:
         calibration_data = config.calibration_data
     if config.needs_calibration() and calibration_data is None:
-        raise ValueError(f"QtorchConfig(algorithm={config.algorithm!r}, smoothquant_alpha="
-                         f"{config.smoothquant_alpha!r}) needs calibration_data (model inputs)")
+        raise ValueError(
+            f"QtorchConfig(algorithm={config.algorithm!r}, smoothquant_alpha="
+            f"{config.smoothquant_alpha!r}) needs calibration_data (model inputs)"
+        )
     _quantize_loaded(model, quantizer, calibration_data, progress=progress)
     quantizer.warn_skipped()
     # what from_pretrained(..., quantization_config=config) leaves on the model
@@ -69,17 +72,20 @@ def _check_no_other_config(model: nn.Module, quantizer: QtorchHfQuantizer) -> No
             continue
         same = type(mod) is want and (
             want is not qtorch.nn.Int4WeightOnlyLinear
-            or (mod.group_size, mod.symmetric) == (quantizer.qcfg.group_size,
-                                                    quantizer.qcfg.symmetric))
+            or (mod.group_size, mod.symmetric)
+            == (quantizer.qcfg.group_size, quantizer.qcfg.symmetric)
+        )
         if not same:
             raise ValueError(
                 f"{name} is already a {type(mod).__name__} ({mod._format()}), which "
                 f"{quantizer.quantization_config.config} does not describe: a qtorch checkpoint "
-                "holds one config; load the model in float and quantize it with one config")
+                "holds one config; load the model in float and quantize it with one config"
+            )
 
 
-def _quantize_loaded(model: nn.Module, quantizer: QtorchHfQuantizer, calibration_data,
-                     progress: bool = False) -> None:
+def _quantize_loaded(
+    model: nn.Module, quantizer: QtorchHfQuantizer, calibration_data, progress: bool = False
+) -> None:
     """Convert the float layers of a loaded model (module docstring of qtorch.hf.quantizer)."""
     quantizer.skip = quantizer.skip_list(model)
     quantizer.tied = tied_module_names(model)
@@ -89,8 +95,10 @@ def _quantize_loaded(model: nn.Module, quantizer: QtorchHfQuantizer, calibration
         if dims is None or _layers.skipped_by(name, quantizer.skip) is not None:
             continue
         if name in quantizer.tied:
-            quantizer.skipped[name] = (f"tied to {quantizer.tied[name]}; kept in float so the tie "
-                                       "holds (tie_word_embeddings=False unties it)")
+            quantizer.skipped[name] = (
+                f"tied to {quantizer.tied[name]}; kept in float so the tie "
+                "holds (tie_word_embeddings=False unties it)"
+            )
             continue
         candidates.append((name, module))
     if calibration_data is not None or quantizer.quantization_config.needs_calibration():
@@ -128,8 +136,12 @@ def _quantize_calibrated(model, quantizer, candidates, calibration_data) -> None
             conv1d[name] = module
             _layers.replace(model, name, _layers.as_linear(module, module.weight))
     names = {name for name, _ in candidates}
-    qtorch.quantize_(model, quantizer.qcfg, filter_fn=lambda mod, fqn: fqn in names,
-                     calibration_data=calibration_data)
+    qtorch.quantize_(
+        model,
+        quantizer.qcfg,
+        filter_fn=lambda mod, fqn: fqn in names,
+        calibration_data=calibration_data,
+    )
     for name in names:
         mod = model.get_submodule(name)
         if isinstance(mod, _layers._QuantizedLinear):

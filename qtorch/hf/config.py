@@ -41,8 +41,13 @@ CONFIGS = {
     "w8a16": (qtorch.Int8WeightOnlyConfig, ("algorithm",)),
     "w4a16": (qtorch.Int4WeightOnlyConfig, ("group_size", "symmetric", "algorithm", "zero_point")),
 }
-DEFAULTS = {"group_size": 128, "symmetric": False, "algorithm": "rtn", "smoothquant_alpha": None,
-            "zero_point": "int"}
+DEFAULTS = {
+    "group_size": 128,
+    "symmetric": False,
+    "algorithm": "rtn",
+    "smoothquant_alpha": None,
+    "zero_point": "int",
+}
 
 
 class QtorchConfig(QuantizationConfigMixin):
@@ -71,8 +76,9 @@ class QtorchConfig(QuantizationConfigMixin):
         self.algorithm = algorithm
         self.smoothquant_alpha = smoothquant_alpha
         self.zero_point = zero_point
-        self.modules_to_not_convert = (None if modules_to_not_convert is None
-                                       else list(modules_to_not_convert))
+        self.modules_to_not_convert = (
+            None if modules_to_not_convert is None else list(modules_to_not_convert)
+        )
         self.calibration_data = calibration_data
         self.post_init()
 
@@ -88,7 +94,8 @@ class QtorchConfig(QuantizationConfigMixin):
                     f"(its fields: {', '.join(taken)})"
                 )
         if self.modules_to_not_convert is not None and not all(
-                isinstance(m, str) for m in self.modules_to_not_convert):
+            isinstance(m, str) for m in self.modules_to_not_convert
+        ):
             raise TypeError("modules_to_not_convert must be a list of module-name substrings")
         self.qtorch_config()
 
@@ -120,15 +127,21 @@ class QtorchConfig(QuantizationConfigMixin):
         return 4 if self.config == "w4a16" else 8
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"quant_method": QUANT_METHOD, "config": self.config, **self.fields(),
-               "modules_to_not_convert": self.modules_to_not_convert}
+        out = {
+            "quant_method": QUANT_METHOD,
+            "config": self.config,
+            **self.fields(),
+            "modules_to_not_convert": self.modules_to_not_convert,
+        }
         return out
 
     def __deepcopy__(self, memo):
         # transformers deep-copies the model config, this included: calibration data (possibly
         # a generator, which cannot be copied) is shared, not copied
-        new = QtorchConfig(**{k: copy.deepcopy(v, memo) for k, v in self.to_dict().items()},
-                           calibration_data=self.calibration_data)
+        new = QtorchConfig(
+            **{k: copy.deepcopy(v, memo) for k, v in self.to_dict().items()},
+            calibration_data=self.calibration_data,
+        )
         return new
 
     def to_diff_dict(self) -> dict[str, Any]:

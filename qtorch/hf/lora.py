@@ -43,8 +43,9 @@ from qtorch.nn.linear import _QuantizedLinear, canonical_layout
 QTORCH_LAYERS = (Int8DynamicLinear, Int8WeightOnlyLinear, Int4WeightOnlyLinear)
 
 
-def _requantize_like(base: _QuantizedLinear, weight: torch.Tensor,
-                     bias: nn.Parameter | None) -> _QuantizedLinear:
+def _requantize_like(
+    base: _QuantizedLinear, weight: torch.Tensor, bias: nn.Parameter | None
+) -> _QuantizedLinear:
     """A module of base's class and config (round to nearest) holding `weight` [N, K]."""
     with torch.device("meta"):
         lin = nn.Linear(base.in_features, base.out_features, bias=False)
@@ -54,7 +55,8 @@ def _requantize_like(base: _QuantizedLinear, weight: torch.Tensor,
     if isinstance(base, Int4WeightOnlyLinear):
         kw = {"group_size": base.group_size, "symmetric": base.symmetric}
         if "zero_point" in inspect.signature(type(base).from_float).parameters and hasattr(
-                base, "zero_point"):
+            base, "zero_point"
+        ):
             kw["zero_point"] = base.zero_point
     with canonical_layout():
         new = type(base).from_float(lin, **kw)
@@ -67,15 +69,20 @@ def _requantize_like(base: _QuantizedLinear, weight: torch.Tensor,
 class QtorchLoraLinear(_LoraLinear):
     """PEFT's LoRA Linear on a qtorch base layer (module docstring)."""
 
-    def __init__(self, base_layer, adapter_name, config, r: int = 0, lora_alpha: int = 1,
-                 **kwargs) -> None:
+    def __init__(
+        self, base_layer, adapter_name, config, r: int = 0, lora_alpha: int = 1, **kwargs
+    ) -> None:
         if config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out is set to True but a qtorch layer computes x @ W.T "
-                          "(as nn.Linear does, whatever layer it was made from). Setting "
-                          "fan_in_fan_out to False.", stacklevel=2)
+            warnings.warn(
+                "fan_in_fan_out is set to True but a qtorch layer computes x @ W.T "
+                "(as nn.Linear does, whatever layer it was made from). Setting "
+                "fan_in_fan_out to False.",
+                stacklevel=2,
+            )
             config.fan_in_fan_out = False
-        super().__init__(base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha,
-                         **kwargs)
+        super().__init__(
+            base_layer, adapter_name, config=config, r=r, lora_alpha=lora_alpha, **kwargs
+        )
         self.merge_error: dict | None = None
 
     def _get_in_out_features(self, module):
@@ -94,36 +101,47 @@ class QtorchLoraLinear(_LoraLinear):
         if variant is not None:
             raise ValueError(
                 f"qtorch layers take plain LoRA only: {type(variant).__name__} needs the float "
-                "weight of the base layer; use plain LoRA, or a float base model")
+                "weight of the base layer; use plain LoRA, or a float base model"
+            )
         return None
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """ŵ' = quantize(ŵ + Σ ΔW) with the base layer's config; warns with the error that adds
         (`self.merge_error`). The original base layer is kept for an exact `unmerge`."""
-        adapter_names = [a for a in check_adapters_to_merge(self, adapter_names)
-                         if a in self.lora_A]
+        adapter_names = [
+            a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A
+        ]
         if not adapter_names:
             return
         base = self.get_base_layer()
         if "smooth_scale" in base._buffers:
-            raise ValueError("merging a LoRA adapter into a SmoothQuant layer is not supported: "
-                             "keep the adapter unmerged")
+            raise ValueError(
+                "merging a LoRA adapter into a SmoothQuant layer is not supported: "
+                "keep the adapter unmerged"
+            )
         w = base.dequantize()
         delta = sum(self.get_delta_weight(a).to(w) for a in adapter_names)
         target = w + delta
         bias = base.bias
         if any(self.lora_bias[a] for a in adapter_names):
             if bias is None:
-                raise RuntimeError("Impossible to merge LoRA with `lora_bias=True` because the "
-                                   "base layer has no bias.")
+                raise RuntimeError(
+                    "Impossible to merge LoRA with `lora_bias=True` because the "
+                    "base layer has no bias."
+                )
             new_bias = bias.detach().float() + sum(
                 self.lora_B[a].bias.detach().float() * self.scaling[a]
-                for a in adapter_names if self.lora_bias[a])
+                for a in adapter_names
+                if self.lora_bias[a]
+            )
             bias = nn.Parameter(new_bias.to(bias.dtype), requires_grad=bias.requires_grad)
-        if safe_merge and not (torch.isfinite(target).all() and (
-                bias is None or torch.isfinite(bias).all())):
-            raise ValueError(f"NaNs detected in the merged weights. The adapter(s) "
-                             f"{adapter_names} seem to be broken")
+        if safe_merge and not (
+            torch.isfinite(target).all() and (bias is None or torch.isfinite(bias).all())
+        ):
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter(s) "
+                f"{adapter_names} seem to be broken"
+            )
         new = _requantize_like(base, target, bias)
         err = new.dequantize() - target
         norm = lambda t: t.norm().item()  # noqa: E731
@@ -140,7 +158,10 @@ class QtorchLoraLinear(_LoraLinear):
             f"W + ΔW with the layer's config; that adds an error of {e['rel_to_delta']:.1%} of "
             f"‖ΔW‖ ({e['rel_to_weight']:.2%} of ‖W + ΔW‖, max |error| {e['max_abs']:.3g}) to the "
             "merged weight. Keep the adapter unmerged, or merge it into a float model, for the "
-            "exact result.", UserWarning, stacklevel=2)
+            "exact result.",
+            UserWarning,
+            stacklevel=2,
+        )
         if not self.merged:  # the exact original, for unmerge (not a submodule: not saved)
             self.__dict__["_unmerged_base"] = base
         self.base_layer = new
@@ -164,8 +185,9 @@ def register_lora_layers(config):
     """Make PEFT build `QtorchLoraLinear` on qtorch layers for this LoraConfig (PEFT's
     `_register_custom_module`); returns the config."""
     if not isinstance(config, peft.LoraConfig):
-        raise TypeError(f"qtorch layers take LoRA adapters (peft.LoraConfig), got "
-                        f"{type(config).__name__}")
+        raise TypeError(
+            f"qtorch layers take LoRA adapters (peft.LoraConfig), got {type(config).__name__}"
+        )
     config._register_custom_module(dict.fromkeys(QTORCH_LAYERS, QtorchLoraLinear))
     return config
 
@@ -173,8 +195,11 @@ def register_lora_layers(config):
 def _all_linear(model: nn.Module, config) -> set[str]:
     """Every linear layer (nn.Linear, Conv1D, qtorch) but the output layer: the output
     embedding, or for sequence classification the classifier head."""
-    names = {n for n, m in model.named_modules()
-             if isinstance(m, _QuantizedLinear) or _layers.linear_dims(m) is not None}
+    names = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, _QuantizedLinear) or _layers.linear_dims(m) is not None
+    }
     exclude = None
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
@@ -183,8 +208,10 @@ def _all_linear(model: nn.Module, config) -> set[str]:
     elif str(getattr(config, "task_type", "")) in ("SEQ_CLS", "TaskType.SEQ_CLS"):
         from peft.utils.constants import SEQ_CLS_HEAD_NAMES
 
-        exclude = next((getattr(model, h) for h in SEQ_CLS_HEAD_NAMES
-                        if getattr(model, h, None) is not None), None)
+        exclude = next(
+            (getattr(model, h) for h in SEQ_CLS_HEAD_NAMES if getattr(model, h, None) is not None),
+            None,
+        )
     if exclude is not None:
         names -= {n for n, m in model.named_modules() if m is exclude}
     return names
@@ -203,12 +230,24 @@ def get_peft_model(model: nn.Module, peft_config, **kwargs):
     return peft.get_peft_model(model, peft_config, **kwargs)
 
 
-def peft_from_pretrained(model: nn.Module, model_id, adapter_name: str = "default",
-                         is_trainable: bool = False, config=None, **kwargs):
+def peft_from_pretrained(
+    model: nn.Module,
+    model_id,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    config=None,
+    **kwargs,
+):
     """`peft.PeftModel.from_pretrained` for a model with qtorch layers (the adapter config
     read from `model_id` gets the qtorch LoRA layers registered)."""
     if config is None:
         config = peft.PeftConfig.from_pretrained(model_id)
     register_lora_layers(config)
-    return peft.PeftModel.from_pretrained(model, model_id, adapter_name=adapter_name,
-                                          is_trainable=is_trainable, config=config, **kwargs)
+    return peft.PeftModel.from_pretrained(
+        model,
+        model_id,
+        adapter_name=adapter_name,
+        is_trainable=is_trainable,
+        config=config,
+        **kwargs,
+    )

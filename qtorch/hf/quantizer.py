@@ -37,9 +37,17 @@ from qtorch.hf import _layers, _memory
 from qtorch.hf.config import QtorchConfig
 from qtorch.nn.linear import _own, _QuantizedLinear
 
-_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "F64": torch.float64, "I32": torch.int32, "I64": torch.int64,
-           "BOOL": torch.bool}
+_DTYPES = {
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
 
 
 def checkpoint_entries(files: list[str]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -92,8 +100,7 @@ def quantized_modules(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantizedLinear)]
 
 
-def finish(model: nn.Module, names=None, revalidate: bool = False,
-           checkpoint_files=None) -> None:
+def finish(model: nn.Module, names=None, revalidate: bool = False, checkpoint_files=None) -> None:
     """End of loading: each qtorch module (of `names`, default all) leaves its canonical-only
     state and packs for its backend. With `revalidate`, its buffers (assigned by transformers)
     first go through the module's own `load_state_dict`, as copies the module owns (a view of
@@ -103,8 +110,11 @@ def finish(model: nn.Module, names=None, revalidate: bool = False,
     for name in names if names is not None else list(mods):
         mod = mods[name]
         if revalidate:
-            persistent = [k for k, v in mod._buffers.items()
-                          if v is not None and k not in mod._non_persistent_buffers_set]
+            persistent = [
+                k
+                for k, v in mod._buffers.items()
+                if v is not None and k not in mod._non_persistent_buffers_set
+            ]
             loaded = [mod._buffers[k] for k in persistent]
             state = {k: _own(t) for k, t in zip(persistent, loaded)}
             if mod.bias is not None:
@@ -127,7 +137,7 @@ class QtorchQuantize(ConversionOps):
 
     def convert(self, input_dict, model=None, full_layer_name=None, missing_keys=None, **kwargs):
         q = self.hf_quantizer
-        (_, value), = input_dict.items()
+        ((_, value),) = input_dict.items()
         value = value[0] if isinstance(value, list) else value
         name = full_layer_name.rpartition(".")[0]
         module = model.get_submodule(name)
@@ -185,18 +195,23 @@ class QtorchHfQuantizer(HfQuantizer):
                 "load; or load the float model and call qtorch.hf.quantize_model(model, config, "
                 "calibration_data=...)"
             )
-        if self.calibrating and "calibration_data" not in inspect.signature(
-                qtorch.quantize_).parameters:
-            raise ValueError("calibration_data: this qtorch's quantize_ has no calibrated "
-                             "algorithms")
+        if (
+            self.calibrating
+            and "calibration_data" not in inspect.signature(qtorch.quantize_).parameters
+        ):
+            raise ValueError(
+                "calibration_data: this qtorch's quantize_ has no calibrated algorithms"
+            )
 
     def skip_list(self, model) -> list[str]:
         """Module-name substrings kept in float: modules_to_not_convert (None: transformers'
         defaults, the output embedding, tied weights and the last module) and the model's
         keep-in-fp32 modules."""
         return self.get_modules_to_not_convert(
-            model, self.quantization_config.modules_to_not_convert,
-            getattr(model, "_keep_in_fp32_modules", None))
+            model,
+            self.quantization_config.modules_to_not_convert,
+            getattr(model, "_keep_in_fp32_modules", None),
+        )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         self.checkpoint_paths = {os.path.realpath(f) for f in checkpoint_files or []}
@@ -228,7 +243,8 @@ class QtorchHfQuantizer(HfQuantizer):
                 raise ValueError(
                     f"qtorch checkpoint holds {ckpt_name}.qweight, but the model's {ckpt_name} is "
                     f"{type(module).__name__ if module is not None else 'missing'}, not a linear "
-                    "layer")
+                    "layer"
+                )
             k, n, conv1d = dims
             kw = {}
             if cls is qtorch.nn.Int4WeightOnlyLinear:
@@ -236,18 +252,22 @@ class QtorchHfQuantizer(HfQuantizer):
             new = cls(k, n, bias=module.bias, device="meta", **kw)
             missing = [b for b in canonical if b not in bufs]
             if missing:
-                raise ValueError(f"qtorch checkpoint lacks {', '.join(f'{ckpt_name}.{b}' for b in missing)}")
+                raise ValueError(
+                    f"qtorch checkpoint lacks {', '.join(f'{ckpt_name}.{b}' for b in missing)}"
+                )
             for buf, (dtype, shape) in bufs.items():
                 have = new._buffers.get(buf) if buf in new._buffers else None
                 if have is None:
                     raise ValueError(
                         f"qtorch checkpoint holds {ckpt_name}.{buf}, which this qtorch's "
                         f"{cls.__name__} does not have (saved by a newer qtorch, or with another "
-                        "config than config.json names)")
+                        "config than config.json names)"
+                    )
                 if tuple(have.shape) != shape:
                     raise ValueError(
                         f"qtorch checkpoint: {ckpt_name}.{buf} has shape {list(shape)}, but "
-                        f"{cls.__name__}({k}, {n}, {kw or ''}) expects {list(have.shape)}")
+                        f"{cls.__name__}({k}, {n}, {kw or ''}) expects {list(have.shape)}"
+                    )
                 if dtype is not None and have.dtype != dtype:
                     # the module's own load_state_dict decides after loading whether it takes it
                     new._buffers[buf] = torch.empty(shape, dtype=dtype, device="meta")
@@ -280,8 +300,10 @@ class QtorchHfQuantizer(HfQuantizer):
         if pattern is not None:
             return False
         if name in self.tied:
-            self.skipped[name] = (f"tied to {self.tied[name]}; kept in float so the tie holds "
-                                  "(tie_word_embeddings=False unties it)")
+            self.skipped[name] = (
+                f"tied to {self.tied[name]}; kept in float so the tie holds "
+                "(tie_word_embeddings=False unties it)"
+            )
             return False
         gs = getattr(self.qcfg, "group_size", None)
         if gs is not None and dims[0] % gs:
@@ -308,8 +330,12 @@ class QtorchHfQuantizer(HfQuantizer):
 
             _quantize_loaded(model, self, self.quantization_config.calibration_data)
         else:
-            finish(model, self.converted, revalidate=self.pre_quantized,
-                   checkpoint_files=self.checkpoint_paths)
+            finish(
+                model,
+                self.converted,
+                revalidate=self.pre_quantized,
+                checkpoint_files=self.checkpoint_paths,
+            )
         if not self.pre_quantized and self.quantization_config.modules_to_not_convert is not None:
             self._note_tied_kept(model)
         self.warn_skipped()
@@ -323,10 +349,15 @@ class QtorchHfQuantizer(HfQuantizer):
                 module = model.get_submodule(name)
             except AttributeError:
                 continue
-            if (_layers.linear_dims(module) is not None and name not in self.skipped
-                    and _layers.skipped_by(name, self.skip) is None):
-                self.skipped[name] = (f"tied to {other}; kept in float so the tie holds "
-                                      "(tie_word_embeddings=False unties it)")
+            if (
+                _layers.linear_dims(module) is not None
+                and name not in self.skipped
+                and _layers.skipped_by(name, self.skip) is None
+            ):
+                self.skipped[name] = (
+                    f"tied to {other}; kept in float so the tie holds "
+                    "(tie_word_embeddings=False unties it)"
+                )
 
     def warn_skipped(self) -> None:
         """One UserWarning naming every layer kept in float, grouped by reason."""
@@ -339,7 +370,9 @@ class QtorchHfQuantizer(HfQuantizer):
             f"qtorch: {len(self.skipped)} linear layer(s) kept in float by "
             f"{self.quantization_config.config}: "
             + "; ".join(f"{', '.join(names)} ({why})" for why, names in by_reason.items()),
-            UserWarning, stacklevel=2)
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _dequantize(self, model, dtype=None):
         for name, mod in quantized_modules(model):

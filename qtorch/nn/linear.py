@@ -125,8 +125,10 @@ def _calibrated(linear: nn.Linear, algorithm: str, grid) -> dict[str, Tensor]:
     """The canonical buffers of a data-free non-RTN algorithm for linear's weight."""
     quantizers.check_algorithm(algorithm)
     if algorithm == "gptq":
-        raise ValueError('algorithm="gptq" needs calibration data: use qtorch.quantize_(model, '
-                         'config, calibration_data=...)')
+        raise ValueError(
+            'algorithm="gptq" needs calibration data: use qtorch.quantize_(model, '
+            "config, calibration_data=...)"
+        )
     return quantizers.quantize_weight(grid, linear.weight.detach(), algorithm)
 
 
@@ -154,8 +156,13 @@ class _QuantizedLinear(nn.Module):
         a weight quantizer: qtorch.quantizers). The dict is emptied: the module must be the
         buffers' only holder to pack them."""
         cls._check_linear(linear)
-        mod = cls(linear.in_features, linear.out_features, bias=linear.bias,
-                  device=linear.weight.device, **init_kw)
+        mod = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias,
+            device=linear.weight.device,
+            **init_kw,
+        )
         mod._weight_dtype = linear.weight.dtype
         while buffers:
             name, t = buffers.popitem()
@@ -215,7 +222,8 @@ class _QuantizedLinear(nn.Module):
                     f"qtorch: a {type(self).__name__}'s canonical weight buffers are referenced "
                     f"outside the module (e.g. a kept `.qweight` or `state_dict()`), so it "
                     f"repacks its weight on every call until those references are gone",
-                    stacklevel=3)
+                    stacklevel=3,
+                )
             return False
         canon = {name: b[name] for name in _packed.FAMILIES[self._FAMILY][2]}
         packed = layout.pack(canon, self.out_features, self.in_features, self._group_size())
@@ -301,31 +309,43 @@ class _QuantizedLinear(nn.Module):
             if not isinstance(t, Tensor):
                 continue  # missing keys are load_state_dict's to report
             if t.dtype != dtype:
-                raise TypeError(f"{prefix + key} must have dtype {dtype} in the state dict of "
-                                f"{type(self).__name__}, got {t.dtype}")
+                raise TypeError(
+                    f"{prefix + key} must have dtype {dtype} in the state dict of "
+                    f"{type(self).__name__}, got {t.dtype}"
+                )
             if bounds is not None and t.numel() and not t.is_meta:
                 lo, hi = bounds
                 bad = (t < lo) | (t > hi)
                 if bool(bad.any()):
-                    raise ValueError(f"{prefix + key} must hold values in [{lo}, {hi}], got "
-                                     f"{int(t[bad][0])} ({int(bad.sum())} value(s) out of range)")
+                    raise ValueError(
+                        f"{prefix + key} must hold values in [{lo}, {hi}], got "
+                        f"{int(t[bad][0])} ({int(bad.sum())} value(s) out of range)"
+                    )
         for key in self._SCALE_BUFFERS:
             t = state_dict.get(prefix + key)
             if not isinstance(t, Tensor):
                 continue
             if not t.is_floating_point():
-                raise TypeError(f"{prefix + key} must be a float32 tensor in the state dict of "
-                                f"{type(self).__name__}, got {t.dtype}")
+                raise TypeError(
+                    f"{prefix + key} must be a float32 tensor in the state dict of "
+                    f"{type(self).__name__}, got {t.dtype}"
+                )
             if t.numel() and not t.is_meta and not bool(torch.isfinite(t).all()):
-                warnings.warn(f"{prefix + key} holds non-finite values (NaN or inf): the outputs "
-                              f"that use them will be NaN or inf", RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"{prefix + key} holds non-finite values (NaN or inf): the outputs "
+                    f"that use them will be NaN or inf",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         self._check_state(state_dict, prefix)
         self._unpack()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._pack()
 
     def _apply(self, fn, recurse=True):
@@ -368,8 +388,7 @@ class _QuantizedLinear(nn.Module):
             if out is not None:
                 return out
         _checks.tensor("x", x)  # the dispatcher would reject a non-tensor with a RuntimeError
-        return torch.ops.qtorch.linear_packed(x, *_packed.flat(weight), bias, layout.name, n, k,
-                                              gs)
+        return torch.ops.qtorch.linear_packed(x, *_packed.flat(weight), bias, layout.name, n, k, gs)
 
     def _canonical_forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -431,8 +450,9 @@ class _Int8Linear(_QuantizedLinear):
         cls._check_linear(linear)
         if algorithm != "rtn":
             return cls._from_quantized(linear, _calibrated(linear, algorithm, grid_for("int8")))
-        mod = cls(linear.in_features, linear.out_features, bias=linear.bias,
-                  device=linear.weight.device)
+        mod = cls(
+            linear.in_features, linear.out_features, bias=linear.bias, device=linear.weight.device
+        )
         mod._weight_dtype = linear.weight.dtype
         qweight, scale = ops.quantize_int8(linear.weight.detach())
         mod.qweight, mod.weight_scale = _own(qweight), _own(scale)
@@ -460,9 +480,15 @@ class Int8DynamicLinear(_Int8Linear):
     _FAMILY = "w8a8"
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, algorithm: str = "rtn",
-                   smoothquant_alpha: float | None = None, *, act_absmax: Tensor | None = None,
-                   smooth_scale: Tensor | None = None):
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        algorithm: str = "rtn",
+        smoothquant_alpha: float | None = None,
+        *,
+        act_absmax: Tensor | None = None,
+        smooth_scale: Tensor | None = None,
+    ):
         """Quantize `linear.weight` once (qtorch.ops.quantize_int8, per output channel; with
         algorithm="mse" the per-row range of qtorch.quantizers.mse). Reuses `linear.bias`.
         SmoothQuant: with `smooth_scale` s (fp32 [in_features], positive), or with
@@ -476,18 +502,23 @@ class Int8DynamicLinear(_Int8Linear):
             if act_absmax is None:
                 raise ValueError(
                     "smoothquant_alpha needs the layer's input statistics: pass act_absmax, or "
-                    "quantize through qtorch.quantize_(..., calibration_data=...)")
+                    "quantize through qtorch.quantize_(..., calibration_data=...)"
+                )
             if act_absmax.shape != (linear.in_features,):
-                raise ValueError(f"act_absmax must have shape ({linear.in_features},), got "
-                                 f"{tuple(act_absmax.shape)}")
+                raise ValueError(
+                    f"act_absmax must have shape ({linear.in_features},), got "
+                    f"{tuple(act_absmax.shape)}"
+                )
             smooth_scale = smoothquant.smooth_scale(act_absmax, w, smoothquant_alpha)
         if smooth_scale is None:
             return super().from_float(linear, algorithm)
         _checks.smooth_scale(smooth_scale, linear.in_features, w.device)
         quantizers.check_algorithm(algorithm)
         if algorithm == "gptq":
-            raise ValueError("SmoothQuant with algorithm='gptq' is not supported yet: use "
-                             "algorithm='rtn' or 'mse'")
+            raise ValueError(
+                "SmoothQuant with algorithm='gptq' is not supported yet: use "
+                "algorithm='rtn' or 'mse'"
+            )
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias, device=w.device)
         mod._weight_dtype = w.dtype
         ws = w.float() * smooth_scale[None, :]
@@ -507,16 +538,20 @@ class Int8DynamicLinear(_Int8Linear):
         s = self._buffers.get("smooth_scale")
         return [] if s is None else [s]
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A SmoothQuant checkpoint loads into a module made without it (e.g. quantize_ with
         # the same config but other calibration data, or an empty module): it gains the buffer.
         key = prefix + "smooth_scale"
         if key in state_dict and self._buffers.get("smooth_scale") is None:
-            self.register_buffer("smooth_scale", torch.ones(
-                self.in_features, dtype=torch.float32, device=self._device()))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+            self.register_buffer(
+                "smooth_scale",
+                torch.ones(self.in_features, dtype=torch.float32, device=self._device()),
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def dequantize(self) -> Tensor:
         """The weight the module multiplies x by: float32 [N, K], (ŵ of W · diag(s)) / s with
@@ -602,12 +637,18 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
 
     @property
     def zero_point(self) -> str:
-        """"int" (uint8 zeros) or "float" (float32 zeros): what the zeros buffer holds."""
+        """ "int" (uint8 zeros) or "float" (float32 zeros): what the zeros buffer holds."""
         return self._zero_point
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False,
-                   algorithm: str = "rtn", zero_point: str = "int"):
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        group_size: int = 128,
+        symmetric: bool = False,
+        algorithm: str = "rtn",
+        zero_point: str = "int",
+    ):
         """Quantize `linear.weight` once (qtorch.ops.quantize_int4). Needs
         in_features % group_size == 0 (ValueError otherwise). Reuses `linear.bias`. With
         algorithm="mse" the ranges come from qtorch.quantizers.mse; "gptq" needs calibration
@@ -615,18 +656,30 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         cls._check_linear(linear)
         if algorithm != "rtn":
             if linear.in_features % group_size:
-                raise ValueError(f"in_features={linear.in_features} must be divisible by "
-                                 f"group_size={group_size}")
+                raise ValueError(
+                    f"in_features={linear.in_features} must be divisible by group_size={group_size}"
+                )
             grid = grid_for("int4", group_size, symmetric, zero_point)
-            return cls._from_quantized(linear, _calibrated(linear, algorithm, grid),
-                                       group_size=group_size, symmetric=symmetric,
-                                       zero_point=zero_point)
-        mod = cls(linear.in_features, linear.out_features, bias=linear.bias,
-                  group_size=group_size, symmetric=symmetric, device=linear.weight.device,
-                  zero_point=zero_point)
+            return cls._from_quantized(
+                linear,
+                _calibrated(linear, algorithm, grid),
+                group_size=group_size,
+                symmetric=symmetric,
+                zero_point=zero_point,
+            )
+        mod = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias,
+            group_size=group_size,
+            symmetric=symmetric,
+            device=linear.weight.device,
+            zero_point=zero_point,
+        )
         mod._weight_dtype = linear.weight.dtype
-        qweight, scales, zeros = ops.quantize_int4(linear.weight.detach(), group_size, symmetric,
-                                                   zero_point)
+        qweight, scales, zeros = ops.quantize_int4(
+            linear.weight.detach(), group_size, symmetric, zero_point
+        )
         mod.qweight, mod.scales, mod.zeros = _own(qweight), _own(scales), _own(zeros)
         del qweight, scales, zeros
         mod._pack()
@@ -641,8 +694,9 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         z = self._buffers.get("zeros")
         return not (layout.backend == "cuda" and z is not None and z.dtype == torch.float32)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # zeros of the other kind (float32 for a module made with integer zero points, or the
         # reverse): the buffer takes the checkpoint's dtype, as the state dict says which grid.
         z = state_dict.get(prefix + "zeros")
@@ -654,8 +708,9 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
                 self._zero_point = "float" if z.dtype == torch.float32 else "int"
             del cur  # (a reference held here would keep the module from packing)
         del z
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def dequantize(self) -> Tensor:
         c = self._canonical()

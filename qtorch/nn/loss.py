@@ -12,8 +12,15 @@ __all__ = ["DistillationLoss", "FusedLinearDistillationLoss"]
 
 
 class _DistillationBase(nn.Module):
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, divergence: str = "kl",
-                 beta: float = 0.5, ignore_index: int = -100, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
         super().__init__()
         # Fail at construction rather than at the first step. `labels` is only known at call
         # time, so the "alpha must be 1.0 without labels" rule is checked by the op.
@@ -26,8 +33,14 @@ class _DistillationBase(nn.Module):
         self.reduction = reduction
 
     def _kwargs(self) -> dict:
-        return dict(temperature=self.temperature, alpha=self.alpha, divergence=self.divergence,
-                    beta=self.beta, ignore_index=self.ignore_index, reduction=self.reduction)
+        return dict(
+            temperature=self.temperature,
+            alpha=self.alpha,
+            divergence=self.divergence,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self._kwargs().items())
@@ -41,11 +54,20 @@ class DistillationLoss(_DistillationBase):
     reduction="none"); differentiable w.r.t. student_logits.
     """
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor,
-                labels: Tensor | None = None,
-                num_items_in_batch: int | Tensor | None = None) -> Tensor:
-        return ops.distillation_loss(student_logits, teacher_logits, labels,
-                                     num_items_in_batch=num_items_in_batch, **self._kwargs())
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        labels: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> Tensor:
+        return ops.distillation_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            num_items_in_batch=num_items_in_batch,
+            **self._kwargs(),
+        )
 
 
 class FusedLinearDistillationLoss(_DistillationBase):
@@ -68,23 +90,45 @@ class FusedLinearDistillationLoss(_DistillationBase):
     never built (API.md, "Distillation with a quantized teacher").
     """
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, divergence: str = "kl",
-                 beta: float = 0.5, ignore_index: int = -100, reduction: str = "mean",
-                 chunk_size: int | None = None) -> None:
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        divergence: str = "kl",
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+    ) -> None:
         super().__init__(temperature, alpha, divergence, beta, ignore_index, reduction)
-        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(
-                chunk_size, bool) or chunk_size < 1):
+        if chunk_size is not None and (
+            not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+        ):
             raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
         self.chunk_size = chunk_size
 
-    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                teacher_weight: Tensor | nn.Module, labels: Tensor | None = None,
-                student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
-                num_items_in_batch: int | Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor | nn.Module,
+        labels: Tensor | None = None,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+    ) -> Tensor:
         return ops.fused_linear_distillation_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-            student_bias, teacher_bias, self.chunk_size,
-            num_items_in_batch=num_items_in_batch, **self._kwargs(),
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            student_bias,
+            teacher_bias,
+            self.chunk_size,
+            num_items_in_batch=num_items_in_batch,
+            **self._kwargs(),
         )
 
     def extra_repr(self) -> str:

@@ -36,12 +36,14 @@ quantize_int8 = _public(_int8_mm.quantize_int8)
 int8_scaled_mm = _public(_int8_mm.int8_scaled_mm)
 int8_linear = _public(_int8_mm.int8_linear, FAST.get("int8_linear"))
 int8_linear_smooth = _public(_int8_mm.int8_linear_smooth)
-int8_weight_only_linear = _public(_weight_only.int8_weight_only_linear,
-                                  FAST.get("int8_weight_only_linear"))
+int8_weight_only_linear = _public(
+    _weight_only.int8_weight_only_linear, FAST.get("int8_weight_only_linear")
+)
 quantize_int4 = _public(_weight_only.quantize_int4)
 dequantize_int4 = _public(_weight_only.dequantize_int4)
-int4_weight_only_linear = _public(_weight_only.int4_weight_only_linear,
-                                  FAST.get("int4_weight_only_linear"))
+int4_weight_only_linear = _public(
+    _weight_only.int4_weight_only_linear, FAST.get("int4_weight_only_linear")
+)
 
 
 def distillation_loss(
@@ -63,12 +65,27 @@ def distillation_loss(
     labels [...] integer or None. Returns a float32 scalar ("mean"/"sum") or per-token [...]
     ("none"); differentiable w.r.t. student_logits, the gradient in the student's dtype.
     """
-    _check_loss_call_types({"student_logits": (student_logits, False),
-                            "teacher_logits": (teacher_logits, False), "labels": (labels, True)},
-                           num_items_in_batch, temperature, alpha, beta)
+    _check_loss_call_types(
+        {
+            "student_logits": (student_logits, False),
+            "teacher_logits": (teacher_logits, False),
+            "labels": (labels, True),
+        },
+        num_items_in_batch,
+        temperature,
+        alpha,
+        beta,
+    )
     return torch.ops.qtorch.distillation_loss(
-        student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha,
-        divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        alpha=alpha,
+        divergence=divergence,
+        beta=beta,
+        ignore_index=ignore_index,
+        reduction=reduction,
         num_items_in_batch=num_items_in_batch,
     )
 
@@ -114,26 +131,55 @@ def fused_linear_distillation_loss(
         raise TypeError(
             f"teacher_weight must be a float tensor [V, Ht] or a qtorch quantized linear module "
             f"(Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8DynamicLinear), got "
-            f"{type(teacher_weight).__name__}")
-    _check_loss_call_types({"student_hidden": (student_hidden, False),
-                            "student_weight": (student_weight, False),
-                            "teacher_hidden": (teacher_hidden, False),
-                            "teacher_weight": (None if module_teacher else teacher_weight,
-                                               module_teacher),
-                            "labels": (labels, True),
-                            "student_bias": (student_bias, True),
-                            "teacher_bias": (teacher_bias, True)}, num_items_in_batch,
-                           temperature, alpha, beta)
+            f"{type(teacher_weight).__name__}"
+        )
+    _check_loss_call_types(
+        {
+            "student_hidden": (student_hidden, False),
+            "student_weight": (student_weight, False),
+            "teacher_hidden": (teacher_hidden, False),
+            "teacher_weight": (None if module_teacher else teacher_weight, module_teacher),
+            "labels": (labels, True),
+            "student_bias": (student_bias, True),
+            "teacher_bias": (teacher_bias, True),
+        },
+        num_items_in_batch,
+        temperature,
+        alpha,
+        beta,
+    )
     if module_teacher:
         return _distillation.fused_linear_distillation_loss_module_teacher(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-            teacher_bias, chunk_size, temperature=temperature, alpha=alpha,
-            divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            student_bias,
+            teacher_bias,
+            chunk_size,
+            temperature=temperature,
+            alpha=alpha,
+            divergence=divergence,
+            beta=beta,
+            ignore_index=ignore_index,
+            reduction=reduction,
             num_items_in_batch=num_items_in_batch,
         )
     return torch.ops.qtorch.fused_linear_distillation_loss(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-        teacher_bias, chunk_size, temperature=temperature, alpha=alpha, divergence=divergence,
-        beta=beta, ignore_index=ignore_index, reduction=reduction,
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        student_bias,
+        teacher_bias,
+        chunk_size,
+        temperature=temperature,
+        alpha=alpha,
+        divergence=divergence,
+        beta=beta,
+        ignore_index=ignore_index,
+        reduction=reduction,
         num_items_in_batch=num_items_in_batch,
     )

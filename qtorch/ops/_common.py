@@ -90,12 +90,26 @@ def _int8_linear_ok(x, w_q, w_scale, bias) -> bool:
         n, k = w_q.shape
         dev = x.device
         return (
-            x.dtype in _FLOATS and w_q.dtype is torch.int8 and w_scale.dtype is torch.float32
-            and x.dim() >= 1 and x.shape[-1] == k and k > 0 and n > 0
-            and w_scale.dim() == 1 and w_scale.shape[0] == n
-            and w_q.device == dev and w_scale.device == dev
-            and (bias is None or (bias.dtype in _FLOATS and bias.dim() == 1
-                                  and bias.shape[0] == n and bias.device == dev))
+            x.dtype in _FLOATS
+            and w_q.dtype is torch.int8
+            and w_scale.dtype is torch.float32
+            and x.dim() >= 1
+            and x.shape[-1] == k
+            and k > 0
+            and n > 0
+            and w_scale.dim() == 1
+            and w_scale.shape[0] == n
+            and w_q.device == dev
+            and w_scale.device == dev
+            and (
+                bias is None
+                or (
+                    bias.dtype in _FLOATS
+                    and bias.dim() == 1
+                    and bias.shape[0] == n
+                    and bias.device == dev
+                )
+            )
         )
     except (AttributeError, TypeError, ValueError):
         return False
@@ -170,8 +184,11 @@ def _public(opdef, fast=None):
     dynamo never traces into it."""
     fn = _IMPLS[opdef]
     sig = inspect.signature(fn)
-    tensor_params = {n: "None" in str(p.annotation) for n, p in sig.parameters.items()
-                     if str(p.annotation).startswith("Tensor")}
+    tensor_params = {
+        n: "None" in str(p.annotation)
+        for n, p in sig.parameters.items()
+        if str(p.annotation).startswith("Tensor")
+    }
 
     def slow(*args, **kwargs):
         if _plain_eager(args, kwargs):
@@ -185,6 +202,7 @@ def _public(opdef, fast=None):
     if fast is None:
         wrapper = functools.wraps(fn)(slow)
     else:
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             if not _is_compiling():
@@ -202,15 +220,16 @@ _is_compiling = torch.compiler.is_compiling
 try:  # the C++ eager fast path of the CPU linears (absent without the compiled extension)
     from qtorch import _C as _cext
 
-    FAST = {"int8_linear": _cext.fast_int8_linear,
-            "int8_weight_only_linear": _cext.fast_int8_weight_only_linear,
-            "int4_weight_only_linear": _cext.fast_int4_weight_only_linear}
+    FAST = {
+        "int8_linear": _cext.fast_int8_linear,
+        "int8_weight_only_linear": _cext.fast_int8_weight_only_linear,
+        "int4_weight_only_linear": _cext.fast_int4_weight_only_linear,
+    }
 except (ImportError, AttributeError):
     FAST = {}
 
 
-def _check_loss_call_types(tensors: dict, num_items_in_batch, temperature, alpha,
-                           beta) -> None:
+def _check_loss_call_types(tensors: dict, num_items_in_batch, temperature, alpha, beta) -> None:
     """What the dispatcher would reject with a schema-mismatch RuntimeError, checked first so
     the error is a TypeError (or ValueError) naming the argument."""
     for name, (value, optional) in tensors.items():

@@ -61,8 +61,17 @@ def _distillation_loss_fwd(
 ) -> tuple[Tensor, Tensor]:
     """[M, V] logits -> (per-token loss [M], d loss_i / d student_i [M, V] or an empty tensor)."""
     fn = _loss_kernel("distillation_loss", student)
-    loss, grad = fn(student.contiguous(), teacher.contiguous(), _c(labels), temperature, alpha,
-                    divergence, beta, ignore_index, compute_grad)
+    loss, grad = fn(
+        student.contiguous(),
+        teacher.contiguous(),
+        _c(labels),
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        compute_grad,
+    )
     if grad is None:
         grad = student.new_empty((0,))
     return loss, grad
@@ -104,14 +113,15 @@ def _valid_count(labels: Tensor | None, ignore_index: int, m: int):
 
 
 _DISTILL_SCHEMA_KW = (
-    "float temperature=1.0, float alpha=0.5, str divergence=\"kl\", float beta=0.5, "
-    "int ignore_index=-100, str reduction=\"mean\""
+    'float temperature=1.0, float alpha=0.5, str divergence="kl", float beta=0.5, '
+    'int ignore_index=-100, str reduction="mean"'
 )
 
 _lib = torch.library.Library("qtorch", "FRAGMENT")
 _lib.define(
     "distillation_loss(Tensor student_logits, Tensor teacher_logits, Tensor? labels=None, *, "
-    + _DISTILL_SCHEMA_KW + ", Tensor? num_items_in_batch=None) -> Tensor"
+    + _DISTILL_SCHEMA_KW
+    + ", Tensor? num_items_in_batch=None) -> Tensor"
 )
 _lib.define(
     "distillation_loss.int_items(Tensor student_logits, Tensor teacher_logits, "
@@ -119,8 +129,17 @@ _lib.define(
 )
 
 
-def _check_distillation(student_logits, teacher_logits, labels, temperature, alpha, divergence,
-                        beta, reduction, num_items_in_batch) -> None:
+def _check_distillation(
+    student_logits,
+    teacher_logits,
+    labels,
+    temperature,
+    alpha,
+    divergence,
+    beta,
+    reduction,
+    num_items_in_batch,
+) -> None:
     chk.tensor("student_logits", student_logits)
     chk.tensor("teacher_logits", teacher_logits)
     allowed = (*chk.FLOAT_DTYPES, torch.float64)
@@ -145,11 +164,29 @@ def _check_distillation(student_logits, teacher_logits, labels, temperature, alp
 
 
 def _distillation_loss_impl(
-    student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.5, divergence="kl",
-    beta=0.5, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+    student_logits,
+    teacher_logits,
+    labels=None,
+    *,
+    temperature=1.0,
+    alpha=0.5,
+    divergence="kl",
+    beta=0.5,
+    ignore_index=-100,
+    reduction="mean",
+    num_items_in_batch=None,
 ):
-    _check_distillation(student_logits, teacher_logits, labels, temperature, alpha, divergence,
-                        beta, reduction, num_items_in_batch)
+    _check_distillation(
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        reduction,
+        num_items_in_batch,
+    )
     lead = student_logits.shape[:-1]
     v = student_logits.shape[-1]
     s = student_logits.reshape(-1, v)
@@ -157,7 +194,14 @@ def _distillation_loss_impl(
     lab = _labels_flat(labels)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     tok, _ = torch.ops.qtorch._distillation_loss_fwd(
-        s, t, lab, float(temperature), float(alpha), divergence, float(beta), int(ignore_index),
+        s,
+        t,
+        lab,
+        float(temperature),
+        float(alpha),
+        divergence,
+        float(beta),
+        int(ignore_index),
         compute_grad,
     )
     out = _reduce(tok, _valid_count(lab, ignore_index, s.shape[0]), reduction, num_items_in_batch)
@@ -179,10 +223,26 @@ def _fused_denominator(labels, ignore_index, m, num_items_t, num_items_i) -> flo
     return float(m if labels is None else int((labels != ignore_index).sum()))
 
 
-def _fused_forward(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                   student_bias, teacher_bias, temperature, alpha, divergence, beta, ignore_index,
-                   reduction, num_items_t, num_items_i, chunk_size, compute_grad,
-                   compute_grad_weight):
+def _fused_forward(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    student_bias,
+    teacher_bias,
+    temperature,
+    alpha,
+    divergence,
+    beta,
+    ignore_index,
+    reduction,
+    num_items_t,
+    num_items_i,
+    chunk_size,
+    compute_grad,
+    compute_grad_weight,
+):
     """The forward of both routes: the custom op below (teacher_weight a tensor) and
     `_FusedModuleTeacher` (teacher_weight a `ModuleHead` over a quantized module)."""
     m = student_hidden.shape[0]
@@ -191,13 +251,26 @@ def _fused_forward(student_hidden, student_weight, teacher_hidden, teacher_weigh
     if reduction == "mean":
         denom = _fused_denominator(labels, ignore_index, m, num_items_t, num_items_i)
         scale = 0.0 if denom == 0 else 1.0 / denom
-        token_scale = torch.full((m,), scale, dtype=_acc_dtype(student_hidden),
-                                 device=student_hidden.device)
+        token_scale = torch.full(
+            (m,), scale, dtype=_acc_dtype(student_hidden), device=student_hidden.device
+        )
     compute_grad = compute_grad and reduction != "none"
     tok, gh, gw, gb = fn(
-        student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.contiguous(),
-        _c_weight(teacher_weight), _c(labels), _c(student_bias), _c(teacher_bias), token_scale,
-        chunk_size, temperature, alpha, divergence, beta, ignore_index, compute_grad,
+        student_hidden.contiguous(),
+        student_weight.contiguous(),
+        teacher_hidden.contiguous(),
+        _c_weight(teacher_weight),
+        _c(labels),
+        _c(student_bias),
+        _c(teacher_bias),
+        token_scale,
+        chunk_size,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        compute_grad,
         compute_grad_weight,
     )
     if reduction == "none":
@@ -213,16 +286,42 @@ def _c_weight(w):
     return w if isinstance(w, ModuleHead) else w.contiguous()
 
 
-def _fused_recompute_grads(grad_loss, student_hidden, student_weight, teacher_hidden,
-                           teacher_weight, labels, student_bias, teacher_bias, temperature, alpha,
-                           divergence, beta, ignore_index, chunk_size, compute_grad_weight):
+def _fused_recompute_grads(
+    grad_loss,
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    student_bias,
+    teacher_bias,
+    temperature,
+    alpha,
+    divergence,
+    beta,
+    ignore_index,
+    chunk_size,
+    compute_grad_weight,
+):
     """reduction="none" backward of both routes: grads of Σ_i grad_loss[i] · loss_i."""
     fn = _loss_kernel("fused_linear_distillation_loss", student_hidden)
     _, gh, gw, gb = fn(
-        student_hidden.contiguous(), student_weight.contiguous(), teacher_hidden.contiguous(),
-        _c_weight(teacher_weight), _c(labels), _c(student_bias), _c(teacher_bias),
-        grad_loss.to(_acc_dtype(student_hidden)).contiguous(), chunk_size, temperature, alpha,
-        divergence, beta, ignore_index, True, compute_grad_weight,
+        student_hidden.contiguous(),
+        student_weight.contiguous(),
+        teacher_hidden.contiguous(),
+        _c_weight(teacher_weight),
+        _c(labels),
+        _c(student_bias),
+        _c(teacher_bias),
+        grad_loss.to(_acc_dtype(student_hidden)).contiguous(),
+        chunk_size,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        True,
+        compute_grad_weight,
     )
     return gh, gw, gb
 
@@ -253,29 +352,69 @@ def _fused_linear_distillation_loss_fwd(
     recomputes them weighted by the incoming per-token gradient). Absent grads are empty;
     grad_weight is absent (never computed) when compute_grad_weight is False."""
     loss, gh, gw, gb = _fused_forward(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-        teacher_bias, temperature, alpha, divergence, beta, ignore_index, reduction, num_items_t,
-        num_items_i, chunk_size, compute_grad, compute_grad_weight)
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        student_bias,
+        teacher_bias,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        reduction,
+        num_items_t,
+        num_items_i,
+        chunk_size,
+        compute_grad,
+        compute_grad_weight,
+    )
 
     def empty():
         return student_hidden.new_empty((0,))  # custom-op outputs must not alias each other
 
-    return (loss, empty() if gh is None else gh, empty() if gw is None else gw,
-            empty() if gb is None else gb)
+    return (
+        loss,
+        empty() if gh is None else gh,
+        empty() if gw is None else gw,
+        empty() if gb is None else gb,
+    )
 
 
 @_fused_linear_distillation_loss_fwd.register_fake
-def _(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-      teacher_bias, temperature, alpha, divergence, beta, ignore_index, reduction, num_items_t,
-      num_items_i, chunk_size, compute_grad, compute_grad_weight):
+def _(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    student_bias,
+    teacher_bias,
+    temperature,
+    alpha,
+    divergence,
+    beta,
+    ignore_index,
+    reduction,
+    num_items_t,
+    num_items_i,
+    chunk_size,
+    compute_grad,
+    compute_grad_weight,
+):
     acc = _acc_dtype(student_hidden)
     m = student_hidden.shape[0]
     loss = student_hidden.new_empty((m,) if reduction == "none" else (), dtype=acc)
     grads = compute_grad and reduction != "none"
     gh = student_hidden.new_empty(student_hidden.shape if grads else (0,))
     gw = student_weight.new_empty(student_weight.shape if grads and compute_grad_weight else (0,))
-    gb = (student_bias.new_empty(student_bias.shape) if grads and student_bias is not None
-          else student_hidden.new_empty((0,)))
+    gb = (
+        student_bias.new_empty(student_bias.shape)
+        if grads and student_bias is not None
+        else student_hidden.new_empty((0,))
+    )
     return loss, gh, gw, gb
 
 
@@ -300,26 +439,77 @@ def _fused_linear_distillation_loss_bwd(
     """reduction="none" backward: grads of Σ_i grad_loss[i] · loss_i, recomputed chunk by chunk
     (grad_weight empty, never computed, when compute_grad_weight is False)."""
     gh, gw, gb = _fused_recompute_grads(
-        grad_loss, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-        student_bias, teacher_bias, temperature, alpha, divergence, beta, ignore_index,
-        chunk_size, compute_grad_weight)
-    return (gh, student_hidden.new_empty((0,)) if gw is None else gw,
-            student_hidden.new_empty((0,)) if gb is None else gb)
+        grad_loss,
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        student_bias,
+        teacher_bias,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        chunk_size,
+        compute_grad_weight,
+    )
+    return (
+        gh,
+        student_hidden.new_empty((0,)) if gw is None else gw,
+        student_hidden.new_empty((0,)) if gb is None else gb,
+    )
 
 
 @_fused_linear_distillation_loss_bwd.register_fake
-def _(grad_loss, student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-      student_bias, teacher_bias, temperature, alpha, divergence, beta, ignore_index, chunk_size,
-      compute_grad_weight):
-    gb = (student_bias.new_empty(student_bias.shape) if student_bias is not None
-          else student_hidden.new_empty((0,)))
+def _(
+    grad_loss,
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    student_bias,
+    teacher_bias,
+    temperature,
+    alpha,
+    divergence,
+    beta,
+    ignore_index,
+    chunk_size,
+    compute_grad_weight,
+):
+    gb = (
+        student_bias.new_empty(student_bias.shape)
+        if student_bias is not None
+        else student_hidden.new_empty((0,))
+    )
     gw = student_weight.new_empty(student_weight.shape if compute_grad_weight else (0,))
     return student_hidden.new_empty(student_hidden.shape), gw, gb
 
 
 def _fused_setup(ctx, inputs, output):
-    (sh, sw, th, tw, labels, sb, tb, temperature, alpha, divergence, beta, ignore_index,
-     reduction, _nt, _ni, chunk_size, _cg, grad_weight) = inputs
+    (
+        sh,
+        sw,
+        th,
+        tw,
+        labels,
+        sb,
+        tb,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        reduction,
+        _nt,
+        _ni,
+        chunk_size,
+        _cg,
+        grad_weight,
+    ) = inputs
     ctx.set_materialize_grads(False)  # no zero tensors for the saved-gradient outputs
     ctx.reduction = reduction
     ctx.has_bias = sb is not None
@@ -337,8 +527,9 @@ def _fused_backward(ctx, grad_loss, *_):
         return (None,) * 18
     if ctx.reduction == "none":
         sh, sw, th, tw, labels, sb, tb = ctx.saved_tensors
-        gh, gw, gb = _fused_linear_distillation_loss_bwd(grad_loss, sh, sw, th, tw, labels, sb, tb,
-                                                         *ctx.args)
+        gh, gw, gb = _fused_linear_distillation_loss_bwd(
+            grad_loss, sh, sw, th, tw, labels, sb, tb, *ctx.args
+        )
     else:
         gh, gw, gb = ctx.saved_tensors
         if gh.numel() == 0 and ctx.tokens != 0 and sum(ctx.needs_input_grad[:2]):
@@ -361,12 +552,28 @@ _lib.define(
     "fused_linear_distillation_loss(" + _FUSED_ARGS + ", Tensor? num_items_in_batch=None) -> Tensor"
 )
 _lib.define(
-    "fused_linear_distillation_loss.int_items(" + _FUSED_ARGS + ", int num_items_in_batch) -> Tensor"
+    "fused_linear_distillation_loss.int_items("
+    + _FUSED_ARGS
+    + ", int num_items_in_batch) -> Tensor"
 )
 
 
-def _check_fused(sh, sw, th, tw, labels, sb, tb, chunk_size, temperature, alpha, divergence,
-                 beta, reduction, num_items_in_batch) -> None:
+def _check_fused(
+    sh,
+    sw,
+    th,
+    tw,
+    labels,
+    sb,
+    tb,
+    chunk_size,
+    temperature,
+    alpha,
+    divergence,
+    beta,
+    reduction,
+    num_items_in_batch,
+) -> None:
     """Argument checks; `tw` is a float tensor [V, Ht] or (the module route) a qtorch quantized
     linear module, whose own bias is the teacher's bias."""
     allowed = (*chk.FLOAT_DTYPES, torch.float64)
@@ -379,38 +586,55 @@ def _check_fused(sh, sw, th, tw, labels, sb, tb, chunk_size, temperature, alpha,
     chk.min_ndim("teacher_hidden", th, 1)
     chk.ndim("student_weight", sw, 2)
     if sh.shape[-1] != sw.shape[1]:
-        raise ValueError(f"student_hidden [..., H] and student_weight [V, H] must share H, got "
-                         f"{tuple(sh.shape)} and {tuple(sw.shape)}")
+        raise ValueError(
+            f"student_hidden [..., H] and student_weight [V, H] must share H, got "
+            f"{tuple(sh.shape)} and {tuple(sw.shape)}"
+        )
     if module is not None:
         name = type(module).__name__
         if tb is not None:
-            raise ValueError(f"teacher_bias must be None when teacher_weight is a {name} (the "
-                             f"module's own bias is the teacher's bias)")
+            raise ValueError(
+                f"teacher_bias must be None when teacher_weight is a {name} (the "
+                f"module's own bias is the teacher's bias)"
+            )
         if th.dtype == torch.float64:
-            raise TypeError(f"teacher_hidden must be float32, float16 or bfloat16 for a {name} "
-                            f"teacher head, got {th.dtype}")
+            raise TypeError(
+                f"teacher_hidden must be float32, float16 or bfloat16 for a {name} "
+                f"teacher head, got {th.dtype}"
+            )
         if th.shape[-1] != module.in_features:
-            raise ValueError(f"teacher_hidden [..., Ht] must have Ht = {name}.in_features = "
-                             f"{module.in_features}, got {tuple(th.shape)}")
+            raise ValueError(
+                f"teacher_hidden [..., Ht] must have Ht = {name}.in_features = "
+                f"{module.in_features}, got {tuple(th.shape)}"
+            )
         if sw.shape[0] != module.out_features:
-            raise ValueError(f"student and teacher vocab sizes must match: student_weight "
-                             f"{tuple(sw.shape)} vs teacher {name} out_features = "
-                             f"{module.out_features}")
+            raise ValueError(
+                f"student and teacher vocab sizes must match: student_weight "
+                f"{tuple(sw.shape)} vs teacher {name} out_features = "
+                f"{module.out_features}"
+            )
         if module._device() != th.device:
-            raise ValueError(f"teacher_weight ({name}) is on {module._device()}, teacher_hidden "
-                             f"on {th.device}")
+            raise ValueError(
+                f"teacher_weight ({name}) is on {module._device()}, teacher_hidden on {th.device}"
+            )
         tw = None
     else:
         chk.ndim("teacher_weight", tw, 2)
         if th.shape[-1] != tw.shape[1]:
-            raise ValueError(f"teacher_hidden [..., H] and teacher_weight [V, H] must share H, "
-                             f"got {tuple(th.shape)} and {tuple(tw.shape)}")
+            raise ValueError(
+                f"teacher_hidden [..., H] and teacher_weight [V, H] must share H, "
+                f"got {tuple(th.shape)} and {tuple(tw.shape)}"
+            )
         if sw.shape[0] != tw.shape[0]:
-            raise ValueError(f"student and teacher vocab sizes must match: student_weight "
-                             f"{tuple(sw.shape)} vs teacher_weight {tuple(tw.shape)}")
+            raise ValueError(
+                f"student and teacher vocab sizes must match: student_weight "
+                f"{tuple(sw.shape)} vs teacher_weight {tuple(tw.shape)}"
+            )
     if sh.shape[:-1] != th.shape[:-1]:
-        raise ValueError(f"student_hidden {tuple(sh.shape)} and teacher_hidden {tuple(th.shape)} "
-                         f"must have the same leading (token) dims")
+        raise ValueError(
+            f"student_hidden {tuple(sh.shape)} and teacher_hidden {tuple(th.shape)} "
+            f"must have the same leading (token) dims"
+        )
     chk.positive("student_weight.shape[0] (V)", sw.shape[0])
     for name, b in (("student_bias", sb), ("teacher_bias", tb)):
         if b is not None:
@@ -422,18 +646,51 @@ def _check_fused(sh, sw, th, tw, labels, sb, tb, chunk_size, temperature, alpha,
     chk.loss_labels(labels, sh.shape[:-1], "student_hidden")
     chk.loss_kwargs(temperature, alpha, divergence, beta, reduction, labels)
     chk.num_items_in_batch(num_items_in_batch)
-    chk.same_device(student_hidden=sh, student_weight=sw, teacher_hidden=th, teacher_weight=tw,
-                    labels=labels, student_bias=sb, teacher_bias=tb)
+    chk.same_device(
+        student_hidden=sh,
+        student_weight=sw,
+        teacher_hidden=th,
+        teacher_weight=tw,
+        labels=labels,
+        student_bias=sb,
+        teacher_bias=tb,
+    )
 
 
 def _fused_impl(
-    student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
-    student_bias=None, teacher_bias=None, chunk_size=None, *, temperature=1.0, alpha=0.5,
-    divergence="kl", beta=0.5, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels=None,
+    student_bias=None,
+    teacher_bias=None,
+    chunk_size=None,
+    *,
+    temperature=1.0,
+    alpha=0.5,
+    divergence="kl",
+    beta=0.5,
+    ignore_index=-100,
+    reduction="mean",
+    num_items_in_batch=None,
 ):
-    _check_fused(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                 student_bias, teacher_bias, chunk_size, temperature, alpha, divergence, beta,
-                 reduction, num_items_in_batch)
+    _check_fused(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        student_bias,
+        teacher_bias,
+        chunk_size,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        reduction,
+        num_items_in_batch,
+    )
     lead = student_hidden.shape[:-1]
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
@@ -443,11 +700,27 @@ def _fused_impl(
     nt = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else None
     ni = num_items_in_batch if isinstance(num_items_in_batch, int) else -1
     wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias))
+        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
+    )
     loss, *_ = torch.ops.qtorch._fused_linear_distillation_loss_fwd(
-        sh, student_weight, th, teacher_weight, lab, student_bias, teacher_bias,
-        float(temperature), float(alpha), divergence, float(beta), int(ignore_index), reduction,
-        nt, ni, int(chunk), wants_grad, wants_grad and student_weight.requires_grad,
+        sh,
+        student_weight,
+        th,
+        teacher_weight,
+        lab,
+        student_bias,
+        teacher_bias,
+        float(temperature),
+        float(alpha),
+        divergence,
+        float(beta),
+        int(ignore_index),
+        reduction,
+        nt,
+        ni,
+        int(chunk),
+        wants_grad,
+        wants_grad and student_weight.requires_grad,
     )
     return loss.reshape(lead) if reduction == "none" else loss
 
@@ -469,12 +742,40 @@ class _FusedModuleTeacher(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sh, sw, sb, th, module, labels, args):
-        (temperature, alpha, divergence, beta, ignore_index, reduction, nt, ni, chunk,
-         compute_grad, compute_grad_weight) = args
+        (
+            temperature,
+            alpha,
+            divergence,
+            beta,
+            ignore_index,
+            reduction,
+            nt,
+            ni,
+            chunk,
+            compute_grad,
+            compute_grad_weight,
+        ) = args
         head = ModuleHead(module)
-        loss, gh, gw, gb = _fused_forward(sh, sw, th, head, labels, sb, None, temperature, alpha,
-                                          divergence, beta, ignore_index, reduction, nt, ni,
-                                          chunk, compute_grad, compute_grad_weight)
+        loss, gh, gw, gb = _fused_forward(
+            sh,
+            sw,
+            th,
+            head,
+            labels,
+            sb,
+            None,
+            temperature,
+            alpha,
+            divergence,
+            beta,
+            ignore_index,
+            reduction,
+            nt,
+            ni,
+            chunk,
+            compute_grad,
+            compute_grad_weight,
+        )
         ctx.set_materialize_grads(False)
         ctx.reduction = reduction
         ctx.grad_weight = compute_grad_weight
@@ -482,8 +783,15 @@ class _FusedModuleTeacher(torch.autograd.Function):
         if reduction == "none":
             ctx.save_for_backward(sh, sw, th, labels, sb)
             ctx.head = head
-            ctx.args = (temperature, alpha, divergence, beta, ignore_index, chunk,
-                        compute_grad_weight)
+            ctx.args = (
+                temperature,
+                alpha,
+                divergence,
+                beta,
+                ignore_index,
+                chunk,
+                compute_grad_weight,
+            )
         else:
             ctx.save_for_backward(gh, gw, gb)
         return loss
@@ -495,8 +803,9 @@ class _FusedModuleTeacher(torch.autograd.Function):
         if ctx.reduction == "none":
             sh, sw, th, labels, sb = ctx.saved_tensors
             with torch.no_grad():
-                gh, gw, gb = _fused_recompute_grads(grad_loss, sh, sw, th, ctx.head, labels, sb,
-                                                    None, *ctx.args)
+                gh, gw, gb = _fused_recompute_grads(
+                    grad_loss, sh, sw, th, ctx.head, labels, sb, None, *ctx.args
+                )
         else:
             gh, gw, gb = ctx.saved_tensors
             if gh is None:
@@ -510,14 +819,40 @@ class _FusedModuleTeacher(torch.autograd.Function):
 
 
 def fused_linear_distillation_loss_module_teacher(
-    student_hidden, student_weight, teacher_hidden, teacher_module, labels=None,
-    student_bias=None, teacher_bias=None, chunk_size=None, *, temperature=1.0, alpha=0.5,
-    divergence="kl", beta=0.5, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_module,
+    labels=None,
+    student_bias=None,
+    teacher_bias=None,
+    chunk_size=None,
+    *,
+    temperature=1.0,
+    alpha=0.5,
+    divergence="kl",
+    beta=0.5,
+    ignore_index=-100,
+    reduction="mean",
+    num_items_in_batch=None,
 ):
     """`qtorch.ops.fused_linear_distillation_loss` when teacher_weight is a quantized module."""
-    _check_fused(student_hidden, student_weight, teacher_hidden, teacher_module, labels,
-                 student_bias, teacher_bias, chunk_size, temperature, alpha, divergence, beta,
-                 reduction, num_items_in_batch)
+    _check_fused(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_module,
+        labels,
+        student_bias,
+        teacher_bias,
+        chunk_size,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        reduction,
+        num_items_in_batch,
+    )
     lead = student_hidden.shape[:-1]
     sh = student_hidden.reshape(-1, student_hidden.shape[-1])
     th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
@@ -527,9 +862,22 @@ def fused_linear_distillation_loss_module_teacher(
     nt = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else None
     ni = num_items_in_batch if isinstance(num_items_in_batch, int) else -1
     wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias))
-    args = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index),
-            reduction, nt, ni, int(chunk), wants_grad, wants_grad and student_weight.requires_grad)
-    loss = _FusedModuleTeacher.apply(sh, student_weight, student_bias, th, teacher_module, lab,
-                                     args)
+        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
+    )
+    args = (
+        float(temperature),
+        float(alpha),
+        divergence,
+        float(beta),
+        int(ignore_index),
+        reduction,
+        nt,
+        ni,
+        int(chunk),
+        wants_grad,
+        wants_grad and student_weight.requires_grad,
+    )
+    loss = _FusedModuleTeacher.apply(
+        sh, student_weight, student_bias, th, teacher_module, lab, args
+    )
     return loss.reshape(lead) if reduction == "none" else loss

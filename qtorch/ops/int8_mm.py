@@ -95,8 +95,14 @@ def int8_scaled_mm(
         return torch.empty((0, b.shape[0]), dtype=out_dtype, device=a.device)
     fn = _kernel("int8_scaled_mm", a.device)
     bias32 = None if bias is None else bias.float().contiguous()
-    return fn(a.contiguous(), b.contiguous(), scale_a.reshape(-1).contiguous(),
-              scale_b.reshape(-1).contiguous(), bias32, out_dtype)
+    return fn(
+        a.contiguous(),
+        b.contiguous(),
+        scale_a.reshape(-1).contiguous(),
+        scale_b.reshape(-1).contiguous(),
+        bias32,
+        out_dtype,
+    )
 
 
 @int8_scaled_mm.register_fake
@@ -129,6 +135,7 @@ def _(x, w_q, w_scale, bias=None):
     _check_k(w_q)
     return _int8_linear_fake(x, w_q, w_scale, bias)
 
+
 int8_linear.register_autograd(_int8_linear_backward, setup_context=_setup_linear)
 
 
@@ -141,8 +148,9 @@ def _check_int8_linear_smooth(x, w_q, w_scale, smooth_scale, bias) -> None:
 
 
 @_custom_op("qtorch::int8_linear_smooth")
-def int8_linear_smooth(x: Tensor, w_q: Tensor, w_scale: Tensor, smooth_scale: Tensor,
-                       bias: Tensor | None = None) -> Tensor:
+def int8_linear_smooth(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, smooth_scale: Tensor, bias: Tensor | None = None
+) -> Tensor:
     """SmoothQuant W8A8 (API.md "Calibrated quantization"): int8_linear(x / smooth_scale, w_q,
     w_scale, bias), with x [..., K] float, smooth_scale fp32 [K], w_q [N, K] int8 the weight of
     W · diag(smooth_scale), w_scale [N] fp32. The division is fused into the per-token
@@ -150,8 +158,15 @@ def int8_linear_smooth(x: Tensor, w_q: Tensor, w_scale: Tensor, smooth_scale: Te
     [..., N] in x.dtype; differentiable w.r.t. x (straight-through: dx = grad @ ŵ / s) and
     bias."""
     _check_int8_linear_smooth(x, w_q, w_scale, smooth_scale, bias)
-    return _linear_call("int8_linear_smooth", x, w_q.shape[0], w_q.contiguous(), _vec(w_scale),
-                        smooth_scale.contiguous(), bias=bias)
+    return _linear_call(
+        "int8_linear_smooth",
+        x,
+        w_q.shape[0],
+        w_q.contiguous(),
+        _vec(w_scale),
+        smooth_scale.contiguous(),
+        bias=bias,
+    )
 
 
 @int8_linear_smooth.register_fake

@@ -27,8 +27,9 @@ from qtorch.ops._common import (
 
 
 @_custom_op("qtorch::int8_weight_only_linear", schema=_INT8_LINEAR_SCHEMA)
-def int8_weight_only_linear(x: Tensor, w_q: Tensor, w_scale: Tensor,
-                            bias: Tensor | None = None) -> Tensor:
+def int8_weight_only_linear(
+    x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None
+) -> Tensor:
     """W8A16: x [..., K] @ (w_q * w_scale[:, None]).T + bias, in x.dtype (fp32
     accumulation). Differentiable w.r.t. x and bias."""
     return _int8_linear_call("int8_weight_only_linear", x, w_q, w_scale, bias)
@@ -56,8 +57,10 @@ def _check_grad_out(grad_out, n: int, name_of_n: str) -> None:
     chk.dtype_in("grad_out", grad_out, chk.FLOAT_DTYPES)
     chk.min_ndim("grad_out", grad_out, 1)
     if grad_out.shape[-1] != n:
-        raise ValueError(f"grad_out [..., N] must have N = {name_of_n} = {n}, got grad_out "
-                         f"{tuple(grad_out.shape)}")
+        raise ValueError(
+            f"grad_out [..., N] must have N = {name_of_n} = {n}, got grad_out "
+            f"{tuple(grad_out.shape)}"
+        )
 
 
 def _check_int8_grad_input(grad_out, w_q, w_scale) -> None:
@@ -121,8 +124,11 @@ def _(w, group_size=128, symmetric=False, zero_point="int"):
     n, k = w.shape
     g = k // group_size
     zdt = torch.float32 if zero_point == "float" else torch.uint8
-    return (w.new_empty((n, k // 2), dtype=torch.uint8), w.new_empty((n, g), dtype=torch.float32),
-            w.new_empty((n, g), dtype=zdt))
+    return (
+        w.new_empty((n, k // 2), dtype=torch.uint8),
+        w.new_empty((n, g), dtype=torch.float32),
+        w.new_empty((n, g), dtype=zdt),
+    )
 
 
 def _check_int4_weights(qweight, scales, zeros, group_size) -> None:
@@ -167,16 +173,31 @@ def _int4_linear_ok(x, qweight, scales, zeros, group_size, bias) -> bool:
         k = 2 * half_k
         dev = x.device
         return (
-            type(group_size) is int and group_size in chk.INT4_GROUP_SIZES
-            and k > 0 and n > 0 and k % group_size == 0
-            and x.dtype in _FLOATS and qweight.dtype is torch.uint8
+            type(group_size) is int
+            and group_size in chk.INT4_GROUP_SIZES
+            and k > 0
+            and n > 0
+            and k % group_size == 0
+            and x.dtype in _FLOATS
+            and qweight.dtype is torch.uint8
             and scales.dtype is torch.float32
             and (zeros.dtype is torch.uint8 or zeros.dtype is torch.float32)
-            and x.dim() >= 1 and x.shape[-1] == k
-            and scales.shape == (n, k // group_size) and zeros.shape == (n, k // group_size)
-            and qweight.device == dev and scales.device == dev and zeros.device == dev
-            and (bias is None or (bias.dtype in _FLOATS and bias.dim() == 1
-                                  and bias.shape[0] == n and bias.device == dev))
+            and x.dim() >= 1
+            and x.shape[-1] == k
+            and scales.shape == (n, k // group_size)
+            and zeros.shape == (n, k // group_size)
+            and qweight.device == dev
+            and scales.device == dev
+            and zeros.device == dev
+            and (
+                bias is None
+                or (
+                    bias.dtype in _FLOATS
+                    and bias.dim() == 1
+                    and bias.shape[0] == n
+                    and bias.device == dev
+                )
+            )
         )
     except (AttributeError, TypeError, ValueError):
         return False
@@ -210,8 +231,16 @@ def int4_weight_only_linear(
     """W4A16: x [..., K] @ ŵ.T + bias, in x.dtype (fp32 accumulation). Differentiable w.r.t. x
     and bias."""
     _check_int4_linear(x, qweight, scales, zeros, group_size, bias)
-    return _linear_call("int4_weight_only_linear", x, qweight.shape[0], qweight.contiguous(),
-                        scales.contiguous(), zeros.contiguous(), group_size, bias=bias)
+    return _linear_call(
+        "int4_weight_only_linear",
+        x,
+        qweight.shape[0],
+        qweight.contiguous(),
+        scales.contiguous(),
+        zeros.contiguous(),
+        group_size,
+        bias=bias,
+    )
 
 
 @int4_weight_only_linear.register_fake
@@ -230,8 +259,9 @@ def int4_linear_grad_input(
     if grad_out.numel() == 0:
         return grad_out.new_zeros((*grad_out.shape[:-1], k))
     fn = _kernel("int4_linear_grad_input", grad_out.device)
-    out = fn(_rows(grad_out), qweight.contiguous(), scales.contiguous(), zeros.contiguous(),
-             group_size)
+    out = fn(
+        _rows(grad_out), qweight.contiguous(), scales.contiguous(), zeros.contiguous(), group_size
+    )
     return out.reshape(*grad_out.shape[:-1], k)
 
 

@@ -66,6 +66,7 @@ def _token_losses(
     else:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     loss = alpha * temperature**2 * d
+
     # API.md: a NaN or +inf logit gives a non-finite loss, never a silent 0, even where the
     # divergence does not read it (jsd with β = 0 never reads p, with β = 1 never q). A -inf
     # logit is a probability of 0, which the formulas handle as they stand.
@@ -205,10 +206,12 @@ def chunk_loss_from(loss_kernel):
     d loss_i / d s_i [n, V] or None). Kernels that can write the gradient over s in place
     (cpu, triton) provide their own and return s."""
 
-    def chunk_loss(s, t, labels, token_scale, temperature, alpha, divergence, beta, ignore_index,
-                   compute_grad):
-        loss, g = loss_kernel(s, t, labels, temperature, alpha, divergence, beta, ignore_index,
-                              compute_grad)
+    def chunk_loss(
+        s, t, labels, token_scale, temperature, alpha, divergence, beta, ignore_index, compute_grad
+    ):
+        loss, g = loss_kernel(
+            s, t, labels, temperature, alpha, divergence, beta, ignore_index, compute_grad
+        )
         if g is not None and token_scale is not None:
             g.mul_(token_scale[:, None].to(g.dtype))
         return loss, g
@@ -349,8 +352,9 @@ def fused_linear_distillation_loss(
         t = teacher.logits(teacher.operand(teacher_hidden[start:end]), t_buf[: end - start])
         lab = labels[start:end] if labels is not None else None
         ts = token_scale[start:end] if token_scale is not None else None
-        l_c, g = chunk_loss(s, t, lab, ts, temperature, alpha, divergence, beta, ignore_index,
-                            compute_grad)
+        l_c, g = chunk_loss(
+            s, t, lab, ts, temperature, alpha, divergence, beta, ignore_index, compute_grad
+        )
         loss[start:end] = l_c
         if compute_grad:
             student.backward(g, x_s, grad_h[start:end], grad_w)

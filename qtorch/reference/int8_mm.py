@@ -55,8 +55,10 @@ def int8_scaled_mm(
     128 · 128 · K <= 2^31 - 1, so K > 131071 is a ValueError (never a wrapped or saturated sum).
     """
     if a.shape[-1] > MAX_EXACT_K:
-        raise ValueError(f"K = {a.shape[-1]} is too large for exact int32 accumulation of int8 "
-                         f"products (K <= {MAX_EXACT_K})")
+        raise ValueError(
+            f"K = {a.shape[-1]} is too large for exact int32 accumulation of int8 "
+            f"products (K <= {MAX_EXACT_K})"
+        )
     acc = _int_mm_exact(a, b).float()
     out = acc * scale_a.float().reshape(-1, 1) * scale_b.float().reshape(1, -1)
     if bias is not None:

@@ -57,8 +57,10 @@ def run(rows: dict, rounds: int, cold: bool = False, warm: int = 2):
 def show(res, base, unit=1e3, uname="ms"):
     b = res[base][1]
     for k, (a, m, c) in res.items():
-        print(f"  {k:44s} {a * unit:9.3f} {m * unit:9.3f} {c * unit:9.3f} {uname}  "
-              f"{'baseline' if k == base else f'{m / b:7.2f}x baseline'}")
+        print(
+            f"  {k:44s} {a * unit:9.3f} {m * unit:9.3f} {c * unit:9.3f} {uname}  "
+            f"{'baseline' if k == base else f'{m / b:7.2f}x baseline'}"
+        )
     sys.stdout.flush()
 
 
@@ -121,6 +123,7 @@ def gemm():
             def f():
                 it["i"] = (it["i"] + 1) % 4
                 return fn(it["i"])
+
             return f
 
         rows = {"F.linear fp32": rot(lambda i: F.linear(x, ws[i]))}
@@ -133,38 +136,50 @@ def gemm():
 
 def eager_loss(s, t, y, T=2.0, alpha=0.5):
     s32, t32 = s.float(), t.float()
-    kl = F.kl_div(F.log_softmax(s32 / T, -1), F.log_softmax(t32 / T, -1), log_target=True,
-                  reduction="none").sum(-1) * T * T
+    kl = (
+        F.kl_div(
+            F.log_softmax(s32 / T, -1),
+            F.log_softmax(t32 / T, -1),
+            log_target=True,
+            reduction="none",
+        ).sum(-1)
+        * T
+        * T
+    )
     ce = F.cross_entropy(s32, y, reduction="none")
     return (alpha * kl + (1 - alpha) * ce).mean()
+
+
+def _distill_one(N, V, y, dt):
+    s = torch.randn(N, V, dtype=dt, requires_grad=True)
+    t = torch.randn(N, V, dtype=dt)
+
+    def q():
+        ops.distillation_loss(s, t, y, temperature=2.0, alpha=0.5).backward()
+        s.grad = None
+
+    def e():
+        eager_loss(s, t, y).backward()
+        s.grad = None
+
+    print(f"distillation_loss fwd+bwd N={N} V={V} {dt}")
+    show(run({"eager": e, "qtorch": q}, 6, warm=1), "eager")
 
 
 def distill():
     N, V, H = 2048, 32000, 256
     y = torch.randint(0, V, (N,))
     for dt in (torch.float32, torch.bfloat16):
-        s = torch.randn(N, V, dtype=dt, requires_grad=True)
-        t = torch.randn(N, V, dtype=dt)
-
-        def q():
-            ops.distillation_loss(s, t, y, temperature=2.0, alpha=0.5).backward()
-            s.grad = None
-
-        def e():
-            eager_loss(s, t, y).backward()
-            s.grad = None
-
-        print(f"distillation_loss fwd+bwd N={N} V={V} {dt}")
-        show(run({"eager": e, "qtorch": q}, 6, warm=1), "eager")
-        del s, t
+        _distill_one(N, V, y, dt)
     hs = torch.randn(N, H, requires_grad=True)
     ht = torch.randn(N, H)
     wsd = (torch.randn(V, H) * 0.05).requires_grad_()
     wt = torch.randn(V, H) * 0.05
 
     def fq():
-        ops.fused_linear_distillation_loss(hs, wsd, ht, wt, y, temperature=2.0,
-                                           alpha=0.5).backward()
+        ops.fused_linear_distillation_loss(
+            hs, wsd, ht, wt, y, temperature=2.0, alpha=0.5
+        ).backward()
         hs.grad = wsd.grad = None
 
     def fe():
@@ -177,8 +192,7 @@ def distill():
 
 def compile_():
     d0, d1 = 576, 1536
-    layers = [torch.nn.Linear(d0, d1) if i % 2 == 0 else torch.nn.Linear(d1, d0)
-              for i in range(60)]
+    layers = [torch.nn.Linear(d0, d1) if i % 2 == 0 else torch.nn.Linear(d1, d0) for i in range(60)]
     model = torch.nn.Sequential(*layers).eval()
     qtorch.quantize_(model, qtorch.Int8DynamicConfig())
     opts = qtorch.inductor_options() if hasattr(qtorch, "inductor_options") else {}
@@ -197,8 +211,10 @@ def compile_():
                 rows["export+AOTInductor"] = lambda: a(x)
             except Exception as exc:  # noqa: BLE001 - reported, not hidden
                 print(f"  export+AOTInductor failed: {type(exc).__name__}: {str(exc)[:120]}")
-            print(f"compile 60 W8A8 linears {d0}<->{d1} M={M}, inference mode"
-                  f"{' (inductor_options)' if opts else ''}")
+            print(
+                f"compile 60 W8A8 linears {d0}<->{d1} M={M}, inference mode"
+                f"{' (inductor_options)' if opts else ''}"
+            )
             show(run(rows, 60 if M == 1 else 15), "eager")
 
 
