@@ -303,11 +303,19 @@ class _QuantizedLinear(nn.Module):
     _INT_BUFFERS: dict = {}  # key -> (dtype, (lo, hi) | None)
     _SCALE_BUFFERS: tuple = ()
 
+    # Buffers that may also come as float32 (int4 zeros with zero_point="float"): then they
+    # are checked as scales are (finite, or a warning), not by the integer rule.
+    _FLOAT_OK: tuple = ()
+
     def _check_state(self, state_dict, prefix) -> None:
+        float_keys = []
         for key, (dtype, bounds) in self._INT_BUFFERS.items():
             t = state_dict.get(prefix + key)
             if not isinstance(t, Tensor):
                 continue  # missing keys are load_state_dict's to report
+            if key in self._FLOAT_OK and t.dtype == torch.float32:
+                float_keys.append(key)
+                continue
             if t.dtype != dtype:
                 raise TypeError(
                     f"{prefix + key} must have dtype {dtype} in the state dict of "
@@ -321,7 +329,7 @@ class _QuantizedLinear(nn.Module):
                         f"{prefix + key} must hold values in [{lo}, {hi}], got "
                         f"{int(t[bad][0])} ({int(bad.sum())} value(s) out of range)"
                     )
-        for key in self._SCALE_BUFFERS:
+        for key in (*self._SCALE_BUFFERS, *float_keys):
             t = state_dict.get(prefix + key)
             if not isinstance(t, Tensor):
                 continue
@@ -595,6 +603,7 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
     # qweight: two nibbles a byte, so every uint8 is valid; a zero point is one int4 code.
     _INT_BUFFERS = {"qweight": (torch.uint8, None), "zeros": (torch.uint8, (0, 15))}
     _SCALE_BUFFERS = ("scales",)
+    _FLOAT_OK = ("zeros",)  # zero_point="float": float32 zeros (API.md)
 
     def __init__(
         self,
