@@ -657,6 +657,31 @@ def _check_fused(
     )
 
 
+def _fused_prep(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    labels,
+    chunk_size,
+    num_items_in_batch,
+):
+    """What both routes of the fused loss (tensor and module teacher) pass the chunk loop:
+    rows flattened, the chunk size, the count of items, and whether gradients are wanted."""
+    lead = student_hidden.shape[:-1]
+    sh = student_hidden.reshape(-1, student_hidden.shape[-1])
+    th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    lab = _labels_flat(labels)
+    m, v = sh.shape[0], student_weight.shape[0]
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(m, v)
+    nt = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else None
+    ni = num_items_in_batch if isinstance(num_items_in_batch, int) else -1
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
+    )
+    return lead, sh, th, lab, chunk, nt, ni, wants_grad
+
+
 def _fused_impl(
     student_hidden,
     student_weight,
@@ -691,16 +716,14 @@ def _fused_impl(
         reduction,
         num_items_in_batch,
     )
-    lead = student_hidden.shape[:-1]
-    sh = student_hidden.reshape(-1, student_hidden.shape[-1])
-    th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    lab = _labels_flat(labels)
-    m, v = sh.shape[0], student_weight.shape[0]
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(m, v)
-    nt = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else None
-    ni = num_items_in_batch if isinstance(num_items_in_batch, int) else -1
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
+    lead, sh, th, lab, chunk, nt, ni, wants_grad = _fused_prep(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        labels,
+        chunk_size,
+        num_items_in_batch,
     )
     loss, *_ = torch.ops.qtorch._fused_linear_distillation_loss_fwd(
         sh,
@@ -853,17 +876,16 @@ def fused_linear_distillation_loss_module_teacher(
         reduction,
         num_items_in_batch,
     )
-    lead = student_hidden.shape[:-1]
-    sh = student_hidden.reshape(-1, student_hidden.shape[-1])
-    th = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach()
-    lab = _labels_flat(labels)
-    m, v = sh.shape[0], student_weight.shape[0]
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(m, v)
-    nt = num_items_in_batch if isinstance(num_items_in_batch, torch.Tensor) else None
-    ni = num_items_in_batch if isinstance(num_items_in_batch, int) else -1
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
+    lead, sh, th, lab, chunk, nt, ni, wants_grad = _fused_prep(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        labels,
+        chunk_size,
+        num_items_in_batch,
     )
+    th = th.detach()  # the teacher gets no gradient
     args = (
         float(temperature),
         float(alpha),
