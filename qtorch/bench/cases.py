@@ -48,6 +48,7 @@ from qtorch import reference as R
 from qtorch.bench import ceiling, peers
 from qtorch.bench.baselines import eager_distillation_loss
 from qtorch.bench.types import Built, Impl, Options, Shape, clone_weights
+from qtorch.reference.distillation import default_chunk_size
 
 __all__ = [
     "OPS",
@@ -672,6 +673,17 @@ def _build_fused(s, dtype, device, backends, with_peers, opt):
         return run
 
     built.impls.append(_baseline("torch:eager+autograd", eager, weights, wbytes, kind))
+    for chunked in (True, False):
+        built.impls.append(
+            _baseline(
+                "torch:four GEMMs" + (" (qtorch's chunks)" if chunked else " (unchunked)"),
+                _four_gemms(hs, ht_, chunked),
+                weights,
+                wbytes,
+                kind,
+                note="the floor: the two logits GEMMs, grad_hidden and grad_weight, no loss",
+            )
+        )
 
     def make_for(chunk):
         def make(w):
@@ -729,6 +741,40 @@ def _build_fused(s, dtype, device, backends, with_peers, opt):
     if with_peers:
         peers.add_fused_distillation_peers(built, hs, ht_, weights, labels, kw)
     return built
+
+
+def _four_gemms(hs, ht, chunked: bool):
+    """The GEMMs every fused-linear distillation step does, alone: student and teacher
+    logits of each chunk (h @ W.T, in the inputs' dtype as the loss's GEMMs), grad_hidden
+    (g @ Ws) and grad_weight (Σ gᵀ @ h, accumulated over chunks), where g stands for the
+    chunk's logit gradient (the student logits themselves: same shape, no loss math). With
+    chunked=True the rows go in qtorch's default chunk (default_chunk_size), else in one
+    piece, holding [N, V] logits."""
+
+    def fn_of(w):
+        ws, wt = w["ws"], w["wt"]
+        m, v = hs.shape[0], ws.shape[0]
+        step = default_chunk_size(m, v) if chunked else m
+        h_, t_ = hs.detach(), ht.detach()
+
+        def run():
+            grad_h = torch.empty_like(h_)
+            grad_w = torch.zeros_like(ws, dtype=torch.float32)
+            for r0 in range(0, m, step):
+                hc = h_[r0 : r0 + step]
+                g = hc @ ws.detach().t()
+                t = t_[r0 : r0 + step] @ wt.t()
+                del t
+                grad_h[r0 : r0 + step] = g @ ws.detach()
+                if g.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), hc)
+                else:  # a 16-bit GEMM (fp32 accumulation inside), summed in fp32
+                    grad_w += g.t() @ hc
+            return grad_h, grad_w
+
+        return run
+
+    return fn_of
 
 
 TEACHER_QUANT_GROUP = 64  # divides SmolLM2's 576 and 960
