@@ -25,6 +25,9 @@ A thin driver over `qtorch.bench` (cases "distillation_loss" and
                         is printed (the losses agree: tests/test_bench.py). For the int4 head,
                         "+head" adds the teacher head's resident bytes (fp32 weight or int4
                         buffers) to its peak, since the head is an input either way.
+                        Two floor rows: the four GEMMs of the step alone (both logits,
+                        grad_hidden, grad_weight; no loss), in qtorch's default chunks and
+                        unchunked, and qtorch's time over theirs.
 Implementations of a case are timed interleaved (qtorch.bench.timing); each row gives
 p20/p50/p80 over the rounds and speedup = eager p50 / qtorch p50. Peak memory is VmHWM of a
 fresh child process per variant (qtorch.bench.memory) minus its VmRSS before the measured
