@@ -283,6 +283,121 @@ def test_cpu_fused_linear_public_op_autograd(isa):
         assert_close(a, b, torch.float32)
 
 
+@cpu_kernels
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("temperature,alpha", [(1.0, 0.6), (2.0, 0.6), (1.5, 1.0)])
+def test_cpu_jsd_in_place_gradient_matches_reference(isa, beta, temperature, alpha):
+    """The in-place row kernel of the chunk loop (gradient over the student logits), JSD at
+    β ∈ {0, ½, 1}, with and without the hard term at T != 1 (its gradient pass reads q and
+    log q − log m kept from the loss pass, and the student logits for the hard term)."""
+    m, v = 5, 1031  # V: a vector tail on every ISA
+    s, t = _logits(m, v, torch.float32, 41), _logits(m, v, torch.float32, 42)
+    t[2, 3:9] = float("-inf")  # masked teacher entries
+    lab = _labels(m, v, 43)
+    ts = torch.rand(m, generator=_gen(44))
+    g = s.clone()
+    loss, grad = CPU._chunk_loss(g, t, lab, ts, temperature, alpha, "jsd", beta, -100, True)
+    assert grad is g
+    ref_loss, ref_grad = R.distillation_loss(s, t, lab, temperature, alpha, "jsd", beta, -100)
+    assert_close(loss, ref_loss, torch.float32)
+    assert_close(grad, ref_grad * ts[:, None], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_head_16bit_weight_is_walked_in_slices(dtype, bias, monkeypatch):
+    """A 16-bit head weight is never widened whole: LinearHead keeps it 16-bit and widens
+    ~4 MiB row slices into one buffer (7-row slices here, V = 45: a ragged last slice); its
+    logits, grad_input and grad_weight are those of the head on the widened weight."""
+    monkeypatch.setattr(R.distillation, "_slice_rows", lambda k: 7)
+    g = torch.Generator().manual_seed(51)
+    w = (torch.randn(45, 24, generator=g) / 3).to(dtype)
+    b = torch.randn(45, generator=g).to(dtype) if bias else None
+    sliced = R.distillation.LinearHead(w, b, torch.float32)
+    whole = R.distillation.LinearHead(w.float(), None if b is None else b.float(), torch.float32)
+    assert sliced.weight.dtype == dtype  # no fp32 copy of W
+    x = sliced.operand(torch.randn(6, 24, generator=g).to(dtype))
+    out_s, out_w = torch.empty(6, 45), torch.empty(6, 45)
+    sliced.logits(x, out_s)
+    whole.logits(x, out_w)
+    assert sliced._slice.shape == (7, 24)
+    assert_close(out_s, out_w, torch.float32)
+    grad = torch.randn(6, 45, generator=g)
+    gi_s, gi_w = torch.empty(6, 24, dtype=dtype), torch.empty(6, 24, dtype=dtype)
+    gw_s, gw_w = torch.zeros(45, 24), torch.zeros(45, 24)
+    sliced.backward(grad, x, gi_s, gw_s)
+    whole.backward(grad, x, gi_w, gw_w)
+    assert_close(gi_s, gi_w, dtype)
+    torch.testing.assert_close(gw_s, gw_w, rtol=0, atol=0)  # g.T @ x reads no weight
+    gi32_s, gi32_w = torch.empty(6, 24), torch.empty(6, 24)
+    sliced.backward(grad, x, gi32_s, None)
+    whole.backward(grad, x, gi32_w, None)
+    assert_close(gi32_s, gi32_w, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("teacher", ["tensor", "int8 module"])
+def test_fused_unit_gradient_is_not_copied_and_stays_right(backend, teacher, monkeypatch):
+    """loss.backward() hands the saved gradients over without multiplying them by 1 (no second
+    [V, H] weight gradient at the peak); a retained graph backpropagated three times adds three
+    gradients, another incoming gradient still scales them, and a gradient accumulated into
+    .grad over two steps is the sum."""
+    if backend == "cpu" and "cpu" not in qtorch.available_backends():
+        pytest.skip("no cpu backend")
+    from qtorch.nn import Int8WeightOnlyLinear
+
+    g = torch.Generator().manual_seed(61)
+    hs, ws = torch.randn(9, 16, generator=g), torch.randn(37, 16, generator=g) / 4
+    th, wt = torch.randn(9, 16, generator=g), torch.randn(37, 16, generator=g) / 4
+    lab = _labels(9, 37, 62)
+    if teacher == "tensor":
+        head = wt
+    else:
+        lin = torch.nn.Linear(16, 37, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(wt)
+        head = Int8WeightOnlyLinear.from_float(lin)
+
+    import qtorch.ops.distillation as OD
+
+    handed = []  # per backward: were the saved gradients handed over without a product?
+    scaled = OD._scaled
+
+    def spy(grad_loss, *grads):
+        out = scaled(grad_loss, *grads)
+        handed.append(all(a is b for a, b in zip(out, grads, strict=True)))
+        return out
+
+    monkeypatch.setattr(OD, "_scaled", spy)
+
+    def run(scale=None, retain=False, times=1, x=None, w=None):
+        x = hs.clone().requires_grad_(True) if x is None else x
+        w = ws.clone().requires_grad_(True) if w is None else w
+        with qtorch.use_backend(backend):
+            loss = ops.fused_linear_distillation_loss(x, w, th, head, lab, chunk_size=4)
+        out = loss if scale is None else loss * scale
+        for _ in range(times):
+            out.backward(retain_graph=retain)
+        return x, w
+
+    x1, w1 = run()
+    assert handed == [True]
+    # three times: were .grad to alias a saved gradient, the third pass would read the sum of
+    # the first two from it (4x, not 3x)
+    x2, w2 = run(retain=True, times=3)
+    assert_close(x2.grad, 3 * x1.grad, torch.float32)
+    assert_close(w2.grad, 3 * w1.grad, torch.float32)
+    assert handed[1:] == [False] * 3  # a kept graph: fresh products every time
+    x3, w3 = run(scale=3.0)
+    assert handed[4:] == [False]
+    assert_close(x3.grad, 3 * x1.grad, torch.float32)
+    assert_close(w3.grad, 3 * w1.grad, torch.float32)
+    x4, w4 = run()
+    run(x=x4, w=w4)  # a second step accumulates into the first step's .grad
+    assert_close(w4.grad, 2 * w1.grad, torch.float32)
+    assert_close(x4.grad, 2 * x1.grad, torch.float32)
+
+
 # ---------------------------------------------------------------------------------- triton
 
 DEV = device_for("triton")

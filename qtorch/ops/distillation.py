@@ -522,6 +522,33 @@ def _fused_setup(ctx, inputs, output):
         ctx.save_for_backward(output[1], output[2], output[3])
 
 
+def _graph_is_kept() -> bool:
+    """Whether the running backward keeps its graph (retain_graph / create_graph): then this
+    node may run again and must not give away what it saved. True when unknown."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
+
+
+def _scaled(grad_loss: Tensor, *grads):
+    """The saved gradients of the reduced loss times the incoming gradient. For a unit incoming
+    gradient (`loss.backward()`) in eager mode, on a graph that is freed after this backward,
+    they are handed over as they are (Liger-Kernel skips the same multiply): `gw * grad_loss`
+    would be a second [V, H] weight gradient at the peak of every backward. Autograd may then
+    make a saved gradient a parameter's .grad and accumulate into it, so a graph that is kept
+    (it can be backpropagated again) always gets fresh products; so do torch.compile (the value
+    of grad_loss is not known while tracing) and CUDA-graph capture."""
+    unit = (
+        not torch.compiler.is_compiling()
+        and grad_loss.numel() == 1
+        and not (grad_loss.is_cuda and torch.cuda.is_current_stream_capturing())
+        and not _graph_is_kept()
+        and bool(grad_loss == 1)
+    )
+    if unit:
+        return grads
+    return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
+
+
 def _fused_backward(ctx, grad_loss, *_):
     if grad_loss is None:  # the loss is not in the graph that is being differentiated
         return (None,) * 18
@@ -534,8 +561,7 @@ def _fused_backward(ctx, grad_loss, *_):
         gh, gw, gb = ctx.saved_tensors
         if gh.numel() == 0 and ctx.tokens != 0 and sum(ctx.needs_input_grad[:2]):
             raise RuntimeError("fused_linear_distillation_loss: forward ran without gradients")
-        gh, gw = gh * grad_loss.to(gh.dtype), gw * grad_loss.to(gw.dtype)
-        gb = gb * grad_loss.to(gb.dtype)
+        gh, gw, gb = _scaled(grad_loss, gh, gw, gb)
     gw = gw if ctx.grad_weight else None  # a frozen head: no weight gradient was computed
     gb = gb if ctx.has_bias else None
     return (gh, gw, None, None, None, gb) + (None,) * 12
@@ -833,9 +859,7 @@ class _FusedModuleTeacher(torch.autograd.Function):
             gh, gw, gb = ctx.saved_tensors
             if gh is None:
                 raise RuntimeError("fused_linear_distillation_loss: forward ran without gradients")
-            gh = gh * grad_loss.to(gh.dtype)
-            gw = None if gw is None else gw * grad_loss.to(gw.dtype)
-            gb = None if gb is None else gb * grad_loss.to(gb.dtype)
+            gh, gw, gb = _scaled(grad_loss, gh, gw, gb)
         gw = gw if ctx.grad_weight else None
         gb = gb if ctx.has_bias else None
         return gh, gw, gb, None, None, None, None

@@ -222,44 +222,80 @@ def chunk_loss_from(loss_kernel):
 reference_chunk_loss = chunk_loss_from(distillation_loss)
 
 
+def _slice_rows(k: int) -> int:
+    """Rows of a weight slice widened to fp32 at a time: about 4 MiB (2^20 values)."""
+    return max(1, (1 << 20) // max(k, 1))
+
+
 class LinearHead:
     """A vocabulary head x @ W.T (+ b) of the chunk loop, its GEMMs in the accumulation dtype
     `acc` (fp32; float64 for float64 inputs): the definition of the logits, and the GEMMs the
-    cpu and cuda backends run (BLAS / cuBLAS). Made once per call: W and b are converted to
-    `acc` once (no copy when they already are). Per chunk of n rows:
+    cpu and cuda backends run (BLAS / cuBLAS). Made once per call. Per chunk of n rows:
 
         operand(h [n, K])              the hidden states as the GEMMs read them
         logits(x, out [n, V] acc)      out = x @ W.T (+ b); returns out
         backward(g [n, V] acc, x, grad_input [n, K] | None, grad_weight [V, K] acc | None)
                                        grad_input = g @ W,  grad_weight += g.T @ x
 
-    A teacher head needs only `operand` and `logits`.
+    A W already in `acc` is used as it is. A W in another dtype (bf16/fp16) is never widened
+    whole (an fp32 copy of a [V, K] head would be twice the 16-bit weight, per head, at the peak
+    of the loss): each GEMM that reads W walks it in row slices of ~4 MiB, widened exactly into
+    one reused fp32 buffer, so every product and sum is the same fp32 arithmetic as on a
+    widened W. A teacher head needs only `operand` and `logits`.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype):
         self.acc = acc
-        self.weight = weight.to(acc)
+        self.sliced = weight.dtype != acc
+        self.weight = weight if self.sliced else weight.to(acc)
         self.bias = bias.to(acc) if bias is not None else None
         self._grad_input_acc = None  # [chunk, K] acc, for hidden states not stored in acc
+        self._slice = None  # [rows, K] acc, a widened slice of a 16-bit W
+
+    def _slices(self):
+        """(r0, r1, W[r0:r1] in acc) over the rows of W, through one reused buffer."""
+        v, k = self.weight.shape
+        rows = min(v, _slice_rows(k))
+        if self._slice is None:
+            self._slice = torch.empty((rows, k), dtype=self.acc, device=self.weight.device)
+        for r0 in range(0, v, rows):
+            r1 = min(r0 + rows, v)
+            yield r0, r1, self._slice[: r1 - r0].copy_(self.weight[r0:r1])
 
     def operand(self, h: torch.Tensor) -> torch.Tensor:
         return h.to(self.acc)
 
     def logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.sliced:
+            for r0, r1, w in self._slices():
+                torch.mm(x, w.T, out=out[:, r0:r1])
+            if self.bias is not None:
+                out += self.bias
+            return out
         if self.bias is None:
             return torch.mm(x, self.weight.T, out=out)
         return torch.addmm(self.bias, x, self.weight.T, out=out)
 
+    def _grad_input(self, g, out) -> None:
+        if not self.sliced:
+            torch.mm(g, self.weight, out=out)
+            return
+        for r0, r1, w in self._slices():
+            if r0 == 0:
+                torch.mm(g[:, r0:r1], w, out=out)
+            else:
+                out.addmm_(g[:, r0:r1], w)
+
     def backward(self, g, x, grad_input, grad_weight) -> None:
         if grad_input is not None:
             if grad_input.dtype == self.acc:
-                torch.mm(g, self.weight, out=grad_input)
+                self._grad_input(g, grad_input)
             else:  # formed in acc, rounded once into the hidden states' dtype
                 n = g.shape[0]
                 if self._grad_input_acc is None or self._grad_input_acc.shape[0] < n:
                     self._grad_input_acc = g.new_empty((n, self.weight.shape[1]))
                 buf = self._grad_input_acc[:n]
-                torch.mm(g, self.weight, out=buf)
+                self._grad_input(g, buf)
                 grad_input.copy_(buf)
         if grad_weight is not None:
             grad_weight.addmm_(g.T, x)
@@ -279,9 +315,14 @@ class ModuleHead:
     def operand(self, h: torch.Tensor) -> torch.Tensor:
         return h
 
-    def logits(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """The module's logits in acc: its own output when that is already acc (the chunk loop
+        then passes no buffer), else widened into `out` (or a fresh acc tensor)."""
         y = self.fn(x)
-        return y if y.dtype == out.dtype else out.copy_(y)
+        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+        if y.dtype == acc:
+            return y
+        return y.to(acc) if out is None else out.copy_(y)
 
 
 def fused_linear_distillation_loss(
@@ -336,7 +377,8 @@ def fused_linear_distillation_loss(
     else:
         teacher = head(teacher_weight, teacher_bias, acc)
     s_buf = torch.empty((min(chunk, m), vocab), dtype=acc, device=dev)
-    t_buf = torch.empty_like(s_buf)
+    # A module teacher returns its own logits tensor per chunk: no buffer is held for it.
+    t_buf = None if isinstance(teacher, ModuleHead) else torch.empty_like(s_buf)
     loss = torch.empty(m, dtype=acc, device=dev)
     grad_h = grad_w = grad_b = None
     if compute_grad:
@@ -349,7 +391,8 @@ def fused_linear_distillation_loss(
         end = min(start + chunk, m)
         x_s = student.operand(student_hidden[start:end])
         s = student.logits(x_s, s_buf[: end - start])
-        t = teacher.logits(teacher.operand(teacher_hidden[start:end]), t_buf[: end - start])
+        t_out = None if t_buf is None else t_buf[: end - start]
+        t = teacher.logits(teacher.operand(teacher_hidden[start:end]), t_out)
         lab = labels[start:end] if labels is not None else None
         ts = token_scale[start:end] if token_scale is not None else None
         l_c, g = chunk_loss(
@@ -360,6 +403,12 @@ def fused_linear_distillation_loss(
             student.backward(g, x_s, grad_h[start:end], grad_w)
             if grad_b is not None:
                 grad_b += g.sum(0)
+        # Nothing of this chunk outlives it: a module teacher's logits are freed before the
+        # next chunk's are made, so two of them never coexist.
+        s = t = t_out = g = l_c = None
+    # The [chunk, V] buffers go before the weight gradient is rounded to its dtype, so the
+    # fp32 accumulator and its 16-bit copy do not coexist with them at the peak.
+    s_buf = t_buf = student = teacher = x_s = None
     if grad_w is not None:
         grad_w = grad_w.to(student_weight.dtype)
     if grad_b is not None:

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "distillation.h"
 
@@ -211,28 +212,42 @@ static float row_t(const void* sp, const void* tp, int64_t V, int64_t label, con
       const Vec lm = Vt::add(hi, Vt::log(Vt::add(vone, Vt::exp(Vt::sub(lo, hi)))));
       return Vt::select(Vt::eq(hi, vninf), vninf, lm);  // m = 0: every term is left out
     };
+    // The gradient pass needs q_j and r_j = log q_j − log m_j, which the loss pass already
+    // forms: the loss pass keeps them in a per-thread row scratch (2 × V floats, cache-resident
+    // beside the row at vocabulary sizes), so the gradient pass does no exp or log of its own
+    // (two exps and a log per entry fewer; the same values, so the same bits as recomputing).
+    thread_local std::vector<float> keep;
+    const bool keep_qr = want_grad && beta != 1.0f;
+    const int64_t kn = Vfull + W;  // room for the padded tail vector
+    if (keep_qr && keep.size() < static_cast<size_t>(2 * kn)) keep.resize(2 * kn);
+    float* const kq = keep_qr ? keep.data() : nullptr;
+    float* const kr = keep_qr ? kq + kn : nullptr;
     Vec accp = vzero, accq = vzero;
-    sweep([&](int64_t, int, Vec s, Vec t) {
+    sweep([&](int64_t i, int, Vec s, Vec t) {
       const Vec lq = Vt::fmadd(s, vinvT, va_s), lp = Vt::fmadd(t, vinvT, va_t);
       const Vec q = Vt::exp(lq), p = Vt::exp(lp);
       const Vec lm = log_m(lp, lq);
+      const Vec r = Vt::sub(lq, lm);
+      if (keep_qr) {
+        Vt::template store<DType::F32>(kq, i, q);
+        Vt::template store<DType::F32>(kr, i, r);
+      }
       accp = Vt::add(accp, Vt::select(Vt::gt(p, vzero), Vt::mul(p, Vt::sub(lp, lm)), vzero));
-      accq = Vt::add(accq, Vt::select(Vt::gt(q, vzero), Vt::mul(q, Vt::sub(lq, lm)), vzero));
+      accq = Vt::add(accq, Vt::select(Vt::gt(q, vzero), Vt::mul(q, r), vzero));
     });
     const float Kp = Vt::hsum(accp), K = Vt::hsum(accq);
     D = (beta != 0.0f ? beta * Kp : 0.0f) + (beta != 1.0f ? (1.0f - beta) * K : 0.0f);
-    if (want_grad) {
+    if (want_grad && beta == 1.0f) {  // D = KL(p || p) does not depend on z; K may be inf
+      sweep([&](int64_t i, int n, Vec s, Vec) {
+        emit(i, n, s, Vt::exp(Vt::fmadd(s, vinvT, va_s)), vzero);
+      });
+    } else if (want_grad) {
       const Vec vK = Vt::set1(K), v1b = Vt::set1(1.0f - beta);
-      sweep([&](int64_t i, int n, Vec s, Vec t) {
-        const Vec lq = Vt::fmadd(s, vinvT, va_s), lp = Vt::fmadd(t, vinvT, va_t);
-        const Vec q = Vt::exp(lq);
-        if (beta == 1.0f) {  // D = KL(p || p) does not depend on z; K may be inf here
-          emit(i, n, s, q, vzero);
-          return;
-        }
-        const Vec lm = log_m(lp, lq);
-        const Vec gz = Vt::select(Vt::gt(q, vzero),
-                                  Vt::mul(v1b, Vt::mul(q, Vt::sub(Vt::sub(lq, lm), vK))), vzero);
+      sweep([&](int64_t i, int n, Vec s, Vec) {
+        const Vec q = Vt::template load<DType::F32>(kq, i);
+        const Vec r = Vt::template load<DType::F32>(kr, i);
+        const Vec gz =
+            Vt::select(Vt::gt(q, vzero), Vt::mul(v1b, Vt::mul(q, Vt::sub(r, vK))), vzero);
         emit(i, n, s, q, gz);
       });
     }
