@@ -4,7 +4,8 @@ CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, min
 allocated before the call: the extra memory the op needs beyond its inputs.
 
 CPU: peak RSS in a *fresh child process* (`python -m qtorch.bench.memory`, spec on stdin), so
-the parent's allocator history and the benchmark's own buffers do not pollute it. The child
+the parent's allocator history and the benchmark's own buffers do not pollute it (its glibc
+mmap threshold pinned, `_child_env`, so freed blocks leave the RSS). The child
 builds the case, runs every implementation once (warm: one-time weight repacking is a
 resident cost of the layout, not of a call), then per implementation resets the kernel's
 high-water mark (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0), makes one call and reads
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -39,6 +41,18 @@ def cuda_peak_extra(fn) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+def _child_env() -> dict:
+    """The child's environment: glibc's mmap threshold pinned at 64 KiB, so every large block
+    is mmapped and handed back to the kernel when freed. With glibc's default (a threshold that
+    grows to 32 MiB after the first large free) a freed [chunk, V] block may stay resident on
+    the heap's free lists or not, depending on what was freed before: the same call measured
+    140 or 213 MiB in two runs. Pinned, VmRSS before the call is what is live, and the peak is
+    the call's own live bytes at its high point (to the page), the same in every run."""
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    return env
 
 
 def _child(spec: dict) -> dict:
@@ -107,6 +121,7 @@ def cpu_peak_extra(
             capture_output=True,
             text=True,
             timeout=timeout_s,
+            env=_child_env(),
         )
     except subprocess.TimeoutExpired:
         return {"error": f"memory child timed out after {timeout_s:.0f} s"}
