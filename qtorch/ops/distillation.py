@@ -529,6 +529,19 @@ def _graph_is_kept() -> bool:
     return True if keep is None else bool(keep())
 
 
+def _eager_value(t: Tensor) -> bool:
+    """Whether t holds a value that can be read now: a plain tensor outside torch.compile and
+    outside any tracing dispatch mode (AOTAutograd, make_fx and opcheck trace the backward
+    with fake or functional tensors, whose value is not known)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return (
+        type(t) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and _get_current_dispatch_mode() is None
+    )
+
+
 def _scaled(grad_loss: Tensor, *grads):
     """The saved gradients of the reduced loss times the incoming gradient. For a unit incoming
     gradient (`loss.backward()`) in eager mode, on a graph that is freed after this backward,
@@ -536,9 +549,9 @@ def _scaled(grad_loss: Tensor, *grads):
     would be a second [V, H] weight gradient at the peak of every backward. Autograd may then
     make a saved gradient a parameter's .grad and accumulate into it, so a graph that is kept
     (it can be backpropagated again) always gets fresh products; so do torch.compile (the value
-    of grad_loss is not known while tracing) and CUDA-graph capture."""
+    of grad_loss is not known while tracing, `_eager_value`) and CUDA-graph capture."""
     unit = (
-        not torch.compiler.is_compiling()
+        _eager_value(grad_loss)
         and grad_loss.numel() == 1
         and not (grad_loss.is_cuda and torch.cuda.is_current_stream_capturing())
         and not _graph_is_kept()

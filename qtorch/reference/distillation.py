@@ -255,7 +255,7 @@ class LinearHead:
     def _slices(self):
         """(r0, r1, W[r0:r1] in acc) over the rows of W, through one reused buffer."""
         v, k = self.weight.shape
-        rows = min(v, _slice_rows(k))
+        rows = max(1, min(v, _slice_rows(k)))  # V = 0: no slices, and no zero range step
         if self._slice is None:
             self._slice = torch.empty((rows, k), dtype=self.acc, device=self.weight.device)
         for r0 in range(0, v, rows):
