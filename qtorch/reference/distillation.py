@@ -237,16 +237,18 @@ class LinearHead:
         backward(g [n, V] acc, x, grad_input [n, K] | None, grad_weight [V, K] acc | None)
                                        grad_input = g @ W,  grad_weight += g.T @ x
 
-    A W already in `acc` is used as it is. A W in another dtype (bf16/fp16) is never widened
-    whole (an fp32 copy of a [V, K] head would be twice the 16-bit weight, per head, at the peak
-    of the loss): each GEMM that reads W walks it in row slices of ~4 MiB, widened exactly into
-    one reused fp32 buffer, so every product and sum is the same fp32 arithmetic as on a
-    widened W. A teacher head needs only `operand` and `logits`.
+    A W already in `acc` is used as it is. A W on the CPU in another dtype (bf16/fp16) is
+    never widened whole (an fp32 copy of a [V, K] head would be twice the 16-bit weight, per
+    head, at the peak of the loss): each GEMM that reads W walks it in row slices of ~4 MiB,
+    widened exactly into one reused fp32 buffer, so every product and sum is the same fp32
+    arithmetic as on a widened W. A teacher head needs only `operand` and `logits`.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, acc: torch.dtype):
         self.acc = acc
-        self.sliced = weight.dtype != acc
+        # CPU only: on a GPU each ~4 MiB slice would be a copy and a GEMM launch of their own
+        # (hundreds per chunk at a 128k vocabulary); there the head is widened once.
+        self.sliced = weight.dtype != acc and weight.device.type == "cpu"
         self.weight = weight if self.sliced else weight.to(acc)
         self.bias = bias.to(acc) if bias is not None else None
         self._grad_input_acc = None  # [chunk, K] acc, for hidden states not stored in acc
