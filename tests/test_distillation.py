@@ -398,6 +398,46 @@ def test_fused_unit_gradient_is_not_copied_and_stays_right(backend, teacher, mon
     assert_close(x4.grad, 2 * x1.grad, torch.float32)
 
 
+def test_fused_module_teacher_logits_are_widened_to_the_loss_precision():
+    """A module teacher's logits (fp32 from an int8 head on fp32 hidden states) are widened to
+    the loop's accumulation dtype: float64 for a float64 student, as a tensor teacher's are."""
+    from qtorch.nn import Int8WeightOnlyLinear
+
+    g = torch.Generator().manual_seed(71)
+    lin = torch.nn.Linear(16, 37, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(37, 16, generator=g) / 4)
+    head = Int8WeightOnlyLinear.from_float(lin)
+    hs = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    ws = torch.randn(37, 16, generator=g, dtype=torch.float64) / 4
+    th = torch.randn(5, 16, generator=g)
+    lab = _labels(5, 37, 72)
+    seen = []
+    chunk_loss = R.distillation.reference_chunk_loss
+
+    def spy(s, t, *args):
+        seen.append((s.dtype, t.dtype))
+        return chunk_loss(s, t, *args)
+
+    got = R.fused_linear_distillation_loss(
+        hs,
+        ws,
+        th,
+        R.distillation.ModuleHead(head),
+        lab,
+        None,
+        None,
+        None,
+        2,
+        chunk_loss=spy,
+    )
+    assert seen and all(d == (torch.float64, torch.float64) for d in seen)
+    tw = head.dequantize().double()
+    want = R.fused_linear_distillation_loss(hs, ws, th.double(), tw, lab, None, None, None, 2)
+    assert_close(got[0], want[0], torch.float32)
+    assert_close(got[1], want[1], torch.float32)
+
+
 # ---------------------------------------------------------------------------------- triton
 
 DEV = device_for("triton")

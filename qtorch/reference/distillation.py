@@ -318,13 +318,10 @@ class ModuleHead:
         return h
 
     def logits(self, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        """The module's logits in acc: its own output when that is already acc (the chunk loop
-        then passes no buffer), else widened into `out` (or a fresh acc tensor)."""
+        """The module's logits: its own output, widened into `out` when one is given and the
+        dtypes differ (the chunk loop passes none and widens to its acc itself)."""
         y = self.fn(x)
-        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-        if y.dtype == acc:
-            return y
-        return y.to(acc) if out is None else out.copy_(y)
+        return y if out is None or y.dtype == out.dtype else out.copy_(y)
 
 
 def fused_linear_distillation_loss(
@@ -395,6 +392,7 @@ def fused_linear_distillation_loss(
         s = student.logits(x_s, s_buf[: end - start])
         t_out = None if t_buf is None else t_buf[: end - start]
         t = teacher.logits(teacher.operand(teacher_hidden[start:end]), t_out)
+        t = t if t.dtype == acc else t.to(acc)  # a module teacher's 16-bit or fp32 logits
         lab = labels[start:end] if labels is not None else None
         ts = token_scale[start:end] if token_scale is not None else None
         l_c, g = chunk_loss(
