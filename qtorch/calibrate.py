@@ -33,6 +33,27 @@ from qtorch.quantizers.grid import Grid, from_storage
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
+# Bytes of tensors the per-block memo of finished submodules' outputs may hold (_Memo).
+MEMO_BYTES = 1 << 30
+
+
+def _gram_(h: Tensor, x: Tensor, parts: int = 3) -> None:
+    """h += xᵀx, computed on and below the diagonal only (for K ≥ 384, in `parts` row panels:
+    2/3 of the multiply-adds at three); the entries above the diagonal blocks are left stale
+    until _symmetric."""
+    k = x.shape[1]
+    if k < 384:
+        h.addmm_(x.t(), x)
+        return
+    e = [k * i // parts for i in range(parts + 1)]
+    for i in range(parts):
+        h[e[i] : e[i + 1], : e[i + 1]].addmm_(x[:, e[i] : e[i + 1]].t(), x[:, : e[i + 1]])
+
+
+def _symmetric(h: Tensor) -> Tensor:
+    """The symmetric matrix of h's lower triangle."""
+    return torch.tril(h) + torch.tril(h, -1).t()
+
 
 class _Stop(BaseException):
     """Raised by a hook to end a calibration forward early (BaseException: no `except
@@ -117,6 +138,145 @@ def _same_extras(a, b) -> bool:
     )
 
 
+def _tensors(obj):
+    """The tensors in a (nested) call argument or output."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, Mapping):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _snapshot(obj):
+    """What _unchanged compares against later: tensors with their version counters."""
+    if isinstance(obj, Tensor):
+        return (obj, obj._version)
+    if isinstance(obj, (tuple, list)):
+        return type(obj), tuple(_snapshot(o) for o in obj)
+    if isinstance(obj, Mapping):
+        return dict, tuple((k, _snapshot(v)) for k, v in obj.items())
+    return obj
+
+
+def _unchanged(snap) -> bool:
+    """The tensors of a snapshot were not modified in place since it was taken."""
+    if isinstance(snap, tuple) and len(snap) == 2 and isinstance(snap[0], Tensor):
+        return snap[0]._version == snap[1]
+    if isinstance(snap, tuple) and len(snap) == 2 and snap[0] in (tuple, list, dict):
+        return all(_unchanged(v if snap[0] is not dict else v[1]) for v in snap[1])
+    return True
+
+
+def _same_value(snap, obj) -> bool:
+    """obj equals the snapshot's object bit for bit (tensors: same dtype, shape, device and
+    values; NaN never matches; other leaves: identical or ==)."""
+    if isinstance(snap, tuple) and len(snap) == 2 and isinstance(snap[0], Tensor):
+        t, ver = snap
+        if not isinstance(obj, Tensor) or t._version != ver:
+            return False
+        if obj is t:
+            return True
+        return (
+            obj.dtype == t.dtype
+            and obj.shape == t.shape
+            and obj.device == t.device
+            and bool(torch.equal(obj, t))
+        )
+    if isinstance(snap, tuple) and len(snap) == 2 and snap[0] in (tuple, list, dict):
+        kind, items = snap
+        if kind is dict:
+            if not isinstance(obj, Mapping) or list(obj.keys()) != [k for k, _ in items]:
+                return False
+            return all(_same_value(v, obj[k]) for k, v in items)
+        if not isinstance(obj, (tuple, list)) or len(obj) != len(items):
+            return False
+        return all(_same_value(v, o) for v, o in zip(items, obj))
+    if obj is snap:
+        return True
+    if isinstance(snap, (bool, int, float, str, type(None))) and type(obj) is type(snap):
+        return obj == snap
+    return False
+
+
+class _Memo:
+    """Outputs of the block's finished submodules, per calibration batch, across the passes
+    over one block. The passes of a block (one per layer group, then one for its output)
+    recompute everything before the group they capture; a submodule whose target layers are
+    all quantized already (a stand-in, or e.g. the attention once o_proj is done) computes
+    the same output from the same input in every later pass, so it is served from here.
+
+    An entry is served only when the call's arguments equal the recorded ones bit for bit
+    and neither they nor the output were modified in place since (version counters);
+    otherwise the module runs again. Entries are kept within `budget` bytes (tensors held
+    alive by the memo, each storage counted once); what does not fit is recomputed."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.batch: int | None = None  # the calibration batch being run, None: no memo
+        self.store = True
+        self.entries: dict = {}
+        self.held: set = set()
+        self.bytes = 0
+        self.hits = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.held.clear()
+        self.bytes = 0
+
+    def call(self, mod: nn.Module, fn: Callable, args: tuple, kwargs: dict):
+        b = self.batch
+        if b is None:
+            return fn(*args, **kwargs)
+        key = (id(mod), b)
+        hit = self.entries.get(key)
+        if hit is not None:
+            snap_in, snap_out = hit
+            if _same_value(snap_in, (args, kwargs)) and _unchanged(snap_out):
+                self.hits += 1
+                return snap_out[0] if _single(snap_out) else _restore(snap_out)
+            del self.entries[key]  # stale: its bytes stay counted until clear()
+        out = fn(*args, **kwargs)
+        if self.store and _memoizable(out):
+            new = []
+            for t in (*_tensors((args, kwargs)), *_tensors(out)):
+                ptr = (t.untyped_storage().data_ptr(), t.device)
+                if ptr not in self.held:
+                    new.append((ptr, t.untyped_storage().nbytes()))
+            size = sum(n for _, n in dict(new).items())
+            if self.bytes + size <= self.budget:
+                self.held.update(p for p, _ in new)
+                self.bytes += size
+                self.entries[key] = (_snapshot((args, kwargs)), _snapshot(out))
+        return out
+
+
+def _memoizable(out) -> bool:
+    """Outputs the memo rebuilds exactly: a tensor, or a tuple / list of tensors and Nones."""
+    if isinstance(out, Tensor):
+        return True
+    return type(out) in (tuple, list) and all(o is None or isinstance(o, Tensor) for o in out)
+
+
+def _single(snap) -> bool:
+    return isinstance(snap, tuple) and len(snap) == 2 and isinstance(snap[0], Tensor)
+
+
+def _restore(snap):
+    """The object a snapshot was taken of (the same tensors, the containers rebuilt)."""
+    if _single(snap):
+        return snap[0]
+    if isinstance(snap, tuple) and len(snap) == 2 and snap[0] in (tuple, list, dict):
+        kind, items = snap
+        if kind is dict:
+            return {k: _restore(v) for k, v in items}
+        return kind(_restore(v) for v in items)
+    return snap
+
+
 class _Calibration:
     def __init__(
         self, model: nn.Module, targets: list[nn.Linear], grid: Grid, cls, init_kw: dict, data: list
@@ -131,6 +291,9 @@ class _Calibration:
         self.result: dict[int, nn.Module] = {}
         self.uncalibrated: list[str] = []
         self.bar = None
+        self.memo = _Memo(MEMO_BYTES)
+        self.stand_ins: set[int] = set()
+        self.wrapped: list[nn.Module] = []
 
     # -- the layers ------------------------------------------------------------------------
     def _swap(self, old: nn.Module, new: nn.Module) -> None:
@@ -160,6 +323,7 @@ class _Calibration:
                 stand_in = nn.Linear(lin.in_features, lin.out_features, bias=False)
             stand_in.weight = nn.Parameter(w_hat[r0:r1].to(lin.weight.dtype), requires_grad=False)
             stand_in.bias = lin.bias
+            self.stand_ins.add(id(stand_in))
             self._swap(lin, stand_in)
             r0 = r1
         self.bar.update(len(group))
@@ -174,7 +338,7 @@ class _Calibration:
             xf = x.detach().reshape(-1, x.shape[-1]).float()
             if state["h"] is None:
                 state["h"] = torch.zeros(xf.shape[1], xf.shape[1], device=xf.device)
-            state["h"].addmm_(xf.t(), xf)
+            _gram_(state["h"], xf)
 
         def discover(mod, args, kwargs):
             x = _input_of(args, kwargs)
@@ -206,7 +370,7 @@ class _Calibration:
                 run(b)
         finally:
             hd.remove()
-        return state["group"], state["h"]
+        return state["group"], _symmetric(state["h"])
 
     def _region(self, run: Callable[[int], None], pending: list[nn.Linear]) -> None:
         pending = list(pending)
@@ -311,6 +475,38 @@ class _Calibration:
         finally:
             self.bar.close()
 
+    # -- the memo of finished submodules ---------------------------------------------------
+    def _finished(self, block: nn.Module) -> None:
+        """Route the calls of the block's finished submodules through the memo: every
+        submodule holding no target layer that is still to be quantized (stand-ins, norms,
+        activations, the attention once its projections are done). Memoizing the cheap ones
+        too lets their consumers' arguments be the very tensors recorded (an identity check
+        instead of a comparison). The block itself is not memoized (its outputs are needed
+        once each)."""
+        done = {id(m) for m in self.wrapped}
+        for m in block.modules():
+            if m is block or id(m) in done:
+                continue
+            ids = [id(x) for x in m.modules()]
+            if any(i in self.target_ids and i not in self.result for i in ids):
+                continue  # a layer inside is still to be calibrated: its output will change
+            m.forward = self._memoized(m, m.forward)
+            self.wrapped.append(m)
+
+    def _memoized(self, mod: nn.Module, fn: Callable) -> Callable:
+        def forward(*args, **kwargs):
+            return self.memo.call(mod, fn, args, kwargs)
+
+        return forward
+
+    def _unwrap(self) -> None:
+        for m in self.wrapped:
+            if "forward" in m.__dict__:
+                del m.forward
+        self.wrapped.clear()
+        self.memo.clear()
+        self.memo.batch = None
+
     def _blocks(self, blocks, hidden: list, extras: list) -> None:
         in_block = [[m for m in block.modules() if id(m) in self.target_ids] for block in blocks]
         last = max(i for i, t in enumerate(in_block) if t)
@@ -318,15 +514,22 @@ class _Calibration:
 
             def call(b, i=i):
                 rest, kwargs = extras[b][i]
+                self._finished(blocks[i])
+                self.memo.batch = b
                 # blocks[i], not a reference taken earlier: a block that is itself a target
                 # layer is replaced by its stand-in
                 return blocks[i](hidden[b], *rest, **kwargs)
 
-            if in_block[i]:
-                self._region(lambda b, call=call: _run(lambda: call(b)), in_block[i])
-            if i < last:
-                for b in range(len(self.data)):
-                    hidden[b] = _hidden_of(call(b))
+            try:
+                if in_block[i]:
+                    self._region(lambda b, call=call: _run(lambda: call(b)), in_block[i])
+                if i < last:
+                    self.memo.store = False  # the block's last pass: nothing comes after it
+                    for b in range(len(self.data)):
+                        hidden[b] = _hidden_of(call(b))
+            finally:
+                self.memo.store = True
+                self._unwrap()
 
 
 def gptq(

@@ -396,3 +396,212 @@ def test_from_float_takes_the_algorithm():
     assert m8.state_dict()["qweight"].dtype == torch.int8
     with pytest.raises(ValueError, match="calibration"):
         qtorch.nn.Int4WeightOnlyLinear.from_float(lin, group_size=32, algorithm="gptq")
+
+
+# ------------------------------------------------------------ GPTQ's kernels and the memo
+
+
+def _block_case(kind: int, b: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(b, n, generator=g)
+    a = torch.randn(b + 4, b + 4, generator=g)
+    u = gptq.inverse_hessian_factor(a @ a.T + torch.eye(b + 4))[:b, :b].contiguous()
+    s = torch.rand(b, n, generator=g) * 0.2 + 0.05
+    if kind == 0:
+        s = s / 10
+    if kind == 2:
+        z = torch.randint(0, 16, (b, n), generator=g).float()
+    elif kind == 3:
+        z = torch.rand(b, n, generator=g) * 15
+    else:
+        z = torch.zeros(b, n)
+    return w, u, s, z, (1 / u.diagonal()).contiguous()
+
+
+def _cpu_kernel(op):
+    from qtorch import _backend
+
+    _backend._load_backends()
+    if "cpu" not in _backend.available_backends():
+        pytest.skip("the C++ CPU backend is not built")
+    return _backend._KERNELS[op]["cpu"]
+
+
+@pytest.mark.parametrize("kind", range(4), ids=lambda k: grid.KINDS[k])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (33, 65), (64, 129), (128, 1000)])
+def test_gptq_block_cpu_kernel_matches_the_reference_bit_for_bit(kind, shape):
+    cpu = _cpu_kernel("gptq_block")
+    w, u, s, z, inv_d = _block_case(kind, *shape)
+    out = []
+    for fn in (gptq.gptq_block_reference, cpu):
+        w1, q, e = w.clone(), torch.empty(shape), torch.empty(shape)
+        fn(w1, u, s, z, inv_d, q, e, kind)
+        out.append((w1, q, e))
+    for got, want in zip(out[1], out[0]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    q = out[0][1]
+    lo, hi = (-127, 127) if kind == 0 else (0, 15)
+    assert q.min() >= lo and q.max() <= hi and torch.equal(q, q.round())
+
+
+def test_gptq_block_cpu_kernel_rejects_bad_arguments():
+    _cpu_kernel("gptq_block")
+    w, u, s, z, inv_d = _block_case(2, 8, 16)
+    q, e = torch.empty(8, 16), torch.empty(8, 16)
+    op = torch.ops.qtorch_cpu.gptq_block_
+    with pytest.raises(TypeError, match="w must be float32"):
+        op(w.double(), u, s, z, inv_d, q, e, 2)
+    with pytest.raises(ValueError, match="u must have shape"):
+        op(w, u[:4], s, z, inv_d, q, e, 2)
+    with pytest.raises(ValueError, match="scale must be contiguous"):
+        op(w, u, s.t().contiguous().t(), z, inv_d, q, e, 2)
+    with pytest.raises(ValueError, match="kind"):
+        op(w, u, s, z, inv_d, q, e, 7)
+
+
+@pytest.mark.parametrize("k", [64, 383, 384, 385, 1000])
+def test_gram_panels_give_the_full_product(k):
+    from qtorch.calibrate import _gram_, _symmetric
+
+    x = [correlated_inputs(96, k, seed=s) for s in range(3)]
+    h = torch.zeros(k, k)
+    for xb in x:
+        _gram_(h, xb)
+    h = _symmetric(h)
+    want = sum(xb.double().T @ xb.double() for xb in x)
+    assert torch.equal(h, h.T)
+    torch.testing.assert_close(h.double(), want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("g", GRIDS, ids=lambda g: f"{g.kind}-{g.group_size}")
+def test_refit_scales_never_raises_a_rows_output_error(g):
+    n, k = 48, 256
+    w, x = weight(n, k), correlated_inputs(1024, k)
+    h = x.T @ x
+    q, s, z = gptq.quantize(g, w, h)
+    s2 = gptq.refit_scales(g, w, q, s, z, h)
+    gs = g.group_of(k)
+
+    def row_err(scale):
+        w_hat = ((q.reshape(n, k // gs, gs) - z[..., None]) * scale[..., None]).reshape(n, k)
+        return ((x @ (w - w_hat).T) ** 2).sum(0)
+
+    before, after = row_err(s), row_err(s2)
+    assert (after <= before * (1 + 1e-5)).all()
+    assert after.sum() < before.sum()  # it does improve the layer
+    changed = (s2 != s).any(-1)
+    assert torch.equal(s2[~changed], s[~changed]) and (s2 > 0).all()
+    # the refit result is still a canonical grid point: it stores and loads
+    w_hat = grid.from_storage(g, grid.to_storage(g, q, s2, z))
+    assert torch.isfinite(w_hat).all()
+
+
+def test_refit_scales_keeps_a_dead_groups_scale():
+    g = Grid("int4", 32)
+    w, x = weight(8, 64), correlated_inputs(256, 64)
+    w[:, :32] = 0  # group 0 of every row, quantized first (no act-order): codes on the zero
+    h = x.T @ x
+    q, s, z = gptq.quantize(g, w, h, act_order=False)
+    assert torch.equal(q[:, :32], z[:, :1].expand(-1, 32))
+    s2 = gptq.refit_scales(g, w, q, s, z, h)
+    assert torch.equal(s2[:, 0], s[:, 0])
+
+
+class _InplaceBlock(nn.Module):
+    """A block whose finished layers' outputs are modified in place downstream
+    (ReLU(inplace=True)), and a norm whose input is rebuilt every pass."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.a, self.b, self.c = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, h):
+        y = self.act(self.a(self.norm(h)))  # a's output is overwritten in place
+        y = self.act(self.b(y))
+        return h + self.c(y)
+
+
+class _InplaceModel(nn.Module):
+    def __init__(self, d: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_InplaceBlock(d) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("make", [Tiny, _InplaceModel], ids=["tiny", "inplace"])
+def test_memo_gives_the_same_result_as_recomputing(make, monkeypatch):
+    """The per-block memo of finished submodules changes nothing but the work: the same
+    buffers as with the memo off (budget 0), with hits counted, and none served for a
+    module whose output was modified in place downstream."""
+    from qtorch import calibrate
+
+    torch.manual_seed(0)
+    fp = make().eval()
+    cfg = qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq")
+    hits = []
+    orig_clear = calibrate._Memo.clear
+
+    def clear(self):
+        hits.append(self.hits)
+        orig_clear(self)
+
+    monkeypatch.setattr(calibrate._Memo, "clear", clear)
+    got = {}
+    for budget in (0, 1 << 30):
+        monkeypatch.setattr(calibrate, "MEMO_BYTES", budget)
+        m = copy.deepcopy(fp)
+        qtorch.quantize_(m, cfg, calibration_data=_data())
+        got[budget] = m.state_dict()
+        assert _hooks(m) == 0 and all("forward" not in mod.__dict__ for mod in m.modules())
+    assert got[0].keys() == got[1 << 30].keys()
+    for key in got[0]:
+        torch.testing.assert_close(got[1 << 30][key], got[0][key], rtol=0, atol=0)
+    assert sum(hits) > 0
+
+
+def test_memo_serves_only_equal_unmodified_calls():
+    from qtorch.calibrate import _Memo
+
+    memo = _Memo(1 << 20)
+    calls = []
+    lin = nn.Linear(4, 4)
+
+    def fn(x, scale=1.0):
+        calls.append(1)
+        return lin(x) * scale
+
+    x = torch.randn(3, 4)
+    memo.batch = 0
+    with torch.no_grad():
+        y = memo.call(lin, fn, (x,), {})
+        assert memo.call(lin, fn, (x.clone(),), {}) is y and len(calls) == 1  # equal values
+        memo.call(lin, fn, (x + 1,), {})  # other values: recomputed
+        assert len(calls) == 2
+        y = memo.call(lin, fn, (x,), {"scale": 2.0})
+        memo.call(lin, fn, (x,), {"scale": 3.0})  # another keyword value
+        assert len(calls) == 4
+        y = memo.call(lin, fn, (x,), {})
+        y.add_(1)  # the output modified in place: never served again
+        assert memo.call(lin, fn, (x,), {}) is not y and len(calls) == 6
+        x.mul_(2)  # the recorded input modified in place
+        memo.call(lin, fn, (x,), {})
+        assert len(calls) == 7
+        nan = torch.full((3, 4), float("nan"))
+        memo.call(lin, fn, (nan,), {})
+        memo.call(lin, fn, (nan.clone(),), {})  # NaN never equals: recomputed
+        assert len(calls) == 9
+        memo.batch = 1  # another batch: its own entry
+        memo.call(lin, fn, (x,), {})
+        assert len(calls) == 10
+    tiny = _Memo(0)  # no budget: nothing kept
+    tiny.batch = 0
+    with torch.no_grad():
+        tiny.call(lin, fn, (x,), {})
+        tiny.call(lin, fn, (x,), {})
+    assert len(calls) == 12 and not tiny.entries

@@ -45,6 +45,14 @@ def _int8_linear_smooth(x, w_q, w_scale, smooth_scale, bias):
     return _ops.int8_linear_canonical(x, w_q, w_scale, bias, smooth_scale)
 
 
+# --- GPTQ's per-column loop (qtorch/quantizers/gptq.py, csrc/cpu/gptq.cpp) -------------------
+
+
+@register_kernel("gptq_block", "cpu")
+def _gptq_block(w1, u1, st, zt, inv_d, q, err, kind):
+    _ops.gptq_block_(w1, u1, st, zt, inv_d, q, err, kind)
+
+
 # --- weight-only (int8_weight_only_linear, quantize_int4, dequantize_int4,
 #     int4_weight_only_linear, the linears' backward) ------------------------------------------
 # Weights are packed into 16-channel blocks (csrc/cpu/kernels/weight_only.h) and dequantized inside

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qtorch.quantizers.grid import Grid, fake_quant, params_from_range, rtn_range
+from qtorch.quantizers.grid import Grid, params_from_range, rtn_range
 
 # shrink factors tried, RTN's range (1.0) first
 SHRINK = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 ... 0.5
 
-_CHUNK = 1 << 16  # elements of w per step: the temporaries stay in cache
+_CHUNK = 1 << 20  # elements of w times candidates per step: the temporaries stay in cache
 
 
 def candidate_range(grid: Grid, lo: Tensor, hi: Tensor, p: float) -> tuple[Tensor, Tensor]:
@@ -33,34 +33,47 @@ def candidate_range(grid: Grid, lo: Tensor, hi: Tensor, p: float) -> tuple[Tenso
     return lo * p, hi * p
 
 
+def _sq_error(grid: Grid, w: Tensor, s: Tensor, z: Tensor) -> Tensor:
+    """(fake_quant(grid, w, s, z) − w)², the same operations as grid.codes / grid.dequant,
+    in place on one temporary."""
+    t = w / s
+    t.round_()
+    if grid.kind == "int8":
+        t.clamp_(-127, 127)
+    elif grid.kind == "int4_sym":
+        t.clamp_(-8, 7).add_(8)
+    elif grid.kind == "int4":
+        t.add_(z).clamp_(0, 15)
+    else:  # int4_float: round(w / s + z)
+        t = (w / s).add_(z).round_().clamp_(0, 15)
+    t.sub_(z).mul_(s).sub_(w)
+    return t.mul_(t)
+
+
 def search(
     grid: Grid, w: Tensor, col_weight: Tensor | None = None, shrink: tuple[float, ...] = SHRINK
 ) -> tuple[Tensor, Tensor]:
-    """w [N, K] -> (scale, zero) float32 [N, G] (G = K // group_size, 1 for int8)."""
+    """w [N, K] -> (scale, zero) float32 [N, G] (G = K // group_size, 1 for int8). All
+    candidates of a chunk of rows are evaluated in one broadcast [P, rows, G, gs]; the first
+    smallest error wins (p = 1 first: RTN unless a candidate is strictly better)."""
     n, k = w.shape
     gs = grid.group_of(k)
     w = w.float()
     scale = torch.empty(n, k // gs, dtype=torch.float32, device=w.device)
     zero = torch.empty_like(scale)
     c = None if col_weight is None else col_weight.float().reshape(1, k // gs, gs)
-    rows = max(1, _CHUNK // k)
+    rows = max(1, _CHUNK // (k * len(shrink)))
     for r0 in range(0, n, rows):
         wg = w[r0 : r0 + rows].reshape(-1, k // gs, gs)
         lo, hi = rtn_range(grid, wg)
-        best_s = best_z = best_e = None
-        for p in shrink:
-            s, z = params_from_range(grid, *candidate_range(grid, lo, hi, p))
-            d = fake_quant(grid, wg, s[..., None], z[..., None]) - wg
-            d = d * d
-            if c is not None:
-                d = d * c
-            e = d.sum(dim=-1)
-            if best_e is None:
-                best_s, best_z, best_e = s, z, e
-                continue
-            better = e < best_e
-            best_s = torch.where(better, s, best_s)
-            best_z = torch.where(better, z, best_z)
-            best_e = torch.where(better, e, best_e)
-        scale[r0 : r0 + rows], zero[r0 : r0 + rows] = best_s, best_z
+        cand = [params_from_range(grid, *candidate_range(grid, lo, hi, p)) for p in shrink]
+        s = torch.stack([sz[0] for sz in cand])  # [P, rows, G]
+        z = torch.stack([sz[1] for sz in cand])
+        d = _sq_error(grid, wg, s[..., None], z[..., None])
+        if c is not None:
+            d.mul_(c)
+        e = d.sum(dim=-1).nan_to_num_(nan=float("inf"))  # [P, rows, G]
+        best = e.argmin(dim=0, keepdim=True)  # the first of equal minima
+        scale[r0 : r0 + rows] = s.gather(0, best)[0]
+        zero[r0 : r0 + rows] = z.gather(0, best)[0]
     return scale, zero
