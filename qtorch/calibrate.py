@@ -309,8 +309,18 @@ class _Calibration:
         the modules kept for quantize_, a float stand-in holding ŵ swapped into the model."""
         dev = group[0].weight.device
         w = torch.cat([lin.weight.detach().to(dev, torch.float32) for lin in group])
+        names = ", ".join(self.names[id(lin)][0] for lin in group)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                f"quantize_: the weight of {names} holds NaN or inf; GPTQ needs finite weights"
+            )
         if h is not None:
             h = h.to(dev)
+            if not bool(torch.isfinite(h).all()):
+                raise ValueError(
+                    f"quantize_: the inputs of {names} on the calibration_data hold NaN or inf "
+                    "(or overflow float32 in XᵀX); GPTQ needs finite inputs"
+                )
         bufs = quantizers.quantize_weight(self.grid, w, "gptq", h)
         del w, h
         w_hat = from_storage(self.grid, bufs)

@@ -605,3 +605,70 @@ def test_memo_serves_only_equal_unmodified_calls():
         tiny.call(lin, fn, (x,), {})
         tiny.call(lin, fn, (x,), {})
     assert len(calls) == 12 and not tiny.entries
+
+
+def _group_error(g, w, s, z, c=None):
+    n, k = w.shape
+    gs = g.group_of(k)
+    wg = w.double().reshape(n, k // gs, gs)
+    d = (
+        grid.fake_quant(g, w.reshape(n, k // gs, gs), s[..., None], z[..., None]).double() - wg
+    ) ** 2
+    if c is not None:
+        d = d * c.double().reshape(1, k // gs, gs)
+    return d.sum(-1)
+
+
+@pytest.mark.parametrize("g", GRIDS, ids=lambda g: f"{g.kind}-{g.group_size}")
+@pytest.mark.parametrize("shape", [(1, 128), (7, 384), (300, 256)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mse_search_cpu_kernel_matches_the_reference(g, shape, weighted):
+    """Same float32 operations per candidate; only the order of the sum over a group differs,
+    so a choice may differ only between candidates whose errors agree to rounding."""
+    _cpu_kernel("mse_search")
+    n, k = shape
+    w = weight(n, k, seed=n)
+    w[0, :5] = 0.0  # a partly empty group
+    c = torch.rand(k, generator=torch.Generator().manual_seed(3)) if weighted else None
+    ref = mse.search_reference(g, w, c)
+    got = mse.search_cpu(g, w, c)
+    same = (ref[0] == got[0]) & (ref[1] == got[1])
+    assert same.float().mean() >= 0.999
+    e_ref, e_got = _group_error(g, w, *ref, c), _group_error(g, w, *got, c)
+    torch.testing.assert_close(e_got, e_ref, rtol=1e-5, atol=1e-12)
+    # and the dispatching entry point takes the kernel on the CPU
+    s, z = mse.search(g, w, c)
+    assert torch.equal(s, got[0]) and torch.equal(z, got[1])
+
+
+def test_mse_search_cpu_kernel_nan_and_bad_arguments():
+    _cpu_kernel("mse_search")
+    g = Grid("int4", 32)
+    w = weight(4, 64)
+    w[1, 3] = float("nan")  # group 0 of row 1
+    ref, got = mse.search_reference(g, w), mse.search_cpu(g, w)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0, equal_nan=True)
+    op = torch.ops.qtorch_cpu.mse_search
+    with pytest.raises(ValueError, match="group_size must divide"):
+        op(w, None, 48, 2, [1.0])
+    with pytest.raises(TypeError, match="w must be float32"):
+        op(w.double(), None, 32, 2, [1.0])
+    with pytest.raises(ValueError, match="col_weight must have shape"):
+        op(w, torch.ones(3), 32, 2, [1.0])
+    with pytest.raises(ValueError, match="shrink"):
+        op(w, None, 32, 2, [])
+
+
+def test_gptq_names_a_layer_with_non_finite_weights_or_inputs():
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
+    data = [correlated_inputs(16, 64, seed=s) for s in range(2)]
+    cfg = qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq")
+    bad = copy.deepcopy(m)
+    with torch.no_grad():
+        bad[1].weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"weight of 1 holds NaN"):
+        qtorch.quantize_(bad, cfg, calibration_data=data)
+    data[1][2, 7] = float("inf")
+    with pytest.raises(ValueError, match=r"inputs of 0 on the calibration_data"):
+        qtorch.quantize_(copy.deepcopy(m), cfg, calibration_data=data)

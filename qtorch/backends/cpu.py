@@ -13,6 +13,7 @@ def status() -> tuple[bool, str]:
 
 from qtorch._backend import register_kernel  # noqa: E402
 from qtorch._packed import Layout, flat, register_layout  # noqa: E402
+from qtorch.quantizers import mse as _mse  # noqa: E402
 from qtorch.reference import distillation as _ref_distill  # noqa: E402
 
 _ops = torch.ops.qtorch_cpu
@@ -51,6 +52,9 @@ def _int8_linear_smooth(x, w_q, w_scale, smooth_scale, bias):
 @register_kernel("gptq_block", "cpu")
 def _gptq_block(w1, u1, st, zt, inv_d, q, err, kind):
     _ops.gptq_block_(w1, u1, st, zt, inv_d, q, err, kind)
+
+
+register_kernel("mse_search", "cpu")(_mse.search_cpu)
 
 
 # --- weight-only (int8_weight_only_linear, quantize_int4, dequantize_int4,

@@ -3,6 +3,7 @@
 from qtorch import reference as R
 from qtorch._backend import register_kernel
 from qtorch.quantizers.gptq import gptq_block_reference
+from qtorch.quantizers.mse import search_reference
 from qtorch.reference.weight_only import int4_linear_grad_input, int8_linear_grad_input
 
 for _name, _fn in {
@@ -19,6 +20,7 @@ for _name, _fn in {
     "distillation_loss": R.distillation_loss,
     "fused_linear_distillation_loss": R.fused_linear_distillation_loss,
     "gptq_block": gptq_block_reference,
+    "mse_search": search_reference,
 }.items():
     register_kernel(_name, "reference")(_fn)
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qtorch.quantizers.grid import Grid, params_from_range, rtn_range
+from qtorch._backend import resolve
+from qtorch.quantizers.grid import KINDS, Grid, params_from_range, rtn_range
 
 # shrink factors tried, RTN's range (1.0) first
 SHRINK = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 ... 0.5
@@ -53,9 +54,19 @@ def _sq_error(grid: Grid, w: Tensor, s: Tensor, z: Tensor) -> Tensor:
 def search(
     grid: Grid, w: Tensor, col_weight: Tensor | None = None, shrink: tuple[float, ...] = SHRINK
 ) -> tuple[Tensor, Tensor]:
-    """w [N, K] -> (scale, zero) float32 [N, G] (G = K // group_size, 1 for int8). All
-    candidates of a chunk of rows are evaluated in one broadcast [P, rows, G, gs]; the first
-    smallest error wins (p = 1 first: RTN unless a candidate is strictly better)."""
+    """w [N, K] -> (scale, zero) float32 [N, G] (G = K // group_size, 1 for int8), by the
+    kernel "mse_search" of the backend in force (the C++ CPU kernel on the CPU;
+    `search_reference` defines it and serves everywhere else)."""
+    _, kernel = resolve("mse_search", w.device)
+    return kernel(grid, w, col_weight, shrink)
+
+
+def search_reference(
+    grid: Grid, w: Tensor, col_weight: Tensor | None = None, shrink: tuple[float, ...] = SHRINK
+) -> tuple[Tensor, Tensor]:
+    """The reference of `search`. All candidates of a chunk of rows are evaluated in one
+    broadcast [P, rows, G, gs]; the first smallest error wins (p = 1 first: RTN unless a
+    candidate is strictly better)."""
     n, k = w.shape
     gs = grid.group_of(k)
     w = w.float()
@@ -77,3 +88,16 @@ def search(
         scale[r0 : r0 + rows] = s.gather(0, best)[0]
         zero[r0 : r0 + rows] = z.gather(0, best)[0]
     return scale, zero
+
+
+def search_cpu(
+    grid: Grid, w: Tensor, col_weight: Tensor | None = None, shrink: tuple[float, ...] = SHRINK
+) -> tuple[Tensor, Tensor]:
+    """`search` by the C++ kernel (csrc/cpu/gptq.cpp): the reference's float32 operations per
+    group, fused, with the sum over a group taken in order (so near-equal candidates may be
+    chosen differently from the reference, never a worse one by more than that rounding)."""
+    k = w.shape[1]
+    cw = None if col_weight is None else col_weight.float().contiguous()
+    return torch.ops.qtorch_cpu.mse_search(
+        w.float().contiguous(), cw, grid.group_of(k), KINDS.index(grid.kind), list(shrink)
+    )
