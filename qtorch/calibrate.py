@@ -10,7 +10,10 @@ on its own, on the outputs of the previous, already quantized blocks. Inside a b
 target layers form groups in call order, the layers of a group reading the same input tensor
 (q/k/v, gate/up): a group's H is one K×K matrix shared by its layers (one H alive at a time);
 each pass over the block stops as soon as the group's input is captured. The quantized group
-then stands in the block (as a float layer holding ŵ), and the next group is captured. Layers
+then stands in the block (as a float layer holding ŵ), and the next group is captured; the
+block's submodules with nothing left to calibrate are served from a memo in the later passes
+(_Memo: only for bit-equal, unmodified arguments), so each pass computes only what changed.
+H = XᵀX is accumulated on and below the diagonal (_gram_) and mirrored once. Layers
 outside the blocks (e.g. a pooler, an LM head) are done the same way with whole-model passes;
 so is every layer of a model without blocks.
 
@@ -293,7 +296,7 @@ class _Calibration:
         self.bar = None
         self.memo = _Memo(MEMO_BYTES)
         self.stand_ins: set[int] = set()
-        self.wrapped: list[nn.Module] = []
+        self.wrapped: list[tuple[nn.Module, Callable | None]] = []
 
     # -- the layers ------------------------------------------------------------------------
     def _swap(self, old: nn.Module, new: nn.Module) -> None:
@@ -493,15 +496,16 @@ class _Calibration:
         too lets their consumers' arguments be the very tensors recorded (an identity check
         instead of a comparison). The block itself is not memoized (its outputs are needed
         once each)."""
-        done = {id(m) for m in self.wrapped}
+        done = {id(m) for m, _ in self.wrapped}
         for m in block.modules():
             if m is block or id(m) in done:
                 continue
             ids = [id(x) for x in m.modules()]
             if any(i in self.target_ids and i not in self.result for i in ids):
                 continue  # a layer inside is still to be calibrated: its output will change
+            # an instance attribute (accelerate's hooks wrap forward so) is put back as it was
+            self.wrapped.append((m, m.__dict__.get("forward")))
             m.forward = self._memoized(m, m.forward)
-            self.wrapped.append(m)
 
     def _memoized(self, mod: nn.Module, fn: Callable) -> Callable:
         def forward(*args, **kwargs):
@@ -510,8 +514,10 @@ class _Calibration:
         return forward
 
     def _unwrap(self) -> None:
-        for m in self.wrapped:
-            if "forward" in m.__dict__:
+        for m, own in reversed(self.wrapped):
+            if own is not None:
+                m.forward = own
+            elif "forward" in m.__dict__:
                 del m.forward
         self.wrapped.clear()
         self.memo.clear()

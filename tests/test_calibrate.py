@@ -672,3 +672,24 @@ def test_gptq_names_a_layer_with_non_finite_weights_or_inputs():
     data[1][2, 7] = float("inf")
     with pytest.raises(ValueError, match=r"inputs of 0 on the calibration_data"):
         qtorch.quantize_(copy.deepcopy(m), cfg, calibration_data=data)
+
+
+def test_memo_puts_back_an_instance_forward():
+    """accelerate-style hooks replace a module's forward on the instance: calibration wraps
+    and then restores that very function."""
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    calls = []
+    norm_like = m.layers[1].drop  # a submodule the memo wraps once the block is done
+    inner = norm_like.forward
+
+    def wrapper(*a, **kw):
+        calls.append(1)
+        return inner(*a, **kw)
+
+    norm_like.forward = wrapper
+    qtorch.quantize_(
+        m, qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq"), calibration_data=_data()
+    )
+    assert m.layers[1].drop.__dict__["forward"] is wrapper and calls
+    assert all("forward" not in mod.__dict__ for mod in m.modules() if mod is not norm_like)
