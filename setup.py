@@ -37,6 +37,16 @@ def _flags_of(src):
     return []
 
 
+def _headers(root):
+    """The headers under `root` (tests' excepted), for an extension's `depends`."""
+    return sorted(
+        h
+        for ext in ("h", "cuh")
+        for h in glob.glob(f"{root}/**/*.{ext}", recursive=True)
+        if "/tests/" not in h
+    )
+
+
 def _env_flag(name):
     v = os.environ.get(name)
     return None if v is None or v == "" else v not in ("0", "false", "no")
@@ -90,6 +100,9 @@ if torch is not None:
                 "qtorch._C",
                 cpu_sources,
                 include_dirs=[os.path.abspath("csrc/cpu")],
+                # headers too: build_ext rebuilds only when a listed file is newer than the
+                # built module, and the kernels live in headers (kernels/*_impl.h)
+                depends=_headers("csrc/cpu"),
                 extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
                 extra_link_args=["-fopenmp"],
             )
@@ -109,6 +122,7 @@ if torch is not None:
                 "qtorch._C_cuda",
                 cuda_sources,
                 include_dirs=[os.path.abspath("csrc/cuda")],
+                depends=_headers("csrc/cuda"),
                 extra_compile_args={
                     # torch >= 2.14 headers require C++20 (the CUDA torch this builds against)
                     "cxx": ["-O3", "-std=c++20"],

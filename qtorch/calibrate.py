@@ -214,7 +214,9 @@ class _Memo:
     An entry is served only when the call's arguments equal the recorded ones bit for bit
     and neither they nor the output were modified in place since (version counters);
     otherwise the module runs again. Entries are kept within `budget` bytes (tensors held
-    alive by the memo, each storage counted once); what does not fit is recomputed."""
+    alive by the memo, each storage counted once, so no recorded address is reused before
+    clear()); what does not fit is recomputed. Not seen: a write through `.data`, which
+    bypasses version counters (no calibration forward is expected to write activations so)."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget

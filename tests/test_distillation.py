@@ -303,6 +303,28 @@ def test_cpu_jsd_in_place_gradient_matches_reference(isa, beta, temperature, alp
     assert_close(grad, ref_grad * ts[:, None], torch.float32)
 
 
+@cpu_kernels
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("spread", [1.0, 60.0])
+@pytest.mark.parametrize("v", [1031, 4099])
+def test_cpu_jsd_kept_exponentials_and_underflow(isa, beta, spread, v):
+    """For 0 < β < 1 the kernel forms q and p from pass 1's exponentials (rescaled per block of
+    lane maxima) and log m directly, falling back to the log-domain form for a vector holding
+    an m below FLT_MIN: wide logits (spread 60: most q and p underflow, maxima that move
+    across blocks) and masked teacher entries, against the float64 reference."""
+    m = 6
+    s = _logits(m, v, torch.float32, 61) * spread
+    t = _logits(m, v, torch.float32, 62) * spread
+    s[1] = s[1] + torch.linspace(0, 40 * spread, v)  # the student maximum moves along the row
+    t[2, : v // 2] = float("-inf")
+    t[3, 5:] = float("-inf")  # five live teacher entries
+    g = s.clone()
+    loss, grad = CPU._chunk_loss(g, t, None, None, 1.0, 1.0, "jsd", beta, -100, True)
+    ref_loss, ref_grad = R.distillation_loss(s.double(), t.double(), None, 1.0, 1.0, "jsd", beta)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-4, atol=2e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_head_16bit_weight_is_walked_in_slices(dtype, bias, monkeypatch):

@@ -54,7 +54,23 @@ static float row_t(const void* sp, const void* tp, int64_t V, int64_t label, con
   // `bad` accumulates s * 0 (NaN for s = ±inf or NaN) and max(-FLT_MAX, t) * 0 (NaN for
   // t = +inf or NaN; t = -inf maps to -FLT_MAX and stays finite).
   Vec ms = vlow, mt = vlow, zq = vzero, zs = vzero, zp = vzero, bad = vzero;
-  auto stat_block = [&](const Vec* s, const Vec* t, int n) {
+  // JSD with 0 < β < 1 keeps pass 1's exponentials: per vector e_s = exp((s − n_s) / T) and
+  // e_t = exp((t − n_t) / T) against the lane maxima n of its block (kept too), so that pass 2
+  // forms q and p as e · exp((n − max) / T) / Z, one multiply each, instead of two exps. The
+  // row scratch (per thread, cache-resident beside the row) then holds q and r in their place.
+  const bool jsd_mid = soft && P.divergence == Divergence::JSD && P.beta > 0.0f &&
+                       P.beta < 1.0f;
+  const int64_t kn = Vfull + W;  // room for the padded tail vector
+  const int64_t nblk = Vblock / (W * U) + (Vfull - Vblock) / W + 1;
+  thread_local std::vector<float> keep;
+  if (jsd_mid && keep.size() < static_cast<size_t>(2 * kn + 2 * nblk * W))
+    keep.resize(2 * kn + 2 * nblk * W);
+  float* const es = jsd_mid ? keep.data() : nullptr;
+  float* const et = jsd_mid ? es + kn : nullptr;
+  float* const bms = jsd_mid ? et + kn : nullptr;
+  float* const bmt = jsd_mid ? bms + nblk * W : nullptr;
+  int64_t blk = 0;  // the stat_block call, in order
+  auto stat_block = [&](const Vec* s, const Vec* t, int n, int64_t i0) {
     Vec bs = s[0], bt = t[0];
     for (int k = 1; k < n; ++k) {
       bs = Vt::max(bs, s[k]);
@@ -65,10 +81,21 @@ static float row_t(const void* sp, const void* tp, int64_t V, int64_t label, con
     Vec ap = Vt::mul(zp, Vt::exp(Vt::mul(Vt::sub(mt, nt), vinvT)));
     Vec as = need_zs ? Vt::mul(zs, Vt::exp(Vt::sub(ms, ns))) : vzero;
     for (int k = 0; k < n; ++k) {
-      aq = Vt::add(aq, Vt::exp(Vt::mul(Vt::sub(s[k], ns), vinvT)));
-      ap = Vt::add(ap, Vt::exp(Vt::mul(Vt::sub(t[k], nt), vinvT)));
+      const Vec e_q = Vt::exp(Vt::mul(Vt::sub(s[k], ns), vinvT));
+      const Vec e_p = Vt::exp(Vt::mul(Vt::sub(t[k], nt), vinvT));
+      if (jsd_mid) {
+        Vt::template store<DType::F32>(es, i0 + k * W, e_q);
+        Vt::template store<DType::F32>(et, i0 + k * W, e_p);
+      }
+      aq = Vt::add(aq, e_q);
+      ap = Vt::add(ap, e_p);
       if (need_zs) as = Vt::add(as, Vt::exp(Vt::sub(s[k], ns)));
     }
+    if (jsd_mid) {
+      Vt::template store<DType::F32>(bms, blk * W, ns);
+      Vt::template store<DType::F32>(bmt, blk * W, nt);
+    }
+    ++blk;
     zq = aq;
     zp = ap;
     zs = as;
@@ -83,13 +110,13 @@ static float row_t(const void* sp, const void* tp, int64_t V, int64_t label, con
       bad = Vt::fmadd(s[k], vzero, bad);
       bad = Vt::fmadd(Vt::max(vlow, t[k]), vzero, bad);
     }
-    stat_block(s, t, U);
+    stat_block(s, t, U, i);
   }
   for (int64_t i = Vblock; i < Vfull; i += W) {
     Vec s = Vt::template load<SD>(sp, i), t = Vt::template load<TD>(tp, i);
     bad = Vt::fmadd(s, vzero, bad);
     bad = Vt::fmadd(Vt::max(vlow, t), vzero, bad);
-    stat_block(&s, &t, 1);
+    stat_block(&s, &t, 1, i);
   }
   const int tail = static_cast<int>(V - Vfull);
   if (tail > 0) {  // pad with -inf: adds exp(-inf) = 0 to every sum and never wins a max
@@ -97,7 +124,7 @@ static float row_t(const void* sp, const void* tp, int64_t V, int64_t label, con
     Vec t = Vt::template load_part<TD>(tp, Vfull, tail, -kInf);
     bad = Vt::fmadd(Vt::select(Vt::part(tail), s, vzero), vzero, bad);
     bad = Vt::fmadd(Vt::max(vlow, t), vzero, bad);
-    stat_block(&s, &t, 1);
+    stat_block(&s, &t, 1, Vfull);
   }
   auto fill = [&](float v) {
     if (gp == nullptr) return;
@@ -214,27 +241,61 @@ static float row_t(const void* sp, const void* tp, int64_t V, int64_t label, con
     };
     // The gradient pass needs q_j and r_j = log q_j − log m_j, which the loss pass already
     // forms: the loss pass keeps them in a per-thread row scratch (2 × V floats, cache-resident
-    // beside the row at vocabulary sizes), so the gradient pass does no exp or log of its own
-    // (two exps and a log per entry fewer; the same values, so the same bits as recomputing).
-    thread_local std::vector<float> keep;
+    // beside the row at vocabulary sizes), so the gradient pass does no exp or log of its own.
+    // β = 0 (D = 0 identically, the log-domain log m equals log q exactly) keeps q and r in a
+    // scratch of its own; 0 < β < 1 writes them over pass 1's exponentials.
+    thread_local std::vector<float> keep0;
     const bool keep_qr = want_grad && beta != 1.0f;
-    const int64_t kn = Vfull + W;  // room for the padded tail vector
-    if (keep_qr && keep.size() < static_cast<size_t>(2 * kn)) keep.resize(2 * kn);
-    float* const kq = keep_qr ? keep.data() : nullptr;
-    float* const kr = keep_qr ? kq + kn : nullptr;
+    if (keep_qr && !jsd_mid && keep0.size() < static_cast<size_t>(2 * kn)) keep0.resize(2 * kn);
+    float* const kq = !keep_qr ? nullptr : jsd_mid ? es : keep0.data();
+    float* const kr = !keep_qr ? nullptr : jsd_mid ? et : kq + kn;
     Vec accp = vzero, accq = vzero;
-    sweep([&](int64_t i, int, Vec s, Vec t) {
-      const Vec lq = Vt::fmadd(s, vinvT, va_s), lp = Vt::fmadd(t, vinvT, va_t);
-      const Vec q = Vt::exp(lq), p = Vt::exp(lp);
-      const Vec lm = log_m(lp, lq);
+    auto accumulate = [&](Vec lp, Vec lq, Vec p, Vec q, Vec lm) {
       const Vec r = Vt::sub(lq, lm);
-      if (keep_qr) {
-        Vt::template store<DType::F32>(kq, i, q);
-        Vt::template store<DType::F32>(kr, i, r);
-      }
       accp = Vt::add(accp, Vt::select(Vt::gt(p, vzero), Vt::mul(p, Vt::sub(lp, lm)), vzero));
       accq = Vt::add(accq, Vt::select(Vt::gt(q, vzero), Vt::mul(q, r), vzero));
-    });
+      return r;
+    };
+    if (jsd_mid) {
+      // q = e_s · exp((n_s − max s) / T) / Z_q (likewise p): the factor changes once per block.
+      // m = β p + (1 − β) q is formed directly and log m taken of it when every lane is a
+      // normal number; a vector holding an m below FLT_MIN (underflowed q and p, or the
+      // padding) takes the log-domain form instead, as β = 0 and β = 1 always do.
+      const Vec viZq = Vt::set1(1.0f / Zq), viZp = Vt::set1(1.0f / Zp);
+      const Vec vb = Vt::set1(beta), v1b = Vt::set1(1.0f - beta), vmin = Vt::set1(FLT_MIN);
+      int64_t cur = -1;
+      Vec fq = vzero, fp = vzero;
+      sweep([&](int64_t i, int, Vec s, Vec t) {
+        const int64_t b = i < Vblock ? i / (W * U) : Vblock / (W * U) + (i - Vblock) / W;
+        if (b != cur) {
+          cur = b;
+          const Vec bs = Vt::template load<DType::F32>(bms, b * W);
+          const Vec bt = Vt::template load<DType::F32>(bmt, b * W);
+          fq = Vt::mul(Vt::exp(Vt::mul(Vt::sub(bs, vMs), vinvT)), viZq);
+          fp = Vt::mul(Vt::exp(Vt::mul(Vt::sub(bt, vMt), vinvT)), viZp);
+        }
+        const Vec lq = Vt::fmadd(s, vinvT, va_s), lp = Vt::fmadd(t, vinvT, va_t);
+        const Vec q = Vt::mul(Vt::template load<DType::F32>(es, i), fq);
+        const Vec p = Vt::mul(Vt::template load<DType::F32>(et, i), fp);
+        const Vec m = Vt::fmadd(vb, p, Vt::mul(v1b, q));
+        const bool tiny = Vt::hsum(Vt::select(Vt::gt(vmin, m), vone, vzero)) > 0.0f;
+        const Vec r = accumulate(lp, lq, p, q, tiny ? log_m(lp, lq) : Vt::log(m));
+        if (keep_qr) {
+          Vt::template store<DType::F32>(kq, i, q);
+          Vt::template store<DType::F32>(kr, i, r);
+        }
+      });
+    } else {
+      sweep([&](int64_t i, int, Vec s, Vec t) {
+        const Vec lq = Vt::fmadd(s, vinvT, va_s), lp = Vt::fmadd(t, vinvT, va_t);
+        const Vec q = Vt::exp(lq), p = Vt::exp(lp);
+        const Vec r = accumulate(lp, lq, p, q, log_m(lp, lq));
+        if (keep_qr) {
+          Vt::template store<DType::F32>(kq, i, q);
+          Vt::template store<DType::F32>(kr, i, r);
+        }
+      });
+    }
     const float Kp = Vt::hsum(accp), K = Vt::hsum(accq);
     D = (beta != 0.0f ? beta * Kp : 0.0f) + (beta != 1.0f ? (1.0f - beta) * K : 0.0f);
     if (want_grad && beta == 1.0f) {  // D = KL(p || p) does not depend on z; K may be inf
