@@ -264,6 +264,185 @@ def test_cpu_fused_linear_vs_reference(isa, dtype, divergence, chunk, bias, scal
     torch.testing.assert_close(loss_only[0], out[0], rtol=0, atol=0)
 
 
+def _bf16_gemm():
+    if "cpu" not in qtorch.available_backends():
+        pytest.skip("no cpu backend")
+    if not torch.ops.qtorch_cpu.bf16_gemm_available():
+        pytest.skip("torch's CPU library has no cblas_gemm_bf16bf16f32")
+    return torch.ops.qtorch_cpu.mm_bf16_f32_
+
+
+def _layout(t, kind):
+    """t [r, c] as a row-major, column-major or strided (every other column) matrix."""
+    if kind == "row":
+        return t.contiguous()
+    if kind == "col":
+        return t.T.contiguous().T
+    wide = torch.zeros(t.shape[0], 2 * t.shape[1] + 1, dtype=t.dtype)
+    wide[:, 1 : 2 * t.shape[1] : 2] = t
+    return wide[:, 1 : 2 * t.shape[1] : 2]
+
+
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 1, 1), (1, 7, 3), (3, 1, 5), (5, 0, 4), (0, 3, 4), (37, 129, 1001), (17, 576, 65)]
+)
+@pytest.mark.parametrize(
+    "la,lb", [("row", "row"), ("row", "col"), ("col", "row"), ("col", "strided")]
+)
+def test_cpu_mm_bf16_f32_is_the_fp32_gemm_of_the_widened_operands(m, k, n, la, lb):
+    """out = a @ b (+ beta * out) with bf16 operands and an fp32 result: each product is exact
+    in fp32, so it is the fp32 GEMM of the widened operands up to the order of the sums; beta
+    = 0 ignores what out held (NaN included); an empty sum gives beta * out."""
+    mm = _bf16_gemm()
+    g = torch.Generator().manual_seed(m * 1000 + k * 10 + n)
+    a = _layout(torch.randn(m, k, generator=g).bfloat16(), la)
+    b = _layout(torch.randn(k, n, generator=g).bfloat16(), lb)
+    want = a.double() @ b.double()
+    out = torch.full((m, n), float("nan"))
+    mm(out, a, b, 0.0)
+    scale = max(1.0, math.sqrt(k))
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-6 * scale)
+    prior = torch.randn(m, n, generator=g)
+    acc = prior.clone()
+    mm(acc, a, b, 1.0)
+    torch.testing.assert_close(acc.double(), want + prior.double(), rtol=0, atol=1e-6 * scale)
+    # a non-contiguous out (a column block of a wider buffer) is written in place
+    wide = torch.zeros(m, n + 3)
+    mm(wide[:, 1 : n + 1], a, b, 0.0)
+    torch.testing.assert_close(wide[:, 1 : n + 1].double(), want, rtol=0, atol=1e-6 * scale)
+    assert bool((wide[:, 0] == 0).all()) and bool((wide[:, n + 1 :] == 0).all())
+
+
+def test_cpu_mm_bf16_f32_propagates_nonfinite_and_checks_its_arguments():
+    mm = _bf16_gemm()
+    a = torch.randn(4, 8).bfloat16()
+    b = torch.randn(8, 3).bfloat16()
+    a[2, 5] = float("nan")
+    b[1, 0] = float("inf")
+    out = torch.empty(4, 3)
+    mm(out, a, b, 0.0)
+    want = a.double() @ b.double()
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        mm(out, a.float(), b, 0.0)
+    with pytest.raises(RuntimeError, match="out"):
+        mm(torch.empty(4, 3, dtype=torch.bfloat16), a, b, 0.0)
+    with pytest.raises(RuntimeError, match=r"\[4, 3\]"):
+        mm(torch.empty(3, 4), a, b, 0.0)
+    with pytest.raises(RuntimeError, match="b is"):
+        mm(out, a, b[:5], 0.0)
+
+
+def _bf16_head_used(monkeypatch, flag):
+    """Force QTORCH_CPU_BF16_GEMM=flag; returns a list recording the head class of each call."""
+    monkeypatch.setenv("QTORCH_CPU_BF16_GEMM", flag)
+    used = []
+    loop = R.distillation.fused_linear_distillation_loss
+
+    def spy(*args, **kw):
+        used.append(kw["head"])
+        return loop(*args, **kw)
+
+    monkeypatch.setattr(CPU._ref_distill, "fused_linear_distillation_loss", spy)
+    return used
+
+
+@cpu_kernels
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("chunk", [1, 3, 0])
+@pytest.mark.parametrize(
+    "bias,scaled,labels", [(True, True, True), (False, False, True), (True, False, False)]
+)
+@pytest.mark.parametrize("m,h,ht,v", [(7, 24, 40, 67), (1, 1, 3, 1), (5, 17, 9, 1031)])
+def test_cpu_fused_linear_bf16_gemm_head_vs_reference(
+    isa, monkeypatch, divergence, chunk, bias, scaled, labels, m, h, ht, v
+):
+    """bf16 heads on the bf16 GEMM (`_Bf16Head`, forced on): loss and gradients against the
+    reference's fp32 GEMMs, the backward's bf16 rounding of the chunk gradient inside bf16
+    tolerance; the frozen head (no weight gradient) and the loss-only call agree with it."""
+    _bf16_gemm()
+    used = _bf16_head_used(monkeypatch, "1")
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(31 + m + v)
+    hs = torch.randn(m, h, generator=g).to(dtype)
+    ws = (torch.randn(v, h, generator=g) / 3).to(dtype)
+    th = torch.randn(m, ht, generator=g).to(dtype)
+    wt = (torch.randn(v, ht, generator=g) / 3).to(dtype)
+    bs = torch.randn(v, generator=g).to(dtype) if bias else None
+    bt = torch.randn(v, generator=g).to(dtype) if bias else None
+    lab = _labels(m, v, 32) if labels else None
+    alpha = 0.6 if labels else 1.0
+    ts = torch.rand(m, generator=g) if scaled else None
+    args = (hs, ws, th, wt, lab, bs, bt, ts, chunk, 1.7, alpha, divergence, 0.4, -100)
+    out = CPU._fused_linear_distillation_loss(*args, True)
+    assert used == [CPU._Bf16Head]
+    ref = R.fused_linear_distillation_loss(*args[:8], chunk or 2, *args[9:], True)
+    assert_close(out[0], ref[0], torch.float32)
+    for got, want, like in zip(out[1:], ref[1:], (hs, ws, bs)):
+        if like is None:
+            assert got is None and want is None
+            continue
+        assert got.dtype == like.dtype and got.shape == like.shape
+        assert_close(got, want, dtype)
+    frozen = CPU._fused_linear_distillation_loss(*args, True, False)
+    assert frozen[2] is None
+    torch.testing.assert_close(frozen[0], out[0], rtol=0, atol=0)
+    torch.testing.assert_close(frozen[1], out[1], rtol=0, atol=0)
+    loss_only = CPU._fused_linear_distillation_loss(*args, False)
+    assert loss_only[1:] == (None, None, None)
+    torch.testing.assert_close(loss_only[0], out[0], rtol=0, atol=0)
+
+
+@cpu_kernels
+def test_cpu_fused_linear_bf16_gemm_head_with_module_teacher_and_nonfinite(isa, monkeypatch):
+    """A quantized teacher head (no teacher block to reuse: the head keeps its own bf16
+    gradient buffer), and a NaN in the student's hidden states comes out non-finite."""
+    from qtorch.nn import Int8WeightOnlyLinear
+
+    _bf16_gemm()
+    used = _bf16_head_used(monkeypatch, "1")
+    g = torch.Generator().manual_seed(71)
+    m, h, v = 11, 32, 203
+    hs = torch.randn(m, h, generator=g).bfloat16()
+    ws = (torch.randn(v, h, generator=g) / 4).bfloat16()
+    th = torch.randn(m, h, generator=g).bfloat16()
+    lin = torch.nn.Linear(h, v, bias=True)
+    head = Int8WeightOnlyLinear.from_float(lin).to(torch.bfloat16).requires_grad_(False)
+    lab = _labels(m, v, 72)
+    args = (None, None, None, 4, 1.0, 0.5, "kl", 0.5, -100, True)
+    out = CPU._fused_linear_distillation_loss(
+        hs, ws, th, R.distillation.ModuleHead(head), lab, *args
+    )
+    assert used == [CPU._Bf16Head]
+    ref = R.fused_linear_distillation_loss(hs, ws, th, R.distillation.ModuleHead(head), lab, *args)
+    assert_close(out[0], ref[0], torch.float32)
+    assert_close(out[1], ref[1], torch.bfloat16)
+    assert_close(out[2], ref[2], torch.bfloat16)
+    bad = hs.clone()
+    bad[3, 7] = float("nan")
+    loss = CPU._fused_linear_distillation_loss(bad, ws, th, ws, lab, *args)[0]
+    assert not bool(loss[3].isfinite()) and bool(loss[:3].isfinite().all())
+
+
+@cpu_kernels
+def test_cpu_bf16_gemm_head_policy(isa, monkeypatch):
+    """QTORCH_CPU_BF16_GEMM=0 keeps the widening LinearHead; unset, the bf16 GEMM runs only
+    where torch can use the AMX tiles; fp32 or mixed-dtype heads never take it."""
+    g = torch.Generator().manual_seed(5)
+    hs, ws = torch.randn(3, 8, generator=g).bfloat16(), torch.randn(9, 8, generator=g).bfloat16()
+    args = (None, None, None, None, 2, 1.0, 1.0, "kl", 0.5, -100, True)
+    used = _bf16_head_used(monkeypatch, "0")
+    CPU._fused_linear_distillation_loss(hs, ws, hs, ws, *args)
+    assert used == [R.distillation.LinearHead]
+    monkeypatch.setenv("QTORCH_CPU_BF16_GEMM", "1")
+    CPU._fused_linear_distillation_loss(hs.float(), ws.float(), hs.float(), ws.float(), *args)
+    CPU._fused_linear_distillation_loss(hs, ws, hs.float(), ws, *args)  # fp32 teacher input
+    assert used[1:] == [R.distillation.LinearHead] * 2
+    monkeypatch.delenv("QTORCH_CPU_BF16_GEMM")
+    amx = bool(torch._C._cpu._init_amx()) if hasattr(torch._C._cpu, "_init_amx") else False
+    assert CPU._bf16_gemm_wanted() == (amx and torch.ops.qtorch_cpu.bf16_gemm_available())
+
+
 @cpu_kernels
 def test_cpu_fused_linear_public_op_autograd(isa):
     g = torch.Generator().manual_seed(25)

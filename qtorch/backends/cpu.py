@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from qtorch import _C  # ImportError here means "not built"; _backend records why
@@ -211,6 +213,87 @@ def _chunk_loss(
     return loss, s if compute_grad else None
 
 
+class _Bf16Head(_ref_distill.LinearHead):
+    """A bf16 head whose GEMMs read the bf16 operands directly (oneMKL's
+    cblas_gemm_bf16bf16f32 in torch's CPU library, csrc/cpu/gemm_bf16.cpp): fp32 products and
+    sums, fp32 results, no widened copy of W. The logits are those of `LinearHead` up to the
+    order of the fp32 sums (a product of two bf16 numbers is exact in fp32). The backward
+    GEMMs read the chunk's gradient rounded once to bf16 (what a bf16 autograd GEMM, Liger's
+    included, reads), written over the teacher's dead logits block when the loop passes it, so
+    it costs no memory; grad_weight still accumulates in fp32.
+    """
+
+    def __init__(self, weight, bias, acc):
+        super().__init__(weight, bias, acc)
+        self.weight = weight
+        self._g16 = None  # [chunk, V] bf16, only when the loop gives no scratch block
+
+    def operand(self, h):
+        return h.contiguous()
+
+    def logits(self, x, out):
+        _ops.mm_bf16_f32_(out, x, self.weight.T, 0.0)
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+    def backward(self, g, x, grad_input, grad_weight, scratch=None):
+        n, v = g.shape
+        if (
+            scratch is not None
+            and scratch.dtype == torch.float32
+            and scratch.is_contiguous()
+            and scratch.numel() >= n * v
+        ):
+            g16 = scratch.view(-1).view(torch.bfloat16)[: n * v].view(n, v)
+        else:
+            if self._g16 is None or self._g16.numel() < n * v:
+                self._g16 = torch.empty(n * v, dtype=torch.bfloat16)
+            g16 = self._g16[: n * v].view(n, v)
+        g16.copy_(g)
+        if grad_input is not None:
+            if self._grad_input_acc is None or self._grad_input_acc.shape[0] < n:
+                self._grad_input_acc = g.new_empty((n, self.weight.shape[1]))
+            buf = self._grad_input_acc[:n]
+            _ops.mm_bf16_f32_(buf, g16, self.weight, 0.0)
+            grad_input.copy_(buf)
+        if grad_weight is not None:
+            _ops.mm_bf16_f32_(grad_weight, g16.T, x, 1.0)
+
+
+def _bf16_gemm_wanted() -> bool:
+    """Whether bf16 heads run `_Bf16Head`: QTORCH_CPU_BF16_GEMM=1 / 0 forces it on / off;
+    by default only where the AMX tiles are usable (torch asks the OS for them). Without
+    AMX, oneMKL's bf16 GEMM runs slower than an fp32 GEMM on widened slices (at the fused
+    loss's shapes on an AVX512-BF16 Xeon without AMX, 2 threads: 132-149 vs 174-227
+    GFLOP/s), so the widening `LinearHead` stays."""
+    flag = os.environ.get("QTORCH_CPU_BF16_GEMM", "").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return False
+    if not _ops.bf16_gemm_available():
+        return False
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    global _AMX
+    if _AMX is None:
+        init = getattr(torch._C._cpu, "_init_amx", None)
+        _AMX = bool(init()) if init is not None else False
+    return _AMX
+
+
+_AMX = None
+
+
 @register_kernel("fused_linear_distillation_loss", "cpu")
 def _fused_linear_distillation_loss(*args):
-    return _ref_distill.fused_linear_distillation_loss(*args, chunk_loss=_chunk_loss)
+    h_s, w_s, h_t, w_t = args[:4]
+    bf16 = torch.bfloat16
+    head = _ref_distill.LinearHead
+    if (
+        h_s.dtype == w_s.dtype == bf16
+        and h_t.dtype == bf16
+        and (isinstance(w_t, _ref_distill.ModuleHead) or w_t.dtype == bf16)
+        and _bf16_gemm_wanted()
+    ):
+        head = _Bf16Head
+    return _ref_distill.fused_linear_distillation_loss(*args, chunk_loss=_chunk_loss, head=head)

@@ -234,8 +234,9 @@ class LinearHead:
 
         operand(h [n, K])              the hidden states as the GEMMs read them
         logits(x, out [n, V] acc)      out = x @ W.T (+ b); returns out
-        backward(g [n, V] acc, x, grad_input [n, K] | None, grad_weight [V, K] acc | None)
-                                       grad_input = g @ W,  grad_weight += g.T @ x
+        backward(g [n, V] acc, x, grad_input [n, K] | None, grad_weight [V, K] acc | None,
+                 scratch=None)         grad_input = g @ W,  grad_weight += g.T @ x; scratch,
+                                       when given, is a dead [n, V] acc block it may overwrite
 
     A W already in `acc` is used as it is. A W on the CPU in another dtype (bf16/fp16) is
     never widened whole (an fp32 copy of a [V, K] head would be twice the 16-bit weight, per
@@ -288,7 +289,7 @@ class LinearHead:
             else:
                 out.addmm_(g[:, r0:r1], w)
 
-    def backward(self, g, x, grad_input, grad_weight) -> None:
+    def backward(self, g, x, grad_input, grad_weight, scratch=None) -> None:
         if grad_input is not None:
             if grad_input.dtype == self.acc:
                 self._grad_input(g, grad_input)
@@ -400,7 +401,9 @@ def fused_linear_distillation_loss(
         )
         loss[start:end] = l_c
         if compute_grad:
-            student.backward(g, x_s, grad_h[start:end], grad_w)
+            # t_out (the teacher's logits block, dead once the loss is formed) is scratch the
+            # head's backward may write over.
+            student.backward(g, x_s, grad_h[start:end], grad_w, scratch=t_out)
             if grad_b is not None:
                 grad_b += g.sum(0)
         # Nothing of this chunk outlives it: a module teacher's logits are freed before the
