@@ -1,7 +1,7 @@
 """Distillation losses on the `cpu` backend vs eager PyTorch, ratios and peak memory in one run.
 
     python benchmarks/bench_distillation.py [--rounds R] [--threads T] [--only liger]
-        [--liger-shape M,H,V]                                             # ratio + memory table
+        [--liger-shape M,H,V] [--dtype fp32 bf16]                         # ratio + memory table
     pytest benchmarks/bench_distillation.py --benchmark-only             # pytest-benchmark table
 
 A thin driver over `qtorch.bench` (cases "distillation_loss" and
@@ -64,6 +64,7 @@ LIGER_ROWS = {
     "liger:FusedLinearJSDLoss": "liger",
     "liger:FusedLinearJSDLoss compiled": "liger compiled=True",
     "qtorch:cpu": "qtorch",
+    "qtorch:cpu bf16 GEMM": "qtorch, bf16 GEMM forced on",
     "qtorch:cpu w4a16 teacher": "qtorch int4 teacher head",
     "torch:four GEMMs (qtorch's chunks)": "four GEMMs, qtorch's chunks",
     "torch:four GEMMs (unchunked)": "four GEMMs, unchunked",
@@ -185,6 +186,13 @@ def main(argv=None) -> None:
         metavar="M,H,V",
         help=f"tokens, hidden, vocab of the Liger section (default {LIGER.M},{LIGER.K},{LIGER.N})",
     )
+    ap.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        nargs="+",
+        default=("fp32", "bf16"),
+        help="input dtypes of the Liger section (default both)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,8 +203,8 @@ def main(argv=None) -> None:
     if "loss" in sections or "fused" in sections:
         _loss_and_fused(args, loss, fused, sections)
     if "liger" in sections:
-        for dtype in (torch.float32, torch.bfloat16):
-            _liger_section(args, dtype, liger)
+        for name in args.dtype:
+            _liger_section(args, {"fp32": torch.float32, "bf16": torch.bfloat16}[name], liger)
 
 
 def _mhv(text: str) -> Shape:

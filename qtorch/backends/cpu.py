@@ -223,6 +223,8 @@ class _Bf16Head(_ref_distill.LinearHead):
     it costs no memory; grad_weight still accumulates in fp32.
     """
 
+    takes_scratch = True
+
     def __init__(self, weight, bias, acc):
         super().__init__(weight, bias, acc)
         self.weight = weight

@@ -126,7 +126,7 @@ class Mixed16Head:
             out += self.bias
         return out
 
-    def backward(self, g, x, grad_input, grad_weight, scratch=None):
+    def backward(self, g, x, grad_input, grad_weight):
         n = g.shape[0]
         if self._g16 is None or self._g16.shape[0] < n:
             self._g16 = torch.empty(g.shape, dtype=self.weight.dtype, device=g.device)

@@ -37,6 +37,7 @@ activations) are what cold timing copies and rotates (timing.py).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -704,6 +705,42 @@ def _build_fused(s, dtype, device, backends, with_peers, opt):
         for chunk in opt.chunk_sizes:
             name = f"qtorch:{b}" + ("" if chunk is None else f" chunk_size={chunk}")
             built.impls.append(_qtorch_impl(name, b, make_for(chunk), weights, wbytes, kind))
+
+    def make_bf16_gemm(w):
+        # the cpu backend's bf16 heads on the bf16 x bf16 -> fp32 GEMM whatever the machine
+        # (its default takes it only with AMX): both paths measured in one run
+        inner = make_for(None)(w)
+
+        def run():
+            before = os.environ.get("QTORCH_CPU_BF16_GEMM")
+            os.environ["QTORCH_CPU_BF16_GEMM"] = "1"
+            try:
+                return inner()
+            finally:
+                if before is None:
+                    del os.environ["QTORCH_CPU_BF16_GEMM"]
+                else:
+                    os.environ["QTORCH_CPU_BF16_GEMM"] = before
+
+        return run
+
+    if "cpu" in served and device == "cpu":
+        if dtype != torch.bfloat16:
+            built.skipped.append(("qtorch:cpu bf16 GEMM", "bf16 inputs only"))
+        elif not torch.ops.qtorch_cpu.bf16_gemm_available():
+            built.skipped.append(("qtorch:cpu bf16 GEMM", "no cblas_gemm_bf16bf16f32 in torch"))
+        else:
+            built.impls.append(
+                _qtorch_impl(
+                    "qtorch:cpu bf16 GEMM",
+                    "cpu",
+                    make_bf16_gemm,
+                    weights,
+                    wbytes,
+                    kind,
+                    note="QTORCH_CPU_BF16_GEMM=1: bf16 heads on oneMKL's bf16 -> fp32 GEMM",
+                )
+            )
 
     def make_quantized(quant):
         def make(w):

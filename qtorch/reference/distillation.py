@@ -234,9 +234,10 @@ class LinearHead:
 
         operand(h [n, K])              the hidden states as the GEMMs read them
         logits(x, out [n, V] acc)      out = x @ W.T (+ b); returns out
-        backward(g [n, V] acc, x, grad_input [n, K] | None, grad_weight [V, K] acc | None,
-                 scratch=None)         grad_input = g @ W,  grad_weight += g.T @ x; scratch,
-                                       when given, is a dead [n, V] acc block it may overwrite
+        backward(g [n, V] acc, x, grad_input [n, K] | None, grad_weight [V, K] acc | None)
+                                       grad_input = g @ W,  grad_weight += g.T @ x
+    (a head with `takes_scratch = True` also gets scratch=, a dead [n, V] acc block (the
+    teacher's logits of the chunk, or None) its backward may write over)
 
     A W already in `acc` is used as it is. A W on the CPU in another dtype (bf16/fp16) is
     never widened whole (an fp32 copy of a [V, K] head would be twice the 16-bit weight, per
@@ -289,7 +290,7 @@ class LinearHead:
             else:
                 out.addmm_(g[:, r0:r1], w)
 
-    def backward(self, g, x, grad_input, grad_weight, scratch=None) -> None:
+    def backward(self, g, x, grad_input, grad_weight) -> None:
         if grad_input is not None:
             if grad_input.dtype == self.acc:
                 self._grad_input(g, grad_input)
@@ -401,9 +402,12 @@ def fused_linear_distillation_loss(
         )
         loss[start:end] = l_c
         if compute_grad:
-            # t_out (the teacher's logits block, dead once the loss is formed) is scratch the
-            # head's backward may write over.
-            student.backward(g, x_s, grad_h[start:end], grad_w, scratch=t_out)
+            if getattr(student, "takes_scratch", False):
+                # t_out (the teacher's logits block, dead once the loss is formed) is scratch
+                # the head's backward may write over.
+                student.backward(g, x_s, grad_h[start:end], grad_w, scratch=t_out)
+            else:
+                student.backward(g, x_s, grad_h[start:end], grad_w)
             if grad_b is not None:
                 grad_b += g.sum(0)
         # Nothing of this chunk outlives it: a module teacher's logits are freed before the
