@@ -223,6 +223,34 @@ def test_cpu_large_vocab_bf16(isa):
 # ------------------------------------------------------------------ fused linear distillation
 
 
+def _cpu_fused_args(m, h, ht, v, dtype, chunk, divergence, bias, scaled, labels, seed):
+    """Kernel-contract arguments (all but compute_grad*) of a cpu fused-linear case."""
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(m, h, generator=g).to(dtype)
+    ws = (torch.randn(v, h, generator=g) / 3).to(dtype)
+    th = torch.randn(m, ht, generator=g).to(dtype)
+    wt = (torch.randn(v, ht, generator=g) / 3).to(dtype)
+    bs = torch.randn(v, generator=g).to(dtype) if bias else None
+    bt = torch.randn(v, generator=g).to(dtype) if bias else None
+    lab = _labels(m, v, seed + 1) if labels else None
+    alpha = 0.6 if labels else 1.0
+    ts = torch.rand(m, generator=g) if scaled else None
+    return (hs, ws, th, wt, lab, bs, bt, ts, chunk, 1.7, alpha, divergence, 0.4, -100)
+
+
+def _check_cpu_fused(out, args, dtype):
+    """out (loss, grad_hidden, grad_weight, grad_bias) against the reference on `args`, whose
+    default chunk (0) is taken as 2 rows: the loss at fp32 tolerance, gradients at dtype's."""
+    ref = R.fused_linear_distillation_loss(*args[:8], args[8] or 2, *args[9:], True)
+    assert_close(out[0], ref[0], torch.float32)
+    for got, want, like in zip(out[1:], ref[1:], (args[0], args[1], args[5])):
+        if like is None:
+            assert got is None and want is None
+            continue
+        assert got.dtype == like.dtype and got.shape == like.shape
+        assert_close(got, want, dtype)
+
+
 @cpu_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -231,35 +259,12 @@ def test_cpu_large_vocab_bf16(isa):
     "bias,scaled,labels", [(True, True, True), (False, False, True), (True, False, False)]
 )
 def test_cpu_fused_linear_vs_reference(isa, dtype, divergence, chunk, bias, scaled, labels):
-    m, h, ht, v = 7, 24, 40, 67
-    g = torch.Generator().manual_seed(23)
-    hs = torch.randn(m, h, generator=g).to(dtype)
-    ws = (torch.randn(v, h, generator=g) / 3).to(dtype)
-    th = torch.randn(m, ht, generator=g).to(dtype)
-    wt = (torch.randn(v, ht, generator=g) / 3).to(dtype)
-    bs = torch.randn(v, generator=g).to(dtype) if bias else None
-    bt = torch.randn(v, generator=g).to(dtype) if bias else None
-    lab = _labels(m, v, 24) if labels else None
-    alpha = 0.6 if labels else 1.0
-    ts = torch.rand(m, generator=g) if scaled else None
-    out = CPU._fused_linear_distillation_loss(
-        hs, ws, th, wt, lab, bs, bt, ts, chunk, 1.7, alpha, divergence, 0.4, -100, True
-    )
-    ref = R.fused_linear_distillation_loss(
-        hs, ws, th, wt, lab, bs, bt, ts, chunk or 2, 1.7, alpha, divergence, 0.4, -100, True
-    )
-    assert_close(out[0], ref[0], torch.float32)
-    for got, want, like in zip(out[1:], ref[1:], (hs, ws, bs)):
-        if like is None:
-            assert got is None and want is None
-            continue
-        assert got.dtype == like.dtype and got.shape == like.shape
-        assert_close(got, want, dtype)
+    args = _cpu_fused_args(7, 24, 40, 67, dtype, chunk, divergence, bias, scaled, labels, 23)
+    out = CPU._fused_linear_distillation_loss(*args, True)
+    _check_cpu_fused(out, args, dtype)
     if labels:  # row 1 is ignored: no loss, no gradient
         assert out[0][1].item() == 0.0 and bool((out[1][1] == 0).all())
-    loss_only = CPU._fused_linear_distillation_loss(
-        hs, ws, th, wt, lab, bs, bt, ts, chunk, 1.7, alpha, divergence, 0.4, -100, False
-    )
+    loss_only = CPU._fused_linear_distillation_loss(*args, False)
     assert loss_only[1:] == (None, None, None)
     torch.testing.assert_close(loss_only[0], out[0], rtol=0, atol=0)
 
@@ -363,27 +368,10 @@ def test_cpu_fused_linear_bf16_gemm_head_vs_reference(
     _bf16_gemm()
     used = _bf16_head_used(monkeypatch, "1")
     dtype = torch.bfloat16
-    g = torch.Generator().manual_seed(31 + m + v)
-    hs = torch.randn(m, h, generator=g).to(dtype)
-    ws = (torch.randn(v, h, generator=g) / 3).to(dtype)
-    th = torch.randn(m, ht, generator=g).to(dtype)
-    wt = (torch.randn(v, ht, generator=g) / 3).to(dtype)
-    bs = torch.randn(v, generator=g).to(dtype) if bias else None
-    bt = torch.randn(v, generator=g).to(dtype) if bias else None
-    lab = _labels(m, v, 32) if labels else None
-    alpha = 0.6 if labels else 1.0
-    ts = torch.rand(m, generator=g) if scaled else None
-    args = (hs, ws, th, wt, lab, bs, bt, ts, chunk, 1.7, alpha, divergence, 0.4, -100)
+    args = _cpu_fused_args(m, h, ht, v, dtype, chunk, divergence, bias, scaled, labels, 31 + m + v)
     out = CPU._fused_linear_distillation_loss(*args, True)
     assert used == [CPU._Bf16Head]
-    ref = R.fused_linear_distillation_loss(*args[:8], chunk or 2, *args[9:], True)
-    assert_close(out[0], ref[0], torch.float32)
-    for got, want, like in zip(out[1:], ref[1:], (hs, ws, bs)):
-        if like is None:
-            assert got is None and want is None
-            continue
-        assert got.dtype == like.dtype and got.shape == like.shape
-        assert_close(got, want, dtype)
+    _check_cpu_fused(out, args, dtype)
     frozen = CPU._fused_linear_distillation_loss(*args, True, False)
     assert frozen[2] is None
     torch.testing.assert_close(frozen[0], out[0], rtol=0, atol=0)
