@@ -385,20 +385,37 @@ class _QuantizedLinear(nn.Module):
         layout = self._layout
         if layout is None and not _is_compiling() and self._pack():
             layout = self._layout
+        bias = self._parameters.get("bias")
         if layout is None:
-            return self._canonical_forward(x)
+            kind, weight = self._canonical_spec()
+            return _run_canonical(kind, weight, bias, self._group_size(), x)
         b = self._buffers
         weight = [b[name] for name in layout.buffers] + self._extra_weight()
+        return _run_layout(
+            layout, weight, bias, self.out_features, self.in_features, self._group_size(), x
+        )
+
+    def _forward_spec(self) -> tuple:
+        """What `forward` computes, as op arguments: (kind, tensors, bias, n, k, group_size),
+        run by `run_forward_spec(spec, x)`. kind is "packed:<layout>" (tensors: the layout's
+        buffers, then `_extra_weight`) or the module's canonical op (`_canonical_spec`). The
+        fused distillation loss passes a quantized teacher head this way through its custom op
+        (a module is not an op argument), so that route traces under torch.compile too.
+        Packs the weight first in eager mode, as forward does."""
+        if self._layout is None and not _is_compiling():
+            self._pack()
+        layout = self._layout
         bias = self._parameters.get("bias")
         n, k, gs = self.out_features, self.in_features, self._group_size()
-        if _fast_linear is not None and layout.code >= 0 and not _is_compiling():
-            out = _fast_linear(x, layout.code, n, k, gs, bias, *weight)
-            if out is not None:
-                return out
-        _checks.tensor("x", x)  # the dispatcher would reject a non-tensor with a RuntimeError
-        return torch.ops.qtorch.linear_packed(x, *_packed.flat(weight), bias, layout.name, n, k, gs)
+        if layout is None:
+            kind, weight = self._canonical_spec()
+            return kind, weight, bias, n, k, gs
+        b = self._buffers
+        weight = [b[name] for name in layout.buffers] + self._extra_weight()
+        return "packed:" + layout.name, weight, bias, n, k, gs
 
-    def _canonical_forward(self, x: Tensor) -> Tensor:
+    def _canonical_spec(self) -> tuple[str, list[Tensor]]:
+        """(canonical op name, its weight tensors): what the module runs unpacked."""
         raise NotImplementedError
 
     def dequantize(self) -> Tensor:
@@ -572,11 +589,11 @@ class Int8DynamicLinear(_Int8Linear):
         smooth = ", smoothquant" if self._buffers.get("smooth_scale") is not None else ""
         return f"bits=8, weight=int8 per-channel, activation=int8 dynamic per-token{smooth}"
 
-    def _canonical_forward(self, x: Tensor) -> Tensor:
+    def _canonical_spec(self) -> tuple[str, list[Tensor]]:
         s = self._buffers.get("smooth_scale")
         if s is not None:
-            return ops.int8_linear_smooth(x, self.qweight, self.weight_scale, s, self.bias)
-        return ops.int8_linear(x, self.qweight, self.weight_scale, self.bias)
+            return "int8_linear_smooth", [self.qweight, self.weight_scale, s]
+        return "int8_linear", [self.qweight, self.weight_scale]
 
 
 class Int8WeightOnlyLinear(_Int8Linear):
@@ -588,8 +605,8 @@ class Int8WeightOnlyLinear(_Int8Linear):
     def _format(self) -> str:
         return "bits=8, weight=int8 per-channel, activation=x.dtype"
 
-    def _canonical_forward(self, x: Tensor) -> Tensor:
-        return ops.int8_weight_only_linear(x, self.qweight, self.weight_scale, self.bias)
+    def _canonical_spec(self) -> tuple[str, list[Tensor]]:
+        return "int8_weight_only_linear", [self.qweight, self.weight_scale]
 
 
 class Int4WeightOnlyLinear(_QuantizedLinear):
@@ -731,7 +748,33 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
             kind += ", float zero points"
         return f"bits=4, group_size={self.group_size}, {kind}, activation=x.dtype"
 
-    def _canonical_forward(self, x: Tensor) -> Tensor:
-        return ops.int4_weight_only_linear(
-            x, self.qweight, self.scales, self.zeros, self.group_size, self.bias
-        )
+    def _canonical_spec(self) -> tuple[str, list[Tensor]]:
+        return "int4_weight_only_linear", [self.qweight, self.scales, self.zeros]
+
+
+def _run_layout(layout, weight, bias, n, k, gs, x):
+    if _fast_linear is not None and layout.code >= 0 and not _is_compiling():
+        out = _fast_linear(x, layout.code, n, k, gs, bias, *weight)
+        if out is not None:
+            return out
+    _checks.tensor("x", x)  # the dispatcher would reject a non-tensor with a RuntimeError
+    return torch.ops.qtorch.linear_packed(x, *_packed.flat(weight), bias, layout.name, n, k, gs)
+
+
+def _run_canonical(kind, weight, bias, gs, x):
+    if kind == "int4_weight_only_linear":
+        return ops.int4_weight_only_linear(x, *weight, gs, bias)
+    if kind in ("int8_linear", "int8_linear_smooth", "int8_weight_only_linear"):
+        return getattr(ops, kind)(x, *weight, bias)
+    raise ValueError(f"unknown quantized linear kind {kind!r}")
+
+
+def run_forward_spec(spec: tuple, x: Tensor) -> Tensor:
+    """A quantized linear module's forward from its `_forward_spec()` (kind, tensors, bias, n,
+    k, group_size): the module's own kernel, the same calls as its forward, whether it runs
+    as a module or, as a teacher head, inside the fused distillation loss's custom op."""
+    kind, weight, bias, n, k, gs = spec
+    if kind.startswith("packed:"):
+        layout = _packed.layout_named(kind[len("packed:") :])
+        return _run_layout(layout, weight, bias, n, k, gs, x)
+    return _run_canonical(kind, weight, bias, gs, x)

@@ -119,7 +119,8 @@ def fused_linear_distillation_loss(
     Int4WeightOnlyLinear, Int8DynamicLinear) with in_features Ht and out_features V: then each
     chunk's teacher logits are the module's output on the chunk (its own bias; teacher_bias must
     be None), and its dequantized weight is never built (API.md, "Distillation with a quantized
-    teacher"; that route is eager only: a module is not an op argument).
+    teacher"; a module is not an op argument, so that route's internal custom ops take what its
+    forward runs, and it traces under torch.compile(fullgraph=True) too).
     Differentiable w.r.t. student_hidden, student_weight, student_bias; their gradients are
     computed during the forward pass, accumulated in fp32. No weight gradient is computed when
     student_weight.requires_grad is False.

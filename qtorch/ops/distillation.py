@@ -244,7 +244,7 @@ def _fused_forward(
     compute_grad_weight,
 ):
     """The forward of both routes: the custom op below (teacher_weight a tensor) and
-    `_FusedModuleTeacher` (teacher_weight a `ModuleHead` over a quantized module)."""
+    `_fused_module_fwd` (teacher_weight a `ModuleHead` over a quantized module)."""
     m = student_hidden.shape[0]
     fn = _loss_kernel("fused_linear_distillation_loss", student_hidden)
     token_scale = None
@@ -384,7 +384,7 @@ def _fused_linear_distillation_loss_fwd(
 
 
 @_fused_linear_distillation_loss_fwd.register_fake
-def _(
+def _fwd_fake(
     student_hidden,
     student_weight,
     teacher_hidden,
@@ -463,7 +463,7 @@ def _fused_linear_distillation_loss_bwd(
 
 
 @_fused_linear_distillation_loss_bwd.register_fake
-def _(
+def _bwd_fake(
     grad_loss,
     student_hidden,
     student_weight,
@@ -794,88 +794,218 @@ for _overload in ("fused_linear_distillation_loss", "fused_linear_distillation_l
 # ------------------------------------------- the module route: a quantized teacher head (API.md)
 
 
-class _FusedModuleTeacher(torch.autograd.Function):
-    """The fused loss with the teacher head a qtorch quantized linear module (API.md,
-    "Distillation with a quantized teacher"). The same chunk loop and kernels as the custom op,
-    with `ModuleHead(module)` as the teacher head: each chunk's teacher logits are the module's
-    own kernel on the chunk, so no [V, Ht] float weight is built. A module is not an op argument
-    (the schema takes tensors), so this route is a Python autograd Function, eager only; its
-    backward is that of the op (the teacher gets no gradient)."""
+def _module_head(kind, tensors, bias, n, k, gs) -> ModuleHead:
+    """The teacher head of a quantized module given as its `_forward_spec()` (op arguments):
+    each chunk's logits are the module's own kernel on the chunk (qtorch.nn.linear)."""
+    from qtorch.nn.linear import run_forward_spec  # (qtorch.nn imports qtorch.ops)
 
-    @staticmethod
-    def forward(ctx, sh, sw, sb, th, module, labels, args):
-        (
-            temperature,
-            alpha,
-            divergence,
-            beta,
-            ignore_index,
-            reduction,
-            nt,
-            ni,
-            chunk,
-            compute_grad,
-            compute_grad_weight,
-        ) = args
-        head = ModuleHead(module)
-        loss, gh, gw, gb = _fused_forward(
-            sh,
-            sw,
-            th,
-            head,
-            labels,
-            sb,
-            None,
-            temperature,
-            alpha,
-            divergence,
-            beta,
-            ignore_index,
-            reduction,
-            nt,
-            ni,
-            chunk,
-            compute_grad,
-            compute_grad_weight,
+    spec = (kind, list(tensors), bias, n, k, gs)
+    return ModuleHead(lambda x: run_forward_spec(spec, x))
+
+
+# The module route (API.md, "Distillation with a quantized teacher"): the same chunk loop and
+# kernels as the ops above with `ModuleHead` as the teacher head. A module is not an op
+# argument, so the ops take what its forward runs (`_QuantizedLinear._forward_spec`: a kind,
+# its weight tensors, bias, N, K, group size); they are custom ops, so this route traces under
+# torch.compile(fullgraph=True) as the tensor route does. The teacher gets no gradient.
+
+
+@torch.library.custom_op("qtorch::_fused_linear_distillation_loss_module_fwd", mutates_args=())
+def _fused_module_fwd(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_tensors: list[Tensor],
+    teacher_bias: Tensor | None,
+    teacher_kind: str,
+    teacher_n: int,
+    teacher_k: int,
+    teacher_group_size: int,
+    labels: Tensor | None,
+    student_bias: Tensor | None,
+    temperature: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    reduction: str,
+    num_items_t: Tensor | None,
+    num_items_i: int,
+    chunk_size: int,
+    compute_grad: bool,
+    compute_grad_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_fused_linear_distillation_loss_fwd` with a quantized module's teacher head."""
+    head = _module_head(
+        teacher_kind, teacher_tensors, teacher_bias, teacher_n, teacher_k, teacher_group_size
+    )
+    loss, gh, gw, gb = _fused_forward(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        head,
+        labels,
+        student_bias,
+        None,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        reduction,
+        num_items_t,
+        num_items_i,
+        chunk_size,
+        compute_grad,
+        compute_grad_weight,
+    )
+
+    def empty():
+        return student_hidden.new_empty((0,))
+
+    return (
+        loss,
+        empty() if gh is None else gh,
+        empty() if gw is None else gw,
+        empty() if gb is None else gb,
+    )
+
+
+@_fused_module_fwd.register_fake
+def _(sh, sw, th, tt, tb, tkind, tn, tk, tgs, labels, sb, *rest):
+    (temperature, alpha, divergence, beta, ii, reduction, nt, ni, chunk, cg, cgw) = rest
+    return _fwd_fake(
+        sh,
+        sw,
+        th,
+        sw,
+        labels,
+        sb,
+        None,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ii,
+        reduction,
+        nt,
+        ni,
+        chunk,
+        cg,
+        cgw,
+    )
+
+
+@torch.library.custom_op("qtorch::_fused_linear_distillation_loss_module_bwd", mutates_args=())
+def _fused_module_bwd(
+    grad_loss: Tensor,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_tensors: list[Tensor],
+    teacher_bias: Tensor | None,
+    teacher_kind: str,
+    teacher_n: int,
+    teacher_k: int,
+    teacher_group_size: int,
+    labels: Tensor | None,
+    student_bias: Tensor | None,
+    temperature: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+    chunk_size: int,
+    compute_grad_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """reduction="none" backward of the module route (`_fused_linear_distillation_loss_bwd`)."""
+    head = _module_head(
+        teacher_kind, teacher_tensors, teacher_bias, teacher_n, teacher_k, teacher_group_size
+    )
+    gh, gw, gb = _fused_recompute_grads(
+        grad_loss,
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        head,
+        labels,
+        student_bias,
+        None,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ignore_index,
+        chunk_size,
+        compute_grad_weight,
+    )
+    return (
+        gh,
+        student_hidden.new_empty((0,)) if gw is None else gw,
+        student_hidden.new_empty((0,)) if gb is None else gb,
+    )
+
+
+@_fused_module_bwd.register_fake
+def _(grad_loss, sh, sw, th, tt, tb, tkind, tn, tk, tgs, labels, sb, *rest):
+    (temperature, alpha, divergence, beta, ii, chunk, cgw) = rest
+    return _bwd_fake(
+        grad_loss,
+        sh,
+        sw,
+        th,
+        sw,
+        labels,
+        sb,
+        None,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        ii,
+        chunk,
+        cgw,
+    )
+
+
+def _module_setup(ctx, inputs, output):
+    sh, sw, th, tt, tb, tkind, tn, tk, tgs, labels, sb = inputs[:11]
+    (temperature, alpha, divergence, beta, ii, reduction, _nt, _ni, chunk, _cg, cgw) = inputs[11:]
+    ctx.set_materialize_grads(False)
+    ctx.reduction = reduction
+    ctx.has_bias = sb is not None
+    ctx.grad_weight = cgw
+    ctx.tokens = sh.shape[0]
+    ctx.n_teacher = len(tt)
+    if reduction == "none":
+        ctx.save_for_backward(sh, sw, th, labels, sb, tb, *tt)
+        ctx.teacher = (tkind, tn, tk, tgs)
+        ctx.args = (temperature, alpha, divergence, beta, ii, chunk, cgw)
+    else:
+        ctx.save_for_backward(output[1], output[2], output[3])
+
+
+def _module_backward(ctx, grad_loss, *_):
+    # one gradient per input (None: none), a list of them for the teacher's tensors
+    none = (None, None, None, [None] * ctx.n_teacher) + (None,) * 18
+    if grad_loss is None:
+        return none
+    if ctx.reduction == "none":
+        sh, sw, th, labels, sb, tb, *tt = ctx.saved_tensors
+        gh, gw, gb = _fused_module_bwd(
+            grad_loss, sh, sw, th, tt, tb, *ctx.teacher, labels, sb, *ctx.args
         )
-        ctx.set_materialize_grads(False)
-        ctx.reduction = reduction
-        ctx.grad_weight = compute_grad_weight
-        ctx.has_bias = sb is not None
-        if reduction == "none":
-            ctx.save_for_backward(sh, sw, th, labels, sb)
-            ctx.head = head
-            ctx.args = (
-                temperature,
-                alpha,
-                divergence,
-                beta,
-                ignore_index,
-                chunk,
-                compute_grad_weight,
-            )
-        else:
-            ctx.save_for_backward(gh, gw, gb)
-        return loss
+    else:
+        gh, gw, gb = ctx.saved_tensors
+        if gh.numel() == 0 and ctx.tokens != 0 and sum(ctx.needs_input_grad[:2]):
+            raise RuntimeError("fused_linear_distillation_loss: forward ran without gradients")
+        gh, gw, gb = _scaled(grad_loss, gh, gw, gb)
+    gw = gw if ctx.grad_weight else None
+    gb = gb if ctx.has_bias else None
+    return (gh, gw) + none[2:10] + (gb,) + none[11:]
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if grad_loss is None:
-            return (None,) * 7
-        if ctx.reduction == "none":
-            sh, sw, th, labels, sb = ctx.saved_tensors
-            with torch.no_grad():
-                gh, gw, gb = _fused_recompute_grads(
-                    grad_loss, sh, sw, th, ctx.head, labels, sb, None, *ctx.args
-                )
-        else:
-            gh, gw, gb = ctx.saved_tensors
-            if gh is None:
-                raise RuntimeError("fused_linear_distillation_loss: forward ran without gradients")
-            gh, gw, gb = _scaled(grad_loss, gh, gw, gb)
-        gw = gw if ctx.grad_weight else None
-        gb = gb if ctx.has_bias else None
-        return gh, gw, gb, None, None, None, None
+
+_fused_module_fwd.register_autograd(_module_backward, setup_context=_module_setup)
 
 
 def fused_linear_distillation_loss_module_teacher(
@@ -936,7 +1066,8 @@ def fused_linear_distillation_loss_module_teacher(
         wants_grad,
         wants_grad and student_weight.requires_grad,
     )
-    loss = _FusedModuleTeacher.apply(
-        sh, student_weight, student_bias, th, teacher_module, lab, args
+    kind, tensors, bias, n, k, gs = teacher_module._forward_spec()
+    loss, *_ = _fused_module_fwd(
+        sh, student_weight, th, tensors, bias, kind, n, k, gs, lab, student_bias, *args
     )
     return loss.reshape(lead) if reduction == "none" else loss
