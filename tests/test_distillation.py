@@ -509,7 +509,16 @@ def test_linear_head_16bit_weight_is_walked_in_slices(dtype, bias, monkeypatch):
     out_s, out_w = torch.empty(6, 45), torch.empty(6, 45)
     sliced.logits(x, out_s)
     whole.logits(x, out_w)
-    assert sliced._slice.shape == (7, 24)
+    assert sliced._slice[0].numel() == 7 * 24  # one 7-row slice buffer
+    assert_close(out_s, out_w, torch.float32)
+    # a second head sharing the buffer (the chunk loop's teacher) grows it to its K and is right
+    w2 = (torch.randn(45, 30, generator=g) / 3).to(dtype)
+    other = R.distillation.LinearHead(w2, None, torch.float32)
+    other.share_slices(sliced)
+    x2 = other.operand(torch.randn(6, 30, generator=g).to(dtype))
+    assert_close(other.logits(x2, torch.empty(6, 45)), x2 @ w2.float().T, torch.float32)
+    assert sliced._slice[0].numel() == 7 * 30
+    sliced.logits(x, out_s)  # and the first head still reads its own W through it
     assert_close(out_s, out_w, torch.float32)
     grad = torch.randn(6, 45, generator=g)
     gi_s, gi_w = torch.empty(6, 24, dtype=dtype), torch.empty(6, 24, dtype=dtype)

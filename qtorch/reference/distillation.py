@@ -254,17 +254,25 @@ class LinearHead:
         self.weight = weight if self.sliced else weight.to(acc)
         self.bias = bias.to(acc) if bias is not None else None
         self._grad_input_acc = None  # [chunk, K] acc, for hidden states not stored in acc
-        self._slice = None  # [rows, K] acc, a widened slice of a 16-bit W
+        self._slice = [None]  # flat acc storage of a widened slice, shared by `share_slices`
+
+    def share_slices(self, other: LinearHead) -> None:
+        """Widen W slices into `other`'s slice buffer (grown to fit either head): the chunk
+        loop uses one head at a time, so the student and teacher heads need only one."""
+        self._slice = other._slice
 
     def _slices(self):
         """(r0, r1, W[r0:r1] in acc) over the rows of W, through one reused buffer."""
         v, k = self.weight.shape
         rows = max(1, min(v, _slice_rows(k)))  # V = 0: no slices, and no zero range step
-        if self._slice is None:
-            self._slice = torch.empty((rows, k), dtype=self.acc, device=self.weight.device)
+        flat = self._slice[0]
+        if flat is None or flat.numel() < rows * k:
+            flat = self._slice[0] = None  # the old one goes first
+            flat = self._slice[0] = torch.empty(rows * k, dtype=self.acc, device=self.weight.device)
+        buf = flat[: rows * k].view(rows, k)
         for r0 in range(0, v, rows):
             r1 = min(r0 + rows, v)
-            yield r0, r1, self._slice[: r1 - r0].copy_(self.weight[r0:r1])
+            yield r0, r1, buf[: r1 - r0].copy_(self.weight[r0:r1])
 
     def operand(self, h: torch.Tensor) -> torch.Tensor:
         return h.to(self.acc)
@@ -377,6 +385,8 @@ def fused_linear_distillation_loss(
         teacher = teacher_weight
     else:
         teacher = head(teacher_weight, teacher_bias, acc)
+        if isinstance(teacher, LinearHead) and isinstance(student, LinearHead):
+            teacher.share_slices(student)  # one widened-slice buffer for both (4 MiB)
     s_buf = torch.empty((min(chunk, m), vocab), dtype=acc, device=dev)
     # A module teacher returns its own logits tensor per chunk: no buffer is held for it.
     t_buf = None if isinstance(teacher, ModuleHead) else torch.empty_like(s_buf)
