@@ -326,6 +326,12 @@ def _fused_recompute_grads(
     return gh, gw, gb
 
 
+def _present(like: Tensor, *grads):
+    """Absent (None) gradients as empty tensors: a custom op returns tensors only, and its
+    outputs must not alias each other (a fresh empty one each)."""
+    return tuple(like.new_empty((0,)) if g is None else g for g in grads)
+
+
 @torch.library.custom_op("qtorch::_fused_linear_distillation_loss_fwd", mutates_args=())
 def _fused_linear_distillation_loss_fwd(
     student_hidden: Tensor,
@@ -372,15 +378,7 @@ def _fused_linear_distillation_loss_fwd(
         compute_grad_weight,
     )
 
-    def empty():
-        return student_hidden.new_empty((0,))  # custom-op outputs must not alias each other
-
-    return (
-        loss,
-        empty() if gh is None else gh,
-        empty() if gw is None else gw,
-        empty() if gb is None else gb,
-    )
+    return (loss, *_present(student_hidden, gh, gw, gb))
 
 
 @_fused_linear_distillation_loss_fwd.register_fake
@@ -455,11 +453,7 @@ def _fused_linear_distillation_loss_bwd(
         chunk_size,
         compute_grad_weight,
     )
-    return (
-        gh,
-        student_hidden.new_empty((0,)) if gw is None else gw,
-        student_hidden.new_empty((0,)) if gb is None else gb,
-    )
+    return (gh, *_present(student_hidden, gw, gb))
 
 
 @_fused_linear_distillation_loss_bwd.register_fake
@@ -860,15 +854,7 @@ def _fused_module_fwd(
         compute_grad_weight,
     )
 
-    def empty():
-        return student_hidden.new_empty((0,))
-
-    return (
-        loss,
-        empty() if gh is None else gh,
-        empty() if gw is None else gw,
-        empty() if gb is None else gb,
-    )
+    return (loss, *_present(student_hidden, gh, gw, gb))
 
 
 @_fused_module_fwd.register_fake
@@ -939,11 +925,7 @@ def _fused_module_bwd(
         chunk_size,
         compute_grad_weight,
     )
-    return (
-        gh,
-        student_hidden.new_empty((0,)) if gw is None else gw,
-        student_hidden.new_empty((0,)) if gb is None else gb,
-    )
+    return (gh, *_present(student_hidden, gw, gb))
 
 
 @_fused_module_bwd.register_fake
