@@ -17,6 +17,17 @@ H = XᵀX is accumulated on and below the diagonal (_gram_) and mirrored once. L
 outside the blocks (e.g. a pooler, an LM head) are done the same way with whole-model passes;
 so is every layer of a model without blocks.
 
+AWQ (Int4WeightOnlyConfig(awq=True), with any algorithm): before a group is quantized, its
+input channels are scaled by s (qtorch.quantizers.awq.search_scale, from the group's H and
+mean |x|) and 1/s is folded into a producer of the input: the norm whose output is that very
+tensor (weight, and bias, divided by s), or the rows of a layer already quantized that was
+called before (its stand-in's rows, and at the end its scales and bias, divided by s: exact on
+the grid). A fold is kept only if, on the first calibration batch, the group's outputs with
+the scaled weights and the region's output are unchanged (relative 1e-4 in fp32): that rejects
+norms whose output has other uses (post-LN residuals), paths through non-linearities (gate
+through SiLU, GELU), norms of another form (x·(1 + w)). Rejected folds are undone; kept norm
+folds are undone too if quantize_ fails.
+
 The model runs in eval mode under no_grad with `config.use_cache = False` (transformers) and
 is left as it was found: original layers in place (quantize_ swaps in the results), training
 flags and use_cache restored, no hooks.
@@ -32,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from qtorch import quantizers
+from qtorch.quantizers import awq
 from qtorch.quantizers.grid import Grid, from_storage
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -232,6 +244,12 @@ class _Memo:
         self.held.clear()
         self.bytes = 0
 
+    def forget(self, ids: set[int]) -> None:
+        """Drop the entries of the modules of these ids (their bytes stay counted until
+        clear())."""
+        for key in [key for key in self.entries if key[0] in ids]:
+            del self.entries[key]
+
     def call(self, mod: nn.Module, fn: Callable, args: tuple, kwargs: dict):
         b = self.batch
         if b is None:
@@ -282,11 +300,42 @@ def _restore(snap):
     return snap
 
 
+def _has_channels(mod: nn.Module, k: int | None = None) -> bool:
+    """mod has a 1-D float `weight` (of k entries if given): a norm's per-channel scale."""
+    w = getattr(mod, "weight", None)
+    return (
+        isinstance(w, Tensor)
+        and w.dim() == 1
+        and w.is_floating_point()
+        and (k is None or w.numel() == k)
+    )
+
+
+def _channel_param(p, s: Tensor) -> bool:
+    return isinstance(p, Tensor) and p.dim() == 1 and p.numel() == s.numel()
+
+
 class _Calibration:
     def __init__(
-        self, model: nn.Module, targets: list[nn.Linear], grid: Grid, cls, init_kw: dict, data: list
+        self,
+        model: nn.Module,
+        targets: list[nn.Linear],
+        grid: Grid,
+        cls,
+        init_kw: dict,
+        data: list,
+        algorithm: str = "gptq",
+        awq: bool = False,
     ) -> None:
         self.model, self.grid, self.cls, self.init_kw, self.data = model, grid, cls, init_kw, data
+        self.algorithm, self.awq = algorithm, awq
+        # AWQ folds: (parameter, its value before) of every norm weight / bias divided by s,
+        # to put back if quantize_ fails; the row divisors of already quantized layers (by
+        # id of the original linear), applied to their buffers when the modules are built
+        self.folded: list[tuple[Tensor, Tensor]] = []
+        self.row_div: dict[int, Tensor] = {}
+        self.orig_of: dict[int, nn.Linear] = {}
+        self.awq_scaled: list[tuple[str, str, Tensor]] = []  # (group, producer, s)
         self.targets = targets
         self.target_ids = {id(t) for t in targets}
         self.names: dict[int, list[str]] = {}
@@ -309,9 +358,13 @@ class _Calibration:
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, new)
 
-    def _quantize_group(self, group: list[nn.Linear], h: Tensor | None) -> None:
-        """GPTQ on the group's weights stacked along N (the rows are independent given H),
-        the modules kept for quantize_, a float stand-in holding ŵ swapped into the model."""
+    def _quantize_group(
+        self, group: list[nn.Linear], h: Tensor | None, awq_info=None, run=None
+    ) -> None:
+        """The group's weights stacked along N (the rows are independent given H) quantized
+        by the algorithm (GPTQ needs H), after AWQ scaling when asked for and a producer of
+        the input takes it (_fold); the buffers kept for the modules built at the end, a float
+        stand-in holding ŵ swapped into the model."""
         dev = group[0].weight.device
         w = torch.cat([lin.weight.detach().to(dev, torch.float32) for lin in group])
         names = ", ".join(self.names[id(lin)][0] for lin in group)
@@ -326,34 +379,203 @@ class _Calibration:
                     f"quantize_: the inputs of {names} on the calibration_data hold NaN or inf "
                     "(or overflow float32 in XᵀX); GPTQ needs finite inputs"
                 )
-        bufs = quantizers.quantize_weight(self.grid, w, "gptq", h)
+        if awq_info is not None and h is not None:
+            x_absmean, candidates = awq_info
+            # the error weighed with the ranges the algorithm will use (GPTQ's static groups
+            # come from the MSE search)
+            s, _ = awq.search_scale(
+                self.grid, w, h, x_absmean.to(dev), use_mse=self.algorithm != "rtn"
+            )
+            producer = None if s is None else self._fold(group, s, candidates, run)
+            if producer is not None:
+                w = w * s
+                h = h / s[:, None] / s[None, :]
+                self.awq_scaled.append((names, producer, s))
+        bufs = quantizers.quantize_weight(self.grid, w, self.algorithm, h)
         del w, h
         w_hat = from_storage(self.grid, bufs)
         r0 = 0
         for lin in group:
             r1 = r0 + lin.out_features
-            own = {k: v[r0:r1].clone() for k, v in bufs.items()}
-            self.result[id(lin)] = self.cls._from_quantized(lin, own, **self.init_kw)
+            self.result[id(lin)] = (lin, {k: v[r0:r1].clone() for k, v in bufs.items()})
             with torch.device("meta"):
                 stand_in = nn.Linear(lin.in_features, lin.out_features, bias=False)
             stand_in.weight = nn.Parameter(w_hat[r0:r1].to(lin.weight.dtype), requires_grad=False)
             stand_in.bias = lin.bias
             self.stand_ins.add(id(stand_in))
+            self.orig_of[id(stand_in)] = lin
             self._swap(lin, stand_in)
             r0 = r1
         self.bar.update(len(group))
 
+    def _build(self) -> dict[int, nn.Module]:
+        """The quantized modules, the AWQ row divisors applied to their scales and bias."""
+        out = {}
+        for key in list(self.result):
+            lin, own = self.result.pop(key)
+            src = lin
+            d = self.row_div.get(key)
+            if d is not None:
+                d = d.to(lin.weight.device)
+                for name in ("scales", "weight_scale"):
+                    if name in own:
+                        own[name] = own[name] / (d[:, None] if own[name].dim() == 2 else d)
+                with torch.device("meta"):
+                    src = nn.Linear(lin.in_features, lin.out_features, bias=False)
+                src.weight = lin.weight
+                if lin.bias is not None:
+                    src.bias = nn.Parameter(
+                        (lin.bias.detach().float() / d).to(lin.bias.dtype),
+                        requires_grad=lin.bias.requires_grad,
+                    )
+            out[key] = self.cls._from_quantized(src, own, **self.init_kw)
+        return out
+
+    # -- AWQ: fold 1/s into the producer of a group's input ---------------------------------
+    def _fold(self, group: list[nn.Linear], s: Tensor, candidates: list, run) -> str | None:
+        """Divide the group's input by s through one of its candidate producers (a norm whose
+        weight (and bias) is divided by s, or an already quantized layer whose rows are), the
+        group's columns multiplied by s, and keep the first fold under which the region's
+        output on the first calibration batch is unchanged (an exact re-parametrisation: this
+        rejects producers whose output has other uses, non-linear paths, norms of another
+        form). The kept producer's name, or None (the model as before)."""
+        outs: list[list[Tensor]] = [[], []]
+
+        def hook(i):
+            def fn(mod, args, out):
+                outs[i].append(out)
+
+            return fn
+
+        hds = [lin.register_forward_hook(hook(0)) for lin in group]
+        try:
+            ref = _hidden_of(run(0))
+        except TypeError:  # an output without a tensor to compare: no check, no fold
+            return None
+        finally:
+            for hd in hds:
+                hd.remove()
+        tol = 1e-4 if ref.dtype in (torch.float32, torch.float64) else 2e-2
+
+        def close(a: Tensor, b: Tensor) -> bool:
+            err = (a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)
+            return bool(torch.isfinite(err)) and float(err) <= tol
+
+        scaled = []
+        for lin in group:
+            with torch.device("meta"):
+                t = nn.Linear(lin.in_features, lin.out_features, bias=False)
+            sw = lin.weight.detach().float() * s.to(lin.weight.device)
+            t.weight = nn.Parameter(sw.to(lin.weight.dtype), requires_grad=False)
+            t.bias = lin.bias
+            scaled.append(t)
+            self._swap(lin, t)
+        # the memo entries the folds and the swaps make stale: those of the producers, the
+        # group's stand-ins and every module above them (a parent may be memoized while the
+        # scaled copies stand in, its pending layers then looking finished)
+        stale = {id(t) for t in scaled}
+        for fqn in [self.names[id(lin)][0] for lin in group] + [
+            n for n, m in self.model.named_modules() if any(m is c for _, c in candidates)
+        ]:
+            parts = fqn.split(".") if fqn else []
+            for i in range(len(parts) + 1):
+                stale.add(id(self.model.get_submodule(".".join(parts[:i]))))
+        stale.update(id(c) for _, c in candidates)
+        kept = None
+        try:
+            for kind, mod in candidates:
+                undo = self._apply_fold(kind, mod, s)
+                self.memo.forget(stale)
+                outs[1] = []
+                hds = [t.register_forward_hook(hook(1)) for t in scaled]
+                try:
+                    out = _hidden_of(run(0))
+                finally:
+                    for hd in hds:
+                        hd.remove()
+                # the group's own outputs (X/s)(W·s)ᵀ = XWᵀ, each to its own size, and the
+                # region's output (the producer's output may have other uses)
+                if (
+                    len(outs[1]) == len(outs[0])
+                    and all(close(a, b) for a, b in zip(outs[1], outs[0]))
+                    and close(out, ref)
+                ):
+                    if kind == "rows":
+                        orig = self.orig_of[id(mod)]
+                        prev = self.row_div.get(id(orig))
+                        self.row_div[id(orig)] = s if prev is None else prev * s
+                        kept = self.names[id(orig)][0]
+                    else:
+                        kept = next(
+                            (n for n, m in self.model.named_modules() if m is mod), "<norm>"
+                        )
+                    break
+                undo()
+                self.memo.forget(stale)
+        finally:
+            for lin in group:
+                self._swap(lin, lin)
+            self.memo.forget(stale)
+        return kept
+
+    def _apply_fold(self, kind: str, mod: nn.Module, s: Tensor):
+        """Divide mod's output channels by s; returns the undo."""
+        if kind == "norm":
+            params = [p for p in (mod.weight, getattr(mod, "bias", None)) if _channel_param(p, s)]
+            olds = [p.detach().clone() for p in params]
+            for p in params:
+                p.data.copy_((p.detach().float() / s.to(p.device)).to(p.dtype))
+            records = list(zip(params, olds))
+            self.folded.extend(records)
+
+            def undo():  # right after the apply: its records are the list's last
+                for p, o in records:
+                    p.data.copy_(o)
+                if records:
+                    del self.folded[-len(records) :]
+
+            return undo
+        # rows of a stand-in (its weight is ours; its bias is the original's: replaced)
+        old_w, old_b = mod.weight, mod.bias
+        sd = s.to(old_w.device)
+        mod.weight = nn.Parameter(
+            (old_w.detach().float() / sd[:, None]).to(old_w.dtype), requires_grad=False
+        )
+        if old_b is not None:
+            mod.bias = nn.Parameter(
+                (old_b.detach().float() / sd).to(old_b.dtype), requires_grad=old_b.requires_grad
+            )
+
+        def undo_rows():
+            mod.weight, mod.bias = old_w, old_b
+
+        return undo_rows
+
+    def restore_folds(self) -> None:
+        for p, o in reversed(self.folded):
+            p.data.copy_(o)
+        self.folded.clear()
+
     # -- one region: a block, or the whole model --------------------------------------------
     def _capture_group(self, run: Callable[[int], None], pending: list[nn.Linear]):
-        """(group, H): the first pending layer called and those called right after it on the
-        same input tensor; H = Σ XᵀX of that input over all calibration batches."""
-        state: dict = {"x": None, "group": [], "h": None}
+        """(group, H, awq_info): the first pending layer called and those called right after
+        it on the same input tensor; H = Σ XᵀX of that input over all calibration batches;
+        with AWQ, awq_info = (mean |x| per input channel, the candidate producers of the
+        input: [("norm", module) whose output is that very tensor, ("rows", stand-in) of
+        already quantized layers of out_features K called before, the latest first])."""
+        state: dict = {"x": None, "group": [], "h": None, "abs": None, "rows": 0}
+        calls: list = []  # (module, output) of the discovery pass, in call order
 
         def add(x: Tensor) -> None:
             xf = x.detach().reshape(-1, x.shape[-1]).float()
             if state["h"] is None:
                 state["h"] = torch.zeros(xf.shape[1], xf.shape[1], device=xf.device)
+                if self.awq:
+                    state["abs"] = torch.zeros(xf.shape[1], device=xf.device)
             _gram_(state["h"], xf)
+            if self.awq:
+                state["abs"] += xf.abs().sum(0)
+                state["rows"] += xf.shape[0]
 
         def discover(mod, args, kwargs):
             x = _input_of(args, kwargs)
@@ -366,37 +588,60 @@ class _Calibration:
             else:
                 raise _Stop
 
+        def record(mod, args, out):
+            if state["x"] is None and isinstance(out, Tensor):
+                calls.append((mod, out))
+
         def accumulate(mod, args, kwargs):
             add(_input_of(args, kwargs))
             raise _Stop
 
         handles = [m.register_forward_pre_hook(discover, with_kwargs=True) for m in pending]
+        if self.awq:
+            handles += [
+                m.register_forward_hook(record)
+                for m in self.model.modules()
+                if id(m) in self.stand_ins or (not isinstance(m, nn.Linear) and _has_channels(m))
+            ]
         try:
             run(0)
         finally:
             for hd in handles:
                 hd.remove()
         if not state["group"]:
-            return [], None
+            return [], None, None
+        awq_info = None
+        if self.awq:
+            x, k = state["x"], state["x"].shape[-1]
+            cands = [("norm", m) for m, out in reversed(calls) if out is x and _has_channels(m, k)]
+            rows = [
+                ("rows", m)
+                for m, _ in reversed(calls)
+                if id(m) in self.stand_ins and m.out_features == k
+            ]
+            awq_info = (cands[:1] + rows[:2], state)
         state["x"] = None
+        calls.clear()
         hd = state["group"][0].register_forward_pre_hook(accumulate, with_kwargs=True)
         try:
             for b in range(1, len(self.data)):
                 run(b)
         finally:
             hd.remove()
-        return state["group"], _symmetric(state["h"])
+        if awq_info is not None:
+            awq_info = (state["abs"] / max(state["rows"], 1), awq_info[0])
+        return state["group"], _symmetric(state["h"]), awq_info
 
     def _region(self, run: Callable[[int], None], pending: list[nn.Linear]) -> None:
         pending = list(pending)
         while pending:
-            group, h = self._capture_group(run, pending)
+            group, h, awq_info = self._capture_group(run, pending)
             if not group:  # the calibration data never reaches these
                 for lin in pending:
                     self.uncalibrated.append(self.names[id(lin)][0])
                     self._quantize_group([lin], None)
                 return
-            self._quantize_group(group, h)
+            self._quantize_group(group, h, awq_info, run)
             del h
             ids = {id(g) for g in group}
             pending = [p for p in pending if id(p) not in ids]
@@ -467,7 +712,9 @@ class _Calibration:
         return hidden, extras
 
     def run(self) -> dict[int, nn.Module]:
-        self.bar = _progress(len(self.targets), "qtorch gptq")
+        self.bar = _progress(
+            len(self.targets), f"qtorch {self.algorithm}" + ("+awq" if self.awq else "")
+        )
         try:
             found = self._find_blocks()
             order = {id(m): i for i, m in enumerate(self.model.modules())}
@@ -481,12 +728,12 @@ class _Calibration:
                 inputs = self._block_inputs(blocks)
                 if inputs is None:  # not a chain of blocks: whole-model passes for all
                     self._model_region([t for t in self.targets if id(t) not in self.result])
-                    return self.result
+                    return self._build()
                 self._blocks(blocks, *inputs)
                 self._model_region(post)
             else:
                 self._model_region(self.targets)
-            return self.result
+            return self._build()
         finally:
             self.bar.close()
 
@@ -557,14 +804,21 @@ def gptq(
     cls,
     init_kw: dict,
     calibration_data: Iterable,
+    algorithm: str = "gptq",
+    awq: bool = False,
 ) -> dict[int, nn.Module]:
     """id(linear) -> its quantized module (`cls`, canonical storage on `grid`), for every
-    linear of `targets` (distinct modules of `model`), by GPTQ in order (module docstring).
-    The model is left as found."""
+    linear of `targets` (distinct modules of `model`), by `algorithm` (GPTQ) in order
+    (module docstring). With `awq`, each group is first scaled per input channel
+    (qtorch.quantizers.awq) where a producer of its input can take 1/s exactly (_fold): the
+    norms' weights of such groups are then divided by s (the model computes the same
+    function); any other change is undone. The model is otherwise left as found."""
     data = list(calibration_data)
     if not data:
-        raise ValueError("calibration_data is empty: GPTQ needs at least one batch of inputs")
-    cal = _Calibration(model, targets, grid, cls, init_kw, data)
+        raise ValueError(
+            "calibration_data is empty: calibration needs at least one batch of inputs"
+        )
+    cal = _Calibration(model, targets, grid, cls, init_kw, data, algorithm, awq)
     modes = {m: m.training for m in model.modules()}
     caches = []
     for m in model.modules():
@@ -577,7 +831,11 @@ def gptq(
         for cfg in caches:
             cfg.use_cache = False
         with torch.no_grad():
-            result = cal.run()
+            try:
+                result = cal.run()
+            except BaseException:
+                cal.restore_folds()
+                raise
     finally:
         for t in originals.values():  # quantize_ swaps the results in
             cal._swap(t, t)
@@ -589,7 +847,18 @@ def gptq(
         warnings.warn(
             "quantize_: the calibration data never reached "
             + ", ".join(cal.uncalibrated)
-            + ': quantized with algorithm="mse" instead of GPTQ',
+            + (
+                ': quantized with algorithm="mse" instead of GPTQ'
+                if algorithm == "gptq"
+                else ": quantized without AWQ scaling"
+            ),
+            UserWarning,
+            stacklevel=3,
+        )
+    if awq and not cal.awq_scaled:
+        warnings.warn(
+            "quantize_: awq=True found no layer group whose input producer (a norm, or the "
+            "layer before) takes the scaling exactly; the layers were quantized unscaled",
             UserWarning,
             stacklevel=3,
         )

@@ -72,12 +72,20 @@ class Int4WeightOnlyConfig:
     Int8DynamicConfig).
 
     zero_point="float" (asymmetric only): float32 zero points and each group's own range, not
-    widened to contain 0 (GGUF Q4_1's grid; API.md "Calibrated quantization")."""
+    widened to contain 0 (GGUF Q4_1's grid; API.md "Calibrated quantization").
+
+    awq=True (needs quantize_'s calibration_data; an addition to API.md): before `algorithm`
+    maps each layer group (the layers reading one input: q/k/v, gate/up, ...) onto the grid,
+    its input channels are scaled by s = mean|x|^a (a searched per group, after AWQ) and 1/s
+    is folded into the input's producer (a norm's weight, or the rows of the layer before),
+    where that is checked to leave the model's function unchanged (qtorch/calibrate.py).
+    The grid and storage are unchanged; the model's norm weights change."""
 
     group_size: int = 128
     symmetric: bool = False
     algorithm: str = "rtn"
     zero_point: str = "int"
+    awq: bool = False
 
     def __post_init__(self) -> None:
         _checks.group_size(self.group_size)
@@ -85,6 +93,8 @@ class Int4WeightOnlyConfig:
             raise TypeError(f"symmetric must be a bool, got {type(self.symmetric).__name__}")
         quantizers.check_algorithm(self.algorithm)
         _checks.zero_point(self.zero_point, self.symmetric)
+        if not isinstance(self.awq, bool):
+            raise TypeError(f"awq must be a bool, got {type(self.awq).__name__}")
 
 
 _MODULE_FOR = {
@@ -131,7 +141,7 @@ def quantize_(
     replaced in place: the quantized module is returned.
 
     `calibration_data` (an iterable of model inputs: a Tensor is called as model(t), a tuple
-    as model(*t), a dict as model(**t)) is what algorithm="gptq" runs the model on
+    as model(*t), a dict as model(**t)) is what algorithm="gptq" and awq=True run the model on
     (qtorch/calibrate.py) and what SmoothQuant measures max|x_k| on; a config that needs it and
     gets none is a ValueError naming it; data-free configs ignore it. The model is left in its
     training / eval mode, with no hooks.
@@ -144,10 +154,11 @@ def quantize_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     cls = _MODULE_FOR[type(config)]
     fields = dataclasses.asdict(config)
+    awq = fields.pop("awq", False)
     alpha = fields.get("smoothquant_alpha")
     skipped: list[str] = []
     calibrated = None
-    if config.algorithm == "gptq":
+    if config.algorithm == "gptq" or awq:
         if calibration_data is None:
             raise ValueError(f"{config} needs calibration_data (an iterable of model inputs)")
         calibrated = _calibrate(model, config, cls, fields, filter_fn, calibration_data)
@@ -261,7 +272,16 @@ def _calibrate(model, config, cls, fields, filter_fn, calibration_data) -> dict[
         grid = quantizers.grid_for("int4", config.group_size, config.symmetric, zero_point)
     else:
         grid = quantizers.grid_for("int8")
-    return calibrate.gptq(model, targets, grid, cls, init_kw, calibration_data)
+    return calibrate.gptq(
+        model,
+        targets,
+        grid,
+        cls,
+        init_kw,
+        calibration_data,
+        algorithm=config.algorithm,
+        awq=getattr(config, "awq", False),
+    )
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:

@@ -674,12 +674,18 @@ class Int4WeightOnlyLinear(_QuantizedLinear):
         symmetric: bool = False,
         algorithm: str = "rtn",
         zero_point: str = "int",
+        awq: bool = False,
     ):
         """Quantize `linear.weight` once (qtorch.ops.quantize_int4). Needs
         in_features % group_size == 0 (ValueError otherwise). Reuses `linear.bias`. With
-        algorithm="mse" the ranges come from qtorch.quantizers.mse; "gptq" needs calibration
-        data: use qtorch.quantize_(..., calibration_data=...)."""
+        algorithm="mse" the ranges come from qtorch.quantizers.mse; "gptq" and awq=True need
+        calibration data: use qtorch.quantize_(..., calibration_data=...)."""
         cls._check_linear(linear)
+        if awq:
+            raise ValueError(
+                "awq=True needs calibration data and the layer's input producer: use "
+                "qtorch.quantize_(model, Int4WeightOnlyConfig(..., awq=True), calibration_data=...)"
+            )
         if algorithm != "rtn":
             if linear.in_features % group_size:
                 raise ValueError(
