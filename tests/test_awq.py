@@ -257,3 +257,24 @@ def test_from_float_takes_the_config_fields_and_refuses_awq():
         qtorch.nn.Int4WeightOnlyLinear.from_float(
             lin, **dataclasses.asdict(dataclasses.replace(cfg, awq=True))
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_awq_on_16bit_models(dtype):
+    fp = Net(PreLN).eval().to(dtype)
+    x = torch.cat(_data(2, seed=99)).to(dtype)
+    ref = fp(x).float()
+    data = [d.to(dtype) for d in _data()]
+    errs = {}
+    for use in (False, True):
+        m = copy.deepcopy(fp)
+        if use:
+            producers = [p for _, p, _ in _quantize(m, "gptq", data=data)]
+            assert "layers.0.norm1" in producers and "layers.1.up" in producers, producers
+            assert m.layers[0].norm1.weight.dtype == dtype
+        else:
+            qtorch.quantize_(
+                m, qtorch.Int4WeightOnlyConfig(32, algorithm="gptq"), calibration_data=data
+            )
+        errs[use] = ((m(x).float() - ref).norm() / ref.norm()).item()
+    assert errs[True] < 0.97 * errs[False], errs

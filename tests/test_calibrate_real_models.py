@@ -5,7 +5,7 @@ calibration texts disjoint; the examples' docstrings say which).
 Issue 13's goals asserted where they are met: MiniLM int4 g128 mse >= 0.958. The others are
 not met yet; their bounds guard what was measured (with margin) and that GPTQ beats RTN:
 MiniLM int4 g128 gptq 0.983 (goal 0.987), g32 gptq 0.989 (goal 0.991); SmolLM2 int4 g32 gptq
-+10% perplexity (goal +5%), RTN +24%.
++10% perplexity (goal +5%), with awq=True +8%, RTN +24%.
 """
 
 from __future__ import annotations
@@ -97,14 +97,22 @@ def test_smollm2_int4_g32_gptq(tmp_path):
     calibration = [calib_ids[None, i * 512 : (i + 1) * 512] for i in range(32)]
     ppl_ref = ex.score(fp32, ids, 512)[0]
     out = {}
-    for alg in ("rtn", "gptq"):
+    for alg in ("rtn", "gptq", "gptq+awq"):
         model = copy.deepcopy(fp32)
         qtorch.quantize_(
             model,
-            qtorch.Int4WeightOnlyConfig(group_size=32, algorithm=alg),
+            common.with_algorithm(qtorch.Int4WeightOnlyConfig(group_size=32), alg),
             filter_fn=ex._not_head,
             calibration_data=calibration,
         )
         out[alg] = ex.score(model, ids, 512)[0] / ppl_ref - 1
-    print(f"\nSmolLM2 int4 g32 perplexity vs fp32: rtn {out['rtn']:+.1%}, gptq {out['gptq']:+.1%}")
+        if alg == "gptq+awq":  # the norms took the scaling; fp32's are untouched
+            n0 = model.model.layers[0].input_layernorm.weight
+            assert not torch.equal(n0, fp32.model.layers[0].input_layernorm.weight)
+    print(
+        f"\nSmolLM2 int4 g32 perplexity vs fp32: rtn {out['rtn']:+.1%}, gptq {out['gptq']:+.1%}, "
+        f"gptq+awq {out['gptq+awq']:+.1%}"
+    )
     assert out["gptq"] <= 0.13 and out["gptq"] < out["rtn"] - 0.08
+    # measured +7.8 .. +8.9% (gptq_variants.txt) against gptq's +9.3 .. +11.4%
+    assert out["gptq+awq"] <= 0.10 and out["gptq+awq"] < out["gptq"]

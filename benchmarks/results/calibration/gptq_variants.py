@@ -3,7 +3,8 @@
     python benchmarks/results/calibration/gptq_variants.py base "damp=0.1" "use_mse=False" \
         "weighted_mse=True" "zero_point='float'"      [GS=64 for group 64]
 
-Each VARIANT is keyword arguments of qtorch.quantizers.gptq.quantize (or zero_point=) applied
+Each VARIANT is keyword arguments of qtorch.quantizers.gptq.quantize (or zero_point=, awq=,
+algorithm= of the config) applied
 to every layer but lm_head. Evaluation: the first 8 x 512 tokens of
 examples/data/eval_britannica_shakespeare.txt; calibration: 32 x 512 tokens of
 examples/data/calib_areopagitica.txt (disjoint), as examples/quantize_smollm2.py uses.
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 import qtorch
+from qtorch.quantizers import awq as A
 from qtorch.quantizers import gptq as G
 
 hf_logging.set_verbosity_error()
@@ -60,15 +62,26 @@ def ppl(m):
 ref = ppl(fp32)
 print(f"fp32 {ref:.3f}", flush=True)
 orig = G.quantize
+awq_search = A.search_scale
 for v in variants:
     kw = eval(f"dict({v})") if v != "base" else {}
     zp = kw.pop("zero_point", "int")
+    awq = kw.pop("awq", False)
+    # awq_mse=True / False forces the ranges the AWQ scale search weighs (MSE-searched or
+    # RTN's; by default calibrate picks MSE for algorithm mse / gptq, RTN for rtn)
+    forced = kw.pop("awq_mse", None)
+    A.search_scale = (
+        awq_search
+        if forced is None
+        else lambda *a, use_mse=None, _f=forced, **k: awq_search(*a, use_mse=_f, **k)
+    )
+    algo = kw.pop("algorithm", "gptq")
     G.quantize = functools.partial(orig, **kw)
     m = copy.deepcopy(fp32)
     t = time.perf_counter()
     qtorch.quantize_(
         m,
-        qtorch.Int4WeightOnlyConfig(gs, algorithm="gptq", zero_point=zp),
+        qtorch.Int4WeightOnlyConfig(gs, algorithm=algo, zero_point=zp, awq=awq),
         filter_fn=lambda mod, n: n != "lm_head",
         calibration_data=calib,
     )
