@@ -182,7 +182,11 @@ def test_awq_rejects_a_fold_through_a_nonlinearity():
 
 
 def test_awq_rejects_norms_it_cannot_fold_and_warns_when_nothing_is_scaled():
-    for make in (lambda: PostLN(D), lambda: PreLN(D, plus_one=True)):
+    # post-LN: the norm's output is also the residual; (1 + w) norms: 1/s does not fold.
+    # The first leaves nothing to scale (down's producer is behind a GELU); the second still
+    # folds into the rows of v (for o) and up (for down)
+    expected = [[], [f"layers.{i}.{n}" for i in range(2) for n in ("v", "up")]]
+    for make, want in zip((lambda: PostLN(D), lambda: PreLN(D, plus_one=True)), expected):
         fp = Net(make).eval()
         m = copy.deepcopy(fp)
         with warnings.catch_warnings(record=True) as w:
@@ -190,10 +194,14 @@ def test_awq_rejects_norms_it_cannot_fold_and_warns_when_nothing_is_scaled():
             scaled = _quantize(m)
         for mod_f, mod_q in zip(fp.modules(), m.modules()):
             if isinstance(mod_f, (nn.LayerNorm, RMSNorm)):
-                torch.testing.assert_close(mod_q.weight, mod_f.weight, rtol=0, atol=0)
-        assert all("norm" not in prod for _, prod, _ in scaled), scaled
-        if not scaled:
-            assert any("awq=True found no layer group" in str(i.message) for i in w)
+                for name in ("weight", "bias"):
+                    if getattr(mod_f, name, None) is not None:
+                        torch.testing.assert_close(
+                            getattr(mod_q, name), getattr(mod_f, name), rtol=0, atol=0
+                        )
+        assert sorted(prod for _, prod, _ in scaled) == sorted(want), scaled
+        warned = any("awq=True found no layer group" in str(i.message) for i in w)
+        assert warned == (not want)
     gelu = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
     with pytest.warns(UserWarning, match="awq=True found no layer group"):
         assert _quantize(gelu, data=[torch.randn(8, D) for _ in range(3)]) == []
