@@ -610,16 +610,16 @@ class _Calibration:
                 hd.remove()
         if not state["group"]:
             return [], None, None
-        awq_info = None
+        candidates = []
         if self.awq:
             x, k = state["x"], state["x"].shape[-1]
-            cands = [("norm", m) for m, out in reversed(calls) if out is x and _has_channels(m, k)]
+            norms = [("norm", m) for m, out in reversed(calls) if out is x and _has_channels(m, k)]
             rows = [
                 ("rows", m)
                 for m, _ in reversed(calls)
                 if id(m) in self.stand_ins and m.out_features == k
             ]
-            awq_info = (cands[:1] + rows[:2], state)
+            candidates = norms[:1] + rows[:2]
         state["x"] = None
         calls.clear()
         hd = state["group"][0].register_forward_pre_hook(accumulate, with_kwargs=True)
@@ -628,8 +628,7 @@ class _Calibration:
                 run(b)
         finally:
             hd.remove()
-        if awq_info is not None:
-            awq_info = (state["abs"] / max(state["rows"], 1), awq_info[0])
+        awq_info = (state["abs"] / max(state["rows"], 1), candidates) if self.awq else None
         return state["group"], _symmetric(state["h"]), awq_info
 
     def _region(self, run: Callable[[int], None], pending: list[nn.Linear]) -> None:
