@@ -60,6 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--calibration); needs a qtorch with calibrated algorithms for mse/gptq",
     )
     p.add_argument(
+        "--awq",
+        action="store_true",
+        help="w4a16 only: activation-aware channel scaling (AWQ) before --algorithm "
+        "(needs --calibration); the stored format is unchanged",
+    )
+    p.add_argument(
         "--smoothquant-alpha",
         type=float,
         default=None,
@@ -200,10 +206,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.config != "w4a16" and (args.group_size is not None or args.symmetric):
         raise SystemExit("qtorch quantize: --group-size and --symmetric are w4a16 options")
+    if args.config != "w4a16" and args.awq:
+        raise SystemExit("qtorch quantize: --awq is a w4a16 option")
     qcfg = qtorch.hf.QtorchConfig(
         args.config,
         **(
-            {"group_size": args.group_size or 128, "symmetric": args.symmetric}
+            {"group_size": args.group_size or 128, "symmetric": args.symmetric, "awq": args.awq}
             if args.config == "w4a16"
             else {}
         ),

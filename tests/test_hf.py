@@ -432,6 +432,60 @@ def test_gptq_on_load_with_calibration_data_round_trips(float_dirs, tmp_path):
     assert torch.equal(_out(_load("llama", tmp_path)), _out(model))
 
 
+def test_awq_field_serializes_only_when_set_and_needs_calibration():
+    """awq=True reaches Int4WeightOnlyConfig(awq=True) and needs calibration data; a config
+    without it serializes exactly as before the field existed (no "awq" key), so checkpoints
+    written by an older qtorch and by this one read the same."""
+    plain = QtorchConfig("w4a16", group_size=32)
+    assert "awq" not in plain.to_dict() and plain.qtorch_config().awq is False
+    assert not plain.needs_calibration()
+    cfg = QtorchConfig("w4a16", group_size=32, algorithm="gptq", awq=True)
+    d = cfg.to_dict()
+    assert d["awq"] is True and d["algorithm"] == "gptq"
+    assert QtorchConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    assert cfg.qtorch_config() == qtorch.Int4WeightOnlyConfig(
+        group_size=32, algorithm="gptq", awq=True
+    )
+    assert QtorchConfig("w4a16", awq=True).needs_calibration()  # rtn + awq reads activations
+    with pytest.raises(ValueError, match=r"awq=True does not apply to config='w8a16'"):
+        QtorchConfig("w8a16", awq=True)
+    with pytest.raises(TypeError, match="awq must be a bool"):
+        QtorchConfig("w4a16", awq=1)
+
+
+def test_awq_on_load_equals_quantize_with_awq_and_round_trips(float_dirs, tmp_path):
+    """QtorchConfig(awq=True) quantizes as qtorch.quantize_(Int4WeightOnlyConfig(awq=True))
+    does on the same data (the norms it folds scales into change, so the field is not
+    dropped on the way), the result saves and reloads to identical outputs, and without
+    calibration data it is a ValueError naming it."""
+    path, _ = float_dirs["llama"]
+    data = [
+        {"input_ids": torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(i))}
+        for i in range(4)
+    ]
+    with pytest.raises(ValueError, match="awq=True.*calibration_data"):
+        qtorch.hf.quantize_model(_load("llama", path), QtorchConfig("w4a16", awq=True))
+    cfg = QtorchConfig("w4a16", group_size=32, algorithm="gptq", awq=True)
+    model = qtorch.hf.quantize_model(_load("llama", path), cfg, calibration_data=data)
+    direct = _load("llama", path)
+    norm0 = direct.model.layers[0].input_layernorm.weight.detach().clone()
+    qtorch.quantize_(
+        direct,
+        qtorch.Int4WeightOnlyConfig(group_size=32, algorithm="gptq", awq=True),
+        filter_fn=lambda m, fqn: fqn != "lm_head",
+        calibration_data=data,
+    )
+    assert not torch.equal(direct.model.layers[0].input_layernorm.weight, norm0)
+    assert torch.equal(
+        model.model.layers[0].input_layernorm.weight, direct.model.layers[0].input_layernorm.weight
+    )
+    assert torch.equal(_out(model), _out(direct))
+    model.save_pretrained(tmp_path)
+    saved = json.load(open(tmp_path / "config.json"))["quantization_config"]
+    assert saved["awq"] is True and "calibration_data" not in saved
+    assert torch.equal(_out(_load("llama", tmp_path)), _out(model))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux memory maps")
 def test_release_drops_the_pages_of_a_checkpoint_tensor_and_keeps_its_values(tmp_path):
     """Quantizing on load reads each float weight from the checkpoint's memory map once; its
@@ -743,3 +797,6 @@ def test_qtorch_quantize_help_explains_each_option(capsys):
         assert option in out
     with pytest.raises(SystemExit, match="--group-size and --symmetric are w4a16 options"):
         main(["quantize", ".", str(os.devnull), "--config", "w8a8", "--group-size", "64"])
+    assert "--awq" in out
+    with pytest.raises(SystemExit, match="--awq is a w4a16 option"):
+        main(["quantize", ".", str(os.devnull), "--config", "w8a16", "--awq"])

@@ -47,7 +47,7 @@ def quantize_model(
     if config.needs_calibration() and calibration_data is None:
         raise ValueError(
             f"QtorchConfig(algorithm={config.algorithm!r}, smoothquant_alpha="
-            f"{config.smoothquant_alpha!r}) needs calibration_data (model inputs)"
+            f"{config.smoothquant_alpha!r}, awq={config.awq!r}) needs calibration_data (model inputs)"
         )
     _quantize_loaded(model, quantizer, calibration_data, progress=progress)
     quantizer.warn_skipped()

@@ -1,19 +1,24 @@
 """`QtorchConfig`: the quantization config transformers stores in config.json.
 
     QtorchConfig(config="w4a16", group_size=128, symmetric=False, algorithm="rtn",
-                 smoothquant_alpha=None, zero_point="int", modules_to_not_convert=None,
-                 calibration_data=None)
+                 smoothquant_alpha=None, zero_point="int", awq=False,
+                 modules_to_not_convert=None, calibration_data=None)
 
 `config` names one of qtorch's configs; the other fields are that config's fields:
 
     "w8a8"   qtorch.Int8DynamicConfig      algorithm, smoothquant_alpha
     "w8a16"  qtorch.Int8WeightOnlyConfig   algorithm
-    "w4a16"  qtorch.Int4WeightOnlyConfig   group_size, symmetric, algorithm, zero_point
+    "w4a16"  qtorch.Int4WeightOnlyConfig   group_size, symmetric, algorithm, zero_point, awq
 
 A field the chosen config does not have must keep its default (ValueError otherwise).
 `algorithm`, `smoothquant_alpha` and `zero_point` are passed to the qtorch config only where its
 class has those fields; a non-default value for a field this qtorch's config class lacks is a
 ValueError that says so.
+
+`awq=True` (w4a16): activation-aware channel scaling before `algorithm` (qtorch's
+Int4WeightOnlyConfig(awq=True)); it needs calibration_data. It changes how the weights are
+chosen, not how they are stored, so a saved checkpoint loads without it; the key is written to
+config.json only when True (configs without AWQ serialize exactly as before).
 
 `modules_to_not_convert`: module-name substrings kept in float (a layer is kept when any of
 them occurs in its name). None means what transformers' other quantizers do by default: the
@@ -39,7 +44,10 @@ QUANT_METHOD = "qtorch"
 CONFIGS = {
     "w8a8": (qtorch.Int8DynamicConfig, ("algorithm", "smoothquant_alpha")),
     "w8a16": (qtorch.Int8WeightOnlyConfig, ("algorithm",)),
-    "w4a16": (qtorch.Int4WeightOnlyConfig, ("group_size", "symmetric", "algorithm", "zero_point")),
+    "w4a16": (
+        qtorch.Int4WeightOnlyConfig,
+        ("group_size", "symmetric", "algorithm", "zero_point", "awq"),
+    ),
 }
 DEFAULTS = {
     "group_size": 128,
@@ -47,7 +55,10 @@ DEFAULTS = {
     "algorithm": "rtn",
     "smoothquant_alpha": None,
     "zero_point": "int",
+    "awq": False,
 }
+# fields written by to_dict only when not at their default (added after checkpoints existed)
+_OMIT_DEFAULT = ("awq",)
 
 
 class QtorchConfig(QuantizationConfigMixin):
@@ -62,6 +73,7 @@ class QtorchConfig(QuantizationConfigMixin):
         algorithm: str = "rtn",
         smoothquant_alpha: float | None = None,
         zero_point: str = "int",
+        awq: bool = False,
         modules_to_not_convert: list[str] | None = None,
         calibration_data=None,
         **kwargs,
@@ -76,6 +88,7 @@ class QtorchConfig(QuantizationConfigMixin):
         self.algorithm = algorithm
         self.smoothquant_alpha = smoothquant_alpha
         self.zero_point = zero_point
+        self.awq = awq
         self.modules_to_not_convert = (
             None if modules_to_not_convert is None else list(modules_to_not_convert)
         )
@@ -120,8 +133,8 @@ class QtorchConfig(QuantizationConfigMixin):
         return cls(**kwargs)
 
     def needs_calibration(self) -> bool:
-        """GPTQ and SmoothQuant read activations: they need calibration_data."""
-        return self.algorithm == "gptq" or self.smoothquant_alpha is not None
+        """GPTQ, AWQ and SmoothQuant read activations: they need calibration_data."""
+        return self.algorithm == "gptq" or self.smoothquant_alpha is not None or self.awq is True
 
     def bits(self) -> int:
         return 4 if self.config == "w4a16" else 8
@@ -130,7 +143,11 @@ class QtorchConfig(QuantizationConfigMixin):
         out = {
             "quant_method": QUANT_METHOD,
             "config": self.config,
-            **self.fields(),
+            **{
+                k: v
+                for k, v in self.fields().items()
+                if not (k in _OMIT_DEFAULT and v == DEFAULTS[k])
+            },
             "modules_to_not_convert": self.modules_to_not_convert,
         }
         return out

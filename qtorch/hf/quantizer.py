@@ -191,7 +191,8 @@ class QtorchHfQuantizer(HfQuantizer):
         if self.calibrating and cfg.calibration_data is None:
             raise ValueError(
                 f"QtorchConfig(algorithm={cfg.algorithm!r}, smoothquant_alpha="
-                f"{cfg.smoothquant_alpha!r}) needs calibration_data (model inputs) to quantize on "
+                f"{cfg.smoothquant_alpha!r}, awq={cfg.awq!r}) needs calibration_data (model inputs) "
+                "to quantize on "
                 "load; or load the float model and call qtorch.hf.quantize_model(model, config, "
                 "calibration_data=...)"
             )

@@ -36,7 +36,11 @@ variants = sys.argv[1:]
 d, f = smollm2_gguf()
 tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
 fp32 = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-text = (DATA / "eval_britannica_shakespeare.txt").read_text().split("\n\n", 1)[1]
+eval_name = os.environ.get("EVAL", "brit")
+if eval_name == "brit":
+    text = (DATA / "eval_britannica_shakespeare.txt").read_text().split("\n\n", 1)[1]
+else:
+    text = open(eval_name, encoding="utf-8", errors="replace").read()
 ids = tok(text, return_tensors="pt").input_ids[:, :4096]
 calib_name = os.environ.get("CALIB", "areo")
 if calib_name == "areo":
