@@ -89,10 +89,24 @@ def read_texts(source: str) -> tuple[str, str, str]:
     )
 
 
-def make_student(teacher):
-    """The teacher's architecture with every other layer, initialised from those layers."""
+def student_layers(n: int, rule: str) -> list[int]:
+    """Which of the teacher's n layers the half-depth student (ceil(n/2) layers) starts from:
+    "alternate" (every other layer 0, 2, 4, ...: the DistilBERT recipe) or "ends" (the first
+    ceil(n/2)//2 layers and the last ones: the layers next to the embedding and next to the
+    head, which the output depends on most; for SmolLM2's 30: 0..6 and 22..29)."""
+    if rule == "alternate":
+        return list(range(0, n, 2))
+    if rule == "ends":
+        half = (n + 1) // 2
+        first = half // 2
+        return list(range(first)) + list(range(n - (half - first), n))
+    raise ValueError(f"student layers rule must be 'alternate' or 'ends', got {rule!r}")
+
+
+def make_student(teacher, rule: str = "alternate"):
+    """The teacher's architecture with half the layers, initialised from those layers."""
     cfg = copy.deepcopy(teacher.config)
-    keep = list(range(0, cfg.num_hidden_layers, 2))
+    keep = student_layers(cfg.num_hidden_layers, rule)
     cfg.num_hidden_layers = len(keep)
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
@@ -173,6 +187,13 @@ def main() -> None:
     ap.add_argument("--teacher-quant", default="none", choices=("none", *QUANT))
     ap.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens scored")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument(
+        "--student-layers",
+        default="alternate",
+        choices=("alternate", "ends"),
+        help="teacher layers the student starts from: every other one (DistilBERT, default) "
+        "or the first and last quarter",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ce", action="store_true", help="skip the cross-entropy baseline")
     ap.add_argument("--log-every", type=int, default=10)
@@ -206,11 +227,12 @@ def main() -> None:
         f"held-out tokens scored in windows of {args.seq_len}"
     )
 
-    init = make_student(teacher)
+    init = make_student(teacher, args.student_layers)
     n_student = sum(p.numel() for p in init.model.layers.parameters())
     print(
         f"teacher: {teacher.config.num_hidden_layers} layers; student: "
-        f"{init.config.num_hidden_layers} layers (every other teacher layer), "
+        f"{init.config.num_hidden_layers} layers (teacher layers "
+        f"{student_layers(teacher.config.num_hidden_layers, args.student_layers)}), "
         f"{n_student / 1e6:.1f} M trained layer parameters + final norm; frozen tied "
         f"embedding / LM head {init.lm_head.weight.numel() / 1e6:.1f} M"
     )
