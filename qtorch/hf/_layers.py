@@ -65,9 +65,7 @@ def quantize_layer(module: nn.Module, weight: torch.Tensor, qcfg) -> _QuantizedL
     if why is not None:
         return why
     with canonical_layout():
-        fields = dataclasses.asdict(qcfg)
-        fields.pop("awq", None)  # a calibration step (quantize_), not a module field
-        new = module_class(qcfg).from_float(lin, **fields)
+        new = module_class(qcfg).from_float(lin, **dataclasses.asdict(qcfg))
     new._hf_conv1d = bool(linear_dims(module)[2])
     return new
 
