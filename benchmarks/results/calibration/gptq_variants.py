@@ -41,7 +41,9 @@ if eval_name == "brit":
     text = (DATA / "eval_britannica_shakespeare.txt").read_text().split("\n\n", 1)[1]
 else:
     text = open(eval_name, encoding="utf-8", errors="replace").read()
-ids = tok(text, return_tensors="pt").input_ids[:, :4096]
+# NTOK tokens of it (default 4096) scored in windows of WIN (default 512)
+ids = tok(text, return_tensors="pt").input_ids[:, : int(os.environ.get("NTOK", 4096))]
+win = int(os.environ.get("WIN", 512))
 calib_name = os.environ.get("CALIB", "areo")
 if calib_name == "areo":
     ct = (DATA / "calib_areopagitica.txt").read_text().split("\n\n", 1)[1]
@@ -55,8 +57,8 @@ calib = [cids[None, i * 512 : (i + 1) * 512] for i in range(nc)]
 @torch.no_grad()
 def ppl(m):
     nll = cnt = 0
-    for s in range(0, ids.shape[1], 512):
-        c = ids[:, s : s + 512]
+    for s in range(0, ids.shape[1], win):
+        c = ids[:, s : s + win]
         o = m(c).logits.float()
         nll += F.cross_entropy(o[0, :-1], c[0, 1:], reduction="sum").item()
         cnt += c.shape[1] - 1
