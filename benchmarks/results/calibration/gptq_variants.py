@@ -6,8 +6,10 @@
 Each VARIANT is keyword arguments of qtorch.quantizers.gptq.quantize (or zero_point=, awq=,
 algorithm= of the config) applied
 to every layer but lm_head. Evaluation: the first 8 x 512 tokens of
-examples/data/eval_britannica_shakespeare.txt; calibration: 32 x 512 tokens of
-examples/data/calib_areopagitica.txt (disjoint), as examples/quantize_smollm2.py uses.
+examples/data/eval_britannica_shakespeare.txt (EVAL=<file> for another text, NTOK / WIN for
+another number of tokens / window length); calibration: 32 x 512 tokens of
+examples/data/calib_areopagitica.txt (disjoint; CALIB=<file>, NCAL=<windows>), as
+examples/quantize_smollm2.py uses.
 """
 
 import copy
