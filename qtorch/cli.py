@@ -38,6 +38,17 @@ def cmd_info(args: argparse.Namespace) -> int:
             "CPU kernels: "
             + "; ".join(f"{f} {kernels[f]}" for f in ("int8_mm", "weight_only", "distillation"))
         )
+        from qtorch.backends.cpu import _bf16_gemm_wanted, amx_usable
+
+        print(
+            f"AMX usable by torch: {'yes' if amx_usable() else 'no'}; bf16 distillation heads: "
+            + (
+                "oneMKL bf16 GEMM, fp32 results"
+                if _bf16_gemm_wanted()
+                else "fp32 GEMMs on slices widened from bf16"
+            )
+            + " (QTORCH_CPU_BF16_GEMM=1/0 forces)"
+        )
     except ImportError as e:
         print(f"CPU features: unknown (qtorch._C not built: {e})")
     if torch.cuda.is_available():

@@ -682,3 +682,18 @@ def test_qtorch_impls_run_under_their_backend():
     assert _backend.get_backend() == "auto"  # the scope does not leak
     with pytest.raises(RuntimeError):
         cases._in_backend("cuda" if not torch.cuda.is_available() else "nope", lambda: None)
+
+
+def test_result_headers_say_whether_amx_is_usable(monkeypatch):
+    """Machines printing the same CPU model name differ in AMX (torch's bf16 GEMM speed and
+    qtorch's default bf16 head follow it): the table header and the JSON machine record say
+    which, from the same probe the cpu backend uses."""
+    from qtorch.backends import cpu as cpu_backend
+    from qtorch.bench import drivers, machine
+
+    for usable in (True, False):
+        monkeypatch.setattr(cpu_backend, "_AMX", usable)
+        line = drivers.header("x")
+        assert ("AMX usable" in line) == usable and ("no AMX" in line) == (not usable)
+        assert line.endswith(", x")
+        assert machine.machine_info("cpu")["amx_usable"] is usable

@@ -18,6 +18,27 @@ def test_info_lists_backends_and_features(capsys):
         assert "CPU kernels: int8_mm " in out and "; distillation " in out
 
 
+def test_info_says_whether_amx_is_usable_and_which_bf16_head_runs(capsys, monkeypatch):
+    """Machines printing the same CPU model name differ in AMX, and the default bf16
+    distillation head follows it (QTORCH_CPU_BF16_GEMM forces either way): `qtorch info`
+    says both, from the cpu backend's own probe and choice."""
+    if "cpu" not in _backend.available_backends():
+        return  # no C++ extension: the line is not printed (the test above covers the rest)
+    from qtorch.backends import cpu as cpu_backend
+
+    for usable in (True, False):
+        monkeypatch.setattr(cpu_backend, "_AMX", usable)
+        for flag in ("", "0", "1"):
+            monkeypatch.setenv("QTORCH_CPU_BF16_GEMM", flag)
+            assert main(["info"]) == 0
+            out = capsys.readouterr().out
+            assert f"AMX usable by torch: {'yes' if usable else 'no'};" in out
+            mkl = flag == "1" or (flag == "" and usable)
+            mkl = mkl and cpu_backend._ops.bf16_gemm_available()
+            want = "oneMKL bf16 GEMM" if mkl else "fp32 GEMMs on slices widened from bf16"
+            assert f"bf16 distillation heads: {want}" in out
+
+
 def test_validate_reference_quick(capsys):
     assert main(["validate", "--backend", "reference", "--quick"]) == 0
     out = capsys.readouterr().out

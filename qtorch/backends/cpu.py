@@ -276,6 +276,11 @@ def _bf16_gemm_wanted() -> bool:
         return False
     if flag in ("1", "true", "yes", "on"):
         return True
+    return amx_usable()
+
+
+def amx_usable() -> bool:
+    """Whether torch can use the AMX tiles here (it asks the OS for them, once)."""
     global _AMX
     if _AMX is None:
         init = getattr(torch._C._cpu, "_init_amx", None)

@@ -90,8 +90,14 @@ def rel_errors(impls: list[Impl], ref: torch.Tensor) -> dict[str, float]:
 
 
 def header(*parts: str) -> str:
-    """The first line of a CPU script's table: torch version, threads, then `parts`."""
-    return ", ".join((f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", *parts))
+    """The first line of a CPU script's table: torch version, threads, whether AMX is usable
+    (machines that print the same CPU model name differ in it), then `parts`."""
+    from qtorch.backends.cpu import amx_usable  # torch's bf16 GEMM speed, qtorch's bf16 head
+
+    amx = "AMX usable" if amx_usable() else "no AMX"
+    return ", ".join(
+        (f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", amx, *parts)
+    )
 
 
 def print_dram_read(read_label: str, what: str, pct: str) -> None:

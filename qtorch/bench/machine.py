@@ -65,6 +65,12 @@ def machine_info(device: str) -> dict:
         "cpu_features": cpu_features(),
         "platform": platform.platform(),
     }
+    try:  # the CPU flag says what the chip has, this what torch may use (the OS grants it)
+        from qtorch.backends.cpu import amx_usable
+
+        info["amx_usable"] = amx_usable()
+    except ImportError:
+        pass
     try:
         info["load_avg_1m"] = os.getloadavg()[0]  # how shared the machine was
     except OSError:
