@@ -92,9 +92,12 @@ def rel_errors(impls: list[Impl], ref: torch.Tensor) -> dict[str, float]:
 def header(*parts: str) -> str:
     """The first line of a CPU script's table: torch version, threads, whether AMX is usable
     (machines that print the same CPU model name differ in it), then `parts`."""
-    from qtorch.backends.cpu import amx_usable  # torch's bf16 GEMM speed, qtorch's bf16 head
+    try:  # torch's bf16 GEMM speed and qtorch's bf16 head follow it
+        from qtorch.backends.cpu import amx_usable
 
-    amx = "AMX usable" if amx_usable() else "no AMX"
+        amx = "AMX usable" if amx_usable() else "no AMX"
+    except ImportError:  # qtorch._C not built
+        amx = "AMX unknown"
     return ", ".join(
         (f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", amx, *parts)
     )
